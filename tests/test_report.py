@@ -1,0 +1,96 @@
+"""The `tokenprune report` data: schema, consistency of the figures, table and Markdown rendering."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+import tokenprune
+from tokenprune.measure.report import SCHEMA_VERSION, build_report, render_table, to_markdown
+
+INPUT = [3, 32, 32]
+TOP_KEYS = {
+    "schema_version", "model", "input_size", "ratio", "dense", "sparse", "flops_reduction", "speedup", "stages",
+    "predictor_gmacs", "uncounted_ops", "versions", "device", "threads", "batch_size",
+}  # fmt: skip
+SIDE_KEYS = {"gmacs", "params_m", "throughput", "latency_ms"}
+STAGE_KEYS = {"location", "keep_ratio", "tokens", "gmacs"}
+
+
+def tiny_vit() -> nn.Module:
+    return timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=4, embed_dim=48, num_heads=3
+    ).eval()
+
+
+def check_schema(report: dict) -> None:
+    assert set(report) == TOP_KEYS
+    assert report["schema_version"] == SCHEMA_VERSION == 1
+    assert report["input_size"] == INPUT
+    for side in ("dense", "sparse"):
+        assert set(report[side]) == SIDE_KEYS
+        assert report[side]["gmacs"] > 0 and report[side]["params_m"] > 0
+    assert set(report["versions"]) == {"torch", "timm", "torchvision", "tokenprune", "python"}
+    assert isinstance(report["uncounted_ops"], list) and report["uncounted_ops"] == []
+    assert all(set(stage) == STAGE_KEYS for stage in report["stages"])
+    assert report["flops_reduction"] == pytest.approx(1 - report["sparse"]["gmacs"] / report["dense"]["gmacs"])
+    json.dumps(report)  # JSON-serialisable as is
+
+
+def check_renderings(report: dict) -> None:
+    table = render_table(report)
+    assert isinstance(table, Table) and table.row_count == len(report["stages"]) + 2
+    console = Console(record=True, width=160)
+    console.print(table)
+    assert "GFLOPs" in console.export_text()
+    markdown = to_markdown(report)
+    assert markdown.count("\n| ") == len(report["stages"]) + 3  # header + dense + stages + sparse
+    assert "multiply-adds" in markdown and report["model"] in markdown
+
+
+def test_dense_vs_dense_flops_only() -> None:
+    dense = tiny_vit()
+    report = build_report("tiny", dense, dense, INPUT, batch_size=2, flops_only=True, ratio=0.7)
+    check_schema(report)
+    assert report["ratio"] == 0.7 and report["flops_reduction"] == pytest.approx(0.0)
+    assert report["stages"] == [] and report["predictor_gmacs"] == 0.0
+    assert report["speedup"] is None
+    assert report["dense"]["throughput"] is None and report["sparse"]["latency_ms"] is None
+    assert report["batch_size"] == 2
+    check_renderings(report)
+
+
+def test_dense_vs_dense_timed() -> None:
+    dense = tiny_vit()
+    report = build_report("tiny", dense, dense, INPUT, batch_size=2, warmup=0, repeats=1)
+    check_schema(report)
+    assert report["speedup"] > 0 and report["dense"]["throughput"] > 0 and report["sparse"]["latency_ms"] > 0
+    assert report["threads"] == torch.get_num_threads()
+    check_renderings(report)
+
+
+def test_sparse_report() -> None:
+    if not hasattr(tokenprune, "sparsify"):
+        pytest.skip("tokenprune.sparsify is not available yet")
+    dense = tiny_vit()
+    sparse = tokenprune.sparsify(dense, ratio=0.7)
+    report = build_report("tiny", dense, sparse, INPUT, batch_size=2, warmup=0, repeats=1)
+    check_schema(report)
+    config = sparse.tokenprune_config
+    assert report["ratio"] == pytest.approx(0.7)
+    assert [s["location"] for s in report["stages"]] == list(config.locations)
+    assert [s["keep_ratio"] for s in report["stages"]] == pytest.approx(list(config.keep_ratios))
+    # 8x8 = 64 patches + class token; k = floor(keep * 64) per stage
+    patches = (INPUT[1] // 4) * (INPUT[2] // 4)
+    expected = [config.prefix_tokens + int(k * patches + 1e-6) for k in config.keep_ratios]
+    assert [s["tokens"] for s in report["stages"]] == expected
+    assert report["predictor_gmacs"] == pytest.approx(sum(s["gmacs"] for s in report["stages"]))
+    assert 0 < report["predictor_gmacs"] < report["sparse"]["gmacs"]
+    assert report["flops_reduction"] > 0
+    check_renderings(report)

@@ -1,0 +1,20 @@
+"""Measurement: honest FLOPs (multiply-adds, fvcore + attention handles), throughput, latency and reports."""
+
+from .flops import FlopReport, count_params, profile_flops
+from .report import SCHEMA_VERSION, build_report, render_table, stage_tokens, to_markdown
+from .speed import compare, describe_device, measure_latency, measure_throughput
+
+__all__ = [
+    "FlopReport",
+    "profile_flops",
+    "count_params",
+    "measure_throughput",
+    "measure_latency",
+    "compare",
+    "describe_device",
+    "SCHEMA_VERSION",
+    "build_report",
+    "render_table",
+    "to_markdown",
+    "stage_tokens",
+]

@@ -1,0 +1,281 @@
+"""The dense-vs-sparse report behind `tokenprune report`: a JSON-able dict, a rich table and a Markdown table.
+
+Report schema (``schema_version: 1``); every figure is per image, FLOPs are multiply-adds (GMACs, printed as
+"GFLOPs" as the DynamicViT paper does)::
+
+    {
+      "schema_version": 1,
+      "model": str,                      # model name as given
+      "input_size": [C, H, W],
+      "ratio": float | null,             # base keep ratio rho (from the sparse model's config when not given)
+      "dense":  {"gmacs": float, "params_m": float, "throughput": float | null, "latency_ms": float | null},
+      "sparse": {"gmacs": float, "params_m": float, "throughput": float | null, "latency_ms": float | null},
+      "flops_reduction": float,          # 1 - sparse.gmacs / dense.gmacs
+      "speedup": float | null,           # sparse.throughput / dense.throughput
+      "stages": [                        # one per pruning stage, in order
+        {"location": int,                # chain index of the block the stage precedes
+         "keep_ratio": float,            # fraction of the initial patch tokens kept
+         "tokens": int,                  # tokens entering that block after the stage, prefix tokens included
+         "gmacs": float}                 # cost of this stage's predictor
+      ],
+      "predictor_gmacs": float,          # all predictors together (included in sparse.gmacs)
+      "uncounted_ops": [str],            # ops of either model whose cost is unknown; non-empty = lower bound
+      "versions": {"torch": str, "timm": str, "torchvision": str, "tokenprune": str, "python": str},
+      "device": str,                     # where timings ran, readable (e.g. "cpu (AMD EPYC ...)")
+      "threads": int,                    # torch.get_num_threads() during timing
+      "batch_size": int                  # batch of the throughput figures; latency is always at batch 1
+    }
+
+Timing fields are null when the report is built with ``flops_only=True``. Throughput (images/s at `batch_size`) and
+batch-1 latency (median ms) come from `speed.compare`, which interleaves dense and sparse runs in one process.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from rich.table import Table
+from torch import nn
+
+from .flops import PREDICTOR_MARK, profile_flops
+from .speed import compare, describe_device
+
+__all__ = ["SCHEMA_VERSION", "build_report", "render_table", "to_markdown", "stage_tokens"]
+
+SCHEMA_VERSION = 1
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        if package == "tokenprune":  # a source checkout that is not pip-installed
+            import tokenprune
+
+            return getattr(tokenprune, "__version__", None)
+        return None
+
+
+def _versions() -> dict[str, str | None]:
+    return {
+        "torch": torch.__version__,
+        "timm": _version("timm"),
+        "torchvision": _version("torchvision"),
+        "tokenprune": _version("tokenprune"),
+        "python": platform.python_version(),
+    }
+
+
+def _selectors(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost inserted stage modules, ordered by their stage number (stage10 after stage9)."""
+    named = [(n, m) for n, m in model.named_modules() if PREDICTOR_MARK in n]
+    names = {n for n, _ in named}
+    outer = [(n, m) for n, m in named if not any(n.startswith(o + ".") for o in names)]
+
+    def order(item: tuple[str, nn.Module]) -> tuple[int, str]:
+        stage = getattr(item[1], "stage", None)
+        if isinstance(stage, int):
+            return stage, item[0]
+        digits = re.findall(r"\d+", item[0])
+        return (int(digits[-1]) if digits else 0), item[0]
+
+    return sorted(outer, key=order)
+
+
+def _token_count(output: Any) -> int | None:
+    items = output if isinstance(output, (tuple, list)) else (output,)
+    for item in items:
+        if isinstance(item, torch.Tensor) and item.dim() == 3:
+            return int(item.shape[1])
+    return None
+
+
+def stage_tokens(model: nn.Module, inputs: torch.Tensor) -> dict[str, int | None]:
+    """Tokens leaving each inserted stage module in one eval forward on `inputs` (prefix tokens included).
+
+    Args:
+        model: a sparsified model.
+        inputs: one input batch.
+
+    Returns:
+        stage module name -> token count of its output (None when the output has no [B, N, C] tensor).
+    """
+    seen: dict[str, int | None] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, _token_count(out)))
+        for name, module in _selectors(model)
+    ]
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in training.items():
+            module.training = mode
+    return seen
+
+
+def build_report(
+    model_name: str,
+    dense_model: nn.Module,
+    sparse_model: nn.Module,
+    input_size: Sequence[int],
+    *,
+    batch_size: int = 32,
+    flops_only: bool = False,
+    ratio: float | None = None,
+    warmup: int = 3,
+    repeats: int = 10,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Measure a dense model and its sparsified version; the result follows the schema in this module's docstring.
+
+    Args:
+        model_name: name to print (e.g. "deit_small_patch16_224").
+        dense_model: the original model.
+        sparse_model: the `tokenprune.sparsify` result (any model works; without inserted stages `stages` is empty).
+        input_size: (C, H, W) of one image.
+        batch_size: batch of the throughput measurement.
+        flops_only: count FLOPs and parameters only; timing fields become null.
+        ratio: base keep ratio to report; defaults to the sparse model's `tokenprune_config.ratio`.
+        warmup: untimed passes per model before timing.
+        repeats: timed passes per model (medians reported).
+        device: where timings run; FLOPs are counted on CPU-independent shapes, on the models' current device.
+
+    Returns:
+        The report dict (JSON-serialisable).
+    """
+    input_size = [int(s) for s in input_size]
+    first = next(iter(sparse_model.parameters()), None)
+    x = torch.randn(1, *input_size, device=first.device if first is not None else "cpu")
+    dense_flops = profile_flops(dense_model, x)
+    sparse_flops = profile_flops(sparse_model, x)
+
+    config = getattr(sparse_model, "tokenprune_config", None)
+    if ratio is None and config is not None:
+        ratio = config.ratio
+    selectors = _selectors(sparse_model)
+    tokens = stage_tokens(sparse_model, x) if selectors else {}
+    locations = list(getattr(config, "locations", []) or [])
+    keep_ratios = list(getattr(config, "keep_ratios", []) or [])
+    stages = []
+    for i, (name, module) in enumerate(selectors):
+        keep = getattr(module, "keep_ratio", None)
+        if keep is None and i < len(keep_ratios):
+            keep = keep_ratios[i]
+        stages.append(
+            {
+                "location": locations[i] if i < len(locations) else None,
+                "keep_ratio": None if keep is None else float(keep),
+                "tokens": tokens.get(name),
+                "gmacs": sparse_flops.module_gmacs(name),
+            }
+        )
+
+    timing = None
+    if not flops_only:
+        timing = compare(
+            dense_model, sparse_model, input_size, batch_size, warmup=warmup, repeats=repeats, device=device
+        )
+
+    def side(key: str, flops: Any) -> dict[str, Any]:
+        return {
+            "gmacs": flops.gmacs,
+            "params_m": flops.params_m,
+            "throughput": timing[key]["images_per_s"] if timing else None,
+            "latency_ms": timing[key]["batch1_latency_ms"] if timing else None,
+        }
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": model_name,
+        "input_size": input_size,
+        "ratio": None if ratio is None else float(ratio),
+        "dense": side("dense", dense_flops),
+        "sparse": side("sparse", sparse_flops),
+        "flops_reduction": 1.0 - sparse_flops.gmacs / dense_flops.gmacs if dense_flops.gmacs else 0.0,
+        "speedup": timing["speedup"] if timing else None,
+        "stages": stages,
+        "predictor_gmacs": sparse_flops.predictor_gmacs,
+        "uncounted_ops": sorted(set(dense_flops.uncounted_ops) | set(sparse_flops.uncounted_ops)),
+        "versions": _versions(),
+        "device": describe_device(device),
+        "threads": torch.get_num_threads(),
+        "batch_size": int(batch_size),
+    }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _rows(report: dict[str, Any]) -> list[list[str]]:
+    """Shared rows of the rich and Markdown tables: columns as in `_HEADER`."""
+    dense, sparse = report["dense"], report["sparse"]
+    rows = [["dense", "—", "1.000", "—", _fmt(dense["gmacs"], ".3f"), _fmt(dense["throughput"], ".1f"),
+             _fmt(dense["latency_ms"], ".2f")]]  # fmt: skip
+    for i, stage in enumerate(report["stages"]):
+        rows.append(
+            [f"stage {i} (predictor)", _fmt(stage["location"], "d"), _fmt(stage["keep_ratio"], ".3f"),
+             _fmt(stage["tokens"], "d"), _fmt(stage["gmacs"], ".3f"), "", ""]
+        )  # fmt: skip
+    rows.append(["sparse (total)", "", _fmt(report["ratio"], ".3f"), "", _fmt(sparse["gmacs"], ".3f"),
+                 _fmt(sparse["throughput"], ".1f"), _fmt(sparse["latency_ms"], ".2f")])  # fmt: skip
+    return rows
+
+
+_HEADER = ["", "location", "keep ratio", "tokens", "GFLOPs", "images/s", "latency ms"]
+
+
+def _summary_line(report: dict[str, Any]) -> str:
+    speedup = report["speedup"]
+    text = f"FLOPs reduction {report['flops_reduction']:.1%}"
+    text += f", speed-up {speedup:.2f}x" if speedup is not None else ", speed-up not measured"
+    text += f", predictors {report['predictor_gmacs']:.3f} GFLOPs"
+    if report["uncounted_ops"]:
+        text += f"; UNCOUNTED ops (totals are lower bounds): {', '.join(report['uncounted_ops'])}"
+    return text
+
+
+def render_table(report: dict[str, Any]) -> Table:
+    """A rich table of a `build_report` result: totals, one row per stage, reduction and speed-up in the caption."""
+    table = Table(
+        title=f"{report['model']} {tuple(report['input_size'])} rho={_fmt(report['ratio'], '.2f')}",
+        caption=_summary_line(report) + "\nGFLOPs = multiply-adds (GMACs) per image; "
+        f"images/s at batch {report['batch_size']}, latency at batch 1; {report['device']}, "
+        f"{report['threads']} threads",
+    )
+    for i, name in enumerate(_HEADER):
+        table.add_column(name, justify="left" if i == 0 else "right")
+    for row in _rows(report):
+        table.add_row(*row)
+    return table
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """A Markdown rendering of a `build_report` result, for a pull-request comment."""
+    v = report["versions"]
+    lines = [
+        f"**tokenprune report: `{report['model']}`** at {'x'.join(map(str, report['input_size']))}, "
+        f"rho = {_fmt(report['ratio'], '.2f')}",
+        "",
+        "| " + " | ".join(_HEADER) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(_HEADER) - 1)) + "|",
+        *("| " + " | ".join(row) + " |" for row in _rows(report)),
+        "",
+        _summary_line(report) + ".",
+        "",
+        f"<sub>GFLOPs = multiply-adds (GMACs) per image. images/s at batch {report['batch_size']}, latency at "
+        f"batch 1, on {report['device']} with {report['threads']} threads. torch {v['torch']}, timm {v['timm']}, "
+        f"torchvision {v['torchvision']}, tokenprune {v['tokenprune']}, python {v['python']}. "
+        f"Schema v{report['schema_version']}.</sub>",
+    ]
+    return "\n".join(lines) + "\n"

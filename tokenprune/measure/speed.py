@@ -1,0 +1,213 @@
+"""Throughput and latency of eval forward passes, and a side-by-side dense/sparse comparison.
+
+Timings are wall-clock medians of several runs, in eval mode under `torch.inference_mode`, with CUDA synchronised
+around each run. Machine noise (other processes, frequency scaling) shifts absolute figures, so `compare` times the
+two models in the same process with interleaved runs, which is what a speed-up should be computed from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import TokenPruneError
+
+__all__ = ["measure_throughput", "measure_latency", "compare", "describe_device"]
+
+
+def describe_device(device: str | torch.device) -> str:
+    """A readable name of `device`: the GPU's name on CUDA, the CPU model (when the OS tells it) otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"cpu ({line.split(':', 1)[1].strip()})"
+    except OSError:
+        pass
+    return str(device)
+
+
+@contextlib.contextmanager
+def _prepared(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode on `device` for the measurement; training flags and the original device restored afterwards."""
+    training = {m: m.training for m in model.modules()}
+    first = next(iter(model.parameters()), None)
+    original = first.device if first is not None else device
+    model.eval().to(device)
+    try:
+        yield
+    finally:
+        model.to(original)
+        for module, mode in training.items():
+            module.training = mode
+
+
+def _runner(model: nn.Module, compile: bool) -> Callable[[torch.Tensor], Any]:
+    if not compile:
+        return model
+    try:
+        return torch.compile(model)
+    except Exception as e:  # compile backends fail in many ways (no compiler, unsupported op)
+        raise TokenPruneError(
+            f"torch.compile failed for {type(model).__name__}: {e}; measure with compile=False."
+        ) from e
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_once(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, device: torch.device) -> float:
+    _sync(device)  # do not charge this run with work queued before it
+    start = time.perf_counter()
+    fn(x)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _check_counts(batch_size: int, warmup: int, repeats: int) -> None:
+    if batch_size < 1 or warmup < 0 or repeats < 1:
+        raise TokenPruneError(
+            f"batch_size={batch_size}, warmup={warmup}, repeats={repeats}: need batch_size >= 1, warmup >= 0 and "
+            "repeats >= 1."
+        )
+
+
+def _measure(
+    models: Sequence[nn.Module],
+    input_size: Sequence[int],
+    batch_size: int,
+    warmup: int,
+    repeats: int,
+    device: str | torch.device,
+    compile: bool,
+) -> list[list[float]]:
+    """Seconds per run for each model; runs interleaved model by model so noise hits all of them alike."""
+    _check_counts(batch_size, warmup, repeats)
+    device = torch.device(device)
+    x = torch.randn(batch_size, *input_size, device=device)
+    times: list[list[float]] = [[] for _ in models]
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(_prepared(model, device))
+        runners = [_runner(m, compile) for m in models]
+        with torch.inference_mode():
+            for _ in range(warmup):
+                for fn in runners:
+                    _time_once(fn, x, device)
+            for _ in range(repeats):
+                for i, fn in enumerate(runners):
+                    times[i].append(_time_once(fn, x, device))
+    return times
+
+
+def _summary(seconds: list[float], batch_size: int, device: str | torch.device, compile: bool) -> dict[str, Any]:
+    median = statistics.median(seconds)
+    return {
+        "images_per_s": batch_size / median,
+        "latency_ms": median * 1e3,
+        "runs_ms": [s * 1e3 for s in seconds],
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "device": str(torch.device(device)),
+        "compile": compile,
+    }
+
+
+def measure_throughput(
+    model: nn.Module,
+    input_size: Sequence[int],
+    batch_size: int = 32,
+    *,
+    warmup: int = 3,
+    repeats: int = 10,
+    device: str | torch.device = "cpu",
+    compile: bool = False,
+) -> dict[str, Any]:
+    """Images per second of `model`'s eval forward at `batch_size`.
+
+    Args:
+        model: the model; put in eval mode and on `device` for the measurement, restored afterwards.
+        input_size: (C, H, W) of one image.
+        batch_size: images per forward pass.
+        warmup: untimed passes first (allocator, caches, cuDNN autotuning, compilation).
+        repeats: timed passes; the result is their median.
+        device: where to run ("cpu", "cuda", "cuda:1").
+        compile: run through `torch.compile`.
+
+    Returns:
+        ``{"images_per_s", "latency_ms" (median per batch), "runs_ms", "batch_size", "threads", "device",
+        "compile"}``.
+    """
+    (times,) = _measure([model], input_size, batch_size, warmup, repeats, device, compile)
+    return _summary(times, batch_size, device, compile)
+
+
+def measure_latency(
+    model: nn.Module,
+    input_size: Sequence[int],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    device: str | torch.device = "cpu",
+    compile: bool = False,
+) -> dict[str, Any]:
+    """Median milliseconds of one eval forward at batch 1. Same arguments and result keys as `measure_throughput`."""
+    return measure_throughput(model, input_size, 1, warmup=warmup, repeats=repeats, device=device, compile=compile)
+
+
+def compare(
+    dense: nn.Module,
+    sparse: nn.Module,
+    input_size: Sequence[int],
+    batch_size: int = 32,
+    *,
+    warmup: int = 3,
+    repeats: int = 10,
+    device: str | torch.device = "cpu",
+    compile: bool = False,
+    latency: bool = True,
+) -> dict[str, Any]:
+    """Measure `dense` and `sparse` side by side, runs interleaved (dense, sparse, dense, sparse, ...).
+
+    Args:
+        dense: the original model.
+        sparse: its sparsified version.
+        input_size: (C, H, W) of one image.
+        batch_size: images per forward pass for the throughput figures.
+        warmup: untimed passes of each model before timing.
+        repeats: timed passes of each model; medians are reported.
+        device: where to run.
+        compile: run both through `torch.compile`.
+        latency: also measure batch-1 latency (interleaved as well).
+
+    Returns:
+        ``{"dense": {...}, "sparse": {...}, "speedup": sparse/dense images per second,
+        "latency_speedup": dense/sparse batch-1 latency or None}``; ``dense``/``sparse`` hold the
+        `measure_throughput` keys plus ``"batch1_latency_ms"`` (None without `latency`).
+    """
+    dense_t, sparse_t = _measure([dense, sparse], input_size, batch_size, warmup, repeats, device, compile)
+    result = {
+        "dense": _summary(dense_t, batch_size, device, compile),
+        "sparse": _summary(sparse_t, batch_size, device, compile),
+    }
+    result["speedup"] = result["sparse"]["images_per_s"] / result["dense"]["images_per_s"]
+    result["latency_speedup"] = None
+    for key in ("dense", "sparse"):
+        result[key]["batch1_latency_ms"] = None
+    if latency:
+        dense_l, sparse_l = _measure([dense, sparse], input_size, 1, warmup, repeats, device, compile)
+        result["dense"]["batch1_latency_ms"] = statistics.median(dense_l) * 1e3
+        result["sparse"]["batch1_latency_ms"] = statistics.median(sparse_l) * 1e3
+        result["latency_speedup"] = result["dense"]["batch1_latency_ms"] / result["sparse"]["batch1_latency_ms"]
+    return result
