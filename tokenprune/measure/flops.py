@@ -37,7 +37,8 @@ class FlopReport:
         by_operator: MACs per counted operator kind (``linear``, ``conv``, ``scaled_dot_product_attention``, ...).
         by_module: MACs per qualified module name (every module, ancestors included; "" is the whole model).
         blocks: MACs per chain block, in chain order (from ``model.tokenprune_config.chain``; empty if unknown).
-        predictors: MACs per inserted tokenprune module (outermost modules whose name contains "tokenprune_").
+        predictors: MACs per inserted tokenprune module with parameters (outermost modules whose name contains
+            "tokenprune_"; with tokenprune's rewrite these are the per-stage `TokenSelector`s and their predictors).
         uncounted_ops: op -> occurrences for ops that are neither counted nor deliberately ignored as negligible.
             Non-empty means the total is a lower bound.
         negligible_ops: the ops deliberately counted as zero (element-wise, norms, softmax, top-k, gather, ...).
@@ -187,7 +188,9 @@ def profile_flops(
     by_module = {name: int(sum(c.values())) for name, c in analysis.by_module_and_operator().items()}
     config = getattr(model, "tokenprune_config", None)
     chain = list(getattr(config, "chain", None) or [])
-    predictors = _outermost([n for n in by_module if PREDICTOR_MARK in n])
+    # inserted modules without parameters (e.g. the state recorder) are bookkeeping, not predictors
+    with_params = {n for n, m in model.named_modules() if next(m.parameters(), None) is not None}
+    predictors = _outermost([n for n in by_module if PREDICTOR_MARK in n and n in with_params])
     negligible = tuple(sorted(set(NEGLIGIBLE_OPS) | {k for k, v in (extra_handles or {}).items() if v is None}))
     return FlopReport(
         total_macs=total,

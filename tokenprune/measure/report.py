@@ -71,9 +71,17 @@ def _versions() -> dict[str, str | None]:
     }
 
 
+def _is_stage(module: nn.Module) -> bool:
+    try:
+        from ..nn.select import TokenSelector
+    except ImportError:  # a tree without the rewrite's modules: fall back to what a stage carries
+        return hasattr(module, "keep_ratio") and hasattr(module, "predictor")
+    return isinstance(module, TokenSelector)
+
+
 def _selectors(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The outermost inserted stage modules, ordered by their stage number (stage10 after stage9)."""
-    named = [(n, m) for n, m in model.named_modules() if PREDICTOR_MARK in n]
+    named = [(n, m) for n, m in model.named_modules() if PREDICTOR_MARK in n and _is_stage(m)]
     names = {n for n, _ in named}
     outer = [(n, m) for n, m in named if not any(n.startswith(o + ".") for o in names)]
 
