@@ -1,0 +1,25 @@
+"""tokenprune: dynamic spatial sparsification (DynamicViT) for timm and torchvision models, as a graph plug-in."""
+
+from .config import SparsifyConfig
+from .errors import CheckpointError, ConfigError, DataError, TokenPruneError, TrainingError, UnsupportedModelError
+from .nn.recorder import selectors
+from .sparsify import config_of, set_execution, sparsify
+from .state import SparsityState, sparsity_state
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "sparsify",
+    "sparsity_state",
+    "set_execution",
+    "selectors",
+    "config_of",
+    "SparsifyConfig",
+    "SparsityState",
+    "TokenPruneError",
+    "UnsupportedModelError",
+    "ConfigError",
+    "CheckpointError",
+    "DataError",
+    "TrainingError",
+]

@@ -1,0 +1,80 @@
+"""`SparsifyConfig`: everything needed to rebuild a sparsified model from the original one."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["SparsifyConfig", "check_ratio", "default_locations", "default_keep_ratios"]
+
+
+def check_ratio(ratio: float, what: str = "ratio") -> float:
+    """Return `ratio` as a float, or raise `ConfigError` unless 0 < ratio <= 1."""
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what}={ratio!r} is not a number; pass a keep ratio in (0, 1], e.g. 0.7.") from None
+    if math.isnan(value) or not 0.0 < value <= 1.0:
+        raise ConfigError(f"{what}={ratio!r} is out of range; a keep ratio must lie in (0, 1], e.g. 0.7.")
+    return value
+
+
+def default_locations(depth: int, kind: str = "token") -> list[int]:
+    """Chain indices of the blocks that a predictor precedes (DESIGN 1.1: D/4, D/2, 3D/4 -> [3, 6, 9] for 12)."""
+    if kind == "spatial":
+        # DESIGN 1.2: ConvNeXt-T uses blocks 1, 2, 3 of its 9-block stage; deeper stages 3, 6, 9 (of 27).
+        return [1, 2, 3] if depth < 12 else [depth // 9, 2 * depth // 9, 3 * depth // 9]
+    locations = sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3)})
+    return [loc for loc in locations if loc < depth]
+
+
+def default_keep_ratios(ratio: float, stages: int, kind: str = "token") -> list[float]:
+    """Per-stage keep ratios: rho^s of the initial tokens for token chains, [rho, rho-0.2, rho-0.4] for spatial."""
+    if kind == "spatial":
+        return [round(ratio - 0.2 * s, 6) for s in range(stages)]
+    return [ratio ** (s + 1) for s in range(stages)]
+
+
+@dataclass
+class SparsifyConfig:
+    """How a model was sparsified. Saved with the model; enough to redo the rewrite on the original architecture.
+
+    Attributes:
+        ratio: the base keep ratio rho.
+        locations: chain indices of the blocks each predictor precedes.
+        keep_ratios: per-stage fraction of the initial patch tokens (or spatial locations) kept.
+        kind: "token" (tokens removed in eval) or "spatial" (slow/fast paths, map kept whole).
+        chain: qualified names of the chain's blocks, in order.
+        prefix_tokens: tokens never pruned (class, distillation, register tokens).
+        model_name: the timm/torchvision name when known, for reports and rebuilding.
+        input_size: (C, H, W) of the example input the model was traced with.
+        learned: whether `keep_ratios` were learned during fine-tuning.
+    """
+
+    ratio: float
+    locations: list[int]
+    keep_ratios: list[float]
+    kind: str = "token"
+    chain: list[str] = field(default_factory=list)
+    prefix_tokens: int = 0
+    model_name: str | None = None
+    input_size: tuple[int, int, int] | None = None
+    learned: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["input_size"] = list(self.input_size) if self.input_size else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SparsifyConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if known.get("input_size") is not None:
+            known["input_size"] = tuple(known["input_size"])
+        try:
+            return cls(**known)
+        except TypeError as e:
+            raise ConfigError(f"malformed sparsify configuration {data!r}: {e}") from None

@@ -1,0 +1,1 @@
+"""Graph work: tracing, chain discovery and rewriting. Imports no training code."""

@@ -1,0 +1,163 @@
+"""Finding the chain of blocks to sparsify, and the prefix tokens. The one place that decides what a chain is.
+
+A *chain* is the longest run of calls to modules of one type, each mapping a tensor to one of the same shape, where
+each call's output is the next call's input. In a ViT that is the transformer blocks ([B, N, C] -> [B, N, C]); in
+ConvNeXt or Swin, the blocks of the longest stage ([B, C, H, W] or [B, H, W, C]). The rule is structural: no class
+names, no attribute names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["Call", "Chain", "find_chain", "prefix_token_count", "depends_on"]
+
+
+@dataclass
+class Call:
+    """One recorded module call whose first input and output are tensors of the same shape."""
+
+    name: str
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    output: torch.Tensor
+    order: int  # when the call started: outer modules start before the modules inside them
+
+
+@dataclass
+class Chain:
+    """The blocks to sparsify, in order, with the example shape flowing through them."""
+
+    calls: list[Call]
+    layout: str  # "BNC" for token chains, "BCHW" or "BHWC" for spatial ones
+    kind: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.kind = "token" if self.layout == "BNC" else "spatial"
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.calls]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.calls[0].output.shape)
+
+
+def _record_calls(model: nn.Module, example: torch.Tensor) -> list[Call]:
+    calls: list[Call] = []
+    started: dict[int, int] = {}
+    counter = iter(range(1 << 30))
+
+    def pre_hook(module, args):
+        started[id(module)] = next(counter)
+
+    def hook(name):
+        def fn(module, args, kwargs, output):
+            x = args[0] if args else None
+            if (
+                isinstance(x, torch.Tensor)
+                and isinstance(output, torch.Tensor)
+                and output is not x  # identities (Dropout in eval, nn.Identity) are not blocks
+                and output.shape == x.shape
+                and output.dim() in (3, 4)
+            ):
+                calls.append(Call(name, module, args, kwargs, output, started[id(module)]))
+
+        return fn
+
+    handles = []
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return sorted(calls, key=lambda c: c.order)
+
+
+def _layout(shape: torch.Size) -> str:
+    if len(shape) == 3:
+        return "BNC"
+    # Square maps are the rule for the classifiers this serves; channels-last puts H == W in dims 1, 2.
+    return "BHWC" if shape[1] == shape[2] and shape[2] != shape[3] else "BCHW"
+
+
+def find_chain(model: nn.Module, example: torch.Tensor) -> Chain | None:
+    """Run `model` once on `example` and return its longest chain of same-type blocks (None if shorter than 2)."""
+    calls = _record_calls(model, example)
+    by_input: dict[int, list[Call]] = {}
+    for c in calls:
+        by_input.setdefault(id(c.args[0]), []).append(c)
+
+    def successor(c: Call) -> Call | None:
+        # The outermost same-type call that consumes c's output (a block's first sub-module consumes it too).
+        nxt = [d for d in by_input.get(id(c.output), []) if not d.name.startswith(c.name + ".")]
+        nxt = [d for d in nxt if type(d.module) is type(c.module)]
+        return min(nxt, key=lambda d: d.order) if nxt else None
+
+    best: list[Call] = []
+    heads = {id(c) for c in calls} - {id(s) for c in calls if (s := successor(c)) is not None}
+    for c in calls:
+        if id(c) not in heads:
+            continue
+        run = [c]
+        while (s := successor(run[-1])) is not None:
+            run.append(s)
+        if len(run) > len(best):
+            best = run
+    return Chain(best, _layout(best[0].output.shape)) if len(best) >= 2 else None
+
+
+_SHAPE_ONLY = {("call_function", getattr), ("call_method", "size"), ("call_method", "dim")}
+
+
+def depends_on(node: fx.Node, roots: set[fx.Node]) -> bool:
+    """Whether `node`'s *value* depends on any of `roots` (reading only a shape does not count)."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in roots:
+            return True
+        if n in seen or (n.op, n.target) in _SHAPE_ONLY:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def prefix_token_count(chain_input: fx.Node, image: fx.Node) -> int | None:
+    """Count the leading tokens that do not come from the image (class, distillation, register tokens).
+
+    They enter as operands of a concatenation along the token dimension that precede the image-derived operand.
+    Returns None when image-independent tokens follow the image tokens (a layout the selectors do not handle).
+    """
+    seen: set[fx.Node] = set()
+    stack = [chain_input]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target is torch.cat:
+            tensors = n.args[0] if n.args else n.kwargs["tensors"]
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            rank = len(n.meta["tensor_meta"].shape)
+            if dim % rank == 1 and depends_on(n, {image}):
+                image_parts = [depends_on(t, {image}) for t in tensors]
+                first = image_parts.index(True)
+                if not all(image_parts[first:]):
+                    return None
+                return sum(t.meta["tensor_meta"].shape[1] for t in tensors[:first])
+        stack.extend(a for a in n.all_input_nodes if (a.op, a.target) not in _SHAPE_ONLY)
+    return 0

@@ -1,0 +1,17 @@
+"""Modules and functions that the graph rewrite inserts. They know nothing of torch.fx."""
+
+from .masked import masked_attention, masked_mha, masked_sdpa, masked_softmax, masked_token_mean
+from .predictor import TokenPredictor
+from .recorder import SparsityRecorder
+from .select import TokenSelector
+
+__all__ = [
+    "TokenPredictor",
+    "TokenSelector",
+    "SparsityRecorder",
+    "masked_attention",
+    "masked_mha",
+    "masked_sdpa",
+    "masked_softmax",
+    "masked_token_mean",
+]

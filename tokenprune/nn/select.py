@@ -1,0 +1,109 @@
+"""A sparsification stage: predictor + decision (Gumbel in training, top-k in eval) (DESIGN 1.1)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .predictor import TokenPredictor
+
+__all__ = ["TokenSelector", "EXECUTIONS", "drop_transient"]
+
+EXECUTIONS = ("auto", "masked", "pruned")
+
+
+def drop_transient(module: nn.Module) -> dict:
+    """`__getstate__` that leaves out what the last forward recorded: copies and pickles start clean (and a
+    recorded tensor with autograd history could not be deep-copied)."""
+    state = module.__dict__.copy()
+    for name in module._transient:
+        state[name] = None
+    return state
+
+
+class TokenSelector(nn.Module):
+    """One pruning stage of a token chain.
+
+    Masked execution (train mode by default) keeps the sequence length and returns a keep policy over all tokens that
+    later blocks use to mask attention; pruned execution (eval mode by default) gathers the top-k tokens so later
+    blocks run on a shorter sequence. Prefix tokens (class, distillation, registers) are always kept.
+
+    Args:
+        dim: token channel count.
+        keep_ratio: fraction of the *initial* patch tokens this stage keeps; k = max(1, floor(keep_ratio * N0)).
+        prefix_tokens: number of leading tokens never pruned.
+        stage: index of this stage, for the recorded state.
+    """
+
+    def __init__(self, dim: int, keep_ratio: float, prefix_tokens: int, stage: int) -> None:
+        super().__init__()
+        self.predictor = TokenPredictor(dim)
+        self.keep_ratio = float(keep_ratio)
+        self.prefix_tokens = prefix_tokens
+        self.stage = stage
+        self.execution = "auto"
+        self.last_decision: torch.Tensor | None = None
+        self.last_index: torch.Tensor | None = None
+        self.last_initial_patches = 0
+
+    _transient = ("last_decision", "last_index")
+    __getstate__ = drop_transient
+
+    def extra_repr(self) -> str:
+        return f"stage={self.stage}, keep_ratio={self.keep_ratio:.4f}, prefix_tokens={self.prefix_tokens}"
+
+    def keep_count(self, initial_patches: int) -> int:
+        """Tokens kept out of the initial patch count: the same k for the whole batch."""
+        return max(1, math.floor(self.keep_ratio * initial_patches + 1e-6))
+
+    def pruned(self) -> bool:
+        return self.execution == "pruned" or (self.execution == "auto" and not self.training)
+
+    def forward(
+        self, x: torch.Tensor, policy: torch.Tensor | None, initial_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Args:
+            x: tokens [B, N, C], prefix first.
+            policy: [B, N, 1] keep policy from the previous stage (masked execution), or None.
+            initial_tokens: token count (prefix included) entering the chain, so keep counts follow the real input.
+
+        Returns:
+            (tokens, policy): in masked execution the same tokens and the new policy [B, N, 1]; in pruned execution
+            the kept tokens [B, prefix + k, C] and None.
+        """
+        p = self.prefix_tokens
+        patches, patch_policy = x[:, p:], None if policy is None else policy[:, p:]
+        log_probs = self.predictor(patches, patch_policy)
+        self.last_initial_patches = initial_tokens - p
+        k = self.keep_count(self.last_initial_patches)
+        if self.pruned():
+            return self._gather(x, log_probs[..., 0], k)
+        if self.training:
+            # Hard sample with straight-through gradients; a dropped token never returns (D_s = sample * D_{s-1}).
+            decision = F.gumbel_softmax(log_probs, hard=True)[..., :1]
+        else:
+            decision = self._topk_mask(log_probs[..., 0], patch_policy, k)
+        if patch_policy is not None:
+            decision = decision * patch_policy
+        self.last_decision, self.last_index = decision, None
+        prefix = torch.ones_like(decision[:, :1]).expand(-1, p, -1)
+        return x, torch.cat([prefix, decision], dim=1)
+
+    @staticmethod
+    def _topk_mask(score: torch.Tensor, policy: torch.Tensor | None, k: int) -> torch.Tensor:
+        """The deterministic eval decision as a mask: top-k among the tokens still kept."""
+        if policy is not None:
+            score = score.masked_fill(policy[..., 0] == 0, float("-inf"))
+        index = score.topk(min(k, score.shape[1]), dim=1).indices
+        return torch.zeros_like(score).scatter(1, index, 1.0).unsqueeze(-1)
+
+    def _gather(self, x: torch.Tensor, score: torch.Tensor, k: int) -> tuple[torch.Tensor, None]:
+        p = self.prefix_tokens
+        # Sorted indices keep the tokens in their spatial order: nothing depends on it, but it reads better.
+        index = score.topk(min(k, score.shape[1]), dim=1).indices.sort(dim=1).values
+        kept = x[:, p:].gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        self.last_index, self.last_decision = index, None
+        return torch.cat([x[:, :p], kept], dim=1), None

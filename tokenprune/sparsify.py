@@ -1,0 +1,155 @@
+"""`tokenprune.sparsify`: the public entry point of the graph pass."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .config import SparsifyConfig, check_ratio, default_keep_ratios, default_locations
+from .errors import ConfigError, UnsupportedModelError
+from .fx.discovery import Chain, find_chain
+from .fx.rewrite import rewrite_token_chain
+from .fx.tracing import example_input, model_name
+from .nn.recorder import find_recorder, selectors
+from .nn.select import EXECUTIONS
+
+__all__ = ["sparsify", "set_execution", "config_of"]
+
+
+def _check_locations(locations: Sequence[int] | None, depth: int, kind: str, name: str) -> list[int]:
+    if locations is None:
+        return default_locations(depth, kind)
+    try:
+        locs = [int(loc) for loc in locations]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: locations={locations!r} must be block indices (ints).") from None
+    if not locs or any(not 1 <= loc < depth for loc in locs) or locs != sorted(set(locs)):
+        raise ConfigError(
+            f"{name}: locations={list(locations)!r} are invalid for a chain of {depth} blocks; give increasing, "
+            f"distinct block indices in [1, {depth - 1}] (a stage runs before the block with that index)."
+        )
+    return locs
+
+
+def _check_keep_ratios(keep_ratios, ratio: float, stages: int, kind: str, name: str) -> list[float]:
+    if keep_ratios is None:
+        values = default_keep_ratios(ratio, stages, kind)
+        if any(v <= 0 for v in values):
+            raise ConfigError(f"{name}: ratio={ratio} gives keep ratios {values}; use a larger ratio.")
+        return values
+    values = [check_ratio(v, "keep_ratios entry") for v in keep_ratios]
+    if len(values) != stages:
+        raise ConfigError(f"{name}: {len(values)} keep_ratios for {stages} locations; give one per location.")
+    if any(b > a for a, b in zip(values, values[1:])):
+        raise ConfigError(f"{name}: keep_ratios={values} increase; a dropped token never returns, so they can't.")
+    return values
+
+
+def _warn_tiny_keep(chain: Chain, prefix: int, keep_ratios: list[float], name: str) -> None:
+    patches = chain.shape[1] - prefix
+    for s, kr in enumerate(keep_ratios):
+        if math.floor(kr * patches + 1e-6) < 1:
+            warnings.warn(
+                f"{name}: stage {s} keeps {kr:.4f} of {patches} patch tokens, less than one; it keeps 1 instead.",
+                stacklevel=3,
+            )
+
+
+def sparsify(
+    model: nn.Module,
+    ratio: float = 0.7,
+    *,
+    locations: Sequence[int] | None = None,
+    keep_ratios: Sequence[float] | None = None,
+    example_inputs: torch.Tensor | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Insert learned token-importance predictors and sparsification stages into a vision model.
+
+    The model is traced with torch.fx; its chain of blocks mapping [B, N, C] tokens to [B, N, C] is found from the
+    graph; a `TokenSelector` runs before each location. In train mode decisions are hard Gumbel samples and later
+    blocks mask attention to dropped tokens (the output has the original's form); in eval mode the top-k tokens are
+    gathered and later blocks run on fewer tokens. `tokenprune.sparsity_state(model)` returns what the last forward
+    decided.
+
+    Args:
+        model: a timm or torchvision model (or any traceable model with such a chain).
+        ratio: base keep ratio rho in (0, 1]; stage s keeps rho^(s+1) of the initial patch tokens by default.
+        locations: chain indices of the blocks the stages precede; default D/4, D/2, 3D/4.
+        keep_ratios: per-stage fractions of the initial patch tokens, non-increasing; overrides `ratio`'s schedule.
+        example_inputs: an input batch for shape discovery; default: random, sized from the model's config.
+        inplace: build the result from `model`'s own modules and parameters instead of a deep copy (saves memory;
+            `model` then shares them and should not be used on its own afterwards).
+
+    Returns:
+        A `torch.fx.GraphModule` with the original weights under their original names plus the stages' weights;
+        `tokenprune.config_of(result)` gives its `SparsifyConfig`.
+
+    Raises:
+        ConfigError: for a bad ratio, locations or keep ratios.
+        UnsupportedModelError: when the model can't be traced, has no chain, or can't be rewritten exactly.
+    """
+    name = model_name(model)
+    ratio = check_ratio(ratio)
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}.")
+    if any(True for _ in selectors(model)):
+        raise UnsupportedModelError(f"{name} is already sparsified; sparsify the original model instead.")
+    target = model if inplace else copy.deepcopy(model)
+    training = target.training
+    target.eval()
+    example = example_input(target, example_inputs)
+    chain = find_chain(target, example)
+    if chain is None:
+        raise UnsupportedModelError(
+            f"{name}: no chain of blocks mapping tokens [B, N, C] (or feature maps) to the same shape was found, so "
+            "there is nothing to sparsify. Supported: ViT-style models (timm, torchvision)."
+        )
+    if chain.kind != "token":
+        raise UnsupportedModelError(
+            f"{name}: its longest chain ({chain.names[0]} .. {chain.names[-1]}) works on feature maps "
+            f"{list(chain.shape)}; spatial sparsification of CNNs and hierarchical ViTs is not supported yet."
+        )
+    locs = _check_locations(locations, len(chain.calls), chain.kind, name)
+    ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
+    sparse, prefix = rewrite_token_chain(target, chain, example, locs, ratios, name)
+    _warn_tiny_keep(chain, prefix, ratios, name)
+    find_recorder(sparse).config = SparsifyConfig(
+        ratio=ratio,
+        locations=locs,
+        keep_ratios=ratios,
+        kind=chain.kind,
+        chain=chain.names,
+        prefix_tokens=prefix,
+        model_name=name,
+        input_size=tuple(example.shape[1:]),
+    )
+    return sparse.train(training)
+
+
+def config_of(model: nn.Module) -> SparsifyConfig:
+    """The `SparsifyConfig` of a sparsified model, with keep ratios as the stages currently hold them."""
+    config = find_recorder(model).config
+    config.keep_ratios = [sel.keep_ratio for sel in selectors(model)]
+    return config
+
+
+def set_execution(model: nn.Module, execution: str) -> nn.Module:
+    """Choose how stages run: "auto" (masked in train mode, pruned in eval), "masked" or "pruned".
+
+    Masked execution in eval mode uses the same top-k decisions as pruned execution, so the two give the same
+    outputs: useful to debug, and the property the tests check.
+    """
+    if execution not in EXECUTIONS:
+        raise ConfigError(f"execution={execution!r}; choose one of {', '.join(EXECUTIONS)}.")
+    found = selectors(model)
+    if not found:
+        raise UnsupportedModelError(f"{type(model).__name__} is not a sparsified model; use tokenprune.sparsify.")
+    for sel in found:
+        sel.execution = execution
+    return model
