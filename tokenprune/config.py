@@ -52,6 +52,8 @@ class SparsifyConfig:
         model_name: the timm/torchvision name when known, for reports and rebuilding.
         input_size: (C, H, W) of the example input the model was traced with.
         learned: whether `keep_ratios` were learned during fine-tuning.
+        source: how to rebuild the original architecture, e.g. {"library": "timm", "name": ..., "kwargs": {...}};
+            taken from the `tokenprune_source` attribute that `tokenprune.create_model` sets, else None.
     """
 
     ratio: float
@@ -63,6 +65,7 @@ class SparsifyConfig:
     model_name: str | None = None
     input_size: tuple[int, int, int] | None = None
     learned: bool = False
+    source: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

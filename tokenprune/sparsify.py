@@ -128,6 +128,7 @@ def sparsify(
         prefix_tokens=prefix,
         model_name=name,
         input_size=tuple(example.shape[1:]),
+        source=getattr(model, "tokenprune_source", None),
     )
     return sparse.train(training)
 
