@@ -1,0 +1,129 @@
+"""The trainer on a tiny sparsified ViT: exact resume, non-finite loss handling, outputs, parameter groups, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tokenprune
+from tokenprune.errors import ConfigError, DataError, TrainingError
+from tokenprune.train import cli_main, finetune
+from tokenprune.train.checkpoint import load_checkpoint
+from tokenprune.train.trainer import Trainer
+
+TINY = [
+    "model.name=vit_tiny_patch16_224",
+    "model.kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 4, num_heads: 2, num_classes: 4, in_chans: 1}",
+    "sparsify.locations=[1,2,3]",
+    "data.source=synthetic",
+    "data.num_classes=4",
+    "data.synthetic_size=32",
+    "data.workers=0",
+    "optim.batch_size=8",
+    "optim.accum_steps=2",
+    "optim.epochs=3",
+    "optim.warmup_epochs=1",
+    "optim.backbone_lr_scale=0.1",
+    "run.threads=1",
+    "run.log_every=1",
+    "run.checkpoint_every=1",
+]
+
+
+def _run(tmp_path, name, *extra):
+    return finetune(None, overrides=[*TINY, f"run.output_dir={tmp_path / name}", *extra])
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, learned):
+    extra = ["learned_ratios.enabled=true", "learned_ratios.target_flops=0.7"] if learned else []
+    full = _run(tmp_path, "full", *extra)
+    assert full.metrics["steps"] == 6  # 32 images / (8 x 2) = 2 steps per epoch, 3 epochs
+
+    original = Trainer._optimizer_step
+    calls = {"n": 0}
+
+    def crash_on_fourth(self):
+        calls["n"] += 1
+        if calls["n"] == 4:  # mid-epoch 1, after last.pt was written at step 3
+            raise _Crash("simulated crash")
+        original(self)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", crash_on_fourth)
+    with pytest.raises(_Crash):
+        _run(tmp_path, "cut", *extra)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 3
+    monkeypatch.setattr(Trainer, "_optimizer_step", original)
+    resumed = _run(tmp_path, "cut", *extra)  # run.resume defaults to "auto"
+
+    a, b = _weights(tmp_path / "full" / "final.pt"), _weights(tmp_path / "cut" / "final.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed.metrics == full.metrics
+    if learned:
+        assert full.metrics["learned"] and full.metrics["flops_estimate"] == pytest.approx(0.7, abs=1e-4)
+        sels = tokenprune.selectors(resumed.model)
+        assert [s.keep_ratio for s in sels] == full.metrics["keep_ratios"]
+        assert tokenprune.config_of(resumed.model).learned
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    original = Trainer._forward_loss
+    calls = {"n": 0}
+
+    def poisoned(self, x, y):
+        out, kept = original(self, x, y)
+        calls["n"] += 1
+        if calls["n"] == 7:  # a micro-batch of step 4
+            out.total = out.total * float("nan")
+        return out, kept
+
+    monkeypatch.setattr(Trainer, "_forward_loss", poisoned)
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 4.*last\.pt is intact"):
+        _run(tmp_path, "nan")
+    ckpt = load_checkpoint(tmp_path / "nan" / "last.pt")
+    assert ckpt["step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "nan" / "final.pt").exists()
+
+
+def test_outputs_metrics_and_groups(tmp_path):
+    result = _run(tmp_path, "out", "optim.epochs=1", "optim.lr=2e-3")
+    out = tmp_path / "out"
+    assert {"recipe.yaml", "metrics.jsonl", "last.pt", "final.pt"} <= {p.name for p in out.iterdir()}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds.count("teacher") == 1 and kinds[-1] == "final"
+    train = [r for r in records if r["kind"] == "train"]
+    assert {"ce", "ratio", "kl", "distill", "loss", "keep1", "keep3", "img_s", "lr"} <= set(train[0])
+    ckpt = load_checkpoint(out / "last.pt")
+    groups = {g["name"]: g for g in ckpt["optimizer"]["param_groups"]}
+    assert groups["new"]["initial_lr"] == pytest.approx(2e-3)
+    assert groups["backbone"]["initial_lr"] == pytest.approx(2e-4)
+    assert not result.model.training
+
+
+def test_global_batch_must_divide(tmp_path):
+    with pytest.raises(ConfigError, match="global_batch_size=12"):
+        _run(tmp_path, "gb", "optim.global_batch_size=12")
+
+
+def test_dataset_smaller_than_a_step(tmp_path):
+    with pytest.raises(DataError, match="smaller than one optimizer step"):
+        _run(tmp_path, "small", "data.synthetic_size=8")
+
+
+def test_cli_reports_unknown_key(tmp_path, capsys):
+    assert cli_main([*TINY, "optim.lrr=1"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err

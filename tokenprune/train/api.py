@@ -1,0 +1,226 @@
+"""`finetune(...)`: from a recipe (or your own models) to a fine-tuned sparse model, its metrics and its files.
+
+Outputs in ``run.output_dir``: ``recipe.yaml`` (the resolved recipe), ``metrics.jsonl``, ``last.pt`` (resumable
+checkpoint) and ``final.pt`` (the weights, the sparsify configuration with any learned keep ratios, the metrics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError, TokenPruneError
+from .checkpoint import save_checkpoint
+from .data import DataBundle, build_datasets
+from .distributed import barrier, cleanup_distributed, init_distributed
+from .recipe import Recipe, load_recipe, save_recipe
+from .trainer import Trainer, config_of
+
+__all__ = ["FinetuneResult", "finetune", "run_recipe", "cli_main", "build_teacher", "load_weights"]
+
+
+@dataclass
+class FinetuneResult:
+    """What `finetune` returns.
+
+    Attributes:
+        model: the fine-tuned model (unwrapped from DDP; learned keep ratios written into it and its config).
+        teacher: the frozen teacher, or ``None`` for dense training.
+        metrics: final top-1, teacher top-1, steps, keep ratios, whether they were learned.
+        output_dir: where recipe.yaml, metrics.jsonl, last.pt and final.pt are.
+        recipe: the resolved recipe.
+    """
+
+    model: nn.Module
+    teacher: nn.Module | None
+    metrics: dict[str, Any]
+    output_dir: Path
+    recipe: Recipe
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load a state dict (``.safetensors``, a plain ``.pt``, or a harness ``final.pt``/``last.pt``) into `model`.
+
+    Raises:
+        CheckpointError: if the file is missing, unreadable, or does not fit the model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist; fix model.checkpoint.")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - many loaders, many error types
+        raise CheckpointError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights {path} do not fit {type(model).__name__}: {e}") from None
+    return model
+
+
+def build_teacher(recipe: Recipe) -> nn.Module:
+    """Create the original model a recipe names (timm), with its pretrained weights or checkpoint."""
+    import timm
+
+    spec = recipe.model
+    try:
+        model = timm.create_model(spec.name, pretrained=spec.pretrained, **spec.kwargs)
+    except Exception as e:  # noqa: BLE001 - timm raises RuntimeError, ValueError, HF hub errors...
+        raise ConfigError(f"cannot create timm model {spec.name!r} with {spec.kwargs}: {e}") from None
+    if spec.checkpoint:
+        load_weights(model, spec.checkpoint)
+    return model
+
+
+def _input_geometry(recipe: Recipe, model: nn.Module) -> tuple[int, int]:
+    size = recipe.model.kwargs.get("img_size") or recipe.data.img_size
+    if size is None:
+        embed = getattr(model, "patch_embed", None)
+        size = getattr(embed, "img_size", None)
+    if size is None:
+        from timm.data import resolve_data_config
+
+        size = resolve_data_config({}, model=model)["input_size"][-1]
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return int(size), int(recipe.model.kwargs.get("in_chans", 3))
+
+
+def _coerce_recipe(recipe: Recipe | str | os.PathLike[str] | dict | None, overrides: Sequence[str]) -> Recipe:
+    if isinstance(recipe, Recipe):
+        from .recipe import apply_overrides
+
+        return apply_overrides(recipe, list(overrides))
+    if isinstance(recipe, dict):
+        from .recipe import apply_overrides
+
+        return apply_overrides(Recipe.from_dict(recipe), list(overrides))
+    return load_recipe(recipe, list(overrides))
+
+
+def finetune(
+    recipe: Recipe | str | os.PathLike[str] | dict | None = None,
+    *,
+    model: nn.Module | None = None,
+    teacher: nn.Module | None = None,
+    overrides: Sequence[str] = (),
+    data: DataBundle | None = None,
+) -> FinetuneResult:
+    """Fine-tune a sparsified model with the DynamicViT objective (or train a dense one), per a recipe.
+
+    Under torchrun each process calls this; the process group is set up from the environment.
+
+    Args:
+        recipe: a `Recipe`, a YAML path, a dict, or ``None`` for the defaults.
+        model: the student to train, e.g. ``tokenprune.sparsify(teacher)``; built from ``recipe.model`` and
+            ``recipe.sparsify`` when ``None``.
+        teacher: the frozen original model (the one given to sparsify). Required with a sparsified `model` unless
+            the KL and distillation weights are zero.
+        overrides: ``key=value`` strings applied on top of the recipe (dotted keys).
+        data: datasets to use instead of ``recipe.data``.
+
+    Returns:
+        The fine-tuned model and its metrics.
+
+    Raises:
+        ConfigError: bad recipe values or unknown keys. DataError: a missing or malformed dataset (raised before
+        training). TrainingError: a non-finite loss (the last checkpoint stays intact). CheckpointError: bad weights.
+    """
+    recipe = _coerce_recipe(recipe, overrides)
+    run = recipe.run
+    if run.threads:
+        torch.set_num_threads(int(run.threads))
+    info = init_distributed(run.device)
+    try:
+        # The same seed on every rank, so predictors start equal (DDP also broadcasts rank 0's weights).
+        torch.manual_seed(run.seed)
+        if model is None:
+            teacher = build_teacher(recipe)
+            size, chans = _input_geometry(recipe, teacher)
+            if recipe.sparsify.enabled:
+                import tokenprune
+
+                sp = recipe.sparsify
+                example = torch.randn(1, chans, size, size)
+                model = tokenprune.sparsify(
+                    teacher.eval(),
+                    sp.ratio,
+                    locations=sp.locations,
+                    keep_ratios=sp.keep_ratios,
+                    example_inputs=example,
+                )
+            else:
+                model, teacher = teacher, None
+        else:
+            size, chans = _input_geometry(recipe, teacher if teacher is not None else model)
+        if teacher is not None and {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
+            raise ConfigError("the student shares parameters with the teacher; sparsify without inplace=True.")
+        if config_of(model) is not None and teacher is None and (recipe.loss.kl > 0 or recipe.loss.distill > 0):
+            raise ConfigError("pass teacher=<the model given to sparsify>, or set loss.kl=0 and loss.distill=0.")
+        if data is None:
+            data = build_datasets(recipe.data, img_size=size, in_chans=chans, seed=run.seed, model=teacher or model)
+        classes = getattr(teacher if teacher is not None else model, "num_classes", None)
+        if isinstance(classes, int) and classes != data.num_classes:
+            raise ConfigError(
+                f"the model predicts {classes} classes but the dataset has {data.num_classes}; "
+                f"set model.kwargs.num_classes={data.num_classes} (and a matching checkpoint)."
+            )
+        out = Path(run.output_dir)
+        if info.main:
+            save_recipe(recipe, out / "recipe.yaml")
+        barrier(info)
+        trainer = Trainer(recipe, model, teacher, data, info)
+        metrics = trainer.fit()
+        config = config_of(model)
+        if info.main:
+            save_checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "sparsify_config": config.to_dict() if config else None,
+                    "recipe": recipe.to_dict(),
+                    "metrics": metrics,
+                },
+                out / "final.pt",
+            )
+        barrier(info)
+        return FinetuneResult(model.eval(), teacher, metrics, out, recipe)
+    finally:
+        cleanup_distributed(info)
+
+
+def run_recipe(recipe: str | None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Typer-friendly entry: ``tokenprune finetune --recipe FILE key=value ...``; returns the final metrics."""
+    return finetune(recipe, overrides=overrides).metrics
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tokenprune.train --recipe FILE [key=value ...]`` (also under torchrun). Returns an exit code."""
+    parser = argparse.ArgumentParser(prog="tokenprune finetune", description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", "-r", default=None, help="YAML recipe (defaults when omitted)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=5e-4")
+    args = parser.parse_args(argv)
+    try:
+        metrics = run_recipe(args.recipe, args.overrides)
+    except TokenPruneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(metrics))
+    return 0

@@ -1,0 +1,229 @@
+"""The fine-tuning objective of DynamicViT (DESIGN 1.1 "Loss") and its spatial variant (DESIGN 1.2).
+
+Token models::
+
+    L = ce * CE(y, p) + ratio * (1/S) sum_s mean_b (mean_i D_s - rho_s)^2
+        + kl * KL(p_teacher || p_student) + distill * token_KL
+
+where token_KL compares, over channels, the student's final tokens with the teacher's at the positions the student
+kept (patch tokens only). Spatial models replace token_KL by the MSE between the final feature maps and weight the
+ratio term 10 instead of 2. Each part is returned separately so the trainer can log it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..state import SparsityState
+
+__all__ = [
+    "LossWeights",
+    "LossOutput",
+    "SparsificationLoss",
+    "ratio_loss",
+    "logit_distillation",
+    "token_distillation",
+    "feature_distillation",
+    "classification_loss",
+]
+
+# DESIGN 1.1 (DeiT: lambda_r = 2) and 1.2 (ConvNeXt/Swin: 10); CE 1.0 and KL 0.5 in both.
+_RATIO_DEFAULT = {"token": 2.0, "spatial": 10.0}
+_DISTILL_DEFAULT = {"token": "kl", "spatial": "mse"}
+
+
+@dataclass
+class LossWeights:
+    """Weights of the loss parts, resolved for one model kind.
+
+    Attributes:
+        kind: "token" or "spatial".
+        ce: cross-entropy weight.
+        ratio: keep-ratio loss weight.
+        kl: logit distillation weight, KL(teacher || student).
+        distill: final-token (or feature-map) distillation weight.
+        distill_type: "kl" (over channels) or "mse".
+        temperature: logit-distillation temperature.
+    """
+
+    kind: str = "token"
+    ce: float = 1.0
+    ratio: float = 2.0
+    kl: float = 0.5
+    distill: float = 0.5
+    distill_type: str = "kl"
+    temperature: float = 1.0
+
+    @classmethod
+    def for_kind(
+        cls,
+        kind: str,
+        *,
+        ce: float = 1.0,
+        ratio: float | None = None,
+        kl: float = 0.5,
+        distill: float = 0.5,
+        distill_type: str = "auto",
+        temperature: float = 1.0,
+    ) -> LossWeights:
+        """Paper defaults for `kind` ("token" or "spatial"), with any weight overridden.
+
+        Raises:
+            ConfigError: on an unknown kind or distillation type, or a negative weight.
+        """
+        if kind not in _RATIO_DEFAULT:
+            raise ConfigError(f"loss kind {kind!r} is unknown; use 'token' or 'spatial'.")
+        distill_type = _DISTILL_DEFAULT[kind] if distill_type == "auto" else distill_type
+        if distill_type not in ("kl", "mse"):
+            raise ConfigError(f"loss.distill_type={distill_type!r} is unknown; use 'auto', 'kl' or 'mse'.")
+        ratio = _RATIO_DEFAULT[kind] if ratio is None else ratio
+        weights = cls(kind, ce, ratio, kl, distill, distill_type, temperature)
+        for name in ("ce", "ratio", "kl", "distill", "temperature"):
+            if not getattr(weights, name) >= 0:
+                raise ConfigError(f"loss.{name}={getattr(weights, name)!r} must be a non-negative number.")
+        return weights
+
+
+@dataclass
+class LossOutput:
+    """The total loss and its unweighted parts (``ce``, ``ratio``, ``kl``, ``distill``), all scalar tensors."""
+
+    total: Tensor
+    parts: dict[str, Tensor]
+
+
+def classification_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy with hard labels [B] or soft targets [B, K] (mixup/cutmix)."""
+    if target.dtype.is_floating_point and target.dim() == logits.dim():
+        return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits.float(), target)
+
+
+def ratio_loss(decisions: list[Tensor], keep_ratios: Tensor | list[float]) -> Tensor:
+    """(1/S) sum_s mean_b (mean_i D_s - rho_s)^2 (DESIGN 1.1).
+
+    Args:
+        decisions: per-stage keep decisions, [B, ...] each (tokens or spatial locations after the batch dim).
+        keep_ratios: the per-stage targets rho_s, a list or a (possibly learnable) tensor [S].
+    """
+    if not decisions:
+        raise ConfigError("the model recorded no pruning stages; is it a result of tokenprune.sparsify?")
+    device = decisions[0].device
+    if isinstance(keep_ratios, Tensor):
+        rho = keep_ratios.to(device=device, dtype=torch.float32)  # keeps the graph of learned ratios
+    else:
+        rho = torch.tensor([float(r) for r in keep_ratios], dtype=torch.float32, device=device)
+    if rho.numel() != len(decisions):
+        raise ConfigError(f"{len(decisions)} pruning stages but {rho.numel()} keep ratios; they must match.")
+    total = decisions[0].new_zeros((), dtype=torch.float32)
+    for s, d in enumerate(decisions):
+        kept = d.float().flatten(1).mean(1)
+        total = total + ((kept - rho[s]) ** 2).mean()
+    return total / len(decisions)
+
+
+def logit_distillation(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(p_teacher || p_student) per image, averaged over the batch, scaled by T^2 (Hinton et al.)."""
+    t = temperature
+    loss = F.kl_div(
+        F.log_softmax(student.float() / t, dim=-1),
+        F.log_softmax(teacher.float() / t, dim=-1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return loss * t * t
+
+
+def token_distillation(state: SparsityState, teacher_tokens: Tensor, kind: str = "kl") -> Tensor:
+    """Compare the student's final tokens with the teacher's at the positions the student kept (patch tokens only).
+
+    Works in masked (train) execution, where the final tokens have the full length and a keep mask, and in pruned
+    execution, where `state.final_index` says where each kept token came from.
+
+    Args:
+        state: the student's `SparsityState` of this forward.
+        teacher_tokens: the teacher's output of the block named `state.chain_output`, [B, N, C].
+        kind: "kl" (over channels, DeiT) or "mse" (LV-ViT).
+
+    Returns:
+        The mean over kept patch tokens (zero if none is kept).
+    """
+    student = state.final_tokens
+    if student is None or state.final_index is None:
+        raise ConfigError("the student recorded no final tokens; token distillation needs a token model.")
+    index = state.final_index.long()
+    teacher = torch.gather(teacher_tokens, 1, index.unsqueeze(-1).expand(-1, -1, teacher_tokens.shape[-1]))
+    keep = index >= state.prefix_tokens
+    if state.final_mask is not None:
+        # reason: the mask only selects positions; gradients reach the tokens through their values (as in the paper).
+        keep = keep & (state.final_mask.detach().reshape(index.shape) > 0.5)
+    if not bool(keep.any()):
+        return student.new_zeros((), dtype=torch.float32)
+    s, t = student[keep].float(), teacher[keep].float()
+    if kind == "mse":
+        return F.mse_loss(s, t)
+    return F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="batchmean", log_target=True)
+
+
+def feature_distillation(student_map: Tensor, teacher_map: Tensor) -> Tensor:
+    """MSE between the student's and the teacher's final feature maps (DESIGN 1.2; the map keeps its shape)."""
+    if student_map.shape != teacher_map.shape:
+        raise ConfigError(
+            f"student feature map {tuple(student_map.shape)} and teacher's {tuple(teacher_map.shape)} differ."
+        )
+    return F.mse_loss(student_map.float(), teacher_map.float())
+
+
+class SparsificationLoss(nn.Module):
+    """The weighted DynamicViT objective; ``forward`` returns the total and each unweighted part.
+
+    Args:
+        weights: resolved weights (see `LossWeights.for_kind`).
+    """
+
+    def __init__(self, weights: LossWeights) -> None:
+        super().__init__()
+        self.weights = weights
+
+    def forward(
+        self,
+        logits: Tensor,
+        target: Tensor,
+        state: SparsityState | None,
+        teacher_logits: Tensor | None = None,
+        teacher_features: Tensor | None = None,
+        keep_ratios: Tensor | None = None,
+    ) -> LossOutput:
+        """Compute the loss of one batch.
+
+        Args:
+            logits: the student's output [B, K].
+            target: labels [B] or soft targets [B, K].
+            state: the student's `SparsityState` of this forward (``None`` for a dense model: CE and KL only).
+            teacher_logits: the frozen teacher's output [B, K], needed when the KL weight is non-zero.
+            teacher_features: the teacher's output of the block named ``state.chain_output``.
+            keep_ratios: targets rho_s overriding ``state.keep_ratios`` (learned ratios pass their tensor here).
+        """
+        w = self.weights
+        zero = logits.new_zeros((), dtype=torch.float32)
+        parts = {"ce": classification_loss(logits, target), "ratio": zero, "kl": zero, "distill": zero}
+        if state is not None and w.ratio > 0:
+            parts["ratio"] = ratio_loss(state.decisions, state.keep_ratios if keep_ratios is None else keep_ratios)
+        if w.kl > 0:
+            if teacher_logits is None:
+                raise ConfigError("loss.kl > 0 needs the teacher's logits; pass a teacher or set loss.kl=0.")
+            parts["kl"] = logit_distillation(logits, teacher_logits, w.temperature)
+        if state is not None and w.distill > 0:
+            if teacher_features is None:
+                raise ConfigError("loss.distill > 0 needs the teacher's final features; set loss.distill=0 if none.")
+            if w.kind == "spatial":
+                parts["distill"] = feature_distillation(state.final_tokens, teacher_features)
+            else:
+                parts["distill"] = token_distillation(state, teacher_features, w.distill_type)
+        total = w.ce * parts["ce"] + w.ratio * parts["ratio"] + w.kl * parts["kl"] + w.distill * parts["distill"]
+        return LossOutput(total, parts)

@@ -1,0 +1,439 @@
+"""The fine-tuning loop: one optimizer step = `accum` micro-batches, DDP-aware, AMP on CUDA, exact resume.
+
+Progress is a function of the optimizer step alone: the epoch and the position inside it follow from it (the
+sampler can start mid-epoch, augmentations are seeded per sample), and every rank's random states are saved, so
+an interrupted run resumed from `last.pt` ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import ConfigError, DataError, TrainingError
+from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .data import DataBundle, make_loader
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
+from .logging import MetricsWriter, ProgressReporter
+from .losses import LossOutput, LossWeights, SparsificationLoss
+from .optim import build_optimizer, param_groups, warmup_cosine
+from .ratios import ComputeModel, LearnedKeepRatios, budget_penalty
+from .recipe import Recipe
+
+__all__ = ["Trainer", "config_of"]
+
+
+def _selectors(model: nn.Module) -> list[nn.Module]:
+    from ..nn.recorder import selectors
+
+    return selectors(model)
+
+
+def config_of(model: nn.Module):
+    """The model's `SparsifyConfig`, or ``None`` for a model that is not sparsified."""
+    config = getattr(model, "tokenprune_config", None)
+    if config is not None or not _selectors(model):
+        return config
+    from ..sparsify import config_of as _config_of
+
+    return _config_of(model)
+
+
+def _state(model: nn.Module):
+    from ..state import sparsity_state
+
+    return sparsity_state(model)
+
+
+class Trainer:
+    """Fine-tune a sparsified student against its frozen teacher (or train a dense model when not sparsified).
+
+    Args:
+        recipe: the resolved recipe.
+        student: a result of `tokenprune.sparsify`, or a plain model (trained with cross-entropy only).
+        teacher: the frozen original model, or ``None`` (then the KL and distillation terms are off).
+        data: training and validation datasets.
+        info: this process's place in the job (see `init_distributed`).
+    """
+
+    def __init__(
+        self, recipe: Recipe, student: nn.Module, teacher: nn.Module | None, data: DataBundle, info: DistInfo
+    ) -> None:
+        self.recipe, self.info, self.device = recipe, info, info.device
+        self.out = Path(recipe.run.output_dir)
+        self.student = student.to(self.device)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
+        self.config = config_of(student)
+        self.sparsified = self.config is not None
+        self.loss_fn = SparsificationLoss(self._weights())
+        o, run = recipe.optim, recipe.run
+        self.accum = o.accum_steps
+        if o.global_batch_size:
+            per_step = o.batch_size * info.world
+            if o.global_batch_size % per_step:
+                raise ConfigError(
+                    f"optim.global_batch_size={o.global_batch_size} is not a multiple of batch_size x processes "
+                    f"= {o.batch_size} x {info.world}; change one of them."
+                )
+            self.accum = o.global_batch_size // per_step
+        if self.accum < 1:
+            raise ConfigError(f"optim.accum_steps={self.accum} must be at least 1.")
+        pin = self.device.type == "cuda"
+        workers = recipe.data.workers
+        self.train_loader = make_loader(
+            data.train,
+            o.batch_size,
+            train=True,
+            rank=info.rank,
+            world=info.world,
+            seed=run.seed,
+            workers=workers,
+            pin_memory=pin,
+        )
+        self.val_loader = make_loader(
+            data.val,
+            o.batch_size,
+            train=False,
+            rank=info.rank,
+            world=info.world,
+            seed=run.seed,
+            workers=workers,
+            pin_memory=pin,
+        )
+        self.spe = len(self.train_loader) // self.accum
+        if self.spe == 0:
+            raise DataError(
+                f"the training set ({len(data.train)} images) is smaller than one optimizer step "
+                f"({o.batch_size} x {info.world} processes x {self.accum} accumulation); use a smaller batch."
+            )
+        self.total_steps = max(1, math.ceil(o.epochs * self.spe))
+        if o.max_steps is not None:
+            self.total_steps = min(self.total_steps, o.max_steps)
+        self.ratios: LearnedKeepRatios | None = None
+        self.compute: ComputeModel | None = None
+        self._teacher_features: torch.Tensor | None = None
+        if self.sparsified:
+            self._setup_sparse(data)
+        original = {n for n, _ in teacher.named_parameters()} if (teacher is not None and self.sparsified) else ()
+        groups = param_groups(
+            student, original, lr=o.lr, backbone_lr_scale=o.backbone_lr_scale, weight_decay=o.weight_decay
+        )
+        if self.ratios is not None:
+            groups.append(
+                {
+                    "name": "keep_ratios",
+                    "params": list(self.ratios.parameters()),
+                    "lr": recipe.learned_ratios.lr,
+                    "weight_decay": 0.0,
+                }
+            )
+        self.optimizer = build_optimizer(groups, tuple(o.betas))
+        self.scheduler = warmup_cosine(
+            self.optimizer,
+            total_steps=self.total_steps,
+            warmup_steps=round(o.warmup_epochs * self.spe),
+            start_factor=o.warmup_lr / o.lr,
+            end_factor=o.min_lr / o.lr,
+        )
+        self.use_amp = bool(run.amp) and self.device.type == "cuda"
+        self.amp_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(run.amp_dtype)
+        if self.amp_dtype is None:
+            raise ConfigError(f"run.amp_dtype={run.amp_dtype!r} is unknown; use 'bfloat16' or 'float16'.")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)
+        self.model: nn.Module = self.student
+        if info.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(
+                self.student, device_ids=ids, find_unused_parameters=run.find_unused_parameters
+            )
+        self.step, self.teacher_top1, self.best_top1 = 0, None, None
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl" if info.main else None)
+
+    # -- set-up ---------------------------------------------------------------------------------------------------
+    def _weights(self) -> LossWeights:
+        spec = self.recipe.loss
+        kind = spec.kind if spec.kind != "auto" else (self.config.kind if self.sparsified else "token")
+        w = LossWeights.for_kind(
+            kind,
+            ce=spec.ce,
+            ratio=spec.ratio,
+            kl=spec.kl,
+            distill=spec.distill,
+            distill_type=spec.distill_type,
+            temperature=spec.temperature,
+        )
+        if not self.sparsified:
+            w.ratio = w.distill = 0.0
+        if self.teacher is None:
+            w.kl = w.distill = 0.0
+        return w
+
+    def _setup_sparse(self, data: DataBundle) -> None:
+        # One eval-mode forward (no randomness drawn) tells the chain's sizes and the block to hook on the teacher.
+        was = self.student.training
+        self.student.eval()
+        with torch.no_grad():
+            self.student(data.val[0][0][None].to(self.device))
+        state = _state(self.student)
+        self.student.train(was)
+        if self.teacher is not None and self.loss_fn.weights.distill > 0:
+            block = self.teacher.get_submodule(state.chain_output)
+            block.register_forward_hook(lambda _m, _i, out: setattr(self, "_teacher_features", out))
+        spec = self.recipe.learned_ratios
+        if not spec.enabled:
+            return
+        if not self.config.chain:
+            raise ConfigError("learned keep ratios need the chain's block names in model.tokenprune_config.chain.")
+        sels = _selectors(self.student)
+        dim = next(p for p in sels[0].parameters() if p.ndim >= 2).shape[1]
+        patches = state.decisions[0].flatten(1).shape[1]
+        self.compute = ComputeModel(
+            self.config.kind,
+            len(self.config.chain),
+            list(self.config.locations),
+            int(dim),
+            int(patches),
+            state.prefix_tokens,
+            spec.mlp_ratio,
+        )
+        self.ratios = LearnedKeepRatios(self.config.keep_ratios, patches).to(self.device)
+        # Start on the budget, keeping the configured allocation across stages.
+        self.ratios.theta.data.add_(self.ratios.budget_shift(self.compute, spec.target_flops))
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "model": self.student.state_dict(),
+            "ratios": self.ratios.state_dict() if self.ratios is not None else None,
+            "keep_ratios": [s.keep_ratio for s in _selectors(self.student)],
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "teacher_top1": self.teacher_top1,
+            "best_top1": self.best_top1,
+            "recipe": self.recipe.to_dict(),
+            "sparsify_config": self.config.to_dict() if self.sparsified else None,
+        }
+
+    def save(self, name: str = "last.pt") -> Path:
+        """Checkpoint the run (all ranks must call: random states are gathered; rank 0 writes)."""
+        rngs = all_gather_objects(capture_rng(), self.info)
+        path = self.out / name
+        if self.info.main:
+            save_checkpoint({**self._payload(), "rng": rngs, "world": self.info.world}, path)
+        barrier(self.info)
+        return path
+
+    def _resume_path(self) -> Path | None:
+        resume = self.recipe.run.resume
+        if resume in (None, False, "none", "false", "no", ""):
+            return None
+        if resume in (True, "auto", "true", "yes"):
+            path = self.out / "last.pt"
+            return path if path.is_file() else None
+        return Path(resume)
+
+    def resume(self, path: str | Path) -> None:
+        """Restore everything a checkpoint holds, so training continues exactly."""
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self.student.load_state_dict(ckpt["model"])
+        for sel, r in zip(_selectors(self.student), ckpt["keep_ratios"], strict=True):
+            sel.keep_ratio = float(r)
+        if self.ratios is not None and ckpt.get("ratios") is not None:
+            self.ratios.load_state_dict(ckpt["ratios"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.teacher_top1, self.best_top1 = ckpt["step"], ckpt["teacher_top1"], ckpt["best_top1"]
+        rngs = ckpt["rng"]
+        restore_rng(rngs[self.info.rank] if len(rngs) == self.info.world else rngs[0])
+
+    # -- one step -------------------------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=self.amp_dtype) if self.use_amp else nullcontext()
+
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[LossOutput, list[float]]:
+        with self._autocast():
+            logits = self.model(x)
+            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+            state = _state(self.student) if self.sparsified else None
+            t_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_logits = self.teacher(x)
+                    t_logits = t_logits[0] if isinstance(t_logits, (tuple, list)) else t_logits
+            rho = self.ratios() if self.ratios is not None else None
+            out = self.loss_fn(logits, y, state, t_logits, self._teacher_features, keep_ratios=rho)
+        self._teacher_features = None
+        if rho is not None:
+            flops = self.compute.ratio(rho)
+            out.parts["budget"] = budget_penalty(flops, self.recipe.learned_ratios.target_flops)
+            out.parts["flops"] = flops.detach()
+            out.total = out.total + self.recipe.learned_ratios.budget_weight * out.parts["budget"]
+        kept = [float(d.detach().float().mean()) for d in state.decisions] if state is not None else []
+        return out, kept
+
+    def _optimizer_step(self) -> None:
+        if self.ratios is not None and self.info.enabled:
+            # reason: the ratio parameters live outside the DDP module, so their gradients are averaged here.
+            for p in self.ratios.parameters():
+                if p.grad is not None:
+                    all_reduce_sum(p.grad, self.info).div_(self.info.world)
+        self.scaler.unscale_(self.optimizer)
+        if self.recipe.optim.clip_grad:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.recipe.optim.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> float:
+        """Top-1 (%) of `model` in eval mode over the whole validation set (shared across ranks, no padding)."""
+        was = model.training
+        model.eval()
+        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.val_loader.sampler.set_epoch(0)
+        for x, y in self.val_loader:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = model(x)
+            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+            counts[0] += (logits.argmax(-1) == y).sum()
+            counts[1] += y.numel()
+        all_reduce_sum(counts, self.info)
+        model.train(was)
+        return float(100.0 * counts[0] / counts[1].clamp(min=1))
+
+    def apply_learned_ratios(self) -> list[float] | None:
+        """Write the learned ratios, shifted onto the budget exactly, into the selectors and the config."""
+        if self.ratios is None:
+            return None
+        with torch.no_grad():
+            shift = self.ratios.budget_shift(self.compute, self.recipe.learned_ratios.target_flops)
+            values = [float(r) for r in self.ratios(shift)]
+        for sel, r in zip(_selectors(self.student), values, strict=True):
+            sel.keep_ratio = r
+        self.config.keep_ratios = values
+        self.config.learned = True
+        return values
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to `total_steps` (resuming when asked), evaluate, and return the final metrics."""
+        path = self._resume_path()
+        if path is not None:
+            self.resume(path)
+        else:
+            seed = self.recipe.run.seed + self.info.rank
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed)
+        reporter = ProgressReporter(self.total_steps, enabled=self.info.main)
+        if path is not None:
+            reporter.message(f"resumed from {path} at step {self.step}/{self.total_steps}")
+        if self.teacher is not None and self.teacher_top1 is None:
+            self.teacher_top1 = self.evaluate(self.teacher)
+            self.metrics.write("teacher", top1=self.teacher_top1)
+            reporter.message(f"teacher top-1 {self.teacher_top1:.2f}%")
+        try:
+            while self.step < self.total_steps:
+                self._epoch(reporter)
+        finally:
+            reporter.close()
+        ratios = self.apply_learned_ratios()
+        top1 = self.evaluate(self.student)
+        result = {
+            "top1": top1,
+            "teacher_top1": self.teacher_top1,
+            "steps": self.step,
+            "keep_ratios": [s.keep_ratio for s in _selectors(self.student)],
+            "learned": ratios is not None,
+        }
+        if ratios is not None:
+            result["flops_estimate"] = float(self.compute.ratio(torch.tensor(ratios)))
+        self.metrics.write("final", **result)
+        reporter.message(f"final top-1 {top1:.2f}% " + (f"(teacher {self.teacher_top1:.2f}%)" if self.teacher else ""))
+        self.save("last.pt")
+        return result
+
+    def _epoch(self, reporter: ProgressReporter) -> None:
+        epoch, done = divmod(self.step, self.spe)
+        micro, end = done * self.accum, self.spe * self.accum
+        self.train_loader.sampler.set_epoch(epoch, micro * self.recipe.optim.batch_size)
+        self.train_loader.dataset.set_epoch(epoch)
+        self.model.train()
+        window: dict[str, float] = defaultdict(float)
+        count, images, tick = 0, 0, time.perf_counter()
+        bad = torch.zeros((), device=self.device)
+        for x, y in self.train_loader:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            sync = (micro + 1) % self.accum == 0
+            no_sync = self.model.no_sync() if (self.info.enabled and not sync) else nullcontext()
+            with no_sync:
+                out, kept = self._forward_loss(x, y)
+                # reason: every rank must run backward (DDP's all-reduce would hang otherwise); a non-finite
+                # loss is caught below, before the optimizer step can spread it into the weights.
+                self.scaler.scale(out.total / self.accum).backward()
+            if not bool(torch.isfinite(out.total.detach())):
+                bad += 1
+            micro += 1
+            images += x.shape[0] * self.info.world
+            for k, v in out.parts.items():
+                window[k] += float(v.detach())
+            window["loss"] += float(out.total.detach())
+            for s, v in enumerate(kept):
+                window[f"keep{s + 1}"] += v
+            count += 1
+            if not sync:
+                continue
+            if float(all_reduce_sum(bad, self.info)) > 0:
+                self.optimizer.zero_grad(set_to_none=True)
+                last = self.out / "last.pt"
+                raise TrainingError(
+                    f"non-finite loss at step {self.step + 1} (epoch {epoch}): "
+                    f"{ {k: round(float(v.detach()), 4) for k, v in out.parts.items()} }. The last good checkpoint "
+                    f"{last if last.is_file() else '(none written yet)'} is intact; lower optim.lr, set run.amp=false "
+                    f"or check the data, then resume with run.resume={last}."
+                )
+            self._optimizer_step()
+            self.step += 1
+            if self.step % self.recipe.run.log_every == 0 or micro >= end or self.step >= self.total_steps:
+                elapsed = time.perf_counter() - tick
+                values = {k: v / count for k, v in window.items()}
+                values["lr"] = self.optimizer.param_groups[0]["lr"]
+                values["img_s"] = round(images / max(elapsed, 1e-9), 1)
+                reporter.step(self.step, values)
+                self.metrics.write("train", step=self.step, epoch=epoch, **values)
+                window.clear()
+                count, images, tick = 0, 0, time.perf_counter()
+            if micro >= end or self.step >= self.total_steps:
+                break
+            if self.recipe.run.checkpoint_every and self.step % self.recipe.run.checkpoint_every == 0:
+                self.save("last.pt")
+        if micro >= end:
+            every = self.recipe.run.eval_every
+            if every and (epoch + 1) % every == 0 and self.step < self.total_steps:
+                self._evaluate_epoch(epoch, reporter)
+            self.save("last.pt")
+
+    def _evaluate_epoch(self, epoch: int, reporter: ProgressReporter) -> None:
+        kept = [s.keep_ratio for s in _selectors(self.student)]
+        ratios = self.apply_learned_ratios()
+        top1 = self.evaluate(self.student)
+        self.best_top1 = top1 if self.best_top1 is None else max(self.best_top1, top1)
+        self.metrics.write("eval", step=self.step, epoch=epoch, top1=top1, keep_ratios=ratios or kept)
+        reporter.message(f"epoch {epoch}: top-1 {top1:.2f}% (teacher {self.teacher_top1}) keep ratios {ratios or kept}")
