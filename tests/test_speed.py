@@ -46,6 +46,7 @@ def test_compare_interleaves_and_reports_speedup() -> None:
     result = compare(Tagged("d"), Tagged("s"), INPUT, 2, warmup=1, repeats=2, latency=False)
     assert calls == ["d", "s"] * 3  # warm-up and timed runs alternate dense, sparse
     assert result["speedup"] == pytest.approx(result["sparse"]["images_per_s"] / result["dense"]["images_per_s"])
+    assert result["paired_speedup"] > 0
     assert result["latency_speedup"] is None and result["dense"]["batch1_latency_ms"] is None
 
     result = compare(tiny(), tiny(), INPUT, 2, warmup=0, repeats=1)

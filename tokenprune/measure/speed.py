@@ -192,7 +192,8 @@ def compare(
         latency: also measure batch-1 latency (interleaved as well).
 
     Returns:
-        ``{"dense": {...}, "sparse": {...}, "speedup": sparse/dense images per second,
+        ``{"dense": {...}, "sparse": {...}, "speedup": sparse/dense images per second (ratio of medians),
+        "paired_speedup": median over interleaved pairs of dense time / sparse time (robust to drifts),
         "latency_speedup": dense/sparse batch-1 latency or None}``; ``dense``/``sparse`` hold the
         `measure_throughput` keys plus ``"batch1_latency_ms"`` (None without `latency`).
     """
@@ -202,6 +203,9 @@ def compare(
         "sparse": _summary(sparse_t, batch_size, device, compile),
     }
     result["speedup"] = result["sparse"]["images_per_s"] / result["dense"]["images_per_s"]
+    # each dense run and the sparse run right after it share the machine's state: their ratio cancels slow drifts
+    # (other processes, thermal limits) that the ratio of two medians keeps
+    result["paired_speedup"] = statistics.median(d / s for d, s in zip(dense_t, sparse_t))
     result["latency_speedup"] = None
     for key in ("dense", "sparse"):
         result[key]["batch1_latency_ms"] = None
