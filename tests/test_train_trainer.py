@@ -127,3 +127,22 @@ def test_dataset_smaller_than_a_step(tmp_path):
 def test_cli_reports_unknown_key(tmp_path, capsys):
     assert cli_main([*TINY, "optim.lrr=1"]) == 2
     assert "optim.lrr" in capsys.readouterr().err
+
+
+def test_finetune_given_student_and_teacher(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    teacher = timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=4, in_chans=1
+    )
+    student = tokenprune.sparsify(teacher, 0.7, locations=[1, 2, 3], example_inputs=torch.randn(1, 1, 16, 16))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    overrides = [o for o in TINY if not o.startswith(("model.", "sparsify."))]
+    result = finetune(
+        model=student, teacher=teacher, overrides=[*overrides, "optim.epochs=1", f"run.output_dir={tmp_path}"]
+    )
+    assert result.model is student and result.metrics["steps"] == 2
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # the teacher stays frozen
+    with pytest.raises(ConfigError, match="pass teacher="):
+        finetune(model=student, overrides=[*overrides, f"run.output_dir={tmp_path / 'b'}"])

@@ -91,16 +91,19 @@ def build_teacher(recipe: Recipe) -> nn.Module:
 
 
 def _input_geometry(recipe: Recipe, model: nn.Module) -> tuple[int, int]:
+    """(image size, channels) of the model's input: its sparsify config, the recipe, or timm's config."""
+    config = config_of(model)
+    if config is not None and config.input_size:
+        return int(config.input_size[-1]), int(config.input_size[0])
     size = recipe.model.kwargs.get("img_size") or recipe.data.img_size
     if size is None:
-        embed = getattr(model, "patch_embed", None)
-        size = getattr(embed, "img_size", None)
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if size is None:
         from timm.data import resolve_data_config
 
         size = resolve_data_config({}, model=model)["input_size"][-1]
     size = size[0] if isinstance(size, (tuple, list)) else size
-    return int(size), int(recipe.model.kwargs.get("in_chans", 3))
+    return int(size), int(recipe.model.kwargs.get("in_chans", getattr(model, "in_chans", 3)))
 
 
 def _coerce_recipe(recipe: Recipe | str | os.PathLike[str] | dict | None, overrides: Sequence[str]) -> Recipe:
@@ -169,7 +172,7 @@ def finetune(
             else:
                 model, teacher = teacher, None
         else:
-            size, chans = _input_geometry(recipe, teacher if teacher is not None else model)
+            size, chans = _input_geometry(recipe, model)
         if teacher is not None and {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
             raise ConfigError("the student shares parameters with the teacher; sparsify without inplace=True.")
         if config_of(model) is not None and teacher is None and (recipe.loss.kl > 0 or recipe.loss.distill > 0):

@@ -122,6 +122,7 @@ class Trainer:
         self.ratios: LearnedKeepRatios | None = None
         self.compute: ComputeModel | None = None
         self._teacher_features: torch.Tensor | None = None
+        self._hook = None  # the teacher's forward hook, removed when `fit` ends
         if self.sparsified:
             self._setup_sparse(data)
         original = {n for n, _ in teacher.named_parameters()} if (teacher is not None and self.sparsified) else ()
@@ -188,7 +189,7 @@ class Trainer:
         self.student.train(was)
         if self.teacher is not None and self.loss_fn.weights.distill > 0:
             block = self.teacher.get_submodule(state.chain_output)
-            block.register_forward_hook(lambda _m, _i, out: setattr(self, "_teacher_features", out))
+            self._hook = block.register_forward_hook(lambda _m, _i, out: setattr(self, "_teacher_features", out))
         spec = self.recipe.learned_ratios
         if not spec.enabled:
             return
@@ -354,6 +355,9 @@ class Trainer:
                 self._epoch(reporter)
         finally:
             reporter.close()
+            if self._hook is not None:
+                self._hook.remove()
+                self._hook = None
         ratios = self.apply_learned_ratios()
         top1 = self.evaluate(self.student)
         result = {

@@ -1,0 +1,58 @@
+"""Progress lines, JSON-lines metrics, and atomic checkpoints with clear errors."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from tokenprune.errors import CheckpointError
+from tokenprune.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from tokenprune.train.logging import MetricsWriter, ProgressReporter
+
+
+def test_plain_lines_when_not_a_terminal():
+    stream = io.StringIO()
+    reporter = ProgressReporter(10, stream=stream)
+    assert not reporter.use_rich
+    reporter.step(3, {"loss": 1.23456, "keep1": 0.7})
+    reporter.message("epoch 0: top-1 50.00%")
+    reporter.close()
+    assert stream.getvalue().splitlines() == ["step 3 loss=1.235 keep1=0.7", "epoch 0: top-1 50.00%"]
+    silent = io.StringIO()
+    ProgressReporter(10, enabled=False, stream=silent).step(1, {"loss": 1.0})
+    assert silent.getvalue() == ""
+
+
+def test_metrics_jsonl(tmp_path):
+    writer = MetricsWriter(tmp_path / "m" / "metrics.jsonl")
+    writer.write("train", step=1, loss=torch.tensor(0.5).item())
+    writer.write("eval", step=1, top1=80.0)
+    records = [json.loads(line) for line in (tmp_path / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in records] == ["train", "eval"] and records[1]["top1"] == 80.0
+
+
+def test_checkpoint_atomic_and_errors(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1, "w": torch.ones(2)}, path)
+    save_checkpoint({"step": 2, "w": torch.zeros(2)}, path)
+    assert load_checkpoint(path)["step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary files left behind
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_checkpoint(truncated)
+    torch.save({"x": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a tokenprune training checkpoint"):
+        load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_rng_roundtrip():
+    state = capture_rng()
+    a = torch.rand(3)
+    restore_rng(state)
+    assert torch.equal(torch.rand(3), a)
