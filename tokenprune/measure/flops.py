@@ -20,7 +20,7 @@ from torch import fx, nn
 from ..errors import TokenPruneError
 from ._handles import COUNTED_HANDLES, NEGLIGIBLE_OPS, Handle
 
-__all__ = ["FlopReport", "profile_flops", "count_params", "PREDICTOR_MARK"]
+__all__ = ["FlopReport", "profile_flops", "count_params", "sparsify_config", "PREDICTOR_MARK"]
 
 #: substring that marks the modules tokenprune inserts (predictors / selectors), e.g. "tokenprune_stage0".
 PREDICTOR_MARK = "tokenprune_"
@@ -36,7 +36,7 @@ class FlopReport:
         params: number of parameters.
         by_operator: MACs per counted operator kind (``linear``, ``conv``, ``scaled_dot_product_attention``, ...).
         by_module: MACs per qualified module name (every module, ancestors included; "" is the whole model).
-        blocks: MACs per chain block, in chain order (from ``model.tokenprune_config.chain``; empty if unknown).
+        blocks: MACs per chain block, in chain order (from the sparsified model's config; empty if unknown).
         predictors: MACs per inserted tokenprune module with parameters (outermost modules whose name contains
             "tokenprune_"; with tokenprune's rewrite these are the per-stage `TokenSelector`s and their predictors).
         uncounted_ops: op -> occurrences for ops that are neither counted nor deliberately ignored as negligible.
@@ -82,6 +82,21 @@ class FlopReport:
 def count_params(model: nn.Module) -> int:
     """Number of parameters of `model`, each shared tensor counted once."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def sparsify_config(model: nn.Module) -> Any | None:
+    """The `SparsifyConfig` of a sparsified model, or None for any other model."""
+    config = getattr(model, "tokenprune_config", None)
+    if config is not None:
+        return config
+    try:
+        from ..sparsify import config_of
+    except ImportError:  # a tree without the graph pass
+        return None
+    try:
+        return config_of(model)
+    except (TokenPruneError, AttributeError, LookupError):  # not a sparsified model
+        return None
 
 
 def _innermost_module(node: fx.Node) -> str | None:
@@ -186,7 +201,7 @@ def profile_flops(
             ) from e
 
     by_module = {name: int(sum(c.values())) for name, c in analysis.by_module_and_operator().items()}
-    config = getattr(model, "tokenprune_config", None)
+    config = sparsify_config(model)
     chain = list(getattr(config, "chain", None) or [])
     # inserted modules without parameters (e.g. the state recorder) are bookkeeping, not predictors
     with_params = {n for n, m in model.named_modules() if next(m.parameters(), None) is not None}

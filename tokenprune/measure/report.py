@@ -42,7 +42,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from .flops import PREDICTOR_MARK, profile_flops
+from .flops import PREDICTOR_MARK, profile_flops, sparsify_config
 from .speed import compare, describe_device
 
 __all__ = ["SCHEMA_VERSION", "build_report", "render_table", "to_markdown", "stage_tokens"]
@@ -153,7 +153,7 @@ def build_report(
         input_size: (C, H, W) of one image.
         batch_size: batch of the throughput measurement.
         flops_only: count FLOPs and parameters only; timing fields become null.
-        ratio: base keep ratio to report; defaults to the sparse model's `tokenprune_config.ratio`.
+        ratio: base keep ratio to report; defaults to the sparse model's configured ratio.
         warmup: untimed passes per model before timing.
         repeats: timed passes per model (medians reported).
         device: where timings run; FLOPs are counted on CPU-independent shapes, on the models' current device.
@@ -167,7 +167,7 @@ def build_report(
     dense_flops = profile_flops(dense_model, x)
     sparse_flops = profile_flops(sparse_model, x)
 
-    config = getattr(sparse_model, "tokenprune_config", None)
+    config = sparsify_config(sparse_model)
     if ratio is None and config is not None:
         ratio = config.ratio
     selectors = _selectors(sparse_model)
