@@ -1,7 +1,10 @@
 """tokenprune: dynamic spatial sparsification (DynamicViT) for timm and torchvision models, as a graph plug-in."""
 
+from .checkpoint_io import load, save
 from .config import SparsifyConfig
 from .errors import CheckpointError, ConfigError, DataError, TokenPruneError, TrainingError, UnsupportedModelError
+from .export import export
+from .models import create_model
 from .nn.recorder import selectors
 from .sparsify import config_of, set_execution, sparsify
 from .state import SparsityState, sparsity_state
@@ -15,6 +18,10 @@ __all__ = [
     "selectors",
     "config_of",
     "SparsifyConfig",
+    "save",
+    "load",
+    "create_model",
+    "export",
     "SparsityState",
     "TokenPruneError",
     "UnsupportedModelError",

@@ -1,0 +1,256 @@
+"""The `tokenprune` command as a user drives it: convert, report, gates, and clean failures with distinct exit codes."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import tokenprune
+from tokenprune.checkpoint_io import load_original
+from tokenprune.cli import EXIT_ERROR, EXIT_GATE, app
+from tokenprune.gates import eval_dataset
+
+MODEL = "deit_tiny_patch16_224"
+KWARGS = {"depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 4}
+TINY = ["--input-size", "32"] + [a for k, v in KWARGS.items() for a in ("-k", f"{k}={v}")]  # 4 patches: fast
+FAST = ["--repeats", "1", "--warmup", "0", "--batch-size", "2"]
+
+
+def run(*args: str):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    text = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert "Traceback" not in text, text
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("convert")
+    result = run("convert", MODEL, "--out", out, *TINY, "--flops-only", "--min-flops-reduction", "0.1")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "all gates passed" in result.output
+    return out
+
+
+def test_help_documents_commands_and_exit_codes():
+    result = run("--help")
+    assert result.exit_code == 0
+    for word in ("convert", "report", "export", "finetune", "Exit codes", "gate"):
+        assert word in result.output
+    for command in ("convert", "report", "export", "finetune"):
+        assert run(command, "--help").exit_code == 0
+
+
+def test_convert_writes_model_and_reports(converted: Path):
+    assert {p.name for p in converted.iterdir()} >= {"model.safetensors", "report.json", "report.md"}
+    report = json.loads((converted / "report.json").read_text())
+    assert report["model"] == MODEL and report["input_size"] == [3, 32, 32]
+    assert report["ratio"] == pytest.approx(0.7)
+    assert report["sparse"]["gmacs"] < report["dense"]["gmacs"]
+    assert report["flops_reduction"] > 0.1 and report["speedup"] is None
+    assert len(report["stages"]) == 3
+    assert "tokenprune report" in (converted / "report.md").read_text()
+
+
+def test_converted_file_loads_to_the_same_model(converted: Path):
+    loaded = tokenprune.load(converted / "model.safetensors")
+    # The model convert built in memory: same seed, same construction order.
+    torch.manual_seed(0)
+    dense = tokenprune.create_model(MODEL, img_size=[32, 32], **KWARGS).eval()
+    sparse = tokenprune.sparsify(dense, 0.7, example_inputs=torch.randn(1, 3, 32, 32)).eval()
+    x = torch.randn(5, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), sparse(x))
+    config = tokenprune.config_of(loaded)
+    assert config.locations == [1, 2, 3] and config.source["name"] == MODEL
+
+
+def test_report_on_saved_file_writes_json_and_markdown(converted: Path, tmp_path: Path):
+    result = run(
+        "report", converted / "model.safetensors", "--flops-only", "--json", tmp_path / "r.json",
+        "--markdown", tmp_path / "r.md",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["flops_reduction"] == pytest.approx(
+        json.loads((converted / "report.json").read_text())["flops_reduction"]
+    )
+    assert (tmp_path / "r.md").read_text().startswith("**tokenprune report")
+    assert "GFLOPs" in result.output
+
+
+def test_report_by_name_applies_ratio(tmp_path: Path):
+    result = run("report", MODEL, *TINY, "--ratio", "0.5", "--flops-only", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["ratio"] == 0.5 and [s["keep_ratio"] for s in report["stages"]] == [0.5, 0.25, 0.125]
+
+
+def test_flops_gate_fails_with_one_line_and_exit_3(converted: Path, tmp_path: Path):
+    result = run("report", converted / "model.safetensors", "--flops-only", "--min-flops-reduction", "0.9",
+                 "--json", tmp_path / "r.json")  # fmt: skip
+    assert result.exit_code == EXIT_GATE
+    lines = error_lines(result)
+    assert len(lines) == 1 and "FLOPs reduction" in lines[0] and "short by" in lines[0]
+    assert (tmp_path / "r.json").is_file()  # reports are written before the gate, for CI artifacts
+
+
+@pytest.mark.parametrize("threshold, code", [("0.0", 0), ("1000", EXIT_GATE)])
+def test_speedup_gate(converted: Path, threshold: str, code: int):
+    result = run("report", converted / "model.safetensors", *FAST, "--min-speedup", threshold)
+    assert result.exit_code == code, result.stderr
+    if code:
+        assert len(error_lines(result)) == 1 and "speed-up" in result.stderr
+
+
+def test_speedup_gate_needs_timings(converted: Path):
+    result = run("report", converted / "model.safetensors", "--flops-only", "--min-speedup", "1")
+    assert result.exit_code == EXIT_ERROR and "--flops-only" in result.stderr
+
+
+def _image_folder(root: Path, sparse_file: Path) -> float:
+    """Random images labelled so that the dense model is mostly right; returns the expected top-1 drop (points)."""
+    staging = root / "staging" / "0"
+    staging.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(staging / f"{i:02d}.png")
+    dense, sparse = load_original(sparse_file), tokenprune.load(sparse_file)
+    data = eval_dataset(root / "staging", (3, 32, 32), dense)
+    images = torch.stack([data[i][0] for i in range(len(data))])
+    with torch.inference_mode():
+        d, s = dense(images).argmax(-1), sparse(images).argmax(-1)
+    labels = d.clone()
+    for c in range(4):  # every class folder needs an image; relabel images until each class has one
+        if not (labels == c).any():
+            labels[int((labels == labels.mode().values).nonzero()[0])] = c
+    for i, path in enumerate(sorted(staging.iterdir())):
+        (root / "data" / str(int(labels[i]))).mkdir(parents=True, exist_ok=True)
+        path.rename(root / "data" / str(int(labels[i])) / path.name)
+    return 100.0 * (float((d == labels).float().mean()) - float((s == labels).float().mean()))
+
+
+def test_accuracy_gate_on_an_image_folder(converted: Path, tmp_path: Path):
+    model = converted / "model.safetensors"
+    drop = _image_folder(tmp_path, model)
+    assert drop > 0, "the sparse model should disagree with the dense one on some random image"
+    data = tmp_path / "data"
+    ok = run("report", model, "--flops-only", "--eval-data", data, "--max-accuracy-drop", drop + 1, "--json",
+             tmp_path / "r.json")  # fmt: skip
+    assert ok.exit_code == 0, ok.stderr
+    accuracy = json.loads((tmp_path / "r.json").read_text())["accuracy"]
+    assert accuracy["images"] == 24 and accuracy["drop"] == pytest.approx(drop)
+    failed = run("report", model, "--flops-only", "--eval-data", data, "--max-accuracy-drop", drop / 2)
+    assert failed.exit_code == EXIT_GATE
+    assert len(error_lines(failed)) == 1 and "top-1 drop" in failed.stderr
+
+
+def test_accuracy_gate_needs_eval_data(converted: Path):
+    result = run("report", converted / "model.safetensors", "--flops-only", "--max-accuracy-drop", "1")
+    assert result.exit_code == EXIT_ERROR and "--eval-data" in result.stderr
+
+
+# ---- clean failures ---------------------------------------------------------------------------------------------
+
+
+def test_unknown_model_lists_close_matches(tmp_path: Path):
+    result = run("convert", "deit_tiny_patch16_2244", "--out", tmp_path)
+    assert result.exit_code == EXIT_ERROR
+    assert "unknown model" in result.stderr and "deit_tiny_patch16_224" in result.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--ratio", "1.5"], "out of range"),
+    (["--locations", "a,b"], "comma-separated numbers"),
+    (["--keep-ratios", "0.5,0.7,0.9"], "increase"),
+    (["--input-size", "0"], "--input-size"),
+    (["-k", "num_classes"], "KEY=VALUE"),
+])  # fmt: skip
+def test_bad_options_exit_2(tmp_path: Path, args: list[str], words: str):
+    result = run("convert", MODEL, "--out", tmp_path, "-k", "depth=4", "--flops-only", *args)
+    assert result.exit_code == EXIT_ERROR and words in result.stderr
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_missing_file(tmp_path: Path):
+    result = run("report", tmp_path / "nope.safetensors")
+    assert result.exit_code == EXIT_ERROR and "does not exist" in result.stderr
+
+
+def test_truncated_file(converted: Path, tmp_path: Path):
+    data = (converted / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    for command in (["report"], ["export", "--out", tmp_path / "x.onnx"]):
+        result = run(command[0], tmp_path / "cut.safetensors", *command[1:])
+        assert result.exit_code == EXIT_ERROR and "truncated" in result.stderr
+
+
+def test_foreign_safetensors_file(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    result = run("report", tmp_path / "plain.safetensors", "--flops-only")
+    assert result.exit_code == EXIT_ERROR and "not a tokenprune model" in result.stderr
+
+
+def test_tokenprune_file_for_another_architecture(converted: Path, tmp_path: Path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(converted / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    source = json.loads(meta["source"])
+    source["kwargs"]["num_classes"] = 7  # the header now describes another head than the weights hold
+    meta["source"] = json.dumps(source)
+    save_file(load_file(str(converted / "model.safetensors")), str(tmp_path / "other.safetensors"), metadata=meta)
+    result = run("report", tmp_path / "other.safetensors", "--flops-only")
+    assert result.exit_code == EXIT_ERROR
+    assert "does not fit" in result.stderr and "shape mismatch" in result.stderr
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_malicious_pickle_checkpoint_is_refused_unexecuted(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "evil.pth", "wb") as f:
+        pickle.dump({"state_dict": _Payload(marker)}, f)
+    result = run("convert", MODEL, "--out", tmp_path / "out", *TINY, "--flops-only", "--checkpoint",
+                 tmp_path / "evil.pth")  # fmt: skip
+    assert result.exit_code == EXIT_ERROR and "refused" in result.stderr
+    assert not marker.exists()
+
+
+def test_dense_checkpoint_with_wrapper_is_used(tmp_path: Path):
+    dense = tokenprune.create_model(MODEL, img_size=[32, 32], **KWARGS)
+    torch.save({"model": dense.state_dict(), "epoch": 3}, tmp_path / "dense.pth")
+    result = run("convert", MODEL, "--out", tmp_path / "out", *TINY, "--flops-only", "--checkpoint",
+                 tmp_path / "dense.pth")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    original = load_original(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(original.state_dict()["head.weight"], dense.state_dict()["head.weight"])
+
+
+def test_checkpoint_for_another_model_is_rejected(tmp_path: Path):
+    other = tokenprune.create_model(MODEL, img_size=[32, 32], **{**KWARGS, "num_classes": 10})
+    torch.save(other.state_dict(), tmp_path / "other.pth")
+    result = run("convert", MODEL, "--out", tmp_path / "out", *TINY, "--flops-only", "--checkpoint",
+                 tmp_path / "other.pth")  # fmt: skip
+    assert result.exit_code == EXIT_ERROR and "head.weight" in result.stderr

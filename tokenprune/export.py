@@ -1,0 +1,158 @@
+"""Export a sparsified model's eval graph (top-k + gather) to ONNX or a `torch.export` program, and verify it.
+
+What the exported graph accepts:
+
+* **Batch size**: any (a symbolic batch dimension) by default; ``dynamic_batch=False`` fixes it to the example's.
+  Each stage keeps the same k tokens for the whole batch, so the batch never enters a shape computation.
+* **Image size**: fixed to the size the model was sparsified at (``SparsifyConfig.input_size``). The keep counts
+  k = floor(rho_s * N) are computed from the token count N at export time and baked in as constants, as are the
+  positional embeddings of a ViT; another size would need another export.
+
+ONNX files use the ``images`` input and ``logits`` output names; opset and operators are those of PyTorch's
+dynamo-based exporter (TopK, GatherElements, ...). `torch.export` programs are written with `torch.export.save`
+(``.pt2``) and read with `torch.export.load`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, TokenPruneError, UnsupportedModelError
+
+__all__ = ["FORMATS", "export", "verify_export"]
+
+FORMATS = ("onnx", "torch-export")
+_MAX_BATCH = 4096
+_INLINE_LIMIT = 1.8e9  # protobuf caps a file at 2 GB; larger models keep their weights in a side file
+
+
+def _input_size(model: nn.Module, input_size: tuple[int, ...] | None) -> tuple[int, int, int]:
+    if input_size is not None:
+        return tuple(int(v) for v in input_size)
+    from .sparsify import config_of
+
+    size = config_of(model).input_size
+    if not size:
+        raise ConfigError("the model records no input size; pass input_size=(C, H, W).")
+    return tuple(size)
+
+
+def _dynamic(dynamic_batch: bool) -> tuple[dict[int, Any]] | None:
+    if not dynamic_batch:
+        return None
+    return ({0: torch.export.Dim("batch", min=1, max=_MAX_BATCH)},)
+
+
+def _tolerance(reference: torch.Tensor) -> float:
+    return 1e-4 + 1e-3 * float(reference.abs().max())
+
+
+def verify_export(model: nn.Module, path: str | os.PathLike[str], fmt: str, inputs: torch.Tensor) -> float:
+    """Run the exported file on `inputs` and return the largest absolute difference from `model`'s output.
+
+    ONNX files run in onnxruntime (CPU); `torch.export` programs are loaded back with `torch.export.load`.
+    """
+    with torch.inference_mode():
+        reference = model.eval()(inputs).float().cpu()
+    if fmt == "onnx":
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise TokenPruneError(
+                "verifying an ONNX export needs onnxruntime: pip install 'tokenprune[export]'."
+            ) from None
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        output = torch.from_numpy(session.run(None, {name: inputs.cpu().numpy()})[0])
+    else:
+        program = torch.export.load(str(path))
+        with torch.inference_mode():
+            output = program.module()(inputs).float().cpu()
+    if output.shape != reference.shape:
+        raise TokenPruneError(f"exported {path} returns shape {list(output.shape)}, PyTorch {list(reference.shape)}.")
+    return float((output - reference).abs().max())
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    format: str = "onnx",
+    dynamic_batch: bool = True,
+    batch_size: int = 2,
+    input_size: tuple[int, int, int] | None = None,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """Export the eval (pruned) graph of a sparsified model and check it reproduces PyTorch's outputs.
+
+    Args:
+        model: a `tokenprune.sparsify` or `tokenprune.load` result (exported in eval mode: top-k + gather).
+        path: the file to write (``.onnx`` or ``.pt2``).
+        format: "onnx" or "torch-export".
+        dynamic_batch: accept any batch size (default); False fixes it to `batch_size`.
+        batch_size: batch of the example input used for tracing and verification.
+        input_size: (C, H, W); default the size the model was sparsified at. The export only accepts this size.
+        verify: run the exported file on random inputs (batch `batch_size`, and 1 and 3 with a dynamic batch)
+            and compare with PyTorch.
+
+    Returns:
+        ``{"format", "file", "input_size", "batch": "dynamic" | int, "max_abs_diff": float | None}``.
+
+    Raises:
+        ConfigError: unknown format. UnsupportedModelError: the exporter failed. TokenPruneError: the exported file
+        disagrees with PyTorch beyond tolerance.
+    """
+    if format not in FORMATS:
+        raise ConfigError(f"format={format!r}; choose one of {', '.join(FORMATS)}.")
+    size = _input_size(model, input_size)
+    model = model.eval()
+    example = torch.randn(batch_size, *size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if format == "onnx":
+            big = sum(p.numel() * p.element_size() for p in model.parameters()) > _INLINE_LIMIT
+            # reason: the exporter prints progress lines to stdout, which would corrupt JSON printed by the CLI.
+            with contextlib.redirect_stdout(io.StringIO()):
+                torch.onnx.export(
+                    model, (example,), str(path), input_names=["images"], output_names=["logits"],
+                    dynamic_shapes=_dynamic(dynamic_batch), dynamo=True, external_data=big, verbose=False,
+                )  # fmt: skip
+        else:
+            program = torch.export.export(model, (example,), dynamic_shapes=_dynamic(dynamic_batch))
+            torch.export.save(program, str(path))
+    except TokenPruneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - exporters raise many types
+        raise UnsupportedModelError(
+            f"{format} export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); try the other "
+            "format, or export with dynamic_batch=False."
+        ) from None
+    diff = None
+    if verify:
+        batches = sorted({batch_size, 1, 3}) if dynamic_batch else [batch_size]
+        diff = 0.0
+        for b in batches:
+            x = torch.randn(b, *size)
+            with torch.inference_mode():
+                tol = _tolerance(model(x))
+            d = verify_export(model, path, format, x)
+            if d > tol:
+                raise TokenPruneError(
+                    f"exported {path} differs from PyTorch by {d:.3g} at batch {b} (tolerance {tol:.3g})."
+                )
+            diff = max(diff, d)
+    return {
+        "format": format,
+        "file": str(path),
+        "input_size": list(size),
+        "batch": "dynamic" if dynamic_batch else batch_size,
+        "max_abs_diff": diff,
+    }

@@ -1,0 +1,168 @@
+"""Create timm and torchvision models by name, remembering how to rebuild them (`model.tokenprune_source`)."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from .errors import CheckpointError, ConfigError
+
+__all__ = ["LIBRARIES", "create_model", "resolve_library", "geometry_kwargs", "model_source"]
+
+LIBRARIES = ("timm", "torchvision")
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models()
+
+
+def _is_timm(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)  # accepts "arch.pretrained_tag" too
+
+
+def resolve_library(name: str) -> str:
+    """The library that defines `name`: timm first (it also knows ``arch.tag`` names), then torchvision.
+
+    Raises:
+        ConfigError: if neither library knows the name; the message lists close matches.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"model name {name!r} is not a non-empty string.")
+    if _is_timm(name):
+        return "timm"
+    if name in _torchvision_names():
+        return "torchvision"
+    candidates = _timm_names() + _torchvision_names()
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    raise ConfigError(
+        f"unknown model {name!r}: neither timm nor torchvision defines it.{hint} "
+        "List names with `python -c \"import timm; print(timm.list_models('*vit*'))\"` or "
+        "torchvision.models.list_models()."
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples become lists (as JSON would make them); anything JSON cannot hold raises ConfigError."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"model keyword arguments {value!r} are not JSON-serialisable, so a saved model could not record how to "
+            "rebuild it; use numbers, strings, booleans, lists and dicts."
+        ) from None
+
+
+def model_source(library: str, name: str, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `tokenprune_source` record: enough to call `create_model` again. Validates its parts."""
+    if library not in LIBRARIES:
+        raise ConfigError(f"source library {library!r} is not supported; use one of {', '.join(LIBRARIES)}.")
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"source name {name!r} must be a model name string.")
+    return {"library": library, "name": name, "kwargs": _jsonable(dict(kwargs or {}))}
+
+
+def geometry_kwargs(library: str, name: str, input_size: Sequence[int] | None) -> dict[str, Any]:
+    """Constructor keywords that build `name` for `input_size` (C, H, W): positional embeddings and patch grids
+    depend on it, so a ViT must be created at the size it will run at.
+
+    timm models take ``img_size`` and ``in_chans``; torchvision's ViTs take ``image_size`` (square, 3 channels).
+    Returns ``{}`` when no size is given.
+    """
+    if input_size is None:
+        return {}
+    chans, height, width = (int(v) for v in input_size)
+    if library == "timm":
+        kwargs: dict[str, Any] = {"img_size": [height, width]}
+        if chans != 3:
+            kwargs["in_chans"] = chans
+        return kwargs
+    if chans != 3:
+        raise ConfigError(f"torchvision model {name} takes 3-channel images; got input size {list(input_size)}.")
+    if name.startswith("vit_"):
+        if height != width:
+            raise ConfigError(f"torchvision {name} takes square images; got input size {list(input_size)}.")
+        return {"image_size": height}
+    return {}
+
+
+def _build(library: str, name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    if library == "timm":
+        import timm
+
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    import torchvision
+
+    return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
+
+
+def create_model(
+    name: str,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike[str] | None = None,
+    library: str | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Create a timm or torchvision model by name, with weights from a local checkpoint or the library's download.
+
+    The result carries ``tokenprune_source = {"library", "name", "kwargs"}``, which `tokenprune.sparsify` records
+    in the `SparsifyConfig` and `tokenprune.save` writes into the file, so `tokenprune.load` can rebuild it.
+
+    Args:
+        name: a timm name (``deit_small_patch16_224``, also ``arch.tag``) or a torchvision name (``vit_b_16``).
+        pretrained: download the library's pretrained weights (needs internet access; ignored with `checkpoint`).
+        checkpoint: a local ``.safetensors`` or ``.pth``/``.pt``/``.bin`` state dict for this architecture.
+            Pickles are read with ``weights_only=True``: nothing in them is executed.
+        library: "timm" or "torchvision" to skip name resolution (names such as ``resnet50`` exist in both;
+            timm is tried first).
+        **kwargs: constructor keywords, e.g. ``num_classes=10, img_size=64``.
+
+    Returns:
+        The model, in train mode as the libraries return it.
+
+    Raises:
+        ConfigError: unknown name (with close matches) or keywords the constructor rejects.
+        CheckpointError: pretrained weights could not be downloaded, or the checkpoint is unreadable or does not fit.
+    """
+    library = library or resolve_library(name)
+    source = model_source(library, name, kwargs)
+    if checkpoint is not None:
+        pretrained = False  # the checkpoint replaces every weight anyway
+    try:
+        model = _build(library, name, pretrained, kwargs)
+    except Exception as e:  # noqa: BLE001 - constructors and hub downloads raise many types
+        error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if pretrained:
+            try:  # tell a download failure from a bad keyword: does the bare architecture build?
+                _build(library, name, False, kwargs)
+            except Exception:  # noqa: BLE001
+                pass
+            else:
+                raise CheckpointError(
+                    f"could not get the pretrained weights of {library} model {name} ({error}). Without internet "
+                    "access, download them elsewhere and pass them as a file: `--checkpoint PATH` on the command "
+                    "line, create_model(name, checkpoint=PATH) in Python."
+                ) from None
+        raise ConfigError(f"cannot create {library} model {name!r} with {kwargs}: {error}") from None
+    if checkpoint is not None:
+        from .checkpoint_io import load_weights
+
+        load_weights(model, checkpoint)
+    model.tokenprune_source = source
+    return model
