@@ -99,12 +99,13 @@ def mask_block_attention(gm: fx.GraphModule, tokens: int, where: str) -> int:
         if node.op == "call_function" and node.target in _SDPA:
             q, k, v, *rest = node.args
             kwargs = dict(zip(_SDPA_ARGS, rest, strict=False), **node.kwargs)
+            _check_no_position_inputs(gm, node, tokens, where)
             if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
                 raise UnsupportedModelError(
-                    f"{where}: its attention takes an attention mask or is causal; combining that with the keep "
-                    "policy is not supported."
+                    f"{where}: its attention adds a mask or bias to the scores (e.g. a relative position bias) or is "
+                    "causal; such terms are indexed by token position and would be misaligned once tokens are pruned, "
+                    "so tokenprune refuses this block. Choose a model with absolute position embeddings."
                 )
-            _check_no_position_inputs(gm, node, tokens, where)
             with graph.inserting_before(node):
                 replacement = call_leaf(graph, masked_sdpa, (q, k, v, policy), kwargs)
         elif _is_attention_softmax(node, tokens):

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["Call", "Chain", "find_chain", "prefix_token_count", "depends_on"]
+__all__ = ["SHAPE_ONLY", "Call", "Chain", "find_chain", "prefix_token_count", "depends_on"]
 
 
 @dataclass
@@ -118,7 +118,7 @@ def find_chain(model: nn.Module, example: torch.Tensor) -> Chain | None:
     return Chain(best, _layout(best[0].output.shape)) if len(best) >= 2 else None
 
 
-_SHAPE_ONLY = {("call_function", getattr), ("call_method", "size"), ("call_method", "dim")}
+SHAPE_ONLY = {("call_function", getattr), ("call_method", "size"), ("call_method", "dim")}
 
 
 def depends_on(node: fx.Node, roots: set[fx.Node]) -> bool:
@@ -129,7 +129,7 @@ def depends_on(node: fx.Node, roots: set[fx.Node]) -> bool:
         n = stack.pop()
         if n in roots:
             return True
-        if n in seen or (n.op, n.target) in _SHAPE_ONLY:
+        if n in seen or (n.op, n.target) in SHAPE_ONLY:
             continue
         seen.add(n)
         stack.extend(n.all_input_nodes)
@@ -159,5 +159,5 @@ def prefix_token_count(chain_input: fx.Node, image: fx.Node) -> int | None:
                 if not all(image_parts[first:]):
                     return None
                 return sum(t.meta["tensor_meta"].shape[1] for t in tensors[:first])
-        stack.extend(a for a in n.all_input_nodes if (a.op, a.target) not in _SHAPE_ONLY)
+        stack.extend(a for a in n.all_input_nodes if (a.op, a.target) not in SHAPE_ONLY)
     return 0

@@ -15,7 +15,7 @@ from ..nn.masked import index_policy, masked_token_mean
 from ..nn.recorder import SparsityRecorder
 from ..nn.select import TokenSelector
 from .attention import mask_block_attention
-from .discovery import Call, Chain, prefix_token_count
+from .discovery import SHAPE_ONLY, Call, Chain, prefix_token_count
 from .tracing import call_leaf, forward_defaults, trace
 
 __all__ = ["rewrite_token_chain", "RECORDER"]
@@ -89,7 +89,7 @@ def _mask_head(graph: fx.Graph, start: fx.Node, policy: fx.Node | None, name: st
     masks = {start: policy}
     for node in list(graph.nodes):
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-        if src not in masks or node.op == "output":
+        if src not in masks or node.op == "output" or (node.op, node.target) in SHAPE_ONLY:
             continue
         shape_in, shape_out = _meta_shape(src), _meta_shape(node)
         if node.op == "call_function" and node.target is operator.getitem and _token_index(node) is not None:
@@ -107,8 +107,8 @@ def _mask_head(graph: fx.Graph, start: fx.Node, policy: fx.Node | None, name: st
             continue  # picks one token (the class token, which is never pruned)
         else:
             raise UnsupportedModelError(
-                f"{name}: its head reduces the tokens with {node.op} {node.target!r}, which tokenprune cannot "
-                "restrict to kept tokens in training. Supported heads take the class token or average tokens."
+                f"{name}: its head reduces the tokens with {node.op} {node.target!r} ({node.name}), which tokenprune "
+                "cannot restrict to kept tokens in training. Supported heads take the class token or average tokens."
             )
 
 

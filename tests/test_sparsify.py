@@ -1,0 +1,178 @@
+"""Core properties of `tokenprune.sparsify` on real model configurations (random weights).
+
+The table of models x properties follows timm's tests/test_models.py: each test checks a property that makes the
+method correct, not just that code runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import tokenprune
+
+# name -> (constructor, prefix tokens it has: class, distillation and register tokens)
+MODELS = {
+    "deit_small_patch16_224": (lambda: timm.create_model("deit_small_patch16_224"), 1),
+    "deit_tiny_distilled_patch16_224": (lambda: timm.create_model("deit_tiny_distilled_patch16_224"), 2),
+    "vit_base_patch16_224": (lambda: timm.create_model("vit_base_patch16_224"), 1),
+    "vit_medium_patch16_gap_256": (lambda: timm.create_model("vit_medium_patch16_gap_256"), 0),
+    "torchvision_vit_b_16": (lambda: torchvision.models.vit_b_16(), 1),
+}
+
+
+def _randomize_head(model: nn.Module) -> nn.Module:
+    # torchvision zero-initialises its classifier, which would make every gradient test vacuous.
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.out_features == 1000:
+            nn.init.normal_(module.weight, std=0.02)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def pair(request):
+    """(name, dense model, sparse model at rho = 0.7), both in eval mode."""
+    make, _ = MODELS[request.param]
+    torch.manual_seed(0)
+    dense = _randomize_head(make()).eval()
+    return request.param, dense, tokenprune.sparsify(dense, 0.7).eval()
+
+
+def _inputs(sparse: nn.Module, batch: int) -> torch.Tensor:
+    return torch.randn(batch, *tokenprune.config_of(sparse).input_size)
+
+
+def _tokens_entering(model: nn.Module, names: list[str], x: torch.Tensor) -> list[int]:
+    seen: dict[str, int] = {}
+    handles = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].shape[1]))
+        for n in names
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return [seen[n] for n in names]
+
+
+def test_prefix_tokens_and_defaults(pair):
+    name, dense, sparse = pair
+    config = tokenprune.config_of(sparse)
+    assert config.prefix_tokens == MODELS[name][1]
+    assert config.locations == [3, 6, 9] and len(config.chain) == 12
+    assert config.keep_ratios == pytest.approx([0.7, 0.49, 0.343])
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_eval_forward_drops_tokens(pair, batch):
+    _, dense, sparse = pair
+    config = tokenprune.config_of(sparse)
+    x = _inputs(sparse, batch)
+    with torch.no_grad():
+        out = sparse(x)
+    assert out.shape == dense(x).shape
+    assert torch.isfinite(out).all()
+    initial = _tokens_entering(sparse, [config.chain[0]], x)[0]
+    patches = initial - config.prefix_tokens
+    expected = [config.prefix_tokens + math.floor(r * patches + 1e-6) for r in config.keep_ratios]
+    assert _tokens_entering(sparse, [config.chain[loc] for loc in config.locations], x) == expected
+    assert tokenprune.sparsity_state(sparse).final_tokens.shape[1] == expected[-1]
+
+
+def test_eval_is_deterministic(pair):
+    _, _, sparse = pair
+    x = _inputs(sparse, 2)
+    with torch.no_grad():
+        assert torch.equal(sparse(x), sparse(x))
+
+
+def test_keep_everything_equals_original(pair):
+    _, dense, _ = pair
+    full = tokenprune.sparsify(dense, 1.0).eval()
+    x = torch.randn(2, *tokenprune.config_of(full).input_size)
+    with torch.no_grad():
+        torch.testing.assert_close(full(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_masked_and_pruned_agree(pair):
+    """For the same hard decisions, masked attention (training) and gathered tokens (inference) compute the same."""
+    _, _, sparse = pair
+    x = _inputs(sparse, 2)
+    with torch.no_grad():
+        pruned_logits = sparse(x)
+        pruned = tokenprune.sparsity_state(sparse)
+        tokenprune.set_execution(sparse, "masked")
+        try:
+            masked_logits = sparse(x)
+            masked = tokenprune.sparsity_state(sparse)
+        finally:
+            tokenprune.set_execution(sparse, "auto")
+    for a, b in zip(pruned.decisions, masked.decisions, strict=True):
+        assert torch.equal(a, b)
+    assert masked.final_tokens.shape[1] > pruned.final_tokens.shape[1]
+    channels = masked.final_tokens.shape[-1]
+    kept = masked.final_tokens.gather(1, pruned.final_index.unsqueeze(-1).expand(-1, -1, channels))
+    torch.testing.assert_close(pruned.final_tokens, kept, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pruned_logits, masked_logits, atol=1e-4, rtol=1e-4)
+    # The masked run's final mask marks exactly the tokens the pruned run kept.
+    assert masked.final_mask.sum().item() == pruned.final_index.numel()
+
+
+def test_train_step_reaches_every_predictor_parameter(pair):
+    _, _, sparse = pair
+    model = copy.deepcopy(sparse).train()
+    x = _inputs(model, 2)
+    out = model(x)
+    assert out.shape[-1] == 1000  # the original's output form
+    state = tokenprune.sparsity_state(model)
+    # Masked execution: no token removed; the final mask says which ones still count.
+    assert state.final_tokens.shape[1] == state.final_mask.shape[1]
+    assert 0 < state.final_mask.sum() < state.final_mask.numel()
+    assert all(d.requires_grad for d in state.decisions)
+    out.square().mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "tokenprune_stage" in n}
+    assert grads, "no predictor parameters found"
+    for n, g in grads.items():
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, n
+
+
+def test_decisions_are_nested(pair):
+    """A dropped token never returns: D_s <= D_{s-1} elementwise (DESIGN 1.1)."""
+    _, _, sparse = pair
+    model = copy.deepcopy(sparse).train()
+    with torch.no_grad():
+        model(_inputs(model, 2))
+    decisions = tokenprune.sparsity_state(model).decisions
+    for earlier, later in zip(decisions, decisions[1:]):
+        assert (later <= earlier).all()
+
+
+def test_original_untouched_and_weights_keep_their_names(pair):
+    _, dense, sparse = pair
+    assert not tokenprune.selectors(dense)
+    dense_state, sparse_state = dense.state_dict(), sparse.state_dict()
+    for key, value in dense_state.items():
+        assert key in sparse_state and torch.equal(sparse_state[key], value), key
+    extra = set(sparse_state) - set(dense_state)
+    assert extra and all(k.startswith("tokenprune_stage") for k in extra)
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(dense.parameters(), sparse.parameters()))
+
+
+def test_deepcopy_and_pickle_round_trip(pair):
+    _, _, sparse = pair
+    x = _inputs(sparse, 1)
+    with torch.no_grad():
+        expected = sparse(x)
+        for clone in (copy.deepcopy(sparse), pickle.loads(pickle.dumps(sparse))):
+            clone.eval()
+            torch.testing.assert_close(clone(x), expected)
+            assert tokenprune.config_of(clone).keep_ratios == tokenprune.config_of(sparse).keep_ratios
