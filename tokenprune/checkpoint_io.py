@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -271,14 +272,17 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
     source, config = _parse(path)
     model = _original(path, source)
     try:
-        sparse = sparsify(
-            model.eval(),
-            config.ratio,
-            locations=config.locations,
-            keep_ratios=config.keep_ratios,
-            example_inputs=torch.zeros(1, *config.input_size),
-            inplace=True,
-        )
+        with warnings.catch_warnings():
+            # reason: warnings about the configuration were given when it was made; loading it repeats nothing new.
+            warnings.simplefilter("ignore", UserWarning)
+            sparse = sparsify(
+                model.eval(),
+                config.ratio,
+                locations=config.locations,
+                keep_ratios=config.keep_ratios,
+                example_inputs=torch.zeros(1, *config.input_size),
+                inplace=True,
+            )
     except TokenPruneError as e:
         raise CheckpointError(f"{path}: its recorded configuration cannot be applied again: {e}") from None
     config_of(sparse).learned = config.learned

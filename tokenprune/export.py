@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,20 @@ def _dynamic(dynamic_batch: bool) -> tuple[dict[int, Any]] | None:
 
 def _tolerance(reference: torch.Tensor) -> float:
     return 1e-4 + 1e-3 * float(reference.abs().max())
+
+
+def _write(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynamic_batch: bool) -> None:
+    if fmt == "onnx":
+        big = sum(p.numel() * p.element_size() for p in model.parameters()) > _INLINE_LIMIT
+        # reason: the exporter prints progress lines to stdout, which would corrupt JSON printed by the CLI.
+        with contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(
+                model, (example,), str(path), input_names=["images"], output_names=["logits"],
+                dynamic_shapes=_dynamic(dynamic_batch), dynamo=True, external_data=big, verbose=False,
+            )  # fmt: skip
+    else:
+        program = torch.export.export(model, (example,), dynamic_shapes=_dynamic(dynamic_batch))
+        torch.export.save(program, str(path))
 
 
 def verify_export(model: nn.Module, path: str | os.PathLike[str], fmt: str, inputs: torch.Tensor) -> float:
@@ -117,17 +132,11 @@ def export(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        if format == "onnx":
-            big = sum(p.numel() * p.element_size() for p in model.parameters()) > _INLINE_LIMIT
-            # reason: the exporter prints progress lines to stdout, which would corrupt JSON printed by the CLI.
-            with contextlib.redirect_stdout(io.StringIO()):
-                torch.onnx.export(
-                    model, (example,), str(path), input_names=["images"], output_names=["logits"],
-                    dynamic_shapes=_dynamic(dynamic_batch), dynamo=True, external_data=big, verbose=False,
-                )  # fmt: skip
-        else:
-            program = torch.export.export(model, (example,), dynamic_shapes=_dynamic(dynamic_batch))
-            torch.export.save(program, str(path))
+        with warnings.catch_warnings():
+            # reason: stages record their last decisions as attributes (for sparsity_state); an exported graph has
+            # no such state, and torch.export warns about each of them.
+            warnings.filterwarnings("ignore", message=".*were assigned during export")
+            _write(model, example, path, format, dynamic_batch)
     except TokenPruneError:
         raise
     except Exception as e:  # noqa: BLE001 - exporters raise many types
