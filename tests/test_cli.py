@@ -254,3 +254,23 @@ def test_checkpoint_for_another_model_is_rejected(tmp_path: Path):
     result = run("convert", MODEL, "--out", tmp_path / "out", *TINY, "--flops-only", "--checkpoint",
                  tmp_path / "other.pth")  # fmt: skip
     assert result.exit_code == EXIT_ERROR and "head.weight" in result.stderr
+
+
+def test_finetune_input_errors(tmp_path: Path):
+    result = run("finetune", "--recipe", tmp_path / "none.yaml")
+    assert result.exit_code == EXIT_ERROR and "none.yaml" in result.stderr
+    result = run("finetune", "stray")
+    assert result.exit_code == EXIT_ERROR and "KEY=VALUE" in result.stderr
+
+
+@pytest.mark.slow
+def test_finetune_saves_a_loadable_model(tmp_path: Path):
+    result = run(
+        "finetune", f"model.name={MODEL}", "model.kwargs={img_size: 32, depth: 4, embed_dim: 48, num_heads: 3, "
+        "num_classes: 4}", "data.source=synthetic", "data.num_classes=4", "data.synthetic_size=16", "data.workers=0",
+        "optim.max_steps=2", "optim.batch_size=8", "optim.epochs=1", f"run.output_dir={tmp_path}", "run.device=cpu",
+        "run.amp=false", "--save", tmp_path / "m.safetensors", "--json", tmp_path / "metrics.json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 2
+    assert tokenprune.config_of(tokenprune.load(tmp_path / "m.safetensors")).source["name"] == MODEL
