@@ -14,6 +14,7 @@ from .config import SparsifyConfig, check_ratio, default_keep_ratios, default_lo
 from .errors import ConfigError, UnsupportedModelError
 from .fx.discovery import Chain, find_chain
 from .fx.rewrite import rewrite_token_chain
+from .fx.spatial import rewrite_spatial_chain
 from .fx.tracing import example_input, model_name
 from .nn.recorder import find_recorder, selectors
 from .nn.select import EXECUTIONS
@@ -110,15 +111,14 @@ def sparsify(
             f"{name}: no chain of blocks mapping tokens [B, N, C] (or feature maps) to the same shape was found, so "
             "there is nothing to sparsify. Supported: ViT-style models (timm, torchvision)."
         )
-    if chain.kind != "token":
-        raise UnsupportedModelError(
-            f"{name}: its longest chain ({chain.names[0]} .. {chain.names[-1]}) works on feature maps "
-            f"{list(chain.shape)}; spatial sparsification of CNNs and hierarchical ViTs is not supported yet."
-        )
     locs = _check_locations(locations, len(chain.calls), chain.kind, name)
     ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
-    sparse, prefix = rewrite_token_chain(target, chain, example, locs, ratios, name)
-    _warn_tiny_keep(chain, prefix, ratios, name)
+    if chain.kind != "token":
+        # Feature maps (ConvNeXt, Swin): slow/fast paths per location, the map kept whole (DESIGN 1.2).
+        sparse, prefix = rewrite_spatial_chain(target, chain, example, locs, ratios, name), 0
+    else:
+        sparse, prefix = rewrite_token_chain(target, chain, example, locs, ratios, name)
+        _warn_tiny_keep(chain, prefix, ratios, name)
     find_recorder(sparse).config = SparsifyConfig(
         ratio=ratio,
         locations=locs,

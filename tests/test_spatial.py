@@ -1,0 +1,274 @@
+"""Spatial sparsification of ConvNeXt and Swin (DESIGN 1.2): a table of models x properties, random weights."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+import tokenprune
+from tokenprune.errors import UnsupportedModelError
+from tokenprune.nn.asymmetric import AsymmetricPath
+from tokenprune.nn.spatial_predictor import SpatialSelector
+
+# name -> (constructor, input size used by the fast tests)
+MODELS = {
+    "timm_convnext_tiny": (lambda: timm.create_model("convnext_tiny"), 64),
+    "tv_convnext_tiny": (lambda: torchvision.models.convnext_tiny(), 64),
+    "timm_swin_tiny": (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=64), 64),
+    "tv_swin_t": (lambda: torchvision.models.swin_t(), 64),
+    "timm_convnext_atto": (lambda: timm.create_model("convnext_atto"), 64),  # conv_mlp: 1x1 convs, LayerNorm2d
+}
+
+_DENSE: dict[str, nn.Module] = {}
+_SPARSE: dict[str, nn.Module] = {}
+
+
+def dense(name: str) -> nn.Module:
+    if name not in _DENSE:
+        torch.manual_seed(0)
+        _DENSE[name] = MODELS[name][0]().eval()
+    return _DENSE[name]
+
+
+def images(name: str, batch: int) -> torch.Tensor:
+    size = MODELS[name][1]
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+
+
+def sparse(name: str) -> nn.Module:
+    """The model sparsified at rho = 0.7, shared by the tests (which deep-copy it before changing it)."""
+    if name not in _SPARSE:
+        torch.manual_seed(1)
+        _SPARSE[name] = tokenprune.sparsify(dense(name), 0.7, example_inputs=images(name, 2))
+    return _SPARSE[name]
+
+
+def randomize_fast_paths(model: nn.Module) -> None:
+    # A fresh fast path adds ~1e-6 of a map; give it weight so a wrongly placed fast output would show.
+    for m in model.modules():
+        if isinstance(m, AsymmetricPath):
+            nn.init.constant_(m.fast.gamma, 0.5)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_api_covers_spatial_stages(name):
+    model = sparse(name)
+    stages = tokenprune.selectors(model)
+    assert [s.stage for s in stages] == [0, 1, 2]
+    assert all(isinstance(s, SpatialSelector) for s in stages)
+    config = tokenprune.config_of(model)
+    assert config.kind == "spatial" and config.locations == [1, 2, 3]
+    assert config.keep_ratios == pytest.approx([0.7, 0.5, 0.3])
+    model = copy.deepcopy(model)
+    tokenprune.set_execution(model, "masked")
+    assert {s.execution for s in tokenprune.selectors(model)} == {"masked"}
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("name", MODELS)
+def test_everything_kept_equals_original(name, batch):
+    model = copy.deepcopy(sparse(name)).eval()
+    randomize_fast_paths(model)
+    for stage in tokenprune.selectors(model):
+        stage.keep_ratio = 1.0
+    x = images(name, batch)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), dense(name)(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("name", MODELS)
+def test_masked_and_gathered_eval_agree(name, batch):
+    model = copy.deepcopy(sparse(name)).eval()
+    randomize_fast_paths(model)
+    x = images(name, batch)
+    with torch.no_grad():
+        gathered = model(x)
+        gathered_state = tokenprune.sparsity_state(model)
+        masks = [d.clone() for d in gathered_state.decisions]
+        tokenprune.set_execution(model, "masked")
+        masked = model(x)
+    assert gathered.shape == dense(name)(x).shape and torch.isfinite(gathered).all()
+    for a, b in zip(masks, tokenprune.sparsity_state(model).decisions):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(gathered, masked, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():  # and the sparse result really differs from the dense one
+        assert not torch.allclose(gathered, dense(name)(x), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_in_eval(name):
+    model = sparse(name).eval()
+    x = images(name, 4)
+    with torch.no_grad():
+        model(x)
+    state = tokenprune.sparsity_state(model)
+    maps = {}
+    handle = (
+        dense(name)
+        .get_submodule(state.chain_output)
+        .register_forward_hook(lambda _m, _i, out: maps.setdefault("teacher", out))
+    )
+    try:
+        with torch.no_grad():
+            dense(name)(x)
+    finally:
+        handle.remove()
+    # the head gets an ordinary feature map: the one the original's last chain block produces
+    assert state.final_tokens.shape == maps["teacher"].shape
+    locations = state.decisions[0].shape[1]
+    for s, (d, ratio) in enumerate(zip(state.decisions, [0.7, 0.5, 0.3])):
+        assert d.shape == (4, locations, 1)
+        assert torch.all(d.sum(dim=(1, 2)) == max(1, int(ratio * locations + 1e-6)))
+        if s:
+            assert torch.all(d <= state.decisions[s - 1])  # nested: a fast-path location never returns
+    assert torch.equal(state.final_mask, state.decisions[-1])
+    assert state.final_index is None and state.prefix_tokens == 0
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_train_forward_backward(name):
+    model = copy.deepcopy(sparse(name)).train()
+    x = images(name, 4)
+    model(x).logsumexp(-1).mean().backward()
+    state = tokenprune.sparsity_state(model)
+    for s in range(1, len(state.decisions)):
+        assert torch.all(state.decisions[s] <= state.decisions[s - 1])
+    for stage in tokenprune.selectors(model):
+        grads = [p.grad for p in stage.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert any(g.abs().sum() > 0 for g in grads)
+    paths = [m for m in model.modules() if isinstance(m, AsymmetricPath)]
+    assert paths
+    for path in paths:
+        assert path.fast.gamma.grad is not None and path.fast.gamma.grad.abs().sum() > 0
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in path.parameters())
+
+
+@pytest.mark.parametrize("name", ["timm_convnext_tiny", "tv_swin_t"])
+def test_pickle_and_deepcopy(name):
+    model = sparse(name).eval()
+    x = images(name, 2)
+    with torch.no_grad():
+        expected = model(x)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), torch.load(buffer, weights_only=False)):
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), expected)
+        assert len(tokenprune.selectors(clone)) == 3
+
+
+def test_original_names_kept_and_stochastic_depth_survives():
+    model = sparse("tv_convnext_tiny")
+    original = dense("tv_convnext_tiny").state_dict()
+    assert set(original) <= set(model.state_dict())
+    block = model.features[5][4]
+    called = [block.get_submodule(n.target) for n in block.graph.nodes if n.op == "call_module"]
+    # torchvision's StochasticDepth must stay a module call, or fine-tuning would silently lose it
+    assert any(isinstance(m, torchvision.ops.StochasticDepth) for m in called)
+
+
+@pytest.mark.parametrize("builder", [torchvision.models.resnet50, lambda: timm.create_model("resnet50")])
+def test_resnet_bottleneck_is_refused(builder):
+    model = builder().eval()
+    with pytest.raises(UnsupportedModelError, match="3x3 conv.*bottleneck"):
+        tokenprune.sparsify(model, example_inputs=torch.randn(1, 3, 64, 64))
+
+
+class _ToyBlock(nn.Module):
+    """A MetaFormer-style block in [B, C, H, W]: depthwise conv, then a 1x1-conv MLP (no known class names)."""
+
+    def __init__(self, dim: int, hidden: int | None = None, spatial_kernel: int = 3) -> None:
+        super().__init__()
+        hidden = hidden or 2 * dim
+        self.mix = nn.Conv2d(dim, dim, spatial_kernel, padding=spatial_kernel // 2, groups=dim)
+        self.norm = nn.BatchNorm2d(dim)
+        self.up, self.act, self.down = nn.Conv2d(dim, hidden, 1), nn.ReLU(), nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x):
+        return x + self.down(self.act(self.up(self.norm(self.mix(x)))))
+
+
+class _ToyNet(nn.Module):
+    def __init__(self, block=_ToyBlock, dim: int = 16, depth: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, stride=4)
+        self.blocks = nn.Sequential(*[block(dim) for _ in range(depth)])
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def test_structural_rule_on_an_unknown_model():
+    torch.manual_seed(0)
+    model = _ToyNet().eval()
+    x = torch.randn(2, 3, 32, 32)
+    result = tokenprune.sparsify(model, 0.7, example_inputs=x).eval()
+    assert len([m for m in result.modules() if isinstance(m, AsymmetricPath)]) == 4
+    randomize_fast_paths(result)
+    with torch.no_grad():
+        gathered = result(x)
+        tokenprune.set_execution(result, "masked")
+        torch.testing.assert_close(result(x), gathered, atol=1e-5, rtol=1e-4)
+
+
+class _ChannelChangingBranch(nn.Module):
+    """Its per-location run ends in a map of other width, then a 3x3 conv brings it back: no C -> C run at the add."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.up, self.act = nn.Conv2d(dim, 2 * dim, 1), nn.GELU()
+        self.mix = nn.Conv2d(2 * dim, dim, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.mix(self.act(self.up(x)))
+
+
+def test_branch_ending_in_spatial_op_is_refused():
+    model = _ToyNet(block=_ChannelChangingBranch).eval()
+    with pytest.raises(UnsupportedModelError, match="no slow path"):
+        tokenprune.sparsify(model, example_inputs=torch.randn(1, 3, 32, 32))
+
+
+def test_deep_stage_uses_locations_3_6_9():
+    torch.manual_seed(0)
+    model = timm.create_model("convnext_small").eval()  # third stage of 27 blocks
+    result = tokenprune.sparsify(model, 0.7, example_inputs=torch.randn(1, 3, 64, 64))
+    assert tokenprune.config_of(result).locations == [3, 6, 9]
+    with torch.no_grad():
+        assert result.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
+
+
+# Published figures at rho = 0.7 (DESIGN 1.3), multiply-adds at 224 x 224.
+FLOPS = {
+    "timm_convnext_tiny": (lambda: timm.create_model("convnext_tiny"), 4.5, 3.6),
+    "tv_convnext_tiny": (lambda: torchvision.models.convnext_tiny(), 4.5, 3.6),
+    "timm_swin_tiny": (lambda: timm.create_model("swin_tiny_patch4_window7_224"), 4.5, 4.0),
+    "tv_swin_t": (lambda: torchvision.models.swin_t(), 4.5, 4.0),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FLOPS)
+def test_flops_match_paper(name):
+    from tokenprune.measure.flops import profile_flops
+
+    builder, dense_g, sparse_g = FLOPS[name]
+    model = builder().eval()
+    x = torch.randn(1, 3, 224, 224)
+    before = profile_flops(model, x)
+    after = profile_flops(tokenprune.sparsify(model, 0.7), x)
+    assert not before.uncounted_ops and not after.uncounted_ops
+    assert before.gmacs == pytest.approx(dense_g, rel=0.05)
+    assert after.gmacs == pytest.approx(sparse_g, rel=0.05)  # predictors and fast paths included
+    assert 0.1 < after.predictor_gmacs < 0.2  # three predictors on 14 x 14 x 384 maps

@@ -1,0 +1,367 @@
+"""The graph pass for spatial chains (ConvNeXt, Swin): slow/fast paths after learned stages (DESIGN 1.2).
+
+The structural rule that finds a block's slow path, with no class names:
+
+1. Trace the block and find its residual adds: adds whose two operands both depend on the block's input.
+2. From the branch operand walk back over *per-location* layers: channel norms (LayerNorm over the last dim,
+   BatchNorm), Linear and 1x1 convolutions, element-wise activations, dropout, constant scales (layer scale), stochastic
+   depth, permutes, as long as each has one input that depends on the block's input and nothing outside the run
+   reads it. The walk stops at the op where spatial mixing ends (ConvNeXt's depthwise 7x7 conv) or at the residual
+   stream itself (Swin's MLP residual, norm2 -> mlp -> add). That maximal run is the slow path.
+3. Accept it when it holds a Linear/1x1 conv (there is compute to save), maps its input's shape to the same shape in
+   the same layout (a C -> C fast path can stand in for it), and is the only such run in the block.
+
+ResNet's bottleneck fails rule 3: the run after its 3x3 conv maps 256 to 1024 channels, and the 1x1 conv before the
+3x3 conv (the spatial mixing sits *inside* the branch) would still run everywhere; it gets UnsupportedModelError.
+
+Stochastic depth and similar modules whose traced graph depends on the training flag stay calls (leaves), so
+fine-tuning keeps them while the rewrite runs in eval mode.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import UnsupportedModelError
+from ..nn.asymmetric import AsymmetricPath, gather_locations
+from ..nn.spatial_predictor import SpatialRecorder, SpatialSelector
+from .discovery import Call, Chain, depends_on
+from .rewrite import RECORDER, _block_concrete_args, _chain_nodes, _set_submodule
+from .tracing import call_leaf, trace
+
+__all__ = ["SlowPath", "find_slow_path", "rewrite_spatial_chain", "BLOCK_INPUTS"]
+
+#: Names of the block inputs the rewrite adds: a stage's mask (masked execution), kept and dropped locations (gathered).
+BLOCK_INPUTS = ("tokenprune_mask", "tokenprune_keep", "tokenprune_drop")
+
+# reason: element-wise modules; per-location whatever the layout.
+_ELEMENTWISE_MODULES = (
+    nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
+    nn.Mish, nn.Softplus, nn.Identity, nn.Dropout,
+)  # fmt: skip
+_ELEMENTWISE_FUNCTIONS = {
+    F.gelu, F.relu, F.relu6, F.silu, F.hardswish, F.dropout, F.mish, torch.relu, torch.sigmoid, torch.tanh,
+}  # fmt: skip
+_ELEMENTWISE_METHODS = {"gelu", "relu", "sigmoid", "tanh", "contiguous", "float", "to", "type_as"}
+_BINARY_FUNCTIONS = {operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add}
+_BINARY_METHODS = {"mul", "mul_", "add", "add_", "sub", "div"}
+_RESIDUAL_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+@dataclass
+class SlowPath:
+    """A block's slow path: the run of per-location nodes between `entry` (exclusive) and `exit` (inclusive)."""
+
+    entry: fx.Node
+    exit: fx.Node
+    nodes: list[fx.Node]
+    channel: int
+    spatial: tuple[int, ...]
+    dim: int
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _is_1x1(conv: nn.Conv2d) -> bool:
+    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
+
+
+def _per_location_kind(gm: fx.GraphModule, node: fx.Node, identity_leaves: set[int]) -> bool:
+    """Whether `node` is an op that *can* act per location (the layout is checked afterwards)."""
+    m = _module(gm, node)
+    if m is not None:
+        return (
+            isinstance(m, (nn.Linear, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, *_ELEMENTWISE_MODULES))
+            or (isinstance(m, nn.Conv2d) and _is_1x1(m))
+            or id(m) in identity_leaves
+        )
+    if node.op == "call_function":
+        return node.target in _ELEMENTWISE_FUNCTIONS | _BINARY_FUNCTIONS | {F.layer_norm, F.linear, torch.permute}
+    if node.op == "call_method":
+        return node.target in _ELEMENTWISE_METHODS | _BINARY_METHODS | {"permute"}
+    return False
+
+
+def _permutation(node: fx.Node) -> list[int]:
+    dims = node.kwargs.get("dims", node.args[1:] if node.op == "call_method" else node.args[1])
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    return [int(d) for d in dims]
+
+
+def _broadcasts_per_channel(other: object, rank: int, channel: int) -> bool:
+    """A constant operand is per location when it is 1 along every dim but the channel one."""
+    if not isinstance(other, fx.Node):
+        return isinstance(other, (int, float))
+    shape = _shape(other)
+    if shape is None or len(shape) > rank:
+        return False
+    padded = (1,) * (rank - len(shape)) + shape
+    return all(size == 1 for d, size in enumerate(padded) if d != channel)
+
+
+def _layout_after(gm: fx.GraphModule, node: fx.Node, data: fx.Node, layout: tuple[int, tuple[int, ...]], x: fx.Node):
+    """The (channel, spatial) layout of `node`'s output given its data input's, or None if it mixes locations."""
+    channel, spatial = layout
+    shape_in, shape_out = _shape(data), _shape(node)
+    if shape_in is None or shape_out is None or len(shape_in) != len(shape_out):
+        return None
+    rank, last = len(shape_in), len(shape_in) - 1
+    if (node.op, node.target) in (("call_method", "permute"), ("call_function", torch.permute)):
+        dims = _permutation(node)
+        return dims.index(channel), tuple(dims.index(s) for s in spatial)
+    if any(shape_in[d] != shape_out[d] for d in (0, *spatial)):
+        return None
+    m = _module(gm, node)
+    if isinstance(m, (nn.Linear, nn.LayerNorm)) or node.target in (F.linear, F.layer_norm):
+        if node.target is F.layer_norm:
+            normalized = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+            normalized = (normalized,) if isinstance(normalized, int) else tuple(normalized)
+            if len(normalized) != 1:
+                return None
+        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
+            return None
+        return layout if channel == last else None
+    if isinstance(m, (nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
+        return layout if channel == 1 and (rank == 4 or not isinstance(m, nn.Conv2d)) else None
+    if node.target in _BINARY_FUNCTIONS or node.target in _BINARY_METHODS:
+        others = [a for a in (*node.args, *node.kwargs.values()) if a is not data]
+        ok = all(not depends_on(o, {x}) and _broadcasts_per_channel(o, rank, channel) for o in others)
+        return layout if ok and shape_in == shape_out else None
+    return layout if shape_in == shape_out else None
+
+
+def _entry_layout(shape: tuple[int, ...], chain: Chain) -> tuple[int, tuple[int, ...]] | None:
+    c, h, w = (chain.shape[1], *chain.shape[2:]) if chain.layout == "BCHW" else (chain.shape[3], *chain.shape[1:3])
+    channels_first, channels_last = (shape[1:] == (c, h, w)), (shape[1:] == (h, w, c))
+    if len(shape) == 3 and shape[1:] == (h * w, c):
+        return 2, (1,)  # locations flattened row-major, as Swin's `x.reshape(B, -1, C)` does
+    if channels_first and (chain.layout == "BCHW" or not channels_last):
+        return 1, (2, 3)
+    if channels_last:
+        return 3, (1, 2)
+    return None
+
+
+def _walk_back(gm: fx.GraphModule, exit_: fx.Node, x: fx.Node, identity_leaves: set[int]) -> tuple[fx.Node, list]:
+    """The maximal run of per-location-capable nodes ending at `exit_`, and the node feeding it."""
+    run: list[fx.Node] = []
+    node = exit_
+    while node.op != "placeholder" and _per_location_kind(gm, node, identity_leaves):
+        if run and any(u not in run for u in node.users):
+            break  # its value is also read outside the branch (the residual stream itself)
+        data = [a for a in node.all_input_nodes if depends_on(a, {x})]
+        if len(data) != 1:
+            break
+        run.append(node)
+        node = data[0]
+    return node, run[::-1]
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    m = _module(gm, node)
+    if isinstance(m, nn.Conv2d):
+        return f"{node.target} (a {m.kernel_size[0]}x{m.kernel_size[1]} conv)"
+    return f"{node.target if node.op == 'call_module' else node.name}"
+
+
+def find_slow_path(gm: fx.GraphModule, chain: Chain, identity_leaves: set[int], where: str) -> SlowPath:
+    """Find the slow path of a traced, shape-propagated block by the structural rule of this module's docstring.
+
+    Raises:
+        UnsupportedModelError: no residual branch, or none (or more than one) ending in an acceptable run.
+    """
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    found: list[SlowPath] = []
+    reasons: list[str] = []
+    for add in gm.graph.nodes:
+        is_add = (add.op == "call_function" and add.target in _RESIDUAL_ADDS) or (
+            add.op == "call_method" and add.target in ("add", "add_")
+        )
+        operands = [a for a in add.args[:2] if isinstance(a, fx.Node)]
+        if not is_add or len(operands) != 2 or not all(depends_on(a, {x}) for a in operands):
+            continue
+        for branch in operands:
+            if len(branch.users) != 1:
+                continue
+            entry, run = _walk_back(gm, branch, x, identity_leaves)
+            params = [n for n in run if isinstance(_module(gm, n), (nn.Linear, nn.Conv2d)) or n.target is F.linear]
+            if not params:
+                continue
+            shape_in, shape_out = _shape(entry), _shape(branch)
+            layout = _entry_layout(shape_in, chain) if shape_in else None
+            if shape_in != shape_out or layout is None:
+                reasons.append(
+                    f"the per-location run {run[0].name} .. {branch.name} after {_describe(gm, entry)} maps "
+                    f"{list(shape_in or ())} to {list(shape_out or ())}; a C -> C fast path cannot stand in for it. "
+                    "The block's spatial op sits inside its residual branch between pointwise layers (a bottleneck), "
+                    "so the pointwise layers before it would run on every location anyway"
+                )
+                continue
+            current, data = layout, entry
+            for node in run:
+                current = _layout_after(gm, node, data, current, x)
+                if current is None:
+                    break
+                data = node
+            if current != layout:
+                reasons.append(f"{_describe(gm, data)} in the run ending at {branch.name} mixes locations")
+                continue
+            found.append(SlowPath(entry, branch, run, layout[0], layout[1], shape_in[layout[0]]))
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise UnsupportedModelError(
+            f"{where}: {len(found)} residual branches end in per-location MLPs "
+            f"({', '.join(p.exit.name for p in found)}); tokenprune cannot tell which one is the block's slow path "
+            "(DESIGN 1.2), so it refuses."
+        )
+    why = "; ".join(reasons) or "no residual add has a branch ending in per-location Linear/1x1 conv layers"
+    raise UnsupportedModelError(
+        f"{where}: no slow path found ({why}). Spatial sparsification (DESIGN 1.2) needs blocks whose residual branch "
+        "ends, after its spatial mixing, in a per-location MLP mapping C channels to C (ConvNeXt, Swin); sparsify a "
+        "model with such blocks, or a ViT."
+    )
+
+
+def _training_dependent(block: nn.Module, where: str) -> list[nn.Module]:
+    """Parameter-free modules of `block` whose traced graph changes with the training flag (stochastic depth):
+    they stay calls so the rewritten block still behaves differently in train and eval mode."""
+    leaves = []
+    for m in block.modules():
+        if m is block or next(m.children(), None) is not None or next(m.parameters(recurse=False), None) is not None:
+            continue
+        if type(m).__module__.startswith("torch.nn"):
+            continue  # reason: torch.nn modules are leaves of every trace already
+        was, codes = m.training, []
+        try:
+            for mode in (True, False):
+                codes.append(trace(m.train(mode), name=where).code)
+        except UnsupportedModelError:
+            codes = ["untraceable", "so keep it a call"]
+        finally:
+            m.train(was)
+        if codes[0] != codes[1]:
+            leaves.append(m)
+    return leaves
+
+
+def _identity_in_eval(gm: fx.GraphModule, leaves: list[nn.Module], device: torch.device) -> set[int]:
+    """Leaves that return their input unchanged in eval mode (per sample in training, so the masked execution that
+    training uses is exact, and absent in the gathered eval execution)."""
+    found = set()
+    for node in gm.graph.nodes:
+        m = _module(gm, node)
+        if m is None or not any(m is leaf for leaf in leaves) or _shape(node) is None:
+            continue
+        meta = node.args[0].meta["tensor_meta"]
+        probe = torch.randn(meta.shape, dtype=meta.dtype, device=device)
+        with torch.no_grad():
+            if torch.equal(m.eval()(probe), probe):
+                found.add(id(m))
+    return found
+
+
+def _asymmetric_block(call: Call, node: fx.Node, chain: Chain, where: str) -> fx.GraphModule:
+    """Trace one block and route its slow path through an `AsymmetricPath` (gather before, mix/scatter after)."""
+    leaves = _training_dependent(call.module, where)
+    gm = trace(call.module, leaves=leaves, concrete_args=_block_concrete_args(call.module, node, where), name=where)
+    ShapeProp(gm).propagate(*call.args[:1])
+    path = find_slow_path(gm, chain, _identity_in_eval(gm, leaves, call.args[0].device), where)
+    graph = gm.graph
+    last = next(n for n in graph.nodes if n.op == "placeholder")
+    inputs = []
+    for name in BLOCK_INPUTS:
+        with graph.inserting_after(last):
+            last = graph.placeholder(name, default_value=None)
+        inputs.append(last)
+    mask, keep, drop = inputs
+    with graph.inserting_after(last if path.entry.op == "placeholder" else path.entry):
+        thin = call_leaf(graph, gather_locations, (path.entry, keep, path.spatial))
+    for n in path.nodes:
+        n.replace_input_with(path.entry, thin)
+    name = "fast_path"
+    while hasattr(call.module, name):
+        name = "tokenprune_" + name
+    param = next(call.module.parameters())
+    gm.add_submodule(name, AsymmetricPath(path.dim, path.channel, path.spatial).to(param.device, param.dtype))
+    with graph.inserting_after(path.exit):
+        mixed = graph.call_module(name, (path.entry, path.exit, mask, keep, drop))
+    path.exit.replace_all_uses_with(mixed, delete_user_cb=lambda user: user is not mixed)
+    graph.lint()
+    block = fx.GraphModule(gm, graph, type(call.module).__name__)
+    # Put back the original children so `block.mlp` keeps its type and the state_dict its names.
+    for child_name, child in call.module.named_children():
+        setattr(block, child_name, child)
+    return block
+
+
+def rewrite_spatial_chain(
+    model: nn.Module,
+    chain: Chain,
+    example: torch.Tensor,
+    locations: list[int],
+    keep_ratios: list[float],
+    name: str,
+) -> fx.GraphModule:
+    """Rewrite `model` into a spatially sparsified GraphModule that shares `model`'s parameters (DESIGN 1.2).
+
+    A `SpatialSelector` runs before each location; every block from the first location on runs its slow path at the
+    locations the latest stage kept and a fast path elsewhere; the map stays whole, so the head is untouched.
+
+    Raises:
+        UnsupportedModelError: when a block has no slow path by the structural rule (e.g. ResNet bottlenecks). The
+            model is analysed before anything is changed, so it is left as it was.
+    """
+    gm = trace(model, leaves=[c.module for c in chain.calls], name=name)
+    ShapeProp(gm).propagate(example)
+    nodes = _chain_nodes(gm, chain, name)
+    blocks = {
+        i: _asymmetric_block(call, node, chain, f"{name} block {call.name}")
+        for i, (call, node) in enumerate(zip(chain.calls, nodes))
+        if i >= locations[0]
+    }
+    channel = 1 if chain.layout == "BCHW" else 3
+    graph, mask, keep, drop = gm.graph, None, None, None
+    stage_at = {loc: s for s, loc in enumerate(locations)}
+    for i, (call, node) in enumerate(zip(chain.calls, nodes)):
+        if i in stage_at:
+            s = stage_at[i]
+            target = f"tokenprune_stage{s}"
+            selector = SpatialSelector(chain.shape[channel], keep_ratios[s], s, channel).to(example.device)
+            model.add_module(target, selector)
+            gm.add_module(target, selector)
+            with graph.inserting_before(node):
+                out = graph.call_module(target, (node.args[0], mask, keep))
+                mask, keep, drop = (graph.call_function(operator.getitem, (out, j)) for j in range(3))
+        if i in blocks:
+            _set_submodule(model, call.name, blocks[i])
+            node.args, node.kwargs = node.args[:1], dict(zip(BLOCK_INPUTS, (mask, keep, drop)))
+
+    recorder = SpatialRecorder(chain.names[-1], 0)
+    model.add_module(RECORDER, recorder)
+    gm.add_module(RECORDER, recorder)
+    last = nodes[-1]
+    with graph.inserting_after(last):
+        recorded = graph.call_module(RECORDER, (last, mask, keep))
+    last.replace_all_uses_with(recorded, delete_user_cb=lambda user: user is not recorded)
+    recorded.meta = dict(last.meta)
+    graph.lint()
+    sparse = fx.GraphModule(gm, graph, type(model).__name__)
+    for child_name, child in model.named_children():
+        setattr(sparse, child_name, child)
+    return sparse

@@ -1,0 +1,141 @@
+"""Stages of a spatial chain: the location-importance predictor, the selector, and the state recorder (DESIGN 1.2).
+
+Decisions are *nested*, as for tokens (DESIGN 1.1): D_s = sample_s * D_{s-1}, and in eval each stage keeps the top-k
+among the locations the previous stage kept. Keep ratios are fractions of all H*W locations and never increase, so a
+location that took the fast path never returns to the slow path. A stage's decision holds for every block after it
+until the next stage's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..state import SparsityState
+from .predictor import TokenPredictor
+from .recorder import SparsityRecorder
+from .select import TokenSelector
+
+__all__ = ["SpatialPredictor", "SpatialSelector", "SpatialRecorder"]
+
+
+def _locations(x: torch.Tensor, channel: int) -> torch.Tensor:
+    """Map [B, C, H, W] or [B, H, W, C] (channel dim `channel`) -> row-major locations [B, H*W, C]."""
+    return x.movedim(channel, -1).flatten(1, -2)
+
+
+class SpatialPredictor(TokenPredictor):
+    """The token predictor applied per location of a feature map (arXiv 2207.01580, spatial predictor).
+
+    The paper writes it with 1x1 convolutions; a Linear over the channels of each location is the same map, so the
+    layers are `TokenPredictor`'s: z = GELU(Linear(LayerNorm(x))), half of z local, half averaged over the kept
+    locations (the "global feature = spatial mean"), then C -> C/2 -> C/4 -> 2 with a log-softmax.
+
+    Args:
+        dim: channel count C (even).
+        channel: the channel dim of the maps it reads (1 for [B, C, H, W], 3 for [B, H, W, C]).
+    """
+
+    def __init__(self, dim: int, channel: int) -> None:
+        super().__init__(dim)
+        self.channel = channel
+
+    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+        """Args:
+            x: feature map, channel dim `self.channel`.
+            policy: [B, H*W, 1] keep mask of the locations, or None when all are kept.
+
+        Returns:
+            [B, H*W, 2] log-probabilities of (keep, drop) per location.
+        """
+        return super().forward(_locations(x, self.channel), policy)
+
+
+class SpatialSelector(TokenSelector):
+    """One stage of a spatial chain: scores locations and decides which take the slow path in later blocks.
+
+    Same interface as `TokenSelector` (`keep_ratio`, `stage`, `execution`, `last_decision`, `keep_count`), so
+    `tokenprune.selectors`, `set_execution` and the trainer treat both alike. The map itself is never shortened.
+
+    Args:
+        dim: channel count C of the chain's maps.
+        keep_ratio: fraction of all H*W locations whose slow path runs after this stage.
+        stage: index of this stage.
+        channel: channel dim of the chain's maps.
+    """
+
+    def __init__(self, dim: int, keep_ratio: float, stage: int, channel: int) -> None:
+        super().__init__(dim, keep_ratio, 0, stage)
+        self.predictor = SpatialPredictor(dim, channel)
+        self.channel = channel
+
+    def extra_repr(self) -> str:
+        return f"stage={self.stage}, keep_ratio={self.keep_ratio:.4f}, channel={self.channel}"
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Args:
+            x: the map entering the next block.
+            mask: [B, H*W, 1] the previous stage's mask (masked execution), or None.
+            keep: [B, k'] the previous stage's kept locations (gathered execution), or None.
+
+        Returns:
+            (mask, keep, drop): masked execution gives the new [B, H*W, 1] mask and None, None; gathered execution
+            gives None and the sorted kept [B, k] and dropped [B, H*W - k] location indices.
+        """
+        locations = x.numel() // (x.shape[0] * x.shape[self.channel])  # H*W
+        previous = mask
+        if previous is None and keep is not None:
+            previous = torch.zeros(x.shape[0], locations, 1, device=x.device).scatter(1, keep.unsqueeze(-1), 1.0)
+        log_probs = self.predictor(x, previous)
+        self.last_initial_patches = locations
+        k = self.keep_count(locations)
+        if self.pruned() or not self.training:
+            kept, dropped = self._split(log_probs[..., 0], previous, k)
+            decision = torch.zeros_like(log_probs[..., :1]).scatter(1, kept.unsqueeze(-1), 1.0)
+            if self.pruned():
+                self.last_decision, self.last_index = decision, kept
+                return None, kept, dropped
+        else:
+            # Hard sample, straight-through gradients (DESIGN 1.2 "Training"); nested like tokens: D_s = sample * D_s-1.
+            decision = F.gumbel_softmax(log_probs, hard=True)[..., :1]
+            if previous is not None:
+                decision = decision * previous
+        self.last_decision, self.last_index = decision, None
+        return decision, None, None
+
+    @staticmethod
+    def _split(score: torch.Tensor, previous: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k among the locations still kept, and the rest; both sorted (row-major order reads and scatters best)."""
+        if previous is not None:
+            score = score.masked_fill(previous[..., 0] == 0, float("-inf"))
+        order = score.argsort(dim=1, descending=True)
+        k = min(k, score.shape[1])
+        return order[:, :k].sort(dim=1).values, order[:, k:].sort(dim=1).values
+
+
+class SpatialRecorder(SparsityRecorder):
+    """Identity on the chain's final map that remembers it for the losses (feature-map MSE distillation).
+
+    `state()` fills `SparsityState` as follows: `decisions` are each stage's [B, H*W, 1] mask (nested; top-k masks
+    without gradient in eval); `final_tokens` is the chain's last block output in its own layout ([B, C, H, W] or
+    [B, H, W, C]), which is what the teacher's block of the same name outputs; `final_mask` is the last stage's mask
+    (the locations whose last blocks ran the slow path); `final_index` is None, because the map keeps its layout and
+    location l of the student's map is location l of the teacher's; `prefix_tokens` is 0.
+    """
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        self.last_tokens, self.last_policy = x, mask
+        return x
+
+    def state(self, selectors: list[TokenSelector]) -> SparsityState:
+        """Assemble the state of the last forward from this recorder and the model's stages, in stage order."""
+        if self.last_tokens is None:
+            return super().state(selectors)  # raises the "has not run a forward pass yet" error
+        decisions = [sel.last_decision for sel in selectors]
+        ratios = torch.tensor([float(sel.keep_ratio) for sel in selectors])
+        final_mask = decisions[-1] if decisions else None
+        return SparsityState(decisions, ratios, self.last_tokens, final_mask, None, 0, self.chain_output)
