@@ -68,7 +68,8 @@ class ProgressReporter:
         """Report the state after optimizer step `step`."""
         if not self.enabled:
             return
-        text = format_parts(values)
+        # Parts switched off (weight 0, e.g. dense training) stay in metrics.jsonl but would only clutter the line.
+        text = format_parts({k: v for k, v in values.items() if v != 0})
         if self._progress is not None:
             self._progress.update(self._task, completed=step, info=text)
         else:
