@@ -4,6 +4,7 @@ from .checkpoint_io import load, save
 from .config import SparsifyConfig
 from .errors import CheckpointError, ConfigError, DataError, TokenPruneError, TrainingError, UnsupportedModelError
 from .export import export
+from .measure import profile
 from .models import create_model
 from .nn.recorder import selectors
 from .sparsify import config_of, set_execution, sparsify
@@ -17,6 +18,7 @@ __all__ = [
     "set_execution",
     "selectors",
     "config_of",
+    "profile",
     "SparsifyConfig",
     "save",
     "load",

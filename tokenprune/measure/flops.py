@@ -20,7 +20,7 @@ from torch import fx, nn
 from ..errors import TokenPruneError
 from ._handles import COUNTED_HANDLES, NEGLIGIBLE_OPS, Handle
 
-__all__ = ["FlopReport", "profile_flops", "count_params", "sparsify_config", "PREDICTOR_MARK"]
+__all__ = ["profile", "FlopReport", "profile_flops", "count_params", "sparsify_config", "PREDICTOR_MARK"]
 
 #: substring that marks the modules tokenprune inserts (predictors / selectors), e.g. "tokenprune_stage0".
 PREDICTOR_MARK = "tokenprune_"
@@ -218,3 +218,21 @@ def profile_flops(
         uncounted_ops=dict(analysis.unsupported_ops()),
         negligible_ops=negligible,
     )
+
+
+def profile(model: nn.Module, inputs: torch.Tensor | None = None) -> FlopReport:
+    """`profile_flops` at one image of the size the model was sparsified (or is configured) for.
+
+    Args:
+        model: a sparsified or dense timm/torchvision model.
+        inputs: an input batch; default one random image of the model's input size.
+
+    Returns:
+        The `FlopReport` (per-image multiply-adds in `gmacs`, predictors' share in `predictor_gmacs`).
+    """
+    if inputs is None:
+        from ..fx.tracing import example_input
+
+        config = sparsify_config(model)
+        inputs = torch.randn(1, *config.input_size) if config else example_input(model, batch=1)
+    return profile_flops(model, inputs)
