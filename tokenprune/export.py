@@ -69,6 +69,31 @@ def _write(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynami
         torch.export.save(program, str(path))
 
 
+def _check(model: nn.Module, path: Path, fmt: str, size: tuple[int, ...], batch: int, dynamic_batch: bool) -> float:
+    """Largest difference from PyTorch over the batch sizes the export must accept."""
+    batches = sorted({batch, 1, 3}) if dynamic_batch else [batch]
+    diff = 0.0
+    for b in batches:
+        x = torch.randn(b, *size)
+        with torch.inference_mode():
+            tol = _tolerance(model(x))
+        try:
+            d = verify_export(model, path, fmt, x)
+        except TokenPruneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - onnxruntime and torch.export guards raise their own types
+            raise UnsupportedModelError(
+                f"exported {path} rejects a batch of {b} ({type(e).__name__}: {str(e).splitlines()[0]}): the "
+                "exporter fixed the batch size for this model. Export with --static-batch (dynamic_batch=False)."
+            ) from None
+        if d > tol:
+            raise TokenPruneError(
+                f"exported {path} differs from PyTorch by {d:.3g} at batch {b} (tolerance {tol:.3g})."
+            )
+        diff = max(diff, d)
+    return diff
+
+
 def verify_export(model: nn.Module, path: str | os.PathLike[str], fmt: str, inputs: torch.Tensor) -> float:
     """Run the exported file on `inputs` and return the largest absolute difference from `model`'s output.
 
@@ -141,23 +166,16 @@ def export(
         raise
     except Exception as e:  # noqa: BLE001 - exporters raise many types
         raise UnsupportedModelError(
-            f"{format} export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); try the other "
-            "format, or export with dynamic_batch=False."
+            f"{format} export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); try "
+            "--static-batch (dynamic_batch=False) or the other format."
         ) from None
     diff = None
     if verify:
-        batches = sorted({batch_size, 1, 3}) if dynamic_batch else [batch_size]
-        diff = 0.0
-        for b in batches:
-            x = torch.randn(b, *size)
-            with torch.inference_mode():
-                tol = _tolerance(model(x))
-            d = verify_export(model, path, format, x)
-            if d > tol:
-                raise TokenPruneError(
-                    f"exported {path} differs from PyTorch by {d:.3g} at batch {b} (tolerance {tol:.3g})."
-                )
-            diff = max(diff, d)
+        try:
+            diff = _check(model, path, format, size, batch_size, dynamic_batch)
+        except TokenPruneError:
+            path.unlink(missing_ok=True)  # never leave a file behind that does not do what was asked
+            raise
     return {
         "format": format,
         "file": str(path),
