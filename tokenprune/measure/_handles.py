@@ -13,7 +13,7 @@ from collections.abc import Callable
 from math import prod
 from typing import Any
 
-from fvcore.nn.jit_handles import conv_flop_jit, einsum_flop_jit, get_shape, linear_flop_jit
+from ._fvcore import conv_flop_jit, einsum_flop_jit, get_shape, linear_flop_jit
 
 __all__ = ["Handle", "COUNTED_HANDLES", "NEGLIGIBLE_OPS", "sdpa_macs", "native_mha_macs", "matmul_macs"]
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import fx, nn
 
 from ..errors import TokenPruneError
+from ._fvcore import FlopCountAnalysis
 from ._handles import COUNTED_HANDLES, NEGLIGIBLE_OPS, Handle
 
 __all__ = ["profile", "FlopReport", "profile_flops", "count_params", "sparsify_config", "PREDICTOR_MARK"]
