@@ -291,7 +291,7 @@ def _asymmetric_block(call: Call, node: fx.Node, chain: Chain, where: str) -> fx
         inputs.append(last)
     mask, keep, drop = inputs
     with graph.inserting_after(last if path.entry.op == "placeholder" else path.entry):
-        thin = call_leaf(graph, gather_locations, (path.entry, keep, path.spatial))
+        thin = call_leaf(graph, gather_locations, (path.entry, keep, path.channel, path.spatial))
     for n in path.nodes:
         n.replace_input_with(path.entry, thin)
     name = "fast_path"

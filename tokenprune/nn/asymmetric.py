@@ -7,7 +7,8 @@ scale) at the others. Both results are written back into one map, so later block
 
 Maps come in any layout; a layout is described by `channel` (the channel dim) and `spatial` (the adjacent spatial
 dims in row-major order: (2, 3) for [B, C, H, W], (1, 2) for [B, H, W, C], (1,) for [B, H*W, C]). Locations are
-numbered row-major, as the stages' [B, H*W, 1] masks number them.
+numbered row-major, as the stages' [B, H*W, 1] masks number them. Gathered execution works on channels-last rows
+[B, L, C] (contiguous per location, what LayerNorm and Linear read best) and returns the full map as a view of them.
 
 Three executions, chosen by what the stage passed:
   * dense (`mask` and `keep` None): the slow path's output as is.
@@ -28,34 +29,39 @@ __all__ = ["FastPath", "AsymmetricPath", "gather_locations", "FAST_PATH_INIT"]
 FAST_PATH_INIT = 1e-6
 
 
-def _flat(x: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
-    """Merge the spatial dims into one location dim at position spatial[0]."""
-    return x.flatten(spatial[0], spatial[-1]) if len(spatial) > 1 else x
+def _rows(x: torch.Tensor, channel: int) -> torch.Tensor:
+    """Map -> row-major locations [B, L, C] (a view for channels-last maps, one copy for [B, C, H, W])."""
+    return x.movedim(channel, -1).flatten(1, -2)
 
 
-def _index(index: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
-    """Expand location indices [B, n] to gather/scatter along `dim` of `like` (all other dims taken whole)."""
-    shape = [1] * like.dim()
-    shape[0], shape[dim] = index.shape
-    sizes = [-1 if d in (0, dim) else like.shape[d] for d in range(like.dim())]
-    return index.view(shape).expand(sizes)
+def _map(rows: torch.Tensor, sizes: tuple[int, ...], channel: int) -> torch.Tensor:
+    """Locations [B, L, C] -> a map of spatial `sizes` with the channel dim at `channel` (a view)."""
+    return rows.view(rows.shape[0], *sizes, rows.shape[-1]).movedim(-1, channel)
 
 
-def gather_locations(x: torch.Tensor, keep: torch.Tensor | None, spatial: tuple[int, ...]) -> torch.Tensor:
+def _along_rows(index: torch.Tensor, channels: int) -> torch.Tensor:
+    return index.unsqueeze(-1).expand(-1, -1, channels)
+
+
+def gather_locations(
+    x: torch.Tensor, keep: torch.Tensor | None, channel: int, spatial: tuple[int, ...]
+) -> torch.Tensor:
     """The kept locations of map `x` as a thin map of the same rank and layout, [.., k, 1, ..]; `x` if `keep` is None.
 
+    The thin map is a view of contiguous channels-last rows, so per-location layers (LayerNorm, Linear over the
+    channels) read it without another copy.
+
     Args:
-        x: feature map in the layout that `spatial` describes.
+        x: feature map in the layout that `channel` and `spatial` describe.
         keep: [B, k] row-major location indices, or None (dense and masked executions).
+        channel: the channel dim of `x`.
         spatial: the adjacent spatial dims of `x`.
     """
     if keep is None:
         return x
-    flat = _flat(x, spatial)
-    thin = flat.take_along_dim(_index(keep, flat, spatial[0]), dim=spatial[0])
-    for _ in spatial[1:]:
-        thin = thin.unsqueeze(spatial[0] + 1)  # W' = 1: the thin map has k rows of one location each
-    return thin
+    rows = _rows(x, channel)
+    kept = rows.gather(1, _along_rows(keep, rows.shape[-1]))
+    return _map(kept, (keep.shape[1],) + (1,) * (len(spatial) - 1), channel)  # W' = 1: k rows of one location
 
 
 class FastPath(nn.Module):
@@ -128,13 +134,12 @@ class AsymmetricPath(nn.Module):
     def _scatter(
         self, entry: torch.Tensor, slow: torch.Tensor, keep: torch.Tensor, drop: torch.Tensor | None
     ) -> torch.Tensor:
-        dim = self.spatial[0]
-        merged = len(self.spatial) - 1
-        channel = self.channel - merged if self.channel > self.spatial[-1] else self.channel
-        flat = _flat(entry, self.spatial)
-        out = flat.new_empty(flat.shape, dtype=slow.dtype)  # contiguous, so it views back as the map
-        out.scatter_(dim, _index(keep, flat, dim), _flat(slow, self.spatial))
+        kept = _rows(slow, self.channel)
+        out = kept.new_empty(
+            entry.shape[0], entry.numel() // (entry.shape[0] * entry.shape[self.channel]), kept.shape[-1]
+        )
+        out.scatter_(1, _along_rows(keep, out.shape[-1]), kept)
         if drop is not None and drop.shape[1] > 0:
-            where = _index(drop, flat, dim)
-            out.scatter_(dim, where, self._fast(flat.take_along_dim(where, dim=dim), channel).to(slow.dtype))
-        return out.view(entry.shape)
+            where = _along_rows(drop, out.shape[-1])
+            out.scatter_(1, where, self.fast(_rows(entry, self.channel).gather(1, where)).to(out.dtype))
+        return _map(out, tuple(entry.shape[d] for d in self.spatial), self.channel)
