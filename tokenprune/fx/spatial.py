@@ -34,7 +34,7 @@ from ..nn.asymmetric import AsymmetricPath, gather_locations
 from ..nn.spatial_predictor import SpatialRecorder, SpatialSelector
 from .discovery import Call, Chain, depends_on
 from .rewrite import RECORDER, _block_concrete_args, _chain_nodes, _set_submodule
-from .tracing import call_leaf, trace
+from .tracing import call_leaf, trace, training_dependent
 
 __all__ = ["SlowPath", "find_slow_path", "rewrite_spatial_chain", "BLOCK_INPUTS"]
 
@@ -238,28 +238,6 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, identity_leaves: set[int], 
     )
 
 
-def _training_dependent(block: nn.Module, where: str) -> list[nn.Module]:
-    """Parameter-free modules of `block` whose traced graph changes with the training flag (stochastic depth):
-    they stay calls so the rewritten block still behaves differently in train and eval mode."""
-    leaves = []
-    for m in block.modules():
-        if m is block or next(m.children(), None) is not None or next(m.parameters(recurse=False), None) is not None:
-            continue
-        if type(m).__module__.startswith("torch.nn"):
-            continue  # reason: torch.nn modules are leaves of every trace already
-        was, codes = m.training, []
-        try:
-            for mode in (True, False):
-                codes.append(trace(m.train(mode), name=where).code)
-        except UnsupportedModelError:
-            codes = ["untraceable", "so keep it a call"]
-        finally:
-            m.train(was)
-        if codes[0] != codes[1]:
-            leaves.append(m)
-    return leaves
-
-
 def _identity_in_eval(gm: fx.GraphModule, leaves: list[nn.Module], device: torch.device) -> set[int]:
     """Leaves that return their input unchanged in eval mode (per sample in training, so the masked execution that
     training uses is exact, and absent in the gathered eval execution)."""
@@ -278,8 +256,8 @@ def _identity_in_eval(gm: fx.GraphModule, leaves: list[nn.Module], device: torch
 
 def _asymmetric_block(call: Call, node: fx.Node, chain: Chain, where: str) -> fx.GraphModule:
     """Trace one block and route its slow path through an `AsymmetricPath` (gather before, mix/scatter after)."""
-    leaves = _training_dependent(call.module, where)
-    gm = trace(call.module, leaves=leaves, concrete_args=_block_concrete_args(call.module, node, where), name=where)
+    leaves = training_dependent(call.module, where)  # trace keeps them as calls; the slow-path search needs them
+    gm = trace(call.module, concrete_args=_block_concrete_args(call.module, node, where), name=where)
     ShapeProp(gm).propagate(*call.args[:1])
     path = find_slow_path(gm, chain, _identity_in_eval(gm, leaves, call.args[0].device), where)
     graph = gm.graph

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 
-__all__ = ["model_name", "trace", "example_input", "forward_defaults", "call_leaf"]
+__all__ = ["model_name", "trace", "example_input", "forward_defaults", "call_leaf", "training_dependent"]
 
 
 def _timm_registry() -> tuple[set[type], tuple]:
@@ -71,7 +71,7 @@ def trace(
         UnsupportedModelError: when torch.fx cannot trace it (data-dependent control flow and the like).
     """
     name = name or model_name(module)
-    tracer = _Tracer(leaves)
+    tracer = _Tracer([*leaves, *training_dependent(module, name)])
     try:
         concrete = forward_defaults(module) if concrete_args is None else concrete_args
         graph = tracer.trace(module, concrete_args=concrete or None)
@@ -86,6 +86,29 @@ def trace(
         ) from None
     _drop_specialized_inputs(graph)
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def training_dependent(root: nn.Module, name: str) -> list[nn.Module]:
+    """Parameter-free modules whose traced graph changes with the training flag (drop path, stochastic depth, patch
+    dropout). They stay calls: tracing through them would freeze them in the mode the model was traced in."""
+    leaves = []
+    for m in root.modules():
+        if m is root or next(m.children(), None) is not None or next(m.parameters(recurse=False), None) is not None:
+            continue
+        if type(m).__module__.startswith("torch.nn"):
+            continue  # reason: torch.nn modules are leaves of every trace already
+        was, codes = m.training, []
+        try:
+            for mode in (True, False):
+                graph = _Tracer().trace(m.train(mode), concrete_args=forward_defaults(m) or None)
+                codes.append(graph.python_code("self").src)
+        except Exception:  # reason: a module we cannot trace on its own is safest kept as one call
+            codes = ["untraceable", "so keep it a call"]
+        finally:
+            m.train(was)
+        if codes[0] != codes[1]:
+            leaves.append(m)
+    return leaves
 
 
 def _drop_specialized_inputs(graph: fx.Graph) -> None:
