@@ -90,3 +90,13 @@ def test_training_mode_is_kept():
         warnings.simplefilter("error")
         sparse = tokenprune.sparsify(dense, 0.7)
     assert sparse.training and dense.training
+
+
+def test_drop_path_survives_the_rewrite():
+    """Stochastic depth must stay a call: tracing through it would freeze it in eval behaviour for fine-tuning."""
+    dense = timm.create_model("deit_tiny_patch16_224", drop_path_rate=0.2)
+    sparse = tokenprune.sparsify(dense, 0.7)
+    rewritten = sparse.blocks[5]
+    calls = {n.target for n in rewritten.graph.nodes if n.op == "call_module"}
+    assert {"drop_path1", "drop_path2"} <= calls
+    assert rewritten.drop_path1 is not dense.blocks[5].drop_path1 and rewritten.drop_path1.drop_prob > 0
