@@ -158,7 +158,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/fmnist", help="where the three runs and the results go")
     parser.add_argument("--stages", default="teacher,student,learned,report")
     parser.add_argument("--teacher-epochs", type=float, default=2.0)
-    parser.add_argument("--student-epochs", type=float, default=1.0)
+    parser.add_argument("--student-epochs", type=float, default=3.0)
     parser.add_argument("--width", type=int, default=96, help="embedding width (3 heads)")
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     parser.add_argument("--train-subset", type=int, default=None, help="train on the first N images only")
