@@ -232,7 +232,7 @@ def _rows(report: dict[str, Any]) -> list[list[str]]:
              _fmt(dense["latency_ms"], ".2f")]]  # fmt: skip
     for i, stage in enumerate(report["stages"]):
         rows.append(
-            [f"stage {i} (predictor)", _fmt(stage["location"], "d"), _fmt(stage["keep_ratio"], ".3f"),
+            [f"stage {i}", _fmt(stage["location"], "d"), _fmt(stage["keep_ratio"], ".3f"),
              _fmt(stage["tokens"], "d"), _fmt(stage["gmacs"], ".3f"), "", ""]
         )  # fmt: skip
     rows.append(["sparse (total)", "", _fmt(report["ratio"], ".3f"), "", _fmt(sparse["gmacs"], ".3f"),
@@ -257,12 +257,12 @@ def render_table(report: dict[str, Any]) -> Table:
     """A rich table of a `build_report` result: totals, one row per stage, reduction and speed-up in the caption."""
     table = Table(
         title=f"{report['model']} {tuple(report['input_size'])} rho={_fmt(report['ratio'], '.2f')}",
-        caption=_summary_line(report) + "\nGFLOPs = multiply-adds (GMACs) per image; "
+        caption=_summary_line(report) + "\nGFLOPs = multiply-adds (GMACs) per image (stage rows: the predictor); "
         f"images/s at batch {report['batch_size']}, latency at batch 1; {report['device']}, "
         f"{report['threads']} threads",
     )
     for i, name in enumerate(_HEADER):
-        table.add_column(name, justify="left" if i == 0 else "right")
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in _rows(report):
         table.add_row(*row)
     return table
