@@ -19,7 +19,7 @@ from .fx.tracing import example_input, model_name
 from .nn.recorder import find_recorder, selectors
 from .nn.select import EXECUTIONS
 
-__all__ = ["sparsify", "set_execution", "config_of"]
+__all__ = ["sparsify", "set_execution", "config_of", "find_config"]
 
 
 def _check_locations(locations: Sequence[int] | None, depth: int, kind: str, name: str) -> list[int]:
@@ -138,6 +138,11 @@ def config_of(model: nn.Module) -> SparsifyConfig:
     config = find_recorder(model).config
     config.keep_ratios = [sel.keep_ratio for sel in selectors(model)]
     return config
+
+
+def find_config(model: nn.Module) -> SparsifyConfig | None:
+    """`config_of(model)` for a sparsified model, None for any other (DDP wrappers are looked through)."""
+    return config_of(model) if selectors(model) else None
 
 
 def set_execution(model: nn.Module, execution: str) -> nn.Module:

@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import TokenPruneError
+from ..sparsify import find_config as sparsify_config
 from ._fvcore import FlopCountAnalysis
 from ._handles import COUNTED_HANDLES, NEGLIGIBLE_OPS, Handle
 
@@ -82,21 +83,6 @@ class FlopReport:
 def count_params(model: nn.Module) -> int:
     """Number of parameters of `model`, each shared tensor counted once."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def sparsify_config(model: nn.Module) -> Any | None:
-    """The `SparsifyConfig` of a sparsified model, or None for any other model."""
-    config = getattr(model, "tokenprune_config", None)
-    if config is not None:
-        return config
-    try:
-        from ..sparsify import config_of
-    except ImportError:  # a tree without the graph pass
-        return None
-    try:
-        return config_of(model)
-    except (TokenPruneError, AttributeError, LookupError):  # not a sparsified model
-        return None
 
 
 def _innermost_module(node: fx.Node) -> str | None:

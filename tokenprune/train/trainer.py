@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError, DataError, TrainingError
+from ..sparsify import find_config as config_of
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .data import DataBundle, make_loader
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
@@ -37,16 +38,6 @@ def _selectors(model: nn.Module) -> list[nn.Module]:
     from ..nn.recorder import selectors
 
     return selectors(model)
-
-
-def config_of(model: nn.Module):
-    """The model's `SparsifyConfig`, or ``None`` for a model that is not sparsified."""
-    config = getattr(model, "tokenprune_config", None)
-    if config is not None or not _selectors(model):
-        return config
-    from ..sparsify import config_of as _config_of
-
-    return _config_of(model)
 
 
 def _state(model: nn.Module):
@@ -194,7 +185,7 @@ class Trainer:
         if not spec.enabled:
             return
         if not self.config.chain:
-            raise ConfigError("learned keep ratios need the chain's block names in model.tokenprune_config.chain.")
+            raise ConfigError("learned keep ratios need the chain's block names in tokenprune.config_of(model).chain.")
         sels = _selectors(self.student)
         dim = next(p for p in sels[0].parameters() if p.ndim >= 2).shape[1]
         patches = state.decisions[0].flatten(1).shape[1]
