@@ -48,7 +48,7 @@ class FinetuneResult:
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
-    """Load a state dict (``.safetensors``, a plain ``.pt``, or a harness ``final.pt``/``last.pt``) into `model`.
+    """Load a state dict (``.safetensors``, a plain ``.pt``, or a harness ``final.pt``) into `model`, weights only.
 
     Raises:
         CheckpointError: if the file is missing, unreadable, or does not fit the model.
@@ -62,9 +62,14 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            # weights_only: a weights file from elsewhere must not run code when read. Harness `final.pt` files
+            # load this way; `last.pt` (it holds RNG states) is for `run.resume`, not for weights.
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - many loaders, many error types
-        raise CheckpointError(f"cannot read weights {path}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(
+            f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0]} (weights are read without "
+            "executing pickled code: pass a state dict, .safetensors or a harness final.pt)"
+        ) from None
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
