@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, TokenPruneError
+from ..checkpoint_io import load_weights  # one reader of weight files: weights only, checked fit
+from ..errors import ConfigError, TokenPruneError
 from .checkpoint import save_checkpoint
 from .data import DataBundle, build_datasets
 from .distributed import barrier, cleanup_distributed, init_distributed
@@ -45,40 +46,6 @@ class FinetuneResult:
     metrics: dict[str, Any]
     output_dir: Path
     recipe: Recipe
-
-
-def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
-    """Load a state dict (``.safetensors``, a plain ``.pt``, or a harness ``final.pt``) into `model`, weights only.
-
-    Raises:
-        CheckpointError: if the file is missing, unreadable, or does not fit the model.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist; fix model.checkpoint.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            # weights_only: a weights file from elsewhere must not run code when read. Harness `final.pt` files
-            # load this way; `last.pt` (it holds RNG states) is for `run.resume`, not for weights.
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - many loaders, many error types
-        raise CheckpointError(
-            f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0]} (weights are read without "
-            "executing pickled code: pass a state dict, .safetensors or a harness final.pt)"
-        ) from None
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights {path} do not fit {type(model).__name__}: {e}") from None
-    return model
 
 
 def build_teacher(recipe: Recipe) -> nn.Module:

@@ -12,6 +12,7 @@ import random
 import time
 from collections import defaultdict
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -79,28 +80,12 @@ class Trainer:
             self.accum = o.global_batch_size // per_step
         if self.accum < 1:
             raise ConfigError(f"optim.accum_steps={self.accum} must be at least 1.")
-        pin = self.device.type == "cuda"
-        workers = recipe.data.workers
-        self.train_loader = make_loader(
-            data.train,
-            o.batch_size,
-            train=True,
-            rank=info.rank,
-            world=info.world,
-            seed=run.seed,
-            workers=workers,
-            pin_memory=pin,
-        )
-        self.val_loader = make_loader(
-            data.val,
-            o.batch_size,
-            train=False,
-            rank=info.rank,
-            world=info.world,
-            seed=run.seed,
-            workers=workers,
-            pin_memory=pin,
-        )
+        loader = partial(
+            make_loader, batch_size=o.batch_size, rank=info.rank, world=info.world, seed=run.seed,
+            workers=recipe.data.workers, pin_memory=self.device.type == "cuda",
+        )  # fmt: skip
+        self.train_loader = loader(data.train, train=True)
+        self.val_loader = loader(data.val, train=False)
         self.spe = len(self.train_loader) // self.accum
         if self.spe == 0:
             raise DataError(
