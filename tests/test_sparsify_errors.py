@@ -113,3 +113,11 @@ def test_bad_execution(deit):
 def test_errors_share_one_base():
     for cls in (ConfigError, UnsupportedModelError, tokenprune.CheckpointError, tokenprune.DataError):
         assert issubclass(cls, TokenPruneError)
+
+
+def test_refusal_leaves_an_inplace_model_as_it_was():
+    model = timm.create_model("eva02_tiny_patch14_224", depth=4).eval()
+    blocks = list(model.blocks)
+    with pytest.raises(UnsupportedModelError):
+        tokenprune.sparsify(model, 0.7, inplace=True)
+    assert list(model.blocks) == blocks and not tokenprune.selectors(model)

@@ -134,6 +134,12 @@ def rewrite_token_chain(
     if prefix is None:
         raise UnsupportedModelError(f"{name}: learned tokens follow the image tokens; only leading ones are supported.")
 
+    # Trace and check every later block before changing anything, so a refusal leaves the model as it was.
+    masked = {
+        i: _masked_block(call, node, tokens, f"{name} block {call.name}")
+        for i, (call, node) in enumerate(zip(chain.calls, nodes))
+        if i >= locations[0]
+    }
     graph, policy = gm.graph, None
     with graph.inserting_before(nodes[0]):
         initial_tokens = graph.call_method("size", (nodes[0].args[0], 1))
@@ -152,8 +158,8 @@ def rewrite_token_chain(
                     graph.call_function(operator.getitem, (out, 1)),
                 )
             node.update_arg(0, x)
-        if i >= locations[0]:
-            _set_submodule(model, call.name, _masked_block(call, node, tokens, f"{name} block {call.name}"))
+        if i in masked:
+            _set_submodule(model, call.name, masked[i])
             # The block's other arguments were constants, now baked into its traced graph.
             node.args, node.kwargs = node.args[:1], {"tokenprune_policy": policy}
 
