@@ -220,18 +220,10 @@ def test_tokenprune_file_for_another_architecture(converted: Path, tmp_path: Pat
     assert "does not fit" in result.stderr and "shape mismatch" in result.stderr
 
 
-class _Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def test_malicious_pickle_checkpoint_is_refused_unexecuted(tmp_path: Path):
-    marker = tmp_path / "pwned"
+def test_malicious_pickle_checkpoint_is_refused_unexecuted(tmp_path: Path, code_payload):
+    payload, marker = code_payload
     with open(tmp_path / "evil.pth", "wb") as f:
-        pickle.dump({"state_dict": _Payload(marker)}, f)
+        pickle.dump({"state_dict": payload}, f)
     result = run("convert", MODEL, "--out", tmp_path / "out", *TINY, "--flops-only", "--checkpoint",
                  tmp_path / "evil.pth")  # fmt: skip
     assert result.exit_code == EXIT_ERROR and "refused" in result.stderr

@@ -143,20 +143,12 @@ def test_safetensors_checkpoint_loads(tmp_path: Path):
     assert torch.equal(model.head.weight, source.head.weight)
 
 
-class _Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def test_pickle_that_would_run_code_is_refused(tmp_path: Path):
-    marker = tmp_path / "executed"
+def test_pickle_that_would_run_code_is_refused(tmp_path: Path, code_payload):
+    payload, marker = code_payload
     for suffix, dump in ((".pth", lambda obj, f: torch.save(obj, f)), (".bin", pickle.dump)):
         path = tmp_path / f"evil{suffix}"
         with open(path, "wb") as f:
-            dump({"state_dict": {"w": torch.zeros(1)}, "x": _Payload(marker)}, f)
+            dump({"state_dict": {"w": torch.zeros(1)}, "x": payload}, f)
         with pytest.raises(CheckpointError, match="Nothing from it was executed"):
             read_weights(path)
     assert not marker.exists()
