@@ -8,6 +8,8 @@ Recognised, by where they sit in the graph rather than by class:
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -15,6 +17,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..nn.masked import masked_mha, masked_sdpa, masked_softmax, supports_masked_mha
+from ._graph import node_shape
 from .tracing import call_leaf
 
 __all__ = ["mask_block_attention"]
@@ -24,18 +27,13 @@ _SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax}
 _SDPA_ARGS = ("attn_mask", "dropout_p", "is_causal", "scale")
 
 
-def _meta_shape(node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
 def _is_attention_softmax(node: fx.Node, tokens: int) -> bool:
     if not (
         (node.op == "call_method" and node.target == "softmax")
         or (node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS)
     ):
         return False
-    shape = _meta_shape(node.args[0])
+    shape = node_shape(node.args[0])
     return shape is not None and len(shape) >= 3 and shape[-1] == shape[-2] == tokens
 
 
@@ -59,20 +57,13 @@ def _check_no_position_inputs(gm: fx.GraphModule, node: fx.Node, tokens: int, wh
     for a in _ancestors(node):
         if a.op != "get_attr":
             continue
-        value = _fetch(gm, a.target)
+        value = operator.attrgetter(a.target)(gm)
         if isinstance(value, torch.Tensor) and tokens in tuple(value.shape):
             raise UnsupportedModelError(
                 f"{where}: its attention uses {a.target!r} of shape {tuple(value.shape)}, indexed by token position "
                 "(e.g. a relative position bias). Pruning tokens would leave it misaligned, so tokenprune refuses "
                 "this block; choose a model with absolute position embeddings."
             )
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def mask_block_attention(gm: fx.GraphModule, tokens: int, where: str) -> int:
@@ -109,7 +100,7 @@ def mask_block_attention(gm: fx.GraphModule, tokens: int, where: str) -> int:
             with graph.inserting_before(node):
                 replacement = call_leaf(graph, masked_sdpa, (q, k, v, policy), kwargs)
         elif _is_attention_softmax(node, tokens):
-            if _softmax_dim(node) not in (-1, len(_meta_shape(node.args[0])) - 1):
+            if _softmax_dim(node) not in (-1, len(node_shape(node.args[0])) - 1):
                 raise UnsupportedModelError(f"{where}: an attention softmax that is not over the last dim.")
             _check_no_position_inputs(gm, node, tokens, where)
             with graph.inserting_before(node):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import operator
 
 import torch
@@ -14,57 +13,22 @@ from ..errors import UnsupportedModelError
 from ..nn.masked import index_policy, masked_token_mean
 from ..nn.recorder import SparsityRecorder
 from ..nn.select import TokenSelector
+from ._graph import block_concrete_args, chain_nodes, node_shape, set_submodule
 from .attention import mask_block_attention
 from .discovery import SHAPE_ONLY, Call, Chain, prefix_token_count
-from .tracing import call_leaf, forward_defaults, trace
+from .tracing import call_leaf, trace
 
 __all__ = ["rewrite_token_chain", "RECORDER"]
 
 RECORDER = "tokenprune_recorder"
 
 
-def _chain_nodes(gm: fx.GraphModule, chain: Chain, name: str) -> list[fx.Node]:
-    by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
-    nodes = [by_target.get(block) for block in chain.names]
-    linked = all(n is not None for n in nodes) and all(b.args and b.args[0] is a for a, b in zip(nodes, nodes[1:]))
-    if not linked:
-        raise UnsupportedModelError(
-            f"{name}: the blocks {chain.names[0]} .. {chain.names[-1]} run in sequence, but the traced graph does not "
-            "call them one after another; tokenprune cannot insert its stages between them."
-        )
-    return nodes
-
-
-def _block_concrete_args(block: nn.Module, node: fx.Node, where: str) -> dict[str, object]:
-    """Constants the top-level graph passes to a block besides its tokens; a runtime tensor there is refused."""
-    params = list(inspect.signature(block.forward).parameters)
-    bound = dict(zip(params[1:], node.args[1:], strict=False), **node.kwargs)
-    for key, value in bound.items():
-        if isinstance(value, fx.Node):
-            raise UnsupportedModelError(
-                f"{where}: the block takes the runtime input {key!r} besides its tokens (for example rotary "
-                "embeddings). It is indexed by token and would have to be pruned with the tokens; tokenprune does "
-                "not do that yet, so it refuses rather than compute something wrong."
-            )
-    return {**forward_defaults(block), **bound}
-
-
 def _masked_block(call: Call, node: fx.Node, tokens: int, where: str) -> fx.GraphModule:
-    concrete = _block_concrete_args(call.module, node, where)
+    concrete = block_concrete_args(call.module, node, where)
     gm = trace(call.module, concrete_args=concrete, name=where)
     ShapeProp(gm).propagate(call.args[0])
     mask_block_attention(gm, tokens, where)
     return gm
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
-def _meta_shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _token_index(node: fx.Node) -> object | None:
@@ -91,7 +55,7 @@ def _mask_head(graph: fx.Graph, start: fx.Node, policy: fx.Node | None, name: st
         src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if src not in masks or node.op == "output" or (node.op, node.target) in SHAPE_ONLY:
             continue
-        shape_in, shape_out = _meta_shape(src), _meta_shape(node)
+        shape_in, shape_out = node_shape(src), node_shape(node)
         if node.op == "call_function" and node.target is operator.getitem and _token_index(node) is not None:
             with graph.inserting_after(node):
                 masks[node] = call_leaf(graph, index_policy, (masks[src], _token_index(node)))
@@ -127,7 +91,7 @@ def rewrite_token_chain(
     """
     gm = trace(model, leaves=[c.module for c in chain.calls], name=name)
     ShapeProp(gm).propagate(example)
-    nodes = _chain_nodes(gm, chain, name)
+    nodes = chain_nodes(gm, chain, name)
     image = next(n for n in gm.graph.nodes if n.op == "placeholder")
     prefix = prefix_token_count(nodes[0].args[0], image)
     tokens = chain.shape[1]
@@ -159,7 +123,7 @@ def rewrite_token_chain(
                 )
             node.update_arg(0, x)
         if i in masked:
-            _set_submodule(model, call.name, masked[i])
+            set_submodule(model, call.name, masked[i])
             # The block's other arguments were constants, now baked into its traced graph.
             node.args, node.kwargs = node.args[:1], {"tokenprune_policy": policy}
 

@@ -32,8 +32,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import UnsupportedModelError
 from ..nn.asymmetric import AsymmetricPath, gather_locations
 from ..nn.spatial_predictor import SpatialRecorder, SpatialSelector
+from ._graph import block_concrete_args, chain_nodes, node_shape, set_submodule
 from .discovery import Call, Chain, depends_on
-from .rewrite import RECORDER, _block_concrete_args, _chain_nodes, _set_submodule
+from .rewrite import RECORDER
 from .tracing import call_leaf, trace, training_dependent
 
 __all__ = ["SlowPath", "find_slow_path", "rewrite_spatial_chain", "BLOCK_INPUTS"]
@@ -65,11 +66,6 @@ class SlowPath:
     channel: int
     spatial: tuple[int, ...]
     dim: int
-
-
-def _shape(node: fx.Node) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta")
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -107,7 +103,7 @@ def _broadcasts_per_channel(other: object, rank: int, channel: int) -> bool:
     """A constant operand is per location when it is 1 along every dim but the channel one."""
     if not isinstance(other, fx.Node):
         return isinstance(other, (int, float))
-    shape = _shape(other)
+    shape = node_shape(other)
     if shape is None or len(shape) > rank:
         return False
     padded = (1,) * (rank - len(shape)) + shape
@@ -117,7 +113,7 @@ def _broadcasts_per_channel(other: object, rank: int, channel: int) -> bool:
 def _layout_after(gm: fx.GraphModule, node: fx.Node, data: fx.Node, layout: tuple[int, tuple[int, ...]], x: fx.Node):
     """The (channel, spatial) layout of `node`'s output given its data input's, or None if it mixes locations."""
     channel, spatial = layout
-    shape_in, shape_out = _shape(data), _shape(node)
+    shape_in, shape_out = node_shape(data), node_shape(node)
     if shape_in is None or shape_out is None or len(shape_in) != len(shape_out):
         return None
     rank, last = len(shape_in), len(shape_in) - 1
@@ -202,7 +198,7 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, identity_leaves: set[int], 
             params = [n for n in run if isinstance(_module(gm, n), (nn.Linear, nn.Conv2d)) or n.target is F.linear]
             if not params:
                 continue
-            shape_in, shape_out = _shape(entry), _shape(branch)
+            shape_in, shape_out = node_shape(entry), node_shape(branch)
             layout = _entry_layout(shape_in, chain) if shape_in else None
             if shape_in != shape_out or layout is None:
                 reasons.append(
@@ -244,7 +240,7 @@ def _identity_in_eval(gm: fx.GraphModule, leaves: list[nn.Module], device: torch
     found = set()
     for node in gm.graph.nodes:
         m = _module(gm, node)
-        if m is None or not any(m is leaf for leaf in leaves) or _shape(node) is None:
+        if m is None or not any(m is leaf for leaf in leaves) or node_shape(node) is None:
             continue
         meta = node.args[0].meta["tensor_meta"]
         probe = torch.randn(meta.shape, dtype=meta.dtype, device=device)
@@ -257,7 +253,7 @@ def _identity_in_eval(gm: fx.GraphModule, leaves: list[nn.Module], device: torch
 def _asymmetric_block(call: Call, node: fx.Node, chain: Chain, where: str) -> fx.GraphModule:
     """Trace one block and route its slow path through an `AsymmetricPath` (gather before, mix/scatter after)."""
     leaves = training_dependent(call.module, where)  # trace keeps them as calls; the slow-path search needs them
-    gm = trace(call.module, concrete_args=_block_concrete_args(call.module, node, where), name=where)
+    gm = trace(call.module, concrete_args=block_concrete_args(call.module, node, where), name=where)
     ShapeProp(gm).propagate(*call.args[:1])
     path = find_slow_path(gm, chain, _identity_in_eval(gm, leaves, call.args[0].device), where)
     graph = gm.graph
@@ -307,7 +303,7 @@ def rewrite_spatial_chain(
     """
     gm = trace(model, leaves=[c.module for c in chain.calls], name=name)
     ShapeProp(gm).propagate(example)
-    nodes = _chain_nodes(gm, chain, name)
+    nodes = chain_nodes(gm, chain, name)
     blocks = {
         i: _asymmetric_block(call, node, chain, f"{name} block {call.name}")
         for i, (call, node) in enumerate(zip(chain.calls, nodes))
@@ -327,7 +323,7 @@ def rewrite_spatial_chain(
                 out = graph.call_module(target, (node.args[0], mask, keep))
                 mask, keep, drop = (graph.call_function(operator.getitem, (out, j)) for j in range(3))
         if i in blocks:
-            _set_submodule(model, call.name, blocks[i])
+            set_submodule(model, call.name, blocks[i])
             node.args, node.kwargs = node.args[:1], dict(zip(BLOCK_INPUTS, (mask, keep, drop)))
 
     recorder = SpatialRecorder(chain.names[-1], 0)
