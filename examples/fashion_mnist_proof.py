@@ -57,8 +57,8 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
             "sparsify.enabled=false",
             "model.checkpoint=null",
             f"optim.epochs={args.teacher_epochs}",
-            "optim.lr=1e-3",
-            "optim.warmup_epochs=0.3",
+            f"optim.lr={args.teacher_lr}",
+            "optim.warmup_epochs=0.5",
             f"run.output_dir={out / 'teacher'}",
         ]
     else:
@@ -157,7 +157,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/fmnist", help="where the three runs and the results go")
     parser.add_argument("--stages", default="teacher,student,learned,report")
-    parser.add_argument("--teacher-epochs", type=float, default=2.0)
+    parser.add_argument("--teacher-epochs", type=float, default=6.0)
+    parser.add_argument("--teacher-lr", type=float, default=1.5e-3)
     parser.add_argument("--student-epochs", type=float, default=3.0)
     parser.add_argument("--width", type=int, default=96, help="embedding width (3 heads)")
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
