@@ -162,3 +162,24 @@ def test_deepcopy_and_pickle_round_trip(pair):
             clone.eval()
             torch.testing.assert_close(clone(x), expected)
             assert tokenprune.config_of(clone).keep_ratios == tokenprune.config_of(sparse).keep_ratios
+
+
+def test_masked_softmax_matches_softmax_over_kept_tokens_with_bounded_gate_gradient():
+    """Forward: the softmax over kept keys (diagonal always open). Backward: a dropped key that out-scores every kept
+    one (an attention sink) must not get an exploding gate gradient; its tangent is capped at 1/Z."""
+    from tokenprune.nn.masked import masked_softmax
+
+    torch.manual_seed(0)
+    scores = torch.randn(2, 3, 5, 5)
+    scores[..., 1] += 40.0  # key 1 dominates every row
+    policy = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]).repeat(2, 1).unsqueeze(-1).requires_grad_(True)
+    attn = masked_softmax(scores, policy)
+    gate = policy.detach().reshape(2, 1, 1, 5) + (1 - policy.detach().reshape(2, 1, 1, 5)) * torch.eye(5)
+    expected = (scores.masked_fill(gate == 0, float("-inf"))).softmax(-1)
+    torch.testing.assert_close(attn, expected)
+    (attn * torch.randn_like(attn)).sum().backward()
+    assert torch.isfinite(policy.grad).all()
+    # Unbounded, the tangent of key 1 would be about exp(40); capped, each row contributes at most |upstream| / Z.
+    assert policy.grad.abs().max() < 2 * 3 * 5 * 5
+    # Kept keys and the scores still get their ordinary gradients.
+    assert policy.grad[:, [0, 2, 3]].abs().sum() > 0

@@ -37,7 +37,12 @@ def masked_softmax(scores: torch.Tensor, policy: torch.Tensor | None, dim: int =
     gate = _attention_gate(policy, scores.shape[-1])
     scores32 = scores.float()
     row_max = scores32.masked_fill(gate == 0, float("-inf")).amax(dim=-1, keepdim=True).detach()
-    weights = torch.exp(scores32 - row_max) * gate
+    shifted = scores32 - row_max
+    # A closed gate's tangent is exp(a_ij - max_open) / Z: unbounded when a dropped token out-scores every kept one
+    # (attention sinks), and such outliers then outvote every other token's gradient. Capping the exponent of closed
+    # entries at the kept maximum leaves the forward unchanged (their weight is 0) and bounds that tangent by 1/Z.
+    shifted = torch.where(gate > 0, shifted, shifted.clamp_max(0.0))
+    weights = torch.exp(shifted) * gate
     return (weights / weights.sum(dim=-1, keepdim=True)).to(scores.dtype)
 
 
