@@ -95,6 +95,31 @@ def top1(model: torch.nn.Module, dataset, batch_size: int = 500) -> float:
     return 100.0 * correct / total
 
 
+class RandomScores(torch.nn.Module):
+    """Stands in for a predictor: uniform random keep scores, so top-k keeps a random subset of the same size."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
+        keep = torch.rand(x.shape[:2], generator=self.generator).clamp(1e-6, 1 - 1e-6)
+        return torch.stack([keep, 1 - keep], dim=-1).log()
+
+
+def random_selection_top1(student: torch.nn.Module, dataset) -> float:
+    """The ablation: the student's top-1 when each stage keeps as many tokens, chosen at random."""
+    stages = tokenprune.selectors(student)
+    predictors = [s.predictor for s in stages]
+    try:
+        for s in stages:
+            s.predictor = RandomScores()
+        return top1(student, dataset)
+    finally:
+        for s, predictor in zip(stages, predictors, strict=True):
+            s.predictor = predictor
+
+
 def _student(teacher: torch.nn.Module, path: Path) -> torch.nn.Module:
     config = torch.load(path, map_location="cpu", weights_only=False)["sparsify_config"]
     student = tokenprune.sparsify(
@@ -121,7 +146,8 @@ def report(args: argparse.Namespace) -> dict:
     results["teacher"] = {"top1": top1(teacher, data.val), "gmacs": dense_gmacs}
     if (out / "control" / "final.pt").is_file():
         control = load_weights(build_teacher(recipe), out / "control" / "final.pt").eval()
-        results["control"] = {"top1": top1(control, data.val), "gmacs": dense_gmacs}
+        epochs = load_recipe(out / "control" / "recipe.yaml").optim.epochs
+        results["control"] = {"top1": top1(control, data.val), "gmacs": dense_gmacs, "epochs": epochs}
     for name in ("student", "learned"):
         path = out / name / "final.pt"
         if not path.is_file():
@@ -131,6 +157,7 @@ def report(args: argparse.Namespace) -> dict:
         speed = compare(teacher, student, (1, 28, 28), batch_size=args.speed_batch, repeats=args.speed_repeats)
         results[name] = {
             "top1": top1(student, data.val),
+            "random_selection_top1": random_selection_top1(student, data.val),
             "gmacs": flops.gmacs,
             "flops_vs_teacher": flops.gmacs / dense_gmacs,
             "keep_ratios": [s.keep_ratio for s in tokenprune.selectors(student)],
@@ -151,21 +178,23 @@ def _markdown(results: dict, args: argparse.Namespace) -> str:
         f"ViT depth 12, width {args.width}, 49+1 tokens, {results['test_images']} test images, "
         f"{results['threads']} CPU thread(s).",
         "",
-        f"| model | top-1 | GMACs | x teacher FLOPs | keep ratios | img/s (CPU, batch {args.speed_batch}) | speed-up |",
-        "|---|---|---|---|---|---|---|",
-        f"| teacher (dense) | {teacher['top1']:.2f} | {teacher['gmacs']:.4f} | 1.00 | - | - | - |",
+        f"| model | top-1 | top-1, random tokens | GMACs | x teacher FLOPs | keep ratios | "
+        f"img/s (CPU, batch {args.speed_batch}) | speed-up |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| teacher (dense) | {teacher['top1']:.2f} | - | {teacher['gmacs']:.4f} | 1.00 | - | - | - |",
     ]
     if "control" in results:
         lines.append(
-            f"| control: teacher + {args.student_epochs:g} dense epochs | {results['control']['top1']:.2f} | "
-            f"{teacher['gmacs']:.4f} | 1.00 | - | - | - |"
+            f"| control: teacher + {results['control']['epochs']:g} dense epochs | {results['control']['top1']:.2f} | "
+            f"- | {teacher['gmacs']:.4f} | 1.00 | - | - | - |"
         )
     for name in ("student", "learned"):
         if name in results:
             r = results[name]
             ratios = ", ".join(f"{k:.3f}" for k in r["keep_ratios"])
             lines.append(
-                f"| {name} | {r['top1']:.2f} | {r['gmacs']:.4f} | {r['flops_vs_teacher']:.3f} | {ratios} | "
+                f"| {name} | {r['top1']:.2f} | {r['random_selection_top1']:.2f} | {r['gmacs']:.4f} | "
+                f"{r['flops_vs_teacher']:.3f} | {ratios} | "
                 f"{r['images_per_s']:.0f} (teacher {r['teacher_images_per_s']:.0f}) | {r['speedup']:.2f}x |"
             )
     return "\n".join(lines) + "\n"
