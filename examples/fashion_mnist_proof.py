@@ -65,9 +65,11 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
             f"run.output_dir={out / 'teacher'}",
         ]
     elif stage == "control":
+        optim = load_recipe(RECIPE).optim  # a dense run trains every parameter at optim.lr: use the backbone's
         overrides = [
             "sparsify.enabled=false",
             f"model.checkpoint={teacher_ckpt}",
+            f"optim.lr={optim.lr * optim.backbone_lr_scale:g}",
             f"optim.epochs={args.student_epochs}",
             f"run.output_dir={out / 'control'}",
         ]
