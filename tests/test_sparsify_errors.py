@@ -69,21 +69,9 @@ def test_no_chain_at_all():
         tokenprune.sparsify(model, 0.7, example_inputs=torch.randn(2, 3, 8, 8))
 
 
-def test_rotary_embeddings_are_refused():
-    model = timm.create_model("eva02_tiny_patch14_224", depth=4).eval()
-    with pytest.raises(UnsupportedModelError, match="runtime input 'rope'"):
-        tokenprune.sparsify(model, 0.7)
-
-
-def test_relative_position_bias_is_refused():
-    model = timm.create_model("beit_base_patch16_224", depth=4).eval()
-    with pytest.raises(UnsupportedModelError, match="relative position bias"):
-        tokenprune.sparsify(model, 0.7)
-
-
-def test_token_mixing_without_attention_is_refused():
+def test_token_mixing_mlp_is_refused_naming_the_node():
     model = timm.create_model("mixer_s16_224").eval()
-    with pytest.raises(UnsupportedModelError, match="no attention found"):
+    with pytest.raises(UnsupportedModelError, match=r"mixer_s16_224 block blocks\.1: .*mixes the token axis"):
         tokenprune.sparsify(model, 0.7)
 
 
@@ -113,11 +101,3 @@ def test_bad_execution(deit):
 def test_errors_share_one_base():
     for cls in (ConfigError, UnsupportedModelError, tokenprune.CheckpointError, tokenprune.DataError):
         assert issubclass(cls, TokenPruneError)
-
-
-def test_refusal_leaves_an_inplace_model_as_it_was():
-    model = timm.create_model("eva02_tiny_patch14_224", depth=4).eval()
-    blocks = list(model.blocks)
-    with pytest.raises(UnsupportedModelError):
-        tokenprune.sparsify(model, 0.7, inplace=True)
-    assert list(model.blocks) == blocks and not tokenprune.selectors(model)

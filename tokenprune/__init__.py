@@ -7,13 +7,14 @@ from .export import export
 from .measure import profile
 from .models import create_model
 from .nn.recorder import selectors
-from .sparsify import config_of, set_execution, sparsify
+from .sparsify import config_of, plan, set_execution, sparsify
 from .state import SparsityState, sparsity_state
 
 __version__ = "0.1.0"
 
 __all__ = [
     "sparsify",
+    "plan",
     "sparsity_state",
     "set_execution",
     "selectors",

@@ -11,15 +11,15 @@ import torch
 from torch import nn
 
 from .config import SparsifyConfig, check_ratio, default_keep_ratios, default_locations
-from .errors import ConfigError, UnsupportedModelError
+from .errors import ConfigError, TokenPruneError, UnsupportedModelError
 from .fx.discovery import Chain, find_chain
-from .fx.rewrite import rewrite_token_chain
-from .fx.spatial import rewrite_spatial_chain
+from .fx.plan import Plan, apply_plan, build_plan
+from .fx.selfcheck import self_check
 from .fx.tracing import example_input, model_name
 from .nn.recorder import find_recorder, selectors
 from .nn.select import EXECUTIONS
 
-__all__ = ["sparsify", "set_execution", "config_of", "find_config"]
+__all__ = ["sparsify", "plan", "set_execution", "config_of", "find_config"]
 
 
 def _check_locations(locations: Sequence[int] | None, depth: int, kind: str, name: str) -> list[int]:
@@ -96,41 +96,82 @@ def sparsify(
         UnsupportedModelError: when the model can't be traced, has no chain, or can't be rewritten exactly.
     """
     name = model_name(model)
-    ratio = check_ratio(ratio)
-    if not isinstance(model, nn.Module):
-        raise UnsupportedModelError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}.")
-    if any(True for _ in selectors(model)):
-        raise UnsupportedModelError(f"{name} is already sparsified; sparsify the original model instead.")
     target = model if inplace else copy.deepcopy(model)
     training = target.training
-    target.eval()
-    example = example_input(target, example_inputs)
-    chain = find_chain(target, example)
-    if chain is None:
-        raise UnsupportedModelError(
-            f"{name}: no chain of blocks mapping tokens [B, N, C] (or feature maps) to the same shape was found, so "
-            "there is nothing to sparsify. Supported: ViT-style models (timm, torchvision)."
-        )
-    locs = _check_locations(locations, len(chain.calls), chain.kind, name)
-    ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
-    if chain.kind != "token":
-        # Feature maps (ConvNeXt, Swin): slow/fast paths per location, the map kept whole (DESIGN 1.2).
-        sparse, prefix = rewrite_spatial_chain(target, chain, example, locs, ratios, name), 0
-    else:
-        sparse, prefix = rewrite_token_chain(target, chain, example, locs, ratios, name)
-        _warn_tiny_keep(chain, prefix, ratios, name)
+    the_plan, example = _analyse(target, ratio, locations, keep_ratios, example_inputs, name)
+    applied = apply_plan(target, the_plan)
+    sparse = applied.model
+    try:
+        self_check(sparse, the_plan.chain, the_plan.locations, example, name)
+    except TokenPruneError:
+        applied.rollback()
+        target.train(training)
+        raise
+    chain = the_plan.chain
     find_recorder(sparse).config = SparsifyConfig(
         ratio=ratio,
-        locations=locs,
-        keep_ratios=ratios,
+        locations=the_plan.locations,
+        keep_ratios=the_plan.keep_ratios,
         kind=chain.kind,
         chain=chain.names,
-        prefix_tokens=prefix,
+        prefix_tokens=the_plan.prefix,
         model_name=name,
         input_size=tuple(example.shape[1:]),
         source=getattr(model, "tokenprune_source", None),
     )
     return sparse.train(training)
+
+
+def _analyse(model, ratio, locations, keep_ratios, example_inputs, name) -> tuple[Plan, torch.Tensor]:
+    """Check the options and build the plan; `model` is left unchanged (its training flag restored) on refusal."""
+    ratio = check_ratio(ratio)
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}.")
+    if any(True for _ in selectors(model)):
+        raise UnsupportedModelError(f"{name} is already sparsified; sparsify the original model instead.")
+    training = model.training
+    model.eval()
+    try:
+        example = example_input(model, example_inputs)
+        chain = find_chain(model, example)
+        if chain is None:
+            raise UnsupportedModelError(
+                f"{name}: no chain of blocks mapping tokens [B, N, C] (or feature maps) to the same shape was found, "
+                "so there is nothing to sparsify. Supported: ViT-style models and hierarchical models whose blocks "
+                "end in a per-location MLP (timm, torchvision)."
+            )
+        locs = _check_locations(locations, len(chain.calls), chain.kind, name)
+        ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
+        the_plan = build_plan(model, chain, example, locs, ratios, name)
+        if chain.kind == "token":
+            _warn_tiny_keep(chain, the_plan.prefix, ratios, name)
+        return the_plan, example
+    except TokenPruneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a model tokenprune cannot analyse gets a reason, never a raw traceback
+        raise UnsupportedModelError(
+            f"{name}: tokenprune could not analyse this model ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); it refuses it rather than guess. The cause is chained to "
+            "this error; please report it with the model's name."
+        ) from e
+    finally:
+        model.train(training)
+
+
+def plan(
+    model: nn.Module,
+    ratio: float = 0.7,
+    *,
+    locations: Sequence[int] | None = None,
+    keep_ratios: Sequence[float] | None = None,
+    example_inputs: torch.Tensor | None = None,
+) -> Plan:
+    """What `sparsify` would do to `model`, without changing it: `print(tokenprune.plan(model).describe())`.
+
+    Raises:
+        ConfigError, UnsupportedModelError: as `sparsify` (the self-check, which needs the applied model, aside).
+    """
+    return _analyse(model, ratio, locations, keep_ratios, example_inputs, model_name(model))[0]
 
 
 def config_of(model: nn.Module) -> SparsifyConfig:

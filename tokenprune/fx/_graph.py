@@ -9,9 +9,8 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from .discovery import Chain
-from .tracing import forward_defaults
 
-__all__ = ["node_shape", "chain_nodes", "block_concrete_args", "set_submodule"]
+__all__ = ["node_shape", "chain_nodes", "block_inputs", "recorded_inputs", "set_submodule"]
 
 
 def node_shape(node: object) -> tuple[int, ...] | None:
@@ -39,15 +38,36 @@ def chain_nodes(gm: fx.GraphModule, chain: Chain, name: str) -> list[fx.Node]:
     return nodes
 
 
-def block_concrete_args(block: nn.Module, node: fx.Node, where: str) -> dict[str, object]:
-    """Constants the top-level graph passes to a block besides its tokens; a runtime tensor there is refused."""
-    params = list(inspect.signature(block.forward).parameters)
-    bound = dict(zip(params[1:], node.args[1:], strict=False), **node.kwargs)
-    for key, value in bound.items():
-        if isinstance(value, fx.Node):
-            raise UnsupportedModelError(
-                f"{where}: the block takes the runtime input {key!r} besides its tokens (for example rotary "
-                "embeddings). It is indexed by token and would have to be pruned with the tokens; tokenprune does "
-                "not do that yet, so it refuses rather than compute something wrong."
-            )
-    return {**forward_defaults(block), **bound}
+def block_inputs(block: nn.Module, node: fx.Node, where: str) -> tuple[dict[str, object], dict[str, object]]:
+    """Split a block's forward arguments after the first into constants of the trace and run-time inputs.
+
+    Returns:
+        (concrete, runtime): `concrete` maps argument names to the constants the top-level graph passes (or the
+        defaults), `runtime` maps the others to the top-level nodes that compute them (a rotary embedding, a feature
+        map size). Run-time inputs stay inputs of the traced block.
+
+    Raises:
+        UnsupportedModelError: a required argument that the call does not pass.
+    """
+    params = [
+        p
+        for p in inspect.signature(block.forward).parameters.values()
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    bound = dict(zip([p.name for p in params[1:]], node.args[1:], strict=False), **node.kwargs)
+    concrete, runtime = {}, {}
+    for p in params[1:]:
+        if p.name in bound:
+            value = bound[p.name]
+            (runtime if isinstance(value, fx.Node) else concrete)[p.name] = value
+        elif p.default is inspect.Parameter.empty:
+            raise UnsupportedModelError(f"{where}: the block is called without its argument {p.name!r}.")
+        else:
+            concrete[p.name] = p.default
+    return concrete, runtime
+
+
+def recorded_inputs(block: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> list[object]:
+    """The values a recorded call passed for the named arguments, to propagate shapes through the traced block."""
+    bound = inspect.signature(block.forward).bind(*args, **kwargs)
+    return [bound.arguments[n] for n in names]

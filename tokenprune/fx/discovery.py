@@ -36,6 +36,7 @@ class Chain:
     calls: list[Call]
     layout: str  # "BNC" for token chains, "BCHW" or "BHWC" for spatial ones
     kind: str = field(init=False)
+    reference: object = None  # the model's output on the example, before any change (for the self-check)
 
     def __post_init__(self) -> None:
         self.kind = "token" if self.layout == "BNC" else "spatial"
@@ -49,7 +50,7 @@ class Chain:
         return tuple(self.calls[0].output.shape)
 
 
-def _record_calls(model: nn.Module, example: torch.Tensor) -> list[Call]:
+def _record_calls(model: nn.Module, example: torch.Tensor) -> tuple[list[Call], object]:
     calls: list[Call] = []
     started: dict[int, int] = {}
     counter = iter(range(1 << 30))
@@ -78,11 +79,11 @@ def _record_calls(model: nn.Module, example: torch.Tensor) -> list[Call]:
             handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
     try:
         with torch.no_grad():
-            model(example)
+            output = model(example)
     finally:
         for h in handles:
             h.remove()
-    return sorted(calls, key=lambda c: c.order)
+    return sorted(calls, key=lambda c: c.order), output
 
 
 def _layout(shape: torch.Size) -> str:
@@ -94,7 +95,7 @@ def _layout(shape: torch.Size) -> str:
 
 def find_chain(model: nn.Module, example: torch.Tensor) -> Chain | None:
     """Run `model` once on `example` and return its longest chain of same-type blocks (None if shorter than 2)."""
-    calls = _record_calls(model, example)
+    calls, output = _record_calls(model, example)
     by_input: dict[int, list[Call]] = {}
     for c in calls:
         by_input.setdefault(id(c.args[0]), []).append(c)
@@ -115,9 +116,11 @@ def find_chain(model: nn.Module, example: torch.Tensor) -> Chain | None:
             run.append(s)
         if len(run) > len(best):
             best = run
-    return Chain(best, _layout(best[0].output.shape)) if len(best) >= 2 else None
+    return Chain(best, _layout(best[0].output.shape), output) if len(best) >= 2 else None
 
 
+# reason: torch.concat and torch.concatenate are aliases of torch.cat that models use too.
+_CATS = {torch.cat, getattr(torch, "concat", torch.cat), getattr(torch, "concatenate", torch.cat)}
 SHAPE_ONLY = {("call_function", getattr), ("call_method", "size"), ("call_method", "dim")}
 
 
@@ -149,7 +152,7 @@ def prefix_token_count(chain_input: fx.Node, image: fx.Node) -> int | None:
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "call_function" and n.target is torch.cat:
+        if n.op == "call_function" and n.target in _CATS:
             tensors = n.args[0] if n.args else n.kwargs["tensors"]
             dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
             rank = len(n.meta["tensor_meta"].shape)

@@ -32,12 +32,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import UnsupportedModelError
 from ..nn.asymmetric import AsymmetricPath, gather_locations
 from ..nn.spatial_predictor import SpatialRecorder, SpatialSelector
-from ._graph import block_concrete_args, chain_nodes, node_shape, set_submodule
+from ._graph import block_inputs, chain_nodes, node_shape
 from .discovery import Call, Chain, depends_on
-from .rewrite import RECORDER
+from .plan import RECORDER, Plan
 from .tracing import call_leaf, trace, training_dependent
 
-__all__ = ["SlowPath", "find_slow_path", "rewrite_spatial_chain", "BLOCK_INPUTS"]
+__all__ = ["SlowPath", "find_slow_path", "plan_spatial", "BLOCK_INPUTS"]
 
 #: Names of the block inputs the rewrite adds: a stage's mask (masked execution), kept and dropped locations (gathered).
 BLOCK_INPUTS = ("tokenprune_mask", "tokenprune_keep", "tokenprune_drop")
@@ -250,10 +250,16 @@ def _identity_in_eval(gm: fx.GraphModule, leaves: list[nn.Module], device: torch
     return found
 
 
-def _asymmetric_block(call: Call, node: fx.Node, chain: Chain, where: str) -> fx.GraphModule:
+def _asymmetric_block(call: Call, node: fx.Node, chain: Chain, where: str) -> tuple[fx.GraphModule, SlowPath]:
     """Trace one block and route its slow path through an `AsymmetricPath` (gather before, mix/scatter after)."""
     leaves = training_dependent(call.module, where)  # trace keeps them as calls; the slow-path search needs them
-    gm = trace(call.module, concrete_args=block_concrete_args(call.module, node, where), name=where)
+    concrete, runtime = block_inputs(call.module, node, where)
+    if runtime:
+        raise UnsupportedModelError(
+            f"{where}: the block takes the run-time input(s) {', '.join(map(repr, runtime))} besides its feature map; "
+            "the spatial rewrite handles blocks called with the map alone."
+        )
+    gm = trace(call.module, concrete_args=concrete, name=where)
     ShapeProp(gm).propagate(*call.args[:1])
     path = find_slow_path(gm, chain, _identity_in_eval(gm, leaves, call.args[0].device), where)
     graph = gm.graph
@@ -281,34 +287,39 @@ def _asymmetric_block(call: Call, node: fx.Node, chain: Chain, where: str) -> fx
     # Put back the original children so `block.mlp` keeps its type and the state_dict its names.
     for child_name, child in call.module.named_children():
         setattr(block, child_name, child)
-    return block
+    return block, path
 
 
-def rewrite_spatial_chain(
+def plan_spatial(
     model: nn.Module,
     chain: Chain,
     example: torch.Tensor,
     locations: list[int],
     keep_ratios: list[float],
     name: str,
-) -> fx.GraphModule:
-    """Rewrite `model` into a spatially sparsified GraphModule that shares `model`'s parameters (DESIGN 1.2).
-
-    A `SpatialSelector` runs before each location; every block from the first location on runs its slow path at the
-    locations the latest stage kept and a fast path elsewhere; the map stays whole, so the head is untouched.
+) -> Plan:
+    """Analyse a spatial chain into a plan (docs/design.md §1.2): a `SpatialSelector` before each location; every
+    block from the first location on runs its slow path at the locations the latest stage kept and a fast path
+    elsewhere; the map stays whole, so the head is untouched.
 
     Raises:
-        UnsupportedModelError: when a block has no slow path by the structural rule (e.g. ResNet bottlenecks). The
-            model is analysed before anything is changed, so it is left as it was.
+        UnsupportedModelError: when a block has no slow path by the structural rule (e.g. ResNet bottlenecks), or
+            its fast path would cost as much as the slow path it replaces (the sparse model would not be cheaper).
     """
     gm = trace(model, leaves=[c.module for c in chain.calls], name=name)
     ShapeProp(gm).propagate(example)
     nodes = chain_nodes(gm, chain, name)
-    blocks = {
-        i: _asymmetric_block(call, node, chain, f"{name} block {call.name}")
-        for i, (call, node) in enumerate(zip(chain.calls, nodes))
-        if i >= locations[0]
-    }
+    plan = Plan(name=name, kind="spatial", chain=chain, locations=locations, keep_ratios=keep_ratios)
+    for i, (call, node) in enumerate(zip(chain.calls, nodes)):
+        if i >= locations[0]:
+            where = f"{name} block {call.name}"
+            block, path = _asymmetric_block(call, node, chain, where)
+            _check_saves(block, path, where)
+            plan.replace[call.name] = block
+            plan.notes.append(
+                f"block {call.name}: slow path {path.nodes[0].name} .. {path.exit.name} "
+                f"({_path_macs(block, path)} MACs per location) beside a fast path"
+            )
     channel = 1 if chain.layout == "BCHW" else 3
     graph, mask, keep, drop = gm.graph, None, None, None
     stage_at = {loc: s for s, loc in enumerate(locations)}
@@ -317,17 +328,16 @@ def rewrite_spatial_chain(
             s = stage_at[i]
             target = f"tokenprune_stage{s}"
             selector = SpatialSelector(chain.shape[channel], keep_ratios[s], s, channel).to(example.device)
-            model.add_module(target, selector)
+            plan.add[target] = selector
             gm.add_module(target, selector)
             with graph.inserting_before(node):
                 out = graph.call_module(target, (node.args[0], mask, keep))
                 mask, keep, drop = (graph.call_function(operator.getitem, (out, j)) for j in range(3))
-        if i in blocks:
-            set_submodule(model, call.name, blocks[i])
+        if call.name in plan.replace:
             node.args, node.kwargs = node.args[:1], dict(zip(BLOCK_INPUTS, (mask, keep, drop)))
 
     recorder = SpatialRecorder(chain.names[-1], 0)
-    model.add_module(RECORDER, recorder)
+    plan.add[RECORDER] = recorder
     gm.add_module(RECORDER, recorder)
     last = nodes[-1]
     with graph.inserting_after(last):
@@ -335,7 +345,30 @@ def rewrite_spatial_chain(
     last.replace_all_uses_with(recorded, delete_user_cb=lambda user: user is not recorded)
     recorded.meta = dict(last.meta)
     graph.lint()
-    sparse = fx.GraphModule(gm, graph, type(model).__name__)
-    for child_name, child in model.named_children():
-        setattr(sparse, child_name, child)
-    return sparse
+    plan.graph_module = gm
+    return plan
+
+
+def _path_macs(block: nn.Module, path: SlowPath) -> int:
+    """Multiply-adds per location of the slow path's Linear and 1x1 conv layers."""
+    total = 0
+    for n in path.nodes:
+        m = block.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(m, nn.Linear):
+            total += m.in_features * m.out_features
+        elif isinstance(m, nn.Conv2d):
+            total += m.in_channels * m.out_channels // m.groups
+    return total
+
+
+def _check_saves(block: nn.Module, path: SlowPath, where: str) -> None:
+    """Refuse a block whose fast path (LayerNorm + Linear C -> C) costs as much as its slow path: pruning it would
+    make the model more expensive, not cheaper (RegNet's single 1x1 conv tail)."""
+    slow, fast = _path_macs(block, path), path.dim * path.dim
+    if slow <= fast:
+        raise UnsupportedModelError(
+            f"{where}: its slow path ({path.nodes[0].name} .. {path.exit.name}) costs {slow:,} multiply-adds per "
+            f"location and the fast path that would replace it {fast:,}; sparsifying it would not save compute, so "
+            "tokenprune refuses. Spatial sparsification pays off for blocks with a wide per-location MLP "
+            "(ConvNeXt, Swin: 8 C^2 per location)."
+        )

@@ -11,7 +11,16 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 
-__all__ = ["model_name", "trace", "example_input", "forward_defaults", "call_leaf", "training_dependent"]
+__all__ = [
+    "model_name",
+    "trace",
+    "ModeValue",
+    "MODE_VALUE",
+    "example_input",
+    "forward_defaults",
+    "call_leaf",
+    "training_dependent",
+]
 
 
 def _timm_registry() -> tuple[set[type], tuple]:
@@ -58,20 +67,15 @@ def forward_defaults(module: nn.Module) -> dict[str, object]:
     return concrete
 
 
-def trace(
+def _trace_once(
     module: nn.Module,
     *,
     leaves: Iterable[nn.Module] = (),
     concrete_args: dict[str, object] | None = None,
-    name: str | None = None,
+    name: str,
 ) -> fx.GraphModule:
-    """Symbolically trace `module`, specialising forward arguments after the first (to their defaults by default).
-
-    Raises:
-        UnsupportedModelError: when torch.fx cannot trace it (data-dependent control flow and the like).
-    """
-    name = name or model_name(module)
-    tracer = _Tracer([*leaves, *training_dependent(module, name)])
+    tracer = _Tracer(leaves)
+    before = set(vars(module))
     try:
         concrete = forward_defaults(module) if concrete_args is None else concrete_args
         graph = tracer.trace(module, concrete_args=concrete or None)
@@ -85,7 +89,103 @@ def trace(
             "timm.layers.register_notrace_module."
         ) from None
     _drop_specialized_inputs(graph)
-    return fx.GraphModule(tracer.root, graph, type(module).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    for attr in set(vars(module)) - before:  # tensor constants the tracer parked on the module: now in `gm`
+        delattr(module, attr)
+    return gm
+
+
+def trace(
+    module: nn.Module,
+    *,
+    leaves: Iterable[nn.Module] = (),
+    concrete_args: dict[str, object] | None = None,
+    name: str | None = None,
+) -> fx.GraphModule:
+    """Symbolically trace `module` in evaluation *and* training mode, specialising forward arguments after the first
+    (to their defaults by default).
+
+    Python reads of ``self.training`` are frozen by tracing (``dropout_p=p if self.training else 0.``). Both traces
+    must take the same path; constants that differ between them become a `ModeValue` call that picks by the training
+    flag at run time, so fine-tuning keeps attention dropout and inference drops it.
+
+    Raises:
+        UnsupportedModelError: when torch.fx cannot trace it, or training and evaluation take different paths.
+    """
+    name = name or model_name(module)
+    leaves = [*leaves, *training_dependent(module, name)]
+    was = module.training
+    try:
+        eval_gm = _trace_once(module.eval(), leaves=leaves, concrete_args=concrete_args, name=name)
+        train_gm = _trace_once(module.train(), leaves=leaves, concrete_args=concrete_args, name=name)
+    finally:
+        module.train(was)
+    _merge_modes(eval_gm, train_gm, name)
+    return eval_gm
+
+
+class ModeValue(nn.Module):
+    """Returns the training-mode or the evaluation-mode value of a constant, by its own training flag."""
+
+    def forward(self, train_value, eval_value):
+        return train_value if self.training else eval_value
+
+
+MODE_VALUE = "tokenprune_mode"
+
+
+def _merge_modes(eval_gm: fx.GraphModule, train_gm: fx.GraphModule, name: str) -> None:
+    eval_nodes, train_nodes = list(eval_gm.graph.nodes), list(train_gm.graph.nodes)
+    mapping = dict(zip(train_nodes, eval_nodes))
+    differing: list[tuple[fx.Node, str | int, object, object]] = []
+    for e, t in zip(eval_nodes, train_nodes):
+        if e.op == t.op == "get_attr" and e.target != t.target and _same_constant(eval_gm, train_gm, e, t):
+            continue  # the tracer numbers the tensor constants it creates; the same value is the same constant
+        if (e.op, e.target) != (t.op, t.target) or len(e.args) != len(t.args) or set(e.kwargs) != set(t.kwargs):
+            break
+        pairs = [*enumerate(zip(e.args, t.args)), *((k, (e.kwargs[k], t.kwargs[k])) for k in e.kwargs)]
+        for key, (ea, ta) in pairs:
+            ta_mapped = fx.node.map_arg(ta, lambda n: mapping.get(n, n))
+            if ea == ta_mapped or (isinstance(ea, float) and isinstance(ta, float) and ea != ea and ta != ta):
+                continue
+            if isinstance(ea, fx.Node) or isinstance(ta, fx.Node) or not _is_plain(ea) or not _is_plain(ta):
+                differing = None
+                break
+            differing.append((e, key, ta, ea))
+        if differing is None:
+            break
+    else:
+        if len(eval_nodes) == len(train_nodes):
+            if differing:
+                eval_gm.add_module(MODE_VALUE, ModeValue())
+                graph = eval_gm.graph
+                for node, key, train_value, eval_value in differing:
+                    with graph.inserting_before(node):
+                        value = graph.call_module(MODE_VALUE, (train_value, eval_value))
+                    if isinstance(key, int):
+                        node.update_arg(key, value)
+                    else:
+                        node.update_kwarg(key, value)
+                graph.lint()
+                eval_gm.recompile()
+            return
+    where = next(
+        (e.name for e, t in zip(eval_nodes, train_nodes) if (e.op, e.target) != (t.op, t.target)), eval_nodes[-1].name
+    )
+    raise UnsupportedModelError(
+        f"{name}: its forward takes a different path in training than in evaluation (first at {where}). tokenprune "
+        "rewrites one traced graph for both, so it refuses rather than freeze either mode; keep the module that "
+        "branches on self.training a leaf (timm.layers.register_notrace_module)."
+    )
+
+
+def _same_constant(eval_gm: fx.GraphModule, train_gm: fx.GraphModule, e: fx.Node, t: fx.Node) -> bool:
+    a, b = getattr(eval_gm, e.target, None), getattr(train_gm, t.target, None)
+    return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+
+
+def _is_plain(value: object) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def training_dependent(root: nn.Module, name: str) -> list[nn.Module]:

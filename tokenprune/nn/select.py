@@ -63,16 +63,18 @@ class TokenSelector(nn.Module):
         return self.execution == "pruned" or (self.execution == "auto" and not self.training)
 
     def forward(
-        self, x: torch.Tensor, policy: torch.Tensor | None, initial_tokens: int
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self, x: torch.Tensor, policy: torch.Tensor | None, index: torch.Tensor | None, initial_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Args:
             x: tokens [B, N, C], prefix first.
             policy: [B, N, 1] keep policy from the previous stage (masked execution), or None.
+            index: [B, N] position of each token in the chain's input (pruned execution after a stage), or None.
             initial_tokens: token count (prefix included) entering the chain, so keep counts follow the real input.
 
         Returns:
-            (tokens, policy): in masked execution the same tokens and the new policy [B, N, 1]; in pruned execution
-            the kept tokens [B, prefix + k, C] and None.
+            (tokens, policy, index): in masked execution the same tokens, the new policy [B, N, 1] and None; in
+            pruned execution the kept tokens [B, prefix + k, C], None, and their positions [B, prefix + k] in the
+            chain's input (position-indexed constants such as relative position biases are gathered with them).
         """
         p = self.prefix_tokens
         patches, patch_policy = x[:, p:], None if policy is None else policy[:, p:]
@@ -80,7 +82,7 @@ class TokenSelector(nn.Module):
         self.last_initial_patches = initial_tokens - p
         k = self.keep_count(self.last_initial_patches)
         if self.pruned():
-            return self._gather(x, log_probs[..., 0], k)
+            return self._gather(x, log_probs[..., 0], k, index)
         if self.training:
             # Hard sample with straight-through gradients; a dropped token never returns (D_s = sample * D_{s-1}).
             decision = F.gumbel_softmax(log_probs, hard=True)[..., :1]
@@ -90,7 +92,7 @@ class TokenSelector(nn.Module):
             decision = decision * patch_policy
         self.last_decision, self.last_index = decision, None
         prefix = torch.ones_like(decision[:, :1]).expand(-1, p, -1)
-        return x, torch.cat([prefix, decision], dim=1)
+        return x, torch.cat([prefix, decision], dim=1), None
 
     @staticmethod
     def _topk_mask(score: torch.Tensor, policy: torch.Tensor | None, k: int) -> torch.Tensor:
@@ -100,10 +102,15 @@ class TokenSelector(nn.Module):
         index = score.topk(min(k, score.shape[1]), dim=1).indices
         return torch.zeros_like(score).scatter(1, index, 1.0).unsqueeze(-1)
 
-    def _gather(self, x: torch.Tensor, score: torch.Tensor, k: int) -> tuple[torch.Tensor, None]:
+    def _gather(
+        self, x: torch.Tensor, score: torch.Tensor, k: int, position: torch.Tensor | None
+    ) -> tuple[torch.Tensor, None, torch.Tensor]:
         p = self.prefix_tokens
         # Sorted indices keep the tokens in their spatial order: nothing depends on it, but it reads better.
         index = score.topk(min(k, score.shape[1]), dim=1).indices.sort(dim=1).values
         kept = x[:, p:].gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         self.last_index, self.last_decision = index, None
-        return torch.cat([x[:, :p], kept], dim=1), None
+        if position is None:
+            position = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        position = torch.cat([position[:, :p], position[:, p:].gather(1, index)], dim=1)
+        return torch.cat([x[:, :p], kept], dim=1), None, position

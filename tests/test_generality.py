@@ -1,0 +1,169 @@
+"""The modern zoo: rotary embeddings, attention biases, class attention, attention pooling, registers (issue #10).
+
+A table of small real configurations x the properties that make the method correct: eval drops tokens; masked
+(training) and pruned (inference) computations agree for the same decisions; keep-all equals the original; every
+predictor gets a gradient. And the guards: the self-check refuses a rewrite that is wrong, a refusal leaves an
+``inplace`` model exactly as it was, a sparsified model that would cost more is refused, attention dropout keeps
+working in training.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import tokenprune
+from tokenprune import UnsupportedModelError
+from tokenprune.fx.selfcheck import max_difference
+
+# name -> constructor keywords that keep it small (4 blocks: stages before blocks 1, 2, 3)
+MODELS = {
+    "eva02_tiny_patch14_224": dict(img_size=56, depth=4),  # rotary embeddings, SwiGLU
+    "vit_small_patch16_rope_224": dict(img_size=64, depth=4),  # rope ViT
+    "beit_base_patch16_224": dict(img_size=64, depth=4, embed_dim=96, num_heads=3),  # relative position bias
+    "beitv2_base_patch16_224": dict(img_size=64, depth=4, embed_dim=96, num_heads=3),
+    "vit_relpos_small_patch16_224": dict(img_size=64, depth=4),  # relative position bias (explicit softmax path)
+    "cait_xxs24_224": dict(img_size=64, depth=4),  # class-attention blocks in the head, talking heads
+    "vit_base_patch16_siglip_224": dict(img_size=64, depth=4, embed_dim=96, num_heads=3),  # MAP head
+    "vit_small_patch14_reg4_dinov2": dict(img_size=56, depth=4),  # register tokens
+    "deit3_small_patch16_224": dict(img_size=64, depth=4),
+    "flexivit_small": dict(img_size=64, depth=4),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def pair(request):
+    torch.manual_seed(0)
+    dense = timm.create_model(request.param, **MODELS[request.param]).eval()
+    return request.param, dense, tokenprune.sparsify(dense, 0.7).eval()
+
+
+def _x(sparse, batch=3):
+    return torch.randn(batch, *tokenprune.config_of(sparse).input_size)
+
+
+def test_eval_drops_tokens_and_masked_equals_pruned(pair):
+    _, _, sparse = pair
+    x = _x(sparse)
+    seen = {}
+    last = tokenprune.config_of(sparse).chain[-1]
+
+    def record(module, args):
+        seen.setdefault("n", args[0].shape[1])
+
+    handle = sparse.get_submodule(last).register_forward_pre_hook(record)
+    with torch.no_grad():
+        pruned = tokenprune.set_execution(sparse, "pruned")(x)
+        handle.remove()
+        masked = tokenprune.set_execution(sparse, "masked")(x)
+    tokenprune.set_execution(sparse, "auto")
+    config = tokenprune.config_of(sparse)
+    patches = tokenprune.selectors(sparse)[0].last_initial_patches
+    assert seen["n"] == config.prefix_tokens + int(config.keep_ratios[-1] * patches + 1e-6)
+    assert max_difference(masked, pruned) <= 1
+
+
+def test_keep_all_equals_original(pair):
+    _, dense, sparse = pair
+    x = _x(sparse)
+    ratios = [s.keep_ratio for s in tokenprune.selectors(sparse)]
+    for s in tokenprune.selectors(sparse):
+        s.keep_ratio = 1.0
+    try:
+        with torch.no_grad():
+            assert max_difference(sparse(x), dense(x)) <= 1
+    finally:
+        for s, r in zip(tokenprune.selectors(sparse), ratios):
+            s.keep_ratio = r
+
+
+def test_every_predictor_gets_a_gradient(pair):
+    _, _, sparse = pair
+    model = copy.deepcopy(sparse).train()
+    model(_x(model, 2)).square().mean().backward()
+    for name, p in model.named_parameters():
+        if name.startswith("tokenprune_stage"):
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_self_check_refuses_a_wrong_rewrite(monkeypatch):
+    """Sabotage the token flow (drop its edits in the head): the self-check must catch the difference."""
+    from tokenprune.fx import tokenflow
+
+    real = tokenflow.apply
+
+    def without_edits(gm, plan, roots):
+        if plan.replace and "head" in " ".join(plan.notes) or any("mean" in n for n in plan.notes):
+            plan.replace.clear()
+        return real(gm, plan, roots)
+
+    monkeypatch.setattr(tokenflow, "apply", without_edits)
+    model = timm.create_model("vit_medium_patch16_gap_256", img_size=64, depth=4).eval()  # average-pooling head
+    with pytest.raises(UnsupportedModelError, match="self-check failed: masked execution"):
+        tokenprune.sparsify(model, 0.7)
+
+
+REFUSED = {
+    "resnet18": (dict(), "no slow path"),
+    "regnetx_002": (dict(), "would not save compute"),
+    "mixer_s16_224": (dict(), "mixes the token axis"),
+    "xcit_nano_12_p16_224": (dict(img_size=64, depth=4), "mixes the token axis"),
+    "coat_lite_tiny": (dict(), "reshapes the token axis"),
+}
+
+
+@pytest.mark.parametrize("name", list(REFUSED))
+def test_refusal_names_the_reason_and_leaves_an_inplace_model_as_it_was(name):
+    kwargs, reason = REFUSED[name]
+    model = timm.create_model(name, **kwargs).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    attrs = {n: set(vars(m)) for n, m in modules.items()}
+    with pytest.raises(UnsupportedModelError, match=reason):
+        tokenprune.sparsify(model, 0.7, inplace=True)
+    assert dict(model.named_modules()) == modules
+    assert {n: set(vars(m)) for n, m in model.named_modules()} == attrs
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not model.training
+
+
+def test_self_check_refusal_leaves_an_inplace_model_as_it_was(monkeypatch):
+    from tokenprune.fx import selfcheck
+
+    monkeypatch.setattr(selfcheck, "max_difference", lambda a, b: 2.0)
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=4).eval()
+    modules = dict(model.named_modules())
+    with pytest.raises(UnsupportedModelError, match="self-check failed"):
+        tokenprune.sparsify(model, 0.7, inplace=True)
+    assert dict(model.named_modules()) == modules and not tokenprune.selectors(model)
+
+
+def test_attention_dropout_stays_on_in_training():
+    """Blocks are traced in eval mode; `dropout_p=p if self.training else 0.` must not freeze to 0."""
+    model = timm.create_model("deit_tiny_patch16_224", img_size=64, depth=4, attn_drop_rate=0.5).eval()
+    sparse = tokenprune.sparsify(model, 0.7)
+    x = torch.randn(2, 3, 64, 64)
+    sparse.train()
+    for sel in tokenprune.selectors(sparse):
+        sel.execution = "pruned"  # same tokens every call: any difference comes from dropout
+    torch.manual_seed(0)
+    a = sparse(x)
+    torch.manual_seed(1)
+    b = sparse(x)
+    assert not torch.allclose(a, b), "attention dropout is off in training"
+    sparse.eval()
+    with torch.no_grad():
+        assert torch.equal(sparse(x), sparse(x)), "dropout must be off in eval"
+
+
+def test_plan_describes_without_changing_the_model():
+    model = timm.create_model("beit_base_patch16_224", img_size=64, depth=4, embed_dim=96, num_heads=3).eval()
+    text = tokenprune.plan(model, 0.7).describe()
+    assert "stages before blocks blocks.1" in text and "with its bias" in text
+    assert not tokenprune.selectors(model) and isinstance(model.blocks[1], nn.Module)
+    assert type(model.blocks[1]).__name__ == "Block"

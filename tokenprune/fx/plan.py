@@ -1,0 +1,117 @@
+"""Plan, then apply: the one driver of the graph pass (docs/design.md §2).
+
+`build_plan` analyses a model — chain, prefix tokens, every later block, the head — with the token or the spatial
+strategy, working only on traced copies; it is where every refusal happens. `apply_plan` installs the plan's new
+and rewritten modules into the model, logging each change so that `Applied.rollback` can put the model back exactly
+as it was (the self-check in `tokenprune.sparsify` may still refuse after applying).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ._graph import set_submodule
+from .discovery import Chain
+
+__all__ = ["Plan", "Applied", "RECORDER", "build_plan", "apply_plan"]
+
+RECORDER = "tokenprune_recorder"
+
+
+@dataclass
+class Plan:
+    """What the pass will do to a model; nothing of it is installed yet.
+
+    Attributes:
+        name: the model's name, for messages.
+        kind: "token" or "spatial".
+        chain: the blocks found.
+        locations: chain indices of the blocks the stages precede.
+        keep_ratios: per-stage keep ratios.
+        prefix: never-pruned leading tokens (0 for spatial chains).
+        graph_module: the rewritten trace of the whole model; its graph calls the modules below by name.
+        add: new top-level modules (stages, recorder) by attribute name.
+        replace: rewritten blocks by qualified name.
+        notes: one line per edit, for `describe`.
+    """
+
+    name: str
+    kind: str
+    chain: Chain
+    locations: list[int]
+    keep_ratios: list[float]
+    prefix: int = 0
+    graph_module: fx.GraphModule | None = None
+    add: dict[str, nn.Module] = field(default_factory=dict)
+    replace: dict[str, nn.Module] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """A readable account of the plan: chain, stages, and each edit."""
+        lines = [
+            f"{self.name}: {self.kind} chain of {len(self.chain.calls)} blocks "
+            f"({self.chain.names[0]} .. {self.chain.names[-1]}), shape {list(self.chain.shape)}, "
+            f"prefix tokens {self.prefix}",
+            "stages before blocks "
+            + ", ".join(f"{self.chain.names[loc]} (keep {r:.3f})" for loc, r in zip(self.locations, self.keep_ratios)),
+        ]
+        return "\n".join(lines + [f"  {n}" for n in self.notes])
+
+
+@dataclass
+class Applied:
+    """A plan installed in a model, with the log to undo it."""
+
+    model: fx.GraphModule
+    _undo: list = field(default_factory=list)
+
+    def rollback(self) -> None:
+        """Put the original model back exactly as it was before `apply_plan`."""
+        for fn in reversed(self._undo):
+            fn()
+        self._undo.clear()
+
+
+def build_plan(
+    model: nn.Module, chain: Chain, example: torch.Tensor, locations: list[int], keep_ratios: list[float], name: str
+) -> Plan:
+    """Analyse `model` into a `Plan` with the strategy its chain calls for. Changes nothing in `model`.
+
+    Raises:
+        UnsupportedModelError: the reason the model cannot be sparsified exactly, naming the block or node.
+    """
+    if chain.kind == "token":
+        from .token import plan_tokens as strategy
+    else:
+        from .spatial import plan_spatial as strategy
+    plan = strategy(model, chain, example, locations, keep_ratios, name)
+    for attr, child in plan.graph_module.named_children():
+        if not hasattr(model, attr):  # modules the trace itself added (e.g. the training-flag switch)
+            plan.add.setdefault(attr, child)
+    return plan
+
+
+def apply_plan(model: nn.Module, plan: Plan) -> Applied:
+    """Install `plan` in `model` and return the sparsified GraphModule with an undo log.
+
+    The result shares `model`'s modules and parameters; the original children are put back on it so that
+    `sparse.blocks[3]` indexes and the state_dict holds every original weight under its original name.
+    """
+    applied = Applied(model=None)  # type: ignore[arg-type]
+    for qualified, module in plan.replace.items():
+        old = model.get_submodule(qualified)
+        set_submodule(model, qualified, module)
+        applied._undo.append(lambda q=qualified, m=old: set_submodule(model, q, m))
+    for attr, module in plan.add.items():
+        model.add_module(attr, module)
+        applied._undo.append(lambda a=attr: delattr(model, a))
+    gm = plan.graph_module
+    sparse = fx.GraphModule(model, gm.graph, type(model).__name__)
+    for child_name, child in model.named_children():
+        setattr(sparse, child_name, child)
+    applied.model = sparse
+    return applied

@@ -1,0 +1,136 @@
+"""The token strategy of the graph pass: stages before chosen blocks of a [B, N, C] chain, tokens followed after them.
+
+Analysis only: everything here works on traced copies and returns a `Plan`; `fx/plan.py` applies it to the model.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..errors import UnsupportedModelError
+from ..nn.recorder import SparsityRecorder
+from ..nn.select import TokenSelector
+from . import tokenflow
+from ._graph import block_inputs, chain_nodes, recorded_inputs
+from .discovery import Call, Chain, depends_on, prefix_token_count
+from .plan import RECORDER, Plan
+from .tracing import trace, training_dependent
+
+__all__ = ["plan_tokens", "BLOCK_INPUTS"]
+
+#: Inputs the rewrite adds to every block after the first stage.
+BLOCK_INPUTS = ("tokenprune_policy", "tokenprune_index")
+
+
+def _block(
+    call: Call, node: fx.Node, image: fx.Node, tokens: int, prefix: int, where: str
+) -> tuple[fx.GraphModule, list[str]]:
+    """Trace one later block and make it exact under pruning (masked attention, gathered position constants)."""
+    concrete, runtime = block_inputs(call.module, node, where)
+    values = dict(zip(runtime, recorded_inputs(call.module, call.args, call.kwargs, list(runtime))))
+    for key, value in values.items():
+        if not isinstance(value, torch.Tensor):
+            # A shape value (the feature map's H, W): a constant of the trace, as the example gives it.
+            concrete[key] = value
+            del runtime[key]
+    for key, value in runtime.items():
+        if depends_on(value, {image}):
+            raise UnsupportedModelError(
+                f"{where}: the block takes {key!r}, computed from the image's values, besides its tokens (a second "
+                "token stream?). tokenprune prunes one token sequence per chain and refuses rather than guess how "
+                "the two align."
+            )
+    gm = trace(call.module, concrete_args=concrete, name=where)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    ShapeProp(gm).propagate(call.args[0], *recorded_inputs(call.module, call.args, call.kwargs,
+                                                           [p.target for p in placeholders[1:]]))  # fmt: skip
+    root = tokenflow.TokenSet(tokens, prefix, ("root",))
+    leaves = {id(m) for m in training_dependent(call.module, where)}
+    flow, outputs = tokenflow.analyse(gm, {placeholders[0]: tokenflow.Tokens((1,), root)}, where, leaves)
+    if len(outputs) != 1 or outputs[0] is None or outputs[0].axes != (1,) or outputs[0].tset is not root:
+        raise UnsupportedModelError(f"{where}: the block does not return its tokens as [B, N, C]; cannot sparsify it.")
+    graph, last = gm.graph, placeholders[-1]
+    added = []
+    for name in BLOCK_INPUTS:
+        with graph.inserting_after(last):
+            last = graph.placeholder(name, default_value=None)
+        added.append(last)
+    tokenflow.apply(gm, flow, {root: (added[0], added[1], added[1])})
+    block = fx.GraphModule(gm, graph, type(call.module).__name__)
+    # Put back the original children so `block.attn` keeps its type and the state_dict its names.
+    for child_name, child in call.module.named_children():
+        setattr(block, child_name, child)
+    return block, flow.notes
+
+
+def plan_tokens(
+    model: nn.Module, chain: Chain, example: torch.Tensor, locations: list[int], keep_ratios: list[float], name: str
+) -> Plan:
+    """Analyse a token chain into a plan: traced later blocks rewritten, stages and head edits in a traced copy."""
+    gm = trace(model, leaves=[c.module for c in chain.calls], name=name)
+    ShapeProp(gm).propagate(example)
+    nodes = chain_nodes(gm, chain, name)
+    image = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    prefix = prefix_token_count(nodes[0].args[0], image)
+    if prefix is None:
+        raise UnsupportedModelError(f"{name}: learned tokens follow the image tokens; only leading ones are supported.")
+    tokens = chain.shape[1]
+    plan = Plan(name=name, kind="token", chain=chain, locations=locations, keep_ratios=keep_ratios, prefix=prefix)
+    for i, (call, node) in enumerate(zip(chain.calls, nodes)):
+        if i >= locations[0]:
+            block, notes = _block(call, node, image, tokens, prefix, f"{name} block {call.name}")
+            plan.replace[call.name] = block
+            plan.notes += [f"block {call.name}: {n}" for n in notes]
+
+    graph, policy, index = gm.graph, None, None
+    with graph.inserting_before(nodes[0]):
+        initial_tokens = graph.call_method("size", (nodes[0].args[0], 1))
+    stage_at = {loc: s for s, loc in enumerate(locations)}
+    for i, (call, node) in enumerate(zip(chain.calls, nodes)):
+        if i in stage_at:
+            s = stage_at[i]
+            target = f"tokenprune_stage{s}"
+            selector = TokenSelector(chain.shape[-1], keep_ratios[s], prefix, s).to(example.device)
+            plan.add[target] = selector
+            gm.add_module(target, selector)
+            with graph.inserting_before(node):
+                out = graph.call_module(target, (node.args[0], policy, index, initial_tokens))
+                x, policy, index = (graph.call_function(operator.getitem, (out, j)) for j in range(3))
+            node.update_arg(0, x)
+        if call.name in plan.replace:
+            block = plan.replace[call.name]
+            inputs = [n.target for n in block.graph.nodes if n.op == "placeholder"][1:-2]
+            _, runtime = block_inputs(call.module, node, name)
+            node.args, node.kwargs = (
+                node.args[:1],
+                {
+                    **{k: runtime[k] for k in inputs},
+                    **dict(zip(BLOCK_INPUTS, (policy, index))),
+                },
+            )
+
+    recorder = SparsityRecorder(chain.names[-1], prefix)
+    plan.add[RECORDER] = recorder
+    gm.add_module(RECORDER, recorder)
+    last = nodes[-1]
+    with graph.inserting_after(last):
+        recorded = graph.call_module(RECORDER, (last, policy))
+    last.replace_all_uses_with(recorded, delete_user_cb=lambda user: user is not recorded)
+    recorded.meta = dict(last.meta)
+
+    head = tokenflow.TokenSet(tokens, prefix, ("root",))
+    flow, outputs = tokenflow.analyse(gm, {recorded: tokenflow.Tokens((1,), head)}, f"{name} head")
+    if any(o is not None for o in outputs):
+        raise UnsupportedModelError(
+            f"{name}: the model returns the tokens themselves (a feature extractor?); in pruned execution it would "
+            "return fewer of them, so its output would change shape. Sparsify a model whose head pools the tokens."
+        )
+    tokenflow.apply(gm, flow, {head: (policy, index, recorded)})
+    plan.notes += [f"head: {n}" for n in flow.notes]
+    plan.graph_module = gm
+    return plan
