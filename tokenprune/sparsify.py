@@ -57,7 +57,7 @@ def _warn_tiny_keep(chain: Chain, prefix: int, keep_ratios: list[float], name: s
         if math.floor(kr * patches + 1e-6) < 1:
             warnings.warn(
                 f"{name}: stage {s} keeps {kr:.4f} of {patches} patch tokens, less than one; it keeps 1 instead.",
-                stacklevel=3,
+                stacklevel=4,
             )
 
 

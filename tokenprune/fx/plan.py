@@ -110,7 +110,9 @@ def apply_plan(model: nn.Module, plan: Plan) -> Applied:
         model.add_module(attr, module)
         applied._undo.append(lambda a=attr: delattr(model, a))
     gm = plan.graph_module
-    sparse = fx.GraphModule(model, gm.graph, type(model).__name__)
+    # Built from the traced copy, which also holds what the trace itself created (tensor constants); the model's own
+    # children (with the rewritten blocks installed) are then put back.
+    sparse = fx.GraphModule(gm, gm.graph, type(model).__name__)
     for child_name, child in model.named_children():
         setattr(sparse, child_name, child)
     applied.model = sparse

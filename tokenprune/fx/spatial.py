@@ -221,10 +221,15 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, identity_leaves: set[int], 
     if len(found) == 1:
         return found[0]
     if found:
+        # Several branches end in per-location layers (attention's output projection, the MLP): the slow path is the
+        # MLP, the one with clearly the most compute per location (8 C^2 against C^2 for a projection).
+        ranked = sorted(found, key=lambda p: _path_macs(gm, p), reverse=True)
+        if _path_macs(gm, ranked[0]) >= 2 * _path_macs(gm, ranked[1]):
+            return ranked[0]
         raise UnsupportedModelError(
             f"{where}: {len(found)} residual branches end in per-location MLPs "
-            f"({', '.join(p.exit.name for p in found)}); tokenprune cannot tell which one is the block's slow path "
-            "(DESIGN 1.2), so it refuses."
+            f"({', '.join(p.exit.name for p in found)}) of similar cost; tokenprune cannot tell which one is the "
+            "block's slow path (DESIGN 1.2), so it refuses."
         )
     why = "; ".join(reasons) or "no residual add has a branch ending in per-location Linear/1x1 conv layers"
     raise UnsupportedModelError(
