@@ -21,8 +21,9 @@ from .errors import ConfigError, DataError, TokenPruneError
 
 __all__ = ["visualize", "visualize_files", "patch_grid", "kept_masks", "SHADE", "SHADE_ALPHA", "GAP", "LABEL_HEIGHT"]
 
-#: Colour that dropped patches are blended with, and how much of it they get.
-SHADE, SHADE_ALPHA = (128, 128, 128), 0.6
+#: Colour that dropped patches are blended with, and how much of it they get. A blue tint, not grey: on greyscale
+#: images a grey shade is hard to tell from grey content.
+SHADE, SHADE_ALPHA = (40, 90, 210), 0.6
 #: White pixels between panels, and the height of the caption band above them (when `labels=True`).
 GAP, LABEL_HEIGHT = 4, 14
 
@@ -104,7 +105,7 @@ def visualize(
     scale: int | None = None,
     labels: bool = True,
 ) -> list[Image.Image]:
-    """One picture per input image: a panel per stage, the patches that stage dropped shaded.
+    """One picture per input image: a panel per stage, the patches that stage dropped shaded (tinted blue).
 
     Panel s (from 0) starts at x = s * (W * scale + GAP) and, with `labels`, at y = LABEL_HEIGHT under a caption
     such as "stage 1: 34/49 kept"; images are enlarged by whole pixels (nearest), so every patch stays a block.
