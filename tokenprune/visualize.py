@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from .errors import ConfigError, DataError, TokenPruneError
+from .sparsify import find_config
 
 __all__ = ["visualize", "visualize_files", "patch_grid", "kept_masks", "SHADE", "SHADE_ALPHA", "GAP", "LABEL_HEIGHT"]
 
@@ -108,7 +109,8 @@ def visualize(
     """One picture per input image: a panel per stage, the patches that stage dropped shaded (tinted blue).
 
     Panel s (from 0) starts at x = s * (W * scale + GAP) and, with `labels`, at y = LABEL_HEIGHT under a caption
-    such as "stage 1: 34/49 kept"; images are enlarged by whole pixels (nearest), so every patch stays a block.
+    such as "stage 1: 34/49 kept" ("stage 1: 11/16 slow" for spatial models: slow-path locations). Images are
+    enlarged by whole pixels (nearest), so every patch stays a block.
 
     Args:
         model: a result of `tokenprune.sparsify` or `tokenprune.load` (token or spatial). It runs once in eval mode;
@@ -129,6 +131,8 @@ def visualize(
         raise TokenPruneError(f"images must be a tensor [B, C, H, W] or [C, H, W], got {_describe(images)}.")
     batch = images if images.dim() == 4 else images[None]
     masks = kept_masks(model, batch)
+    config = find_config(model)
+    word = "slow" if config is not None and config.kind == "spatial" else "kept"
     height, width = batch.shape[-2:]
     scale = scale or max(1, math.ceil(112 / min(height, width)))
     pictures = []
@@ -139,7 +143,7 @@ def visualize(
             cells = keep.shape[1]
             panel = _panel(rgb, keep[b], patch_grid(cells, height, width))
             panels.append((Image.fromarray(panel.numpy()), int(keep[b].sum()), cells))
-        pictures.append(_compose(panels, scale, labels))
+        pictures.append(_compose(panels, scale, labels, word))
     return pictures
 
 
@@ -147,7 +151,7 @@ def _describe(value: object) -> str:
     return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
 
-def _compose(panels: list[tuple[Image.Image, int, int]], scale: int, labels: bool) -> Image.Image:
+def _compose(panels: list[tuple[Image.Image, int, int]], scale: int, labels: bool, word: str) -> Image.Image:
     width, height = panels[0][0].width * scale, panels[0][0].height * scale
     top = LABEL_HEIGHT if labels else 0
     canvas = Image.new("RGB", (len(panels) * width + (len(panels) - 1) * GAP, top + height), (255, 255, 255))
@@ -156,7 +160,7 @@ def _compose(panels: list[tuple[Image.Image, int, int]], scale: int, labels: boo
         x = s * (width + GAP)
         canvas.paste(panel.resize((width, height), Image.Resampling.NEAREST), (x, top))
         if labels:
-            draw.text((x + 2, 1), f"stage {s + 1}: {kept}/{cells} kept", fill=(0, 0, 0))
+            draw.text((x + 2, 1), f"stage {s + 1}: {kept}/{cells} {word}", fill=(0, 0, 0))
     return canvas
 
 
