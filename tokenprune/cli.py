@@ -463,10 +463,10 @@ def visualize(
     ratio: Annotated[float, typer.Option("--ratio", "-r", help="Keep ratio when MODEL is a name.")] = 0.7,
     pretrained: Pretrained = False,
     mean: Annotated[
-        str | None, typer.Option(help="Normalisation mean per channel, e.g. 0.286 (default ImageNet's).")
+        str | None, typer.Option(help="Normalisation mean per channel (default ImageNet's; 0.5 if 1 channel).")
     ] = None,
     std: Annotated[
-        str | None, typer.Option(help="Normalisation std per channel, e.g. 0.353 (default ImageNet's).")
+        str | None, typer.Option(help="Normalisation std per channel (default ImageNet's; 0.5 if 1 channel).")
     ] = None,
 ) -> None:
     """Draw what a sparsified model keeps: per image, one panel per stage with the dropped patches shaded.
