@@ -9,6 +9,7 @@ from .models import create_model
 from .nn.recorder import selectors
 from .sparsify import config_of, plan, set_execution, sparsify
 from .state import SparsityState, sparsity_state
+from .visualize import visualize
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "load",
     "create_model",
     "export",
+    "visualize",
     "SparsityState",
     "TokenPruneError",
     "UnsupportedModelError",

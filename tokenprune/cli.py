@@ -454,6 +454,36 @@ def finetune(
     typer.echo(json.dumps(result.metrics, default=str))
 
 
+@app.command()
+@_handles_errors
+def visualize(
+    model: Annotated[str, typer.Argument(help="A file written by convert/save, or a model name (sparsified here).")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (any format Pillow reads).")],
+    out: Annotated[Path, typer.Option(help="Folder for the pictures, <image stem>_kept.png.")],
+    ratio: Annotated[float, typer.Option("--ratio", "-r", help="Keep ratio when MODEL is a name.")] = 0.7,
+    pretrained: Pretrained = False,
+    mean: Annotated[
+        str | None, typer.Option(help="Normalisation mean per channel (default ImageNet's; 0.5 if 1 channel).")
+    ] = None,
+    std: Annotated[
+        str | None, typer.Option(help="Normalisation std per channel (default ImageNet's; 0.5 if 1 channel).")
+    ] = None,
+) -> None:
+    """Draw what a sparsified model keeps: per image, one panel per stage with the dropped patches shaded.
+
+    Spatial models (ConvNeXt, Swin) show where the slow path runs after each stage. Images are resized to the
+    model's input size; a name is sparsified with random weights unless --pretrained.
+    """
+    from .visualize import visualize_files
+
+    written = visualize_files(
+        model, images, out, ratio=ratio, pretrained=pretrained,
+        mean=_numbers(mean, float, "--mean"), std=_numbers(std, float, "--std"),
+    )  # fmt: skip
+    for path in written:
+        typer.echo(f"wrote {path}")
+
+
 def _version(value: bool) -> None:
     if value:
         from . import __version__

@@ -1,0 +1,94 @@
+"""What a Fashion-MNIST student keeps: test images with the patches each stage dropped shaded, as one PNG.
+
+    python examples/visualize_kept.py                                    # student of the proof, if it was run
+    python examples/visualize_kept.py --student runs/fm3/student/final.pt --out docs/img/kept_fashion_mnist.png
+
+The student is the one `examples/fashion_mnist_proof.py` trains (``<out>/student/final.pt``), or a tokenprune
+``.safetensors`` file. When the file does not exist the script sparsifies a fresh model of the same architecture
+(random weights) and says so, on stdout and in the picture: its choices show how the stages work, not what a trained
+predictor finds important. The first test image of each of the first ``--count`` classes to appear is drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+import tokenprune
+from tokenprune.train import load_recipe, load_weights
+from tokenprune.train.data import FASHION_MNIST_ROOT, FashionMNIST
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "fashion_mnist_cpu.yaml"
+CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
+MEAN, STD = 0.2860, 0.3530  # what FashionMNIST normalises with
+
+
+def student(path: Path) -> tuple[torch.nn.Module, str]:
+    """The trained student at `path` (a trainer checkpoint or a tokenprune file), else an untrained one."""
+    if path.suffix == ".safetensors" and path.is_file():
+        return tokenprune.load(path), f"trained student ({path.name})"
+    spec = load_recipe(RECIPE).model
+    if path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        spec = load_recipe(RECIPE, [f"model.kwargs={saved['recipe']['model']['kwargs']}"]).model
+        config = tokenprune.SparsifyConfig.from_dict(saved["sparsify_config"])
+    dense = tokenprune.create_model(spec.name, **spec.kwargs).eval()
+    example = torch.zeros(1, 1, 28, 28)
+    if not path.is_file():
+        sparse = tokenprune.sparsify(dense, load_recipe(RECIPE).sparsify.ratio, example_inputs=example)
+        return sparse.eval(), "UNTRAINED student (random weights): the shading shows the mechanics, not learned choices"
+    sparse = tokenprune.sparsify(
+        dense, config.ratio, locations=config.locations, keep_ratios=config.keep_ratios, example_inputs=example
+    )
+    return load_weights(sparse, path).eval(), f"trained student ({path})"
+
+
+def first_of_each_class(data: FashionMNIST, count: int) -> list[int]:
+    seen: dict[int, int] = {}
+    for i, label in enumerate(data.labels):
+        seen.setdefault(int(label), i)
+        if len(seen) == count:
+            break
+    return list(seen.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--student", type=Path, default=ROOT / "runs" / "fmnist" / "student" / "final.pt")
+    parser.add_argument("--data-root", type=Path, default=Path(FASHION_MNIST_ROOT))
+    parser.add_argument("--count", type=int, default=4, help="images (one per class)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "kept_fashion_mnist.png")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    model, what = student(args.student)
+    print(f"model: {what}")
+    data = FashionMNIST(args.data_root, "test")
+    picks = first_of_each_class(data, args.count)
+    images = torch.stack([data[i][0] for i in picks])
+    with torch.no_grad():
+        predicted = model.eval()(images).argmax(-1).tolist()
+    rows = tokenprune.visualize(model, images, mean=MEAN, std=STD)
+
+    label_width, gap, header = 96, 6, 18
+    width = label_width + rows[0].width
+    canvas = Image.new("RGB", (width, header + len(rows) * (rows[0].height + gap)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 2), what if len(what) < 100 else what.split(":")[0], fill=(160, 0, 0))
+    for r, (picture, i, guess) in enumerate(zip(rows, picks, predicted)):
+        y = header + r * (picture.height + gap)
+        canvas.paste(picture, (label_width, y))
+        draw.text((2, y + picture.height // 2 - 12), f"#{i}: {CLASSES[int(data.labels[i])]}", fill=(0, 0, 0))
+        draw.text((2, y + picture.height // 2 + 2), f"predicted: {CLASSES[guess]}", fill=(90, 90, 90))
+        print(f"test image {i} ({CLASSES[int(data.labels[i])]}), predicted {CLASSES[guess]}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(args.out, optimize=True)
+    print(f"wrote {args.out} ({canvas.width}x{canvas.height})")
+
+
+if __name__ == "__main__":
+    main()
