@@ -71,7 +71,7 @@ class LearnedRatiosSection:
         target_flops: the chain's compute as a fraction of dense (e.g. 0.6).
         budget_weight: weight of the squared relative budget error.
         lr: learning rate of the ratio parameters (AdamW, no weight decay).
-        mlp_ratio: hidden/embedding width of the blocks' MLP, for the cost model.
+        mlp_ratio: deprecated and ignored: the cost model is now measured on the model with fvcore.
     """
 
     enabled: bool = False

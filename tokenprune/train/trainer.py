@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from functools import partial
@@ -159,8 +160,9 @@ class Trainer:
         # One eval-mode forward (no randomness drawn) tells the chain's sizes and the block to hook on the teacher.
         was = self.student.training
         self.student.eval()
+        example = data.val[0][0][None].to(self.device)
         with torch.no_grad():
-            self.student(data.val[0][0][None].to(self.device))
+            self.student(example)
         state = _state(self.student)
         self.student.train(was)
         if self.teacher is not None and self.loss_fn.weights.distill > 0:
@@ -171,18 +173,16 @@ class Trainer:
             return
         if not self.config.chain:
             raise ConfigError("learned keep ratios need the chain's block names in tokenprune.config_of(model).chain.")
-        sels = _selectors(self.student)
-        dim = next(p for p in sels[0].parameters() if p.ndim >= 2).shape[1]
-        patches = state.decisions[0].flatten(1).shape[1]
-        self.compute = ComputeModel(
-            self.config.kind,
-            len(self.config.chain),
-            list(self.config.locations),
-            int(dim),
-            int(patches),
-            state.prefix_tokens,
-            spec.mlp_ratio,
-        )
+        if spec.mlp_ratio != 4.0:
+            warnings.warn(
+                "learned_ratios.mlp_ratio is ignored: the cost model is measured on the model with fvcore; "
+                "remove it from the recipe.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        # The cost model is measured on this very model with fvcore (cost.py), so the budget means real MACs.
+        self.compute = ComputeModel.calibrate(self.student, example)
+        patches = self.compute.patches
         self.ratios = LearnedKeepRatios(self.config.keep_ratios, patches).to(self.device)
         # Start on the budget, keeping the configured allocation across stages.
         self.ratios.theta.data.add_(self.ratios.budget_shift(self.compute, spec.target_flops))
