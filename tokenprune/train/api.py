@@ -158,10 +158,10 @@ def finetune(
                 f"set model.kwargs.num_classes={data.num_classes} (and a matching checkpoint)."
             )
         out = Path(run.output_dir)
+        trainer = Trainer(recipe, model, teacher, data, info)  # refuses a foreign or finished run in `out` first
         if info.main:
             save_recipe(recipe, out / "recipe.yaml")
         barrier(info)
-        trainer = Trainer(recipe, model, teacher, data, info)
         metrics = trainer.fit()
         config = config_of(model)
         if info.main:

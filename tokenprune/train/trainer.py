@@ -24,14 +24,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError, DataError, TrainingError
 from ..sparsify import find_config as config_of
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import load_checkpoint
 from .data import DataBundle, make_loader
-from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
+from .distributed import DistInfo, all_reduce_sum
 from .logging import MetricsWriter, ProgressReporter
 from .losses import LossOutput, LossWeights, SparsificationLoss
-from .optim import build_optimizer, param_groups, warmup_cosine
+from .optim import build_optimizer, original_parameter_names, param_groups, warmup_cosine
 from .ratios import ComputeModel, LearnedKeepRatios, budget_penalty
 from .recipe import Recipe
+from .resume import find_resume, restore_state, save_state
 
 __all__ = ["Trainer", "config_of"]
 
@@ -102,7 +103,8 @@ class Trainer:
         self._hook = None  # the teacher's forward hook, removed when `fit` ends
         if self.sparsified:
             self._setup_sparse(data)
-        original = {n for n, _ in teacher.named_parameters()} if (teacher is not None and self.sparsified) else ()
+        # A dense run has no new modules: everything trains at optim.lr.
+        original = original_parameter_names(student, teacher) if self.sparsified else ()
         groups = param_groups(
             student, original, lr=o.lr, backbone_lr_scale=o.backbone_lr_scale, weight_decay=o.weight_decay
         )
@@ -135,6 +137,8 @@ class Trainer:
                 self.student, device_ids=ids, find_unused_parameters=run.find_unused_parameters
             )
         self.step, self.teacher_top1, self.best_top1 = 0, None, None
+        # Refuse a foreign or finished run in output_dir now, before anything is written there.
+        self._resume = find_resume(recipe, self.total_steps, map_location=self.device)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl" if info.main else None)
 
     # -- set-up ---------------------------------------------------------------------------------------------------
@@ -187,54 +191,18 @@ class Trainer:
         # Start on the budget, keeping the configured allocation across stages.
         self.ratios.theta.data.add_(self.ratios.budget_shift(self.compute, spec.target_flops))
 
-    # -- checkpoints ----------------------------------------------------------------------------------------------
-    def _payload(self) -> dict[str, Any]:
-        return {
-            "model": self.student.state_dict(),
-            "ratios": self.ratios.state_dict() if self.ratios is not None else None,
-            "keep_ratios": [s.keep_ratio for s in _selectors(self.student)],
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "teacher_top1": self.teacher_top1,
-            "best_top1": self.best_top1,
-            "recipe": self.recipe.to_dict(),
-            "sparsify_config": self.config.to_dict() if self.sparsified else None,
-        }
+    # -- checkpoints (resume.py) ---------------------------------------------------------------------------------
+    def selectors(self) -> list[nn.Module]:
+        """The student's pruning stages, in order."""
+        return _selectors(self.student)
 
     def save(self, name: str = "last.pt") -> Path:
         """Checkpoint the run (all ranks must call: random states are gathered; rank 0 writes)."""
-        rngs = all_gather_objects(capture_rng(), self.info)
-        path = self.out / name
-        if self.info.main:
-            save_checkpoint({**self._payload(), "rng": rngs, "world": self.info.world}, path)
-        barrier(self.info)
-        return path
-
-    def _resume_path(self) -> Path | None:
-        resume = self.recipe.run.resume
-        if resume in (None, False, "none", "false", "no", ""):
-            return None
-        if resume in (True, "auto", "true", "yes"):
-            path = self.out / "last.pt"
-            return path if path.is_file() else None
-        return Path(resume)
+        return save_state(self, name)
 
     def resume(self, path: str | Path) -> None:
-        """Restore everything a checkpoint holds, so training continues exactly."""
-        ckpt = load_checkpoint(path, map_location=self.device)
-        self.student.load_state_dict(ckpt["model"])
-        for sel, r in zip(_selectors(self.student), ckpt["keep_ratios"], strict=True):
-            sel.keep_ratio = float(r)
-        if self.ratios is not None and ckpt.get("ratios") is not None:
-            self.ratios.load_state_dict(ckpt["ratios"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.step, self.teacher_top1, self.best_top1 = ckpt["step"], ckpt["teacher_top1"], ckpt["best_top1"]
-        rngs = ckpt["rng"]
-        restore_rng(rngs[self.info.rank] if len(rngs) == self.info.world else rngs[0])
+        """Restore everything the checkpoint at `path` holds, so training continues exactly."""
+        restore_state(self, load_checkpoint(path, map_location=self.device))
 
     # -- one step -------------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -311,9 +279,10 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to `total_steps` (resuming when asked), evaluate, and return the final metrics."""
-        path = self._resume_path()
-        if path is not None:
-            self.resume(path)
+        path = self._resume[0] if self._resume is not None else None
+        if self._resume is not None:
+            restore_state(self, self._resume[1])
+            self._resume = None
         else:
             seed = self.recipe.run.seed + self.info.rank
             torch.manual_seed(seed)
