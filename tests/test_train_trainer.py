@@ -195,3 +195,30 @@ def test_backbone_trains_at_its_scale_without_a_teacher(tmp_path):
     assert groups["new"]["initial_lr"] == pytest.approx(2e-3)
     inserted = sum(len(list(s.parameters())) for s in tokenprune.selectors(student))
     assert sum(len(g["params"]) for name, g in groups.items() if name.startswith("new")) == inserted
+
+
+def test_torchvision_recipe(tmp_path):
+    # The harness builds models with tokenprune.create_model, so torchvision names work as timm ones do.
+    overrides = [
+        "model.name=vit_b_16",
+        "model.kwargs={image_size: 32, num_classes: 4}",  # 2 x 2 patches: small enough for a test
+        "data.source=synthetic",
+        "data.num_classes=4",
+        "data.synthetic_size=16",
+        "data.img_size=32",
+        "data.workers=0",
+        "optim.batch_size=8",
+        "optim.max_steps=1",
+        "run.threads=1",
+        "run.eval_every=0",
+        f"run.output_dir={tmp_path}",
+    ]
+    result = finetune(None, overrides=overrides)
+    assert result.metrics["steps"] == 1
+    config = tokenprune.config_of(result.model)
+    assert config.source == {
+        "library": "torchvision",
+        "name": "vit_b_16",
+        "kwargs": {"image_size": 32, "num_classes": 4},
+    }
+    assert len(tokenprune.selectors(result.model)) == 3
