@@ -2,7 +2,8 @@
 
 Progress is a function of the optimizer step alone: the epoch and the position inside it follow from it (the
 sampler can start mid-epoch, augmentations are seeded per sample), and every rank's random states are saved, so
-an interrupted run resumed from `last.pt` ends with the same weights as an uninterrupted one.
+an interrupted run resumed from `last.pt` ends with the same weights as an uninterrupted one. What `last.pt` holds,
+and which checkpoint a run may continue from, is `resume.py`'s business.
 """
 
 from __future__ import annotations
@@ -279,18 +280,17 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to `total_steps` (resuming when asked), evaluate, and return the final metrics."""
-        path = self._resume[0] if self._resume is not None else None
-        if self._resume is not None:
-            restore_state(self, self._resume[1])
-            self._resume = None
+        resumed, self._resume = self._resume, None  # (path, checkpoint) that __init__ accepted, or None
+        if resumed is not None:
+            restore_state(self, resumed[1])
         else:
             seed = self.recipe.run.seed + self.info.rank
             torch.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed)
         reporter = ProgressReporter(self.total_steps, enabled=self.info.main)
-        if path is not None:
-            reporter.message(f"resumed from {path} at step {self.step}/{self.total_steps}")
+        if resumed is not None:
+            reporter.message(f"resumed from {resumed[0]} at step {self.step}/{self.total_steps}")
         if self.teacher is not None and self.teacher_top1 is None:
             self.teacher_top1 = self.evaluate(self.teacher)
             self.metrics.write("teacher", top1=self.teacher_top1)
