@@ -49,7 +49,7 @@ def _common(args: argparse.Namespace) -> list[str]:
 
 def fixed_budget(args: argparse.Namespace) -> float:
     """The compute estimate of the fixed rho = 0.7 schedule, used as the learned run's budget (same FLOPs)."""
-    model = ComputeModel("token", depth=12, locations=LOCATIONS, dim=args.width, patches=49, prefix=1)
+    model = ComputeModel.from_formula("token", depth=12, locations=LOCATIONS, dim=args.width, patches=49, prefix=1)
     return round(float(model.ratio(torch.tensor(KEEP))), 4)
 
 

@@ -1,4 +1,5 @@
-"""DDP through torchrun on CPU (gloo): two processes fine-tune a tiny sparsified ViT for a few steps."""
+"""DDP through torchrun on CPU (gloo): two processes fine-tune a tiny sparsified ViT for a few steps, and two
+processes with batch b end with the weights of one process with batch 2b."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
+import torch
 import yaml
 
+from tokenprune.train import finetune
 from tokenprune.train.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +69,44 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert ckpt["world"] == 2 and len(ckpt["rng"]) == 2
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "final" for r in records) == 1  # rank 0 alone writes
+
+
+DENSE = {
+    **RECIPE,
+    "sparsify": {"enabled": False},  # no Gumbel noise: the weights depend on the data and the arithmetic only
+    "learned_ratios": {"enabled": False},
+    "optim": {"batch_size": 4, "epochs": 1, "warmup_epochs": 0, "lr": 1e-2, "max_steps": 3},
+    "run": {"threads": 1, "log_every": 1, "device": "cpu", "eval_every": 0},
+}
+
+
+@pytest.mark.distributed
+def test_two_processes_equal_one_with_twice_the_batch(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(DENSE))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    worker = ROOT / "tests" / "_ddp_worker.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker)]
+    proc = subprocess.run(
+        [*cmd, str(recipe), str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # Rank r takes positions r, r + 2, ... of the epoch's order, so a step of the two ranks (b = 4 each) sees the
+    # same 8 images as a step of one process with batch 8.
+    one = finetune(recipe, overrides=["optim.batch_size=8", f"run.output_dir={tmp_path / 'one'}"])
+    assert one.metrics["steps"] == 3
+    reference = load_checkpoint(tmp_path / "one" / "final.pt")["model"]
+    synced = load_checkpoint(tmp_path / "synced" / "final.pt")["model"]
+    unsynced = load_checkpoint(tmp_path / "unsynced" / "final.pt")["model"]
+
+    torch.manual_seed(DENSE["run"].get("seed", 0))  # the initial weights, as finetune builds them
+    init = timm.create_model(DENSE["model"]["name"], **DENSE["model"]["kwargs"]).state_dict()
+
+    def gap(weights):
+        """Distance to the one-process weights, relative to how far those moved in training."""
+        return (sum((weights[k] - v).square().sum() for k, v in reference.items()) / moved).sqrt().item()
+
+    moved = sum((v - init[k]).square().sum() for k, v in reference.items())
+    # Equal up to float reduction order (which Adam turns into relative noise on the keys' zero-gradient biases).
+    assert gap(synced) < 1e-3
+    assert gap(unsynced) > 0.1  # negative control: without DDP each rank follows its own half of the data

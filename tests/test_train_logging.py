@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,8 +53,19 @@ def test_checkpoint_atomic_and_errors(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_rng_roundtrip():
-    state = capture_rng()
-    a = torch.rand(3)
-    restore_rng(state)
-    assert torch.equal(torch.rand(3), a)
+def test_rng_roundtrip_through_a_weights_only_file(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    random.gauss(0, 1)  # leaves a cached Gaussian in Python's state
+    save_checkpoint({"rng": [capture_rng()]}, tmp_path / "last.pt")
+    a, b, c = torch.rand(3), random.random(), np.random.rand(2)
+    restore_rng(load_checkpoint(tmp_path / "last.pt")["rng"][0])  # read with weights_only=True
+    assert torch.equal(torch.rand(3), a) and random.random() == b and np.array_equal(np.random.rand(2), c)
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path, code_payload):
+    payload, marker = code_payload
+    save_checkpoint({"step": 1, "rng": [payload]}, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="refused to read checkpoint .*last.pt"):
+        load_checkpoint(tmp_path / "last.pt")
+    assert not marker.exists()

@@ -12,11 +12,11 @@ from tokenprune.train.ratios import ComputeModel, LearnedKeepRatios, budget_pena
 
 
 def _deit_small() -> ComputeModel:
-    return ComputeModel("token", depth=12, locations=[3, 6, 9], dim=384, patches=196, prefix=1)
+    return ComputeModel.from_formula("token", depth=12, locations=[3, 6, 9], dim=384, patches=196, prefix=1)
 
 
 def test_block_cost_exact():
-    cm = ComputeModel("token", depth=2, locations=[1], dim=4, patches=3, prefix=1)
+    cm = ComputeModel.from_formula("token", depth=2, locations=[1], dim=4, patches=3, prefix=1)
     # Dense: 2 blocks on N = 4 tokens: 12 * 4 * 16 + 2 * 16 * 4 = 896 each.
     assert cm.dense() == 2 * 896
     # Keep 1/3: block 0 on 4 tokens, predictor on 3 patches (1.625*16 + 2)*3, block 1 on 2 tokens (384 + 64).

@@ -146,3 +146,79 @@ def test_finetune_given_student_and_teacher(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # the teacher stays frozen
     with pytest.raises(ConfigError, match="pass teacher="):
         finetune(model=student, overrides=[*overrides, f"run.output_dir={tmp_path / 'b'}"])
+
+
+def test_resume_auto_refuses_another_recipe_and_a_finished_run(tmp_path):
+    _run(tmp_path, "run", "optim.epochs=1")
+    recipe_yaml = (tmp_path / "run" / "recipe.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"different recipe \(optim.lr: 0.001 -> 0.005\).*run.resume=none"):
+        _run(tmp_path, "run", "optim.epochs=1", "optim.lr=5e-3")
+    assert (tmp_path / "run" / "recipe.yaml").read_text() == recipe_yaml  # refused before writing anything
+    with pytest.raises(ConfigError, match=r"already finished \(2 of 2 optimizer steps.*zero steps"):
+        _run(tmp_path, "run", "optim.epochs=1", "run.threads=2")  # operational keys may differ
+    again = _run(tmp_path, "run", "optim.epochs=1", "optim.lr=5e-3", "run.resume=none")
+    assert again.metrics["steps"] == 2
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, code_payload):
+    from tokenprune.errors import CheckpointError
+    from tokenprune.train.checkpoint import save_checkpoint
+
+    payload, marker = code_payload
+    save_checkpoint({"step": 1, "recipe": {}, "rng": [payload]}, tmp_path / "evil" / "last.pt")
+    with pytest.raises(CheckpointError, match="refused to read checkpoint"):
+        _run(tmp_path, "evil")
+    assert not marker.exists()
+
+
+def test_backbone_trains_at_its_scale_without_a_teacher(tmp_path):
+    import timm
+
+    teacher = timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=4, in_chans=1
+    )
+    student = tokenprune.sparsify(teacher, 0.7, locations=[1, 2, 3], example_inputs=torch.randn(1, 1, 16, 16))
+    overrides = [o for o in TINY if not o.startswith(("model.", "sparsify."))]
+    finetune(
+        model=student,
+        overrides=[
+            *overrides,
+            "optim.epochs=1",
+            "optim.lr=2e-3",
+            "loss.kl=0",
+            "loss.distill=0",
+            f"run.output_dir={tmp_path}",
+        ],
+    )
+    groups = {g["name"]: g for g in load_checkpoint(tmp_path / "last.pt")["optimizer"]["param_groups"]}
+    assert groups["backbone"]["initial_lr"] == pytest.approx(2e-4)  # optim.backbone_lr_scale=0.1
+    assert groups["new"]["initial_lr"] == pytest.approx(2e-3)
+    inserted = sum(len(list(s.parameters())) for s in tokenprune.selectors(student))
+    assert sum(len(g["params"]) for name, g in groups.items() if name.startswith("new")) == inserted
+
+
+def test_torchvision_recipe(tmp_path):
+    # The harness builds models with tokenprune.create_model, so torchvision names work as timm ones do.
+    overrides = [
+        "model.name=vit_b_16",
+        "model.kwargs={image_size: 32, num_classes: 4}",  # 2 x 2 patches: small enough for a test
+        "data.source=synthetic",
+        "data.num_classes=4",
+        "data.synthetic_size=16",
+        "data.img_size=32",
+        "data.workers=0",
+        "optim.batch_size=8",
+        "optim.max_steps=1",
+        "run.threads=1",
+        "run.eval_every=0",
+        f"run.output_dir={tmp_path}",
+    ]
+    result = finetune(None, overrides=overrides)
+    assert result.metrics["steps"] == 1
+    config = tokenprune.config_of(result.model)
+    assert config.source == {
+        "library": "torchvision",
+        "name": "vit_b_16",
+        "kwargs": {"image_size": 32, "num_classes": 4},
+    }
+    assert len(tokenprune.selectors(result.model)) == 3

@@ -49,17 +49,21 @@ class FinetuneResult:
 
 
 def build_teacher(recipe: Recipe) -> nn.Module:
-    """Create the original model a recipe names (timm), with its pretrained weights or checkpoint."""
-    import timm
+    """Create the original model a recipe names (timm or torchvision), with its pretrained weights or checkpoint.
+
+    Built by `tokenprune.create_model`, the project's one model builder, so the model records how to rebuild it
+    (``tokenprune_source``) and the sparsified student's config and saved files carry that record.
+
+    Raises:
+        ConfigError: unknown name or keywords the constructor rejects. CheckpointError: weights that cannot be read
+        or do not fit.
+    """
+    from ..models import create_model
 
     spec = recipe.model
-    try:
-        model = timm.create_model(spec.name, pretrained=spec.pretrained, **spec.kwargs)
-    except Exception as e:  # noqa: BLE001 - timm raises RuntimeError, ValueError, HF hub errors...
-        raise ConfigError(f"cannot create timm model {spec.name!r} with {spec.kwargs}: {e}") from None
-    if spec.checkpoint:
-        load_weights(model, spec.checkpoint)
-    return model
+    return create_model(
+        spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, library=spec.library, **spec.kwargs
+    )
 
 
 def _input_geometry(recipe: Recipe, model: nn.Module) -> tuple[int, int]:
@@ -158,10 +162,10 @@ def finetune(
                 f"set model.kwargs.num_classes={data.num_classes} (and a matching checkpoint)."
             )
         out = Path(run.output_dir)
+        trainer = Trainer(recipe, model, teacher, data, info)  # refuses a foreign or finished run in `out` first
         if info.main:
             save_recipe(recipe, out / "recipe.yaml")
         barrier(info)
-        trainer = Trainer(recipe, model, teacher, data, info)
         metrics = trainer.fit()
         config = config_of(model)
         if info.main:

@@ -13,12 +13,28 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-__all__ = ["is_new_parameter", "param_groups", "build_optimizer", "warmup_cosine"]
+__all__ = ["is_new_parameter", "original_parameter_names", "param_groups", "build_optimizer", "warmup_cosine"]
 
 
 def is_new_parameter(name: str, original: set[str]) -> bool:
     """A parameter the sparsification added: not in the original model, or under a ``tokenprune_`` module."""
     return name not in original or "tokenprune_" in name or ".predictor." in f".{name}"
+
+
+def original_parameter_names(model: nn.Module, teacher: nn.Module | None = None) -> set[str]:
+    """Names of the parameters of a sparsified `model` that come from the pretrained network.
+
+    Those are the ones outside the modules tokenprune inserted (the classes of `tokenprune.nn`: stages, predictors,
+    fast paths), further restricted to the teacher's parameter names when a teacher is given. The teacher is not
+    needed: a student trained without distillation still has a backbone to train at ``backbone_lr_scale``.
+    """
+    # reason: structural, not by name: a fast path is called "fast_path" unless that name was taken.
+    ours = [m for m in model.modules() if type(m).__module__.startswith("tokenprune.nn.")]
+    inserted = {id(p) for m in ours for p in m.parameters()}
+    names = {n for n, p in model.named_parameters() if id(p) not in inserted}
+    if teacher is not None:
+        names &= {n for n, _ in teacher.named_parameters()}
+    return names
 
 
 def param_groups(

@@ -13,78 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .cost import ComputeModel
 
-__all__ = ["ComputeModel", "LearnedKeepRatios", "budget_penalty"]
-
-
-@dataclass
-class ComputeModel:
-    """Multiply-adds of the pruned chain as a function of per-stage keep ratios.
-
-    Token blocks on N tokens of width C cost (4 + 2r) N C^2 (qkv, projection, MLP with ratio r; 12 N C^2 for r = 4)
-    plus 2 N^2 C for the attention products. Each predictor costs about 1.625 N C^2 on the tokens it scores
-    (Linear C->C, then C->C/2->C/4->2). Spatial blocks (DESIGN 1.2) cost 49 HW C for the 7x7 depthwise mixing on the
-    whole map, 2r C^2 per location on the slow path and C^2 on the fast path.
-
-    Attributes:
-        kind: "token" or "spatial".
-        depth: blocks in the chain.
-        locations: chain indices of the blocks each predictor precedes.
-        dim: channel width C.
-        patches: prunable tokens (or spatial locations) at the chain's input.
-        prefix: tokens that are never pruned (class, distillation, registers).
-        mlp_ratio: hidden width of the MLP over C.
-    """
-
-    kind: str
-    depth: int
-    locations: list[int]
-    dim: int
-    patches: int
-    prefix: int = 0
-    mlp_ratio: float = 4.0
-
-    def __post_init__(self) -> None:
-        if not self.locations or sorted(self.locations) != list(self.locations) or self.locations[-1] >= self.depth:
-            raise ConfigError(f"locations {self.locations} must be increasing chain indices below depth {self.depth}.")
-
-    def _block(self, kept: Tensor) -> Tensor:
-        c, r = float(self.dim), self.mlp_ratio
-        if self.kind == "spatial":
-            hw = float(self.patches)
-            return 49 * hw * c + kept * (2 * r * c * c) + (hw - kept) * c * c
-        n = kept + self.prefix
-        return (4 + 2 * r) * n * c * c + 2 * n * n * c
-
-    def _predictor(self, kept: Tensor) -> Tensor:
-        c = float(self.dim)
-        return kept * (1.625 * c * c + c / 2)
-
-    def dense(self) -> float:
-        """Multiply-adds of the dense chain."""
-        return float(self._block(torch.tensor(float(self.patches)))) * self.depth
-
-    def macs(self, keep_ratios: Tensor) -> Tensor:
-        """Multiply-adds of the sparse chain, differentiable in `keep_ratios` [S]."""
-        full = torch.tensor(float(self.patches), device=keep_ratios.device)
-        kept = [full] + [keep_ratios[s] * self.patches for s in range(len(self.locations))]
-        bounds = [0, *self.locations, self.depth]
-        total = full.new_zeros(())
-        for s in range(len(bounds) - 1):
-            total = total + (bounds[s + 1] - bounds[s]) * self._block(kept[s])
-            if s > 0:
-                total = total + self._predictor(kept[s - 1])
-        return total
-
-    def ratio(self, keep_ratios: Tensor) -> Tensor:
-        """Estimated sparse/dense compute of the chain (predictors included)."""
-        return self.macs(keep_ratios) / self.dense()
+__all__ = ["ComputeModel", "LearnedKeepRatios", "budget_penalty"]  # ComputeModel lives in cost.py
 
 
 def budget_penalty(flops_ratio: Tensor, target: float) -> Tensor:

@@ -37,16 +37,18 @@ class ModelSection:
     """The teacher (the original model) and how to build it.
 
     Attributes:
-        name: timm model name, e.g. ``deit_small_patch16_224``.
-        pretrained: load timm's pretrained weights (needs them cached or reachable).
+        name: timm or torchvision model name, e.g. ``deit_small_patch16_224`` or ``vit_b_16``.
+        pretrained: load the library's pretrained weights (needs them cached or reachable).
         checkpoint: path to teacher weights (a state dict, a safetensors file, or a harness checkpoint).
-        kwargs: extra keyword arguments for ``timm.create_model`` (img_size, in_chans, embed_dim, depth, ...).
+        kwargs: constructor keywords (timm: img_size, in_chans, embed_dim, depth, ...; torchvision: image_size...).
+        library: "timm" or "torchvision" when a name exists in both (``None``: timm first, then torchvision).
     """
 
     name: str = "vit_tiny_patch16_224"
     pretrained: bool = False
     checkpoint: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    library: str | None = None
 
 
 @dataclass
@@ -71,7 +73,7 @@ class LearnedRatiosSection:
         target_flops: the chain's compute as a fraction of dense (e.g. 0.6).
         budget_weight: weight of the squared relative budget error.
         lr: learning rate of the ratio parameters (AdamW, no weight decay).
-        mlp_ratio: hidden/embedding width of the blocks' MLP, for the cost model.
+        mlp_ratio: deprecated and ignored: the cost model is now measured on the model with fvcore.
     """
 
     enabled: bool = False

@@ -2,7 +2,8 @@
 
 Progress is a function of the optimizer step alone: the epoch and the position inside it follow from it (the
 sampler can start mid-epoch, augmentations are seeded per sample), and every rank's random states are saved, so
-an interrupted run resumed from `last.pt` ends with the same weights as an uninterrupted one.
+an interrupted run resumed from `last.pt` ends with the same weights as an uninterrupted one. What `last.pt` holds,
+and which checkpoint a run may continue from, is `resume.py`'s business.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections import defaultdict
 from contextlib import nullcontext
 from functools import partial
@@ -23,14 +25,15 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError, DataError, TrainingError
 from ..sparsify import find_config as config_of
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import load_checkpoint
 from .data import DataBundle, make_loader
-from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier
+from .distributed import DistInfo, all_reduce_sum
 from .logging import MetricsWriter, ProgressReporter
 from .losses import LossOutput, LossWeights, SparsificationLoss
-from .optim import build_optimizer, param_groups, warmup_cosine
+from .optim import build_optimizer, original_parameter_names, param_groups, warmup_cosine
 from .ratios import ComputeModel, LearnedKeepRatios, budget_penalty
 from .recipe import Recipe
+from .resume import find_resume, restore_state, save_state
 
 __all__ = ["Trainer", "config_of"]
 
@@ -101,7 +104,8 @@ class Trainer:
         self._hook = None  # the teacher's forward hook, removed when `fit` ends
         if self.sparsified:
             self._setup_sparse(data)
-        original = {n for n, _ in teacher.named_parameters()} if (teacher is not None and self.sparsified) else ()
+        # A dense run has no new modules: everything trains at optim.lr.
+        original = original_parameter_names(student, teacher) if self.sparsified else ()
         groups = param_groups(
             student, original, lr=o.lr, backbone_lr_scale=o.backbone_lr_scale, weight_decay=o.weight_decay
         )
@@ -134,6 +138,8 @@ class Trainer:
                 self.student, device_ids=ids, find_unused_parameters=run.find_unused_parameters
             )
         self.step, self.teacher_top1, self.best_top1 = 0, None, None
+        # Refuse a foreign or finished run in output_dir now, before anything is written there.
+        self._resume = find_resume(recipe, self.total_steps, map_location=self.device)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl" if info.main else None)
 
     # -- set-up ---------------------------------------------------------------------------------------------------
@@ -159,8 +165,9 @@ class Trainer:
         # One eval-mode forward (no randomness drawn) tells the chain's sizes and the block to hook on the teacher.
         was = self.student.training
         self.student.eval()
+        example = data.val[0][0][None].to(self.device)
         with torch.no_grad():
-            self.student(data.val[0][0][None].to(self.device))
+            self.student(example)
         state = _state(self.student)
         self.student.train(was)
         if self.teacher is not None and self.loss_fn.weights.distill > 0:
@@ -171,70 +178,32 @@ class Trainer:
             return
         if not self.config.chain:
             raise ConfigError("learned keep ratios need the chain's block names in tokenprune.config_of(model).chain.")
-        sels = _selectors(self.student)
-        dim = next(p for p in sels[0].parameters() if p.ndim >= 2).shape[1]
-        patches = state.decisions[0].flatten(1).shape[1]
-        self.compute = ComputeModel(
-            self.config.kind,
-            len(self.config.chain),
-            list(self.config.locations),
-            int(dim),
-            int(patches),
-            state.prefix_tokens,
-            spec.mlp_ratio,
-        )
+        if spec.mlp_ratio != 4.0:
+            warnings.warn(
+                "learned_ratios.mlp_ratio is ignored: the cost model is measured on the model with fvcore; "
+                "remove it from the recipe.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        # The cost model is measured on this very model with fvcore (cost.py), so the budget means real MACs.
+        self.compute = ComputeModel.calibrate(self.student, example)
+        patches = self.compute.patches
         self.ratios = LearnedKeepRatios(self.config.keep_ratios, patches).to(self.device)
         # Start on the budget, keeping the configured allocation across stages.
         self.ratios.theta.data.add_(self.ratios.budget_shift(self.compute, spec.target_flops))
 
-    # -- checkpoints ----------------------------------------------------------------------------------------------
-    def _payload(self) -> dict[str, Any]:
-        return {
-            "model": self.student.state_dict(),
-            "ratios": self.ratios.state_dict() if self.ratios is not None else None,
-            "keep_ratios": [s.keep_ratio for s in _selectors(self.student)],
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "teacher_top1": self.teacher_top1,
-            "best_top1": self.best_top1,
-            "recipe": self.recipe.to_dict(),
-            "sparsify_config": self.config.to_dict() if self.sparsified else None,
-        }
+    # -- checkpoints (resume.py) ---------------------------------------------------------------------------------
+    def selectors(self) -> list[nn.Module]:
+        """The student's pruning stages, in order."""
+        return _selectors(self.student)
 
     def save(self, name: str = "last.pt") -> Path:
         """Checkpoint the run (all ranks must call: random states are gathered; rank 0 writes)."""
-        rngs = all_gather_objects(capture_rng(), self.info)
-        path = self.out / name
-        if self.info.main:
-            save_checkpoint({**self._payload(), "rng": rngs, "world": self.info.world}, path)
-        barrier(self.info)
-        return path
-
-    def _resume_path(self) -> Path | None:
-        resume = self.recipe.run.resume
-        if resume in (None, False, "none", "false", "no", ""):
-            return None
-        if resume in (True, "auto", "true", "yes"):
-            path = self.out / "last.pt"
-            return path if path.is_file() else None
-        return Path(resume)
+        return save_state(self, name)
 
     def resume(self, path: str | Path) -> None:
-        """Restore everything a checkpoint holds, so training continues exactly."""
-        ckpt = load_checkpoint(path, map_location=self.device)
-        self.student.load_state_dict(ckpt["model"])
-        for sel, r in zip(_selectors(self.student), ckpt["keep_ratios"], strict=True):
-            sel.keep_ratio = float(r)
-        if self.ratios is not None and ckpt.get("ratios") is not None:
-            self.ratios.load_state_dict(ckpt["ratios"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.step, self.teacher_top1, self.best_top1 = ckpt["step"], ckpt["teacher_top1"], ckpt["best_top1"]
-        rngs = ckpt["rng"]
-        restore_rng(rngs[self.info.rank] if len(rngs) == self.info.world else rngs[0])
+        """Restore everything the checkpoint at `path` holds, so training continues exactly."""
+        restore_state(self, load_checkpoint(path, map_location=self.device))
 
     # -- one step -------------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -311,17 +280,17 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train to `total_steps` (resuming when asked), evaluate, and return the final metrics."""
-        path = self._resume_path()
-        if path is not None:
-            self.resume(path)
+        resumed, self._resume = self._resume, None  # (path, checkpoint) that __init__ accepted, or None
+        if resumed is not None:
+            restore_state(self, resumed[1])
         else:
             seed = self.recipe.run.seed + self.info.rank
             torch.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed)
         reporter = ProgressReporter(self.total_steps, enabled=self.info.main)
-        if path is not None:
-            reporter.message(f"resumed from {path} at step {self.step}/{self.total_steps}")
+        if resumed is not None:
+            reporter.message(f"resumed from {resumed[0]} at step {self.step}/{self.total_steps}")
         if self.teacher is not None and self.teacher_top1 is None:
             self.teacher_top1 = self.evaluate(self.teacher)
             self.metrics.write("teacher", top1=self.teacher_top1)
