@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .discovery import Chain
+from .discovery import Call, Chain
 
 __all__ = ["node_shape", "chain_nodes", "block_inputs", "recorded_inputs", "set_submodule"]
 
@@ -38,28 +39,39 @@ def chain_nodes(gm: fx.GraphModule, chain: Chain, name: str) -> list[fx.Node]:
     return nodes
 
 
-def block_inputs(block: nn.Module, node: fx.Node, where: str) -> tuple[dict[str, object], dict[str, object]]:
+def block_inputs(call: Call, node: fx.Node, where: str) -> tuple[dict[str, object], dict[str, fx.Node]]:
     """Split a block's forward arguments after the first into constants of the trace and run-time inputs.
 
+    Constants are what the top-level graph passes as literals (or the defaults) and *shape values* — arguments that
+    the recorded call received as plain numbers (a feature map's size), taken as the example gives them. Run-time
+    inputs are tensors computed in the top-level graph (a rotary embedding); they stay inputs of the traced block.
+
     Returns:
-        (concrete, runtime): `concrete` maps argument names to the constants the top-level graph passes (or the
-        defaults), `runtime` maps the others to the top-level nodes that compute them (a rotary embedding, a feature
-        map size). Run-time inputs stay inputs of the traced block.
+        (concrete, runtime): argument name -> constant, and argument name -> the top-level node computing it.
 
     Raises:
         UnsupportedModelError: a required argument that the call does not pass.
     """
+    block = call.module
     params = [
         p
         for p in inspect.signature(block.forward).parameters.values()
         if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]
     bound = dict(zip([p.name for p in params[1:]], node.args[1:], strict=False), **node.kwargs)
+    recorded = inspect.signature(block.forward).bind(*call.args, **call.kwargs).arguments
     concrete, runtime = {}, {}
     for p in params[1:]:
         if p.name in bound:
             value = bound[p.name]
-            (runtime if isinstance(value, fx.Node) else concrete)[p.name] = value
+            nodes: list[fx.Node] = []
+            fx.node.map_arg(value, nodes.append)
+            if not nodes:
+                concrete[p.name] = value
+            elif isinstance(recorded.get(p.name), torch.Tensor):
+                runtime[p.name] = value
+            else:
+                concrete[p.name] = recorded.get(p.name)  # a shape value
         elif p.default is inspect.Parameter.empty:
             raise UnsupportedModelError(f"{where}: the block is called without its argument {p.name!r}.")
         else:
@@ -67,7 +79,7 @@ def block_inputs(block: nn.Module, node: fx.Node, where: str) -> tuple[dict[str,
     return concrete, runtime
 
 
-def recorded_inputs(block: nn.Module, args: tuple, kwargs: dict, names: list[str]) -> list[object]:
+def recorded_inputs(call: Call, names: list[str]) -> list[object]:
     """The values a recorded call passed for the named arguments, to propagate shapes through the traced block."""
-    bound = inspect.signature(block.forward).bind(*args, **kwargs)
+    bound = inspect.signature(call.module.forward).bind(*call.args, **call.kwargs)
     return [bound.arguments[n] for n in names]

@@ -247,6 +247,8 @@ def _identity_in_eval(gm: fx.GraphModule, leaves: list[nn.Module], device: torch
         m = _module(gm, node)
         if m is None or not any(m is leaf for leaf in leaves) or node_shape(node) is None:
             continue
+        if len(node.args) != 1 or node.kwargs:
+            continue  # reason: called with more than the map (window partition with its size): not an identity
         meta = node.args[0].meta["tensor_meta"]
         probe = torch.randn(meta.shape, dtype=meta.dtype, device=device)
         with torch.no_grad():
@@ -258,7 +260,7 @@ def _identity_in_eval(gm: fx.GraphModule, leaves: list[nn.Module], device: torch
 def _asymmetric_block(call: Call, node: fx.Node, chain: Chain, where: str) -> tuple[fx.GraphModule, SlowPath]:
     """Trace one block and route its slow path through an `AsymmetricPath` (gather before, mix/scatter after)."""
     leaves = training_dependent(call.module, where)  # trace keeps them as calls; the slow-path search needs them
-    concrete, runtime = block_inputs(call.module, node, where)
+    concrete, runtime = block_inputs(call, node, where)
     if runtime:
         raise UnsupportedModelError(
             f"{where}: the block takes the run-time input(s) {', '.join(map(repr, runtime))} besides its feature map; "

@@ -31,13 +31,7 @@ def _block(
     call: Call, node: fx.Node, image: fx.Node, tokens: int, prefix: int, where: str
 ) -> tuple[fx.GraphModule, list[str]]:
     """Trace one later block and make it exact under pruning (masked attention, gathered position constants)."""
-    concrete, runtime = block_inputs(call.module, node, where)
-    values = dict(zip(runtime, recorded_inputs(call.module, call.args, call.kwargs, list(runtime))))
-    for key, value in values.items():
-        if not isinstance(value, torch.Tensor):
-            # A shape value (the feature map's H, W): a constant of the trace, as the example gives it.
-            concrete[key] = value
-            del runtime[key]
+    concrete, runtime = block_inputs(call, node, where)
     for key, value in runtime.items():
         if depends_on(value, {image}):
             raise UnsupportedModelError(
@@ -47,8 +41,7 @@ def _block(
             )
     gm = trace(call.module, concrete_args=concrete, name=where)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    ShapeProp(gm).propagate(call.args[0], *recorded_inputs(call.module, call.args, call.kwargs,
-                                                           [p.target for p in placeholders[1:]]))  # fmt: skip
+    ShapeProp(gm).propagate(call.args[0], *recorded_inputs(call, [p.target for p in placeholders[1:]]))
     root = tokenflow.TokenSet(tokens, prefix, ("root",))
     leaves = {id(m) for m in training_dependent(call.module, where)}
     flow, outputs = tokenflow.analyse(gm, {placeholders[0]: tokenflow.Tokens((1,), root)}, where, leaves)
@@ -105,7 +98,7 @@ def plan_tokens(
         if call.name in plan.replace:
             block = plan.replace[call.name]
             inputs = [n.target for n in block.graph.nodes if n.op == "placeholder"][1:-2]
-            _, runtime = block_inputs(call.module, node, name)
+            _, runtime = block_inputs(call, node, name)
             node.args, node.kwargs = (
                 node.args[:1],
                 {
