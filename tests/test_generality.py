@@ -32,6 +32,7 @@ MODELS = {
     "vit_small_patch14_reg4_dinov2": dict(img_size=56, depth=4),  # register tokens
     "deit3_small_patch16_224": dict(img_size=64, depth=4),
     "flexivit_small": dict(img_size=64, depth=4),
+    "vit_base_patch32_clip_224": dict(img_size=64, depth=4, embed_dim=96, num_heads=3),  # CLIP tower (norm_pre)
 }
 
 
@@ -167,3 +168,32 @@ def test_plan_describes_without_changing_the_model():
     assert "stages before blocks blocks.1" in text and "with its bias" in text
     assert not tokenprune.selectors(model) and isinstance(model.blocks[1], nn.Module)
     assert type(model.blocks[1]).__name__ == "Block"
+
+
+class _ConcatViT(nn.Module):
+    """A tiny ViT whose class token is joined with `torch.concatenate` and whose head returns the tokens or a mean."""
+
+    def __init__(self, cat=torch.concatenate, head="token"):
+        super().__init__()
+        self.cat, self.head = cat, head
+        self.patch = nn.Conv2d(3, 32, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, 32))
+        self.blocks = nn.Sequential(*[timm.models.vision_transformer.Block(32, 2) for _ in range(4)])
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = self.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.blocks(x)
+        return x if self.head == "tokens" else self.fc(x[:, 0])
+
+
+@pytest.mark.parametrize("cat", [torch.cat, torch.concat, torch.concatenate], ids=lambda f: f.__name__)
+def test_every_concatenation_finds_the_prefix_token(cat):
+    sparse = tokenprune.sparsify(_ConcatViT(cat).eval(), 0.7, example_inputs=torch.randn(2, 3, 64, 64))
+    assert tokenprune.config_of(sparse).prefix_tokens == 1
+
+
+def test_a_model_returning_its_tokens_is_refused():
+    with pytest.raises(UnsupportedModelError, match="returns the tokens themselves"):
+        tokenprune.sparsify(_ConcatViT(head="tokens").eval(), 0.7, example_inputs=torch.randn(2, 3, 64, 64))
