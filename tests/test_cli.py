@@ -13,9 +13,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import tokenprune
-from tokenprune.checkpoint_io import load_original
 from tokenprune.cli import EXIT_ERROR, EXIT_GATE, app
 from tokenprune.gates import eval_dataset
+from tokenprune.io import load_original
 
 MODEL = "deit_tiny_patch16_224"
 KWARGS = {"depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 4}
