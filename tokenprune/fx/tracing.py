@@ -18,8 +18,13 @@ __all__ = ["model_name", "trace", "example_input", "forward_defaults", "call_lea
 def _timm_registry() -> tuple[set[type], tuple]:
     try:
         from timm.layers import _fx as timm_fx
-    except ImportError:  # timm is a dependency, but the pass itself works on any model
-        return set(), ()
+    except ImportError as e:
+        # reason: without timm's no-trace registry, timm models trace through modules timm marks untraceable and
+        # fail with confusing errors; say which dependency is wrong instead of silently using an empty registry.
+        raise UnsupportedModelError(
+            f"cannot import timm's registry of untraceable modules, timm.layers._fx ({e}); tokenprune needs "
+            "timm>=1.0.26. Upgrade it: pip install -U 'timm>=1.0.26'."
+        ) from None
     functions = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
     return set(timm_fx.get_notrace_modules()), functions
 
