@@ -41,7 +41,9 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "SourceWarning", "save", "load", "load_or
 FORMAT = "tokenprune"
 FORMAT_VERSION = 2
 _FIELDS = ("format", "format_version", "tokenprune", "source", "config")
-_MAX_SIDE, _MAX_CHANNELS, _MAX_STAGES, _MAX_CHAIN = 8192, 64, 64, 4096
+# reason: an example input of this size is allocated and run through the model before any weight is read.
+_MAX_SIDE, _MAX_CHANNELS, _MAX_PIXELS = 2048, 16, 3 * 2048 * 2048
+_MAX_STAGES, _MAX_CHAIN = 64, 4096
 
 
 class SourceWarning(UserWarning):
@@ -181,16 +183,26 @@ def _ratio(value: Any, path: Path, key: str) -> float:
     return float(value)
 
 
-def _check_config(data: Any, path: Path) -> SparsifyConfig:
-    """Every field of the recorded configuration, typed and bounded."""
+def _check_config(data: Any, path: Path, version: int, source: dict[str, Any] | None) -> SparsifyConfig:
+    """Every field of the recorded configuration, typed and bounded (version 2 files must have all of them)."""
     if not isinstance(data, dict):
         raise _bad(path, "config", f"a {type(data).__name__}, not an object")
-    for key in ("ratio", "locations", "keep_ratios", "input_size"):
+    fields = list(SparsifyConfig.__dataclass_fields__)
+    required = fields if version >= 2 else ["ratio", "locations", "keep_ratios", "input_size"]
+    for key in required:
         if key not in data:
             raise _bad(path, f"config.{key}", "missing")
+    unknown = [k for k in data if k not in fields]
+    if unknown and version >= 2:
+        raise _bad(path, f"config.{str(unknown[0])[:40]}", "unknown field")
+    if version >= 2 and data["source"] != source:
+        raise _bad(path, "config.source", "differs from the header's source")
     size = _int_list(data["input_size"], path, "config.input_size", 1, _MAX_SIDE, 3)
-    if len(size) != 3 or size[0] > _MAX_CHANNELS:
-        raise _bad(path, "config.input_size", f"expected [C <= {_MAX_CHANNELS}, H, W <= {_MAX_SIDE}], got {size}")
+    if len(size) != 3 or size[0] > _MAX_CHANNELS or math.prod(size) > _MAX_PIXELS:
+        raise _bad(
+            path, "config.input_size", f"expected [C <= {_MAX_CHANNELS}, H, W <= {_MAX_SIDE}] (C*H*W <= "
+            f"{_MAX_PIXELS}), got {size}"
+        )  # fmt: skip
     locations = _int_list(data["locations"], path, "config.locations", 1, _MAX_CHAIN, _MAX_STAGES)
     keep = data["keep_ratios"]
     if not isinstance(keep, list) or len(keep) != len(locations):
@@ -247,10 +259,13 @@ def _parse(path: Path) -> tuple[dict[str, Any] | None, SparsifyConfig, dict[str,
             f"{path}: refused header field 'format_version' {version[:20]!r}; this tokenprune reads versions 1 to "
             f"{FORMAT_VERSION}. Upgrade tokenprune, or re-create the file: {SAVE_HINT}."
         )
-    if int(version) >= 2 and "digest" not in meta:
-        raise _bad(path, "digest", "missing")
+    version = int(version)
+    if version >= 2:
+        for key in ("digest", "tokenprune"):
+            if not isinstance(meta.get(key), str) or not 0 < len(meta[key]) <= 128:
+                raise _bad(path, key, "missing or not a short string")
     source = check_source(_json(meta, "source", path), str(path))
-    config = _check_config(_json(meta, "config", path), path)
+    config = _check_config(_json(meta, "config", path), path, version, source)
     config.source = source
     return source, config, meta
 
@@ -282,7 +297,19 @@ def _file_shapes(path: Path) -> dict[str, list[int]]:
         raise CheckpointError(f"{path}: its tensor index cannot be read ({type(e).__name__}: {e}).") from None
 
 
-def _dense(path: Path, source: dict[str, Any] | None, model: nn.Module | None) -> nn.Module:
+def _fixed_size(model: nn.Module, kwargs: dict[str, Any]) -> list[int] | None:
+    """[H, W] an architecture is built for: timm patch embeddings that are strict or whose img_size the source
+    sets, torchvision ViTs (always strict)."""
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    if img_size is not None and (getattr(patch_embed, "strict_img_size", False) or "img_size" in kwargs):
+        return [int(v) for v in img_size]
+    if isinstance(getattr(model, "image_size", None), int):
+        return [model.image_size, model.image_size]
+    return None
+
+
+def _dense(path: Path, source: dict[str, Any] | None, model: nn.Module | None, size: tuple[int, ...]) -> nn.Module:
     """The dense architecture: the caller's `model`, or the recorded source built after its shapes were checked."""
     if model is not None:
         if not isinstance(model, nn.Module):
@@ -304,6 +331,9 @@ def _dense(path: Path, source: dict[str, Any] | None, model: nn.Module | None) -
     # reason: a hostile source could ask for a huge model; compare with the file's shapes before allocating it.
     found = {k: v for k, v in found.items() if k in expected}
     check_fit(expected, found, path, f"its recorded architecture {describe(path, source)}")
+    fixed = _fixed_size(meta_model, source["kwargs"])
+    if fixed is not None and fixed != list(size[1:]):
+        raise _bad(path, "config.input_size", f"{list(size)}, but the architecture is built for {fixed} images")
     try:
         return build(source)
     except ConfigError as e:
@@ -355,10 +385,10 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.
     """
     path = Path(path)
     source, config, meta = _parse(path)
-    dense = _dense(path, source, model)
-    sparse = _resparsify(dense, config, str(path), inplace=model is None)
     state = _read_tensors(path)
     _check_digest(path, meta, state)
+    dense = _dense(path, source, model, config.input_size)
+    sparse = _resparsify(dense, config, str(path), inplace=model is None)
     check_fit(sparse.state_dict(), state, path, f"the sparsified {describe(path, source)}")
     sparse.load_state_dict(state, strict=True)
     return sparse.eval()
@@ -377,10 +407,10 @@ def load_original(path: str | os.PathLike[str], *, model: nn.Module | None = Non
         CheckpointError: as `load`.
     """
     path = Path(path)
-    source, _, meta = _parse(path)
-    dense = _dense(path, source, model)
+    source, config, meta = _parse(path)
     state = _read_tensors(path)
     _check_digest(path, meta, state)
+    dense = _dense(path, source, model, config.input_size)
     expected = dense.state_dict()
     state = {k: v for k, v in state.items() if k in expected}
     check_fit(expected, state, path, f"the original {describe(path, source)}")

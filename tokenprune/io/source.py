@@ -29,12 +29,14 @@ __all__ = ["LIBRARIES", "check_source", "build_meta", "build", "infer_source", "
 
 LIBRARIES = ("timm", "torchvision")
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
-_WORD = re.compile(r"[A-Za-z0-9_.\-]{0,64}")
+_WORD = re.compile(r"[A-Za-z0-9_\-]{0,64}")  # names such as "avg", "gelu", "layernorm2d": no dots, no paths
 # reason: keywords that load weights or configs, or name files, caches, URLs or hubs (timm: pretrained,
 # pretrained_cfg, pretrained_cfg_overlay, checkpoint_path, cache_dir; torchvision: weights, progress).
 _REFUSED_PARTS = ("pretrained", "checkpoint", "path", "file", "dir", "cache", "url", "uri", "hub", "weights",
                   "download", "progress", "repo", "token")  # fmt: skip
 _MAX_KWARGS, _MAX_LIST, _MAX_INT, _MAX_FLOAT = 32, 64, 1 << 16, 1e6
+# reason: even on the meta device, building takes time per block; no real architecture has more than this.
+_COUNTS, _MAX_COUNT = ("depth", "depths", "num_layers", "layers", "num_blocks", "num_stages"), 512
 
 
 def _refuse(where: str, key: str, problem: str) -> CheckpointError:
@@ -45,12 +47,12 @@ def _refuse(where: str, key: str, problem: str) -> CheckpointError:
     )
 
 
-def _check_value(value: Any, where: str, key: str, depth: int = 0) -> None:
+def _check_value(value: Any, where: str, key: str, depth: int = 0, limit: int = _MAX_INT) -> None:
     if value is None or isinstance(value, bool):
         return
     if isinstance(value, int):
-        if abs(value) > _MAX_INT:
-            raise _refuse(where, key, f"the integer {value} is beyond {_MAX_INT}")
+        if abs(value) > limit:
+            raise _refuse(where, key, f"the integer {value} is beyond {limit}")
         return
     if isinstance(value, float):
         if not math.isfinite(value) or abs(value) > _MAX_FLOAT:
@@ -64,7 +66,7 @@ def _check_value(value: Any, where: str, key: str, depth: int = 0) -> None:
         if len(value) > _MAX_LIST:
             raise _refuse(where, key, f"a list of {len(value)} items (at most {_MAX_LIST})")
         for i, item in enumerate(value):
-            _check_value(item, where, f"{key}[{i}]", depth + 1)
+            _check_value(item, where, f"{key}[{i}]", depth + 1, limit)
         return
     raise _refuse(where, key, f"a value of type {type(value).__name__} is not a number, string, boolean or list")
 
@@ -114,11 +116,11 @@ def check_source(source: Any, where: str) -> dict[str, Any] | None:
         raise _refuse(where, "source.kwargs", f"{len(kwargs)} keywords (at most {_MAX_KWARGS})")
     for key, value in kwargs.items():
         field = f"source.kwargs.{str(key)[:40]}"
-        if not isinstance(key, str) or not key.isidentifier() or len(key) > 64:
-            raise _refuse(where, field, "not a keyword name")
+        if not isinstance(key, str) or not key.isidentifier() or key.startswith("_") or len(key) > 64:
+            raise _refuse(where, field, "not a public keyword name")
         if any(part in key.lower() for part in _REFUSED_PARTS):
             raise _refuse(where, field, "keywords that load weights or name files, caches or URLs are not allowed")
-        _check_value(value, where, field)
+        _check_value(value, where, field, limit=_MAX_COUNT if key in _COUNTS else _MAX_INT)
     return {"library": library, "name": name, "kwargs": dict(kwargs)}
 
 
