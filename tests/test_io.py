@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 import tokenprune
 from tokenprune import models
 from tokenprune.errors import CheckpointError, ConfigError, TokenPruneError
-from tokenprune.io import load_original, read_weights
+from tokenprune.io import load_original, read_metadata, read_weights
 
 NAME = "deit_tiny_patch16_224"
 KWARGS = {"img_size": [32, 32], "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 4}
@@ -179,3 +179,18 @@ def test_a_tokenprune_file_is_not_dense_weights(tmp_path: Path):
     tokenprune.save(sparse_tiny(), tmp_path / "m.safetensors")
     with pytest.raises(CheckpointError, match="use it directly"):
         tokenprune.create_model(NAME, checkpoint=tmp_path / "m.safetensors", **KWARGS)
+
+
+def test_version_1_files_without_digest_still_load(tmp_path: Path):
+    from safetensors.torch import load_file
+
+    sparse = sparse_tiny()
+    tokenprune.save(sparse, tmp_path / "m.safetensors")
+    meta = dict(read_metadata(tmp_path / "m.safetensors"))
+    assert meta["format_version"] == "2"
+    meta.pop("digest")
+    meta["format_version"] = "1"
+    save_file(load_file(str(tmp_path / "m.safetensors")), str(tmp_path / "v1.safetensors"), metadata=meta)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(tokenprune.load(tmp_path / "v1.safetensors")(x), sparse(x))
