@@ -11,7 +11,11 @@ from tokenprune.fx import tracing
 
 
 def test_a_missing_timm_fx_registry_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "timm.layers._fx", None)  # as with a timm older than the floor
+    import timm.layers
+
+    # as with a timm older than the floor: the submodule cannot be imported
+    monkeypatch.setitem(sys.modules, "timm.layers._fx", None)
+    monkeypatch.delattr(timm.layers, "_fx", raising=False)
     with pytest.raises(UnsupportedModelError, match=r"timm>=1\.0\.26"):
         tracing._timm_registry()
 
