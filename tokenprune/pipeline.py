@@ -14,7 +14,7 @@ from .errors import ConfigError
 from .gates import Gates, accuracy_entry, check_gates
 from .inputs import geometry_kwargs
 
-__all__ = ["MODEL_FILE", "create_dense", "build", "load_pair", "measure", "gate", "markdown"]
+__all__ = ["MODEL_FILE", "create_dense", "build", "model_file", "load_pair", "measure", "gate", "markdown"]
 
 MODEL_FILE = "model.safetensors"  # what `tokenprune convert` writes in its output folder
 
