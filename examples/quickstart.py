@@ -14,8 +14,8 @@ import argparse
 import torch
 from rich.console import Console
 
-import tokenprune
-from tokenprune.measure import build_report, render_table
+from tokenprune import pipeline
+from tokenprune.measure import render_table
 
 
 def main() -> None:
@@ -30,14 +30,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    dense = tokenprune.create_model(args.model).eval()
-    sparse = tokenprune.sparsify(dense, ratio=args.ratio).eval()
-    config = tokenprune.config_of(sparse)
-    report = build_report(
+    dense, sparse = pipeline.build(args.model, ratio=args.ratio)  # the steps `tokenprune convert` runs
+    report = pipeline.measure(
         args.model,
         dense.to(args.device),
         sparse.to(args.device),
-        config.input_size,
         batch_size=args.batch_size,
         warmup=2,
         repeats=args.repeats,

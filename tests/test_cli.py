@@ -13,9 +13,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import tokenprune
-from tokenprune.checkpoint_io import load_original
 from tokenprune.cli import EXIT_ERROR, EXIT_GATE, app
 from tokenprune.gates import eval_dataset
+from tokenprune.io import load_original
 
 MODEL = "deit_tiny_patch16_224"
 KWARGS = {"depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 4}
@@ -209,12 +209,17 @@ def test_tokenprune_file_for_another_architecture(converted: Path, tmp_path: Pat
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    from tokenprune.io.model_file import _digest
+
     with safe_open(str(converted / "model.safetensors"), "pt") as f:
         meta = f.metadata()
     source = json.loads(meta["source"])
     source["kwargs"]["num_classes"] = 7  # the header now describes another head than the weights hold
     meta["source"] = json.dumps(source)
-    save_file(load_file(str(converted / "model.safetensors")), str(tmp_path / "other.safetensors"), metadata=meta)
+    meta["config"] = json.dumps({**json.loads(meta["config"]), "source": source})
+    tensors = load_file(str(converted / "model.safetensors"))
+    meta["digest"] = _digest(meta, tensors)  # a consistent file, so the shape check is what refuses it
+    save_file(tensors, str(tmp_path / "other.safetensors"), metadata=meta)
     result = run("report", tmp_path / "other.safetensors", "--flops-only")
     assert result.exit_code == EXIT_ERROR
     assert "does not fit" in result.stderr and "shape mismatch" in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,8 @@ from safetensors.torch import save_file
 
 import tokenprune
 from tokenprune import models
-from tokenprune.checkpoint_io import load_original, read_weights
 from tokenprune.errors import CheckpointError, ConfigError, TokenPruneError
+from tokenprune.io import load_original, read_metadata, read_weights
 
 NAME = "deit_tiny_patch16_224"
 KWARGS = {"img_size": [32, 32], "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 4}
@@ -93,13 +94,16 @@ def test_load_original_is_the_dense_backbone(tmp_path: Path):
         assert torch.equal(load_original(tmp_path / "m.safetensors")(x), dense(x))
 
 
-def test_save_without_source_refuses_unless_given(tmp_path: Path):
-    plain = timm.create_model(NAME, **KWARGS).eval()  # not made by tokenprune.create_model: no source
+def test_save_records_a_given_source_and_refuses_one_a_loader_would_refuse(tmp_path: Path):
+    plain = timm.create_model(NAME, **KWARGS).eval()  # changed layers: its source cannot be inferred
     sparse = tokenprune.sparsify(plain, example_inputs=torch.randn(1, 3, 32, 32))
-    with pytest.raises(ConfigError, match="source="):
-        tokenprune.save(sparse, tmp_path / "m.safetensors")
+    hostile = {"library": "timm", "name": NAME, "kwargs": {**KWARGS, "pretrained": True}}
+    with pytest.raises(ConfigError, match="source.kwargs.pretrained"):
+        tokenprune.save(sparse, tmp_path / "m.safetensors", source=hostile)
     assert not (tmp_path / "m.safetensors").exists()
-    tokenprune.save(sparse, tmp_path / "m.safetensors", source={"library": "timm", "name": NAME, "kwargs": KWARGS})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokenprune.save(sparse, tmp_path / "m.safetensors", source={"library": "timm", "name": NAME, "kwargs": KWARGS})
     assert tokenprune.config_of(tokenprune.load(tmp_path / "m.safetensors")).source["name"] == NAME
 
 
@@ -175,3 +179,28 @@ def test_a_tokenprune_file_is_not_dense_weights(tmp_path: Path):
     tokenprune.save(sparse_tiny(), tmp_path / "m.safetensors")
     with pytest.raises(CheckpointError, match="use it directly"):
         tokenprune.create_model(NAME, checkpoint=tmp_path / "m.safetensors", **KWARGS)
+
+
+def test_version_1_files_without_digest_still_load(tmp_path: Path):
+    from safetensors.torch import load_file
+
+    sparse = sparse_tiny()
+    tokenprune.save(sparse, tmp_path / "m.safetensors")
+    meta = dict(read_metadata(tmp_path / "m.safetensors"))
+    assert meta["format_version"] == "2"
+    meta.pop("digest")
+    meta["format_version"] = "1"
+    save_file(load_file(str(tmp_path / "m.safetensors")), str(tmp_path / "v1.safetensors"), metadata=meta)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(tokenprune.load(tmp_path / "v1.safetensors")(x), sparse(x))
+
+
+def test_the_old_module_still_imports_with_a_deprecation_warning(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, "tokenprune.checkpoint_io", raising=False)
+    with pytest.warns(DeprecationWarning, match="tokenprune.io"):
+        old = importlib.import_module("tokenprune.checkpoint_io")
+    assert old.save is tokenprune.save and old.read_weights is tokenprune.read_weights

@@ -1,9 +1,9 @@
 """tokenprune: dynamic spatial sparsification (DynamicViT) for timm and torchvision models, as a graph plug-in."""
 
-from .checkpoint_io import load, save
 from .config import SparsifyConfig
 from .errors import CheckpointError, ConfigError, DataError, TokenPruneError, TrainingError, UnsupportedModelError
 from .export import export
+from .io import load, load_original, load_weights, read_weights, save
 from .measure import profile
 from .models import create_model
 from .nn.recorder import selectors
@@ -24,6 +24,9 @@ __all__ = [
     "SparsifyConfig",
     "save",
     "load",
+    "load_original",
+    "read_weights",
+    "load_weights",
     "create_model",
     "export",
     "visualize",

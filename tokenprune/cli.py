@@ -67,18 +67,6 @@ def _numbers(text: str | None, kind: type, option: str) -> list | None:
         ) from None
 
 
-def _input_size(text: str | None) -> tuple[int, int, int] | None:
-    """ "224" -> (3, 224, 224); "224,160" -> (3, 224, 160); "1,28,28" or "1x28x28" -> (1, 28, 28)."""
-    if text is None:
-        return None
-    values = _numbers(text.lower().replace("x", ","), int, "--input-size")
-    if not values or len(values) > 3 or any(v < 1 for v in values):
-        raise ConfigError(f"--input-size {text!r}: give H, H,W or C,H,W (positive integers), e.g. 224 or 3,224,224.")
-    if len(values) == 1:
-        values = [values[0]] * 2
-    return tuple([3, *values] if len(values) == 2 else values)
-
-
 def _model_kwargs(items: list[str] | None) -> dict[str, Any]:
     import yaml
 
@@ -143,40 +131,19 @@ JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the figures 
 MarkdownOut = Annotated[Path | None, typer.Option("--markdown", help="Write the report as Markdown to this file.")]
 
 
-# ---- building and measuring -------------------------------------------------------------------------------------
+# ---- checking, showing and gating --------------------------------------------------------------------------------
 
 
-def _create_dense(name: str, checkpoint, pretrained: bool, input_size, kwargs: dict[str, Any]):
-    from .models import create_model, geometry_kwargs, resolve_library
+def _build(name: str, *, checkpoint, pretrained, input_size, model_kwargs, ratio, locations, keep_ratios, seed):
+    """Parse the model options and run the pipeline's build step: (dense, sparse)."""
+    from .inputs import parse_input_size
+    from .pipeline import build
 
-    library = resolve_library(name)
-    geometry = {k: v for k, v in geometry_kwargs(library, name, input_size).items() if k not in kwargs}
-    try:
-        return create_model(name, pretrained=pretrained, checkpoint=checkpoint, library=library, **geometry, **kwargs)
-    except ConfigError as e:
-        # reason: CNNs and hierarchical models take no img_size; their input size only shapes the example input.
-        if not geometry or "unexpected keyword argument" not in str(e):
-            raise
-    return create_model(name, pretrained=pretrained, checkpoint=checkpoint, library=library, **kwargs)
-
-
-def _sparsify_named(name, *, checkpoint, pretrained, input_size, model_kwargs, ratio, locations, keep_ratios, seed):
-    """Dense model by name, and its sparsified copy."""
-    import torch
-
-    from .sparsify import sparsify
-
-    torch.manual_seed(seed)
-    dense = _create_dense(name, checkpoint, pretrained, input_size, _model_kwargs(model_kwargs)).eval()
-    example = torch.randn(1, *input_size) if input_size else None
-    sparse = sparsify(
-        dense,
-        0.7 if ratio is None else ratio,
-        locations=_numbers(locations, int, "--locations"),
-        keep_ratios=_numbers(keep_ratios, float, "--keep-ratios"),
-        example_inputs=example,
-    )
-    return dense, sparse.eval()
+    return build(
+        name, ratio=ratio, locations=_numbers(locations, int, "--locations"),
+        keep_ratios=_numbers(keep_ratios, float, "--keep-ratios"), checkpoint=checkpoint, pretrained=pretrained,
+        input_size=parse_input_size(input_size), model_kwargs=_model_kwargs(model_kwargs), seed=seed,
+    )  # fmt: skip
 
 
 def _check_numbers(batch_size: int, warmup: int, repeats: int, eval_batch_size: int, eval_limit: int | None) -> None:
@@ -190,41 +157,6 @@ def _check_numbers(batch_size: int, warmup: int, repeats: int, eval_batch_size: 
         raise ConfigError("--batch-size, --repeats, --eval-batch-size and --eval-limit must be >= 1, --warmup >= 0.")
 
 
-def _measure(name, dense, sparse, *, gates, flops_only, batch_size, warmup, repeats, device, eval_data, eval_limit,
-             eval_batch_size) -> dict[str, Any]:  # fmt: skip
-    from .gates import accuracy_entry
-    from .measure import build_report
-    from .sparsify import config_of
-
-    config = config_of(sparse)
-    if gates.needs_timing and flops_only:
-        raise ConfigError("--min-speedup needs timings; drop --flops-only.")
-    if gates.needs_accuracy and eval_data is None:
-        raise ConfigError("--max-accuracy-drop needs --eval-data (an ImageFolder root or 'fashion-mnist').")
-    report = build_report(
-        name, dense, sparse, config.input_size, batch_size=batch_size, flops_only=flops_only, ratio=config.ratio,
-        warmup=warmup, repeats=repeats, device=device,
-    )  # fmt: skip
-    if eval_data is not None:
-        report["accuracy"] = accuracy_entry(
-            dense, sparse, eval_data, config.input_size, batch_size=eval_batch_size, limit=eval_limit, device=device
-        )
-    return report
-
-
-def _markdown(report: dict[str, Any]) -> str:
-    from .measure import to_markdown
-
-    text = to_markdown(report)
-    acc = report.get("accuracy")
-    if acc:
-        text += (
-            f"\nTop-1 on `{acc['data']}` ({acc['images']} images): dense {acc['dense_top1']:.2f}%, sparse "
-            f"{acc['sparse_top1']:.2f}% (drop {acc['drop']:.2f} points).\n"
-        )
-    return text
-
-
 def _write(path: Path | None, text: str) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,11 +167,11 @@ def _show_and_gate(report: dict[str, Any], gates, json_path: Path | None, markdo
     """Write the files, print the table, then apply the gates (files are written first so CI can upload them)."""
     from rich.console import Console
 
-    from .gates import check_gates
     from .measure import render_table
+    from .pipeline import gate, markdown
 
     _write(json_path, json.dumps(report, indent=2) + "\n")
-    _write(markdown_path, _markdown(report))
+    _write(markdown_path, markdown(report))
     console = Console()
     console.print(render_table(report))
     acc = report.get("accuracy")
@@ -248,7 +180,7 @@ def _show_and_gate(report: dict[str, Any], gates, json_path: Path | None, markdo
             f"top-1 on {acc['data']} ({acc['images']} images): dense {acc['dense_top1']:.2f}%, "
             f"sparse {acc['sparse_top1']:.2f}%, drop {acc['drop']:.2f} points"
         )
-    failures = check_gates(report, gates)
+    failures = gate(report, gates)
     if failures:
         typer.echo(f"gate failed: {'; '.join(failures)}", err=True)
         raise typer.Exit(EXIT_GATE)
@@ -291,17 +223,19 @@ def convert(
     Writes OUT/model.safetensors (tokenprune.load, `tokenprune export`), OUT/report.json and OUT/report.md, prints
     the report table, then applies the gates (exit 3 when one fails; the files are written first).
     """
-    from .checkpoint_io import save
     from .gates import Gates
+    from .io import save
+    from .pipeline import MODEL_FILE
+    from .pipeline import measure as measure_pair
 
     gates = Gates(min_flops_reduction, min_speedup, max_accuracy_drop)
     _check_numbers(batch_size, warmup, repeats, eval_batch_size, eval_limit)
-    dense, sparse = _sparsify_named(
-        model, checkpoint=checkpoint, pretrained=pretrained, input_size=_input_size(input_size),
-        model_kwargs=model_kwarg, ratio=ratio, locations=locations, keep_ratios=keep_ratios, seed=seed,
+    dense, sparse = _build(
+        model, checkpoint=checkpoint, pretrained=pretrained, input_size=input_size, model_kwargs=model_kwarg,
+        ratio=ratio, locations=locations, keep_ratios=keep_ratios, seed=seed,
     )  # fmt: skip
-    saved = save(sparse, out / "model.safetensors")
-    report = _measure(
+    saved = save(sparse, out / MODEL_FILE)
+    report = measure_pair(
         model, dense, sparse, gates=gates, flops_only=flops_only, batch_size=batch_size, warmup=warmup,
         repeats=repeats, device=device, eval_data=eval_data, eval_limit=eval_limit, eval_batch_size=eval_batch_size,
     )  # fmt: skip
@@ -345,13 +279,13 @@ def report(
     Prints a table, writes --json/--markdown, then applies the gates (exit 3 when one fails).
     """
     from .gates import Gates
+    from .pipeline import load_pair
+    from .pipeline import measure as measure_pair
 
     gates = Gates(min_flops_reduction, min_speedup, max_accuracy_drop)
     _check_numbers(batch_size, warmup, repeats, eval_batch_size, eval_limit)
     path = Path(model)
-    if path.suffix in (".safetensors", ".pth", ".pt", ".bin") or path.is_file():
-        from .checkpoint_io import load, load_original
-
+    if path.suffix in (".safetensors", ".pth", ".pt", ".bin") or path.exists():
         given = {
             "--ratio": ratio,
             "--locations": locations,
@@ -366,17 +300,14 @@ def report(
             raise ConfigError(
                 f"{', '.join(extra)} apply to model names; {path} keeps the configuration it was saved with."
             )
-        sparse, dense = load(path), load_original(path)
-        from .sparsify import config_of
-
-        name = (config_of(sparse).source or {}).get("name") or path.stem
+        name, dense, sparse = load_pair(path)
     else:
         name = model
-        dense, sparse = _sparsify_named(
-            model, checkpoint=checkpoint, pretrained=pretrained, input_size=_input_size(input_size),
-            model_kwargs=model_kwarg, ratio=ratio, locations=locations, keep_ratios=keep_ratios, seed=seed,
+        dense, sparse = _build(
+            model, checkpoint=checkpoint, pretrained=pretrained, input_size=input_size, model_kwargs=model_kwarg,
+            ratio=ratio, locations=locations, keep_ratios=keep_ratios, seed=seed,
         )  # fmt: skip
-    result = _measure(
+    result = measure_pair(
         name, dense, sparse, gates=gates, flops_only=flops_only, batch_size=batch_size, warmup=warmup,
         repeats=repeats, device=device, eval_data=eval_data, eval_limit=eval_limit, eval_batch_size=eval_batch_size,
     )  # fmt: skip
@@ -386,8 +317,13 @@ def report(
 @app.command()
 @_handles_errors
 def export(
-    path: Annotated[Path, typer.Argument(help="A sparsified model file written by convert or tokenprune.save.")],
-    out: Annotated[Path, typer.Option(help="The file to write (.onnx, or .pt2 for torch-export).")],
+    path: Annotated[
+        Path, typer.Argument(help="A model file written by tokenprune.save, or the output folder of convert.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="The file to write (.onnx, or .pt2 for torch-export); default: beside the input."),
+    ] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="onnx or torch-export.")] = "onnx",
     dynamic_batch: Annotated[
         bool, typer.Option("--dynamic-batch/--static-batch", help="Accept any batch size; --static-batch fixes it.")
@@ -402,14 +338,18 @@ def export(
     sparsified at: the keep counts k = floor(rho * tokens) and the positional embeddings are fixed at export.
     ONNX: input "images" [B, C, H, W] float32, output "logits"; torch-export: a .pt2 for torch.export.load.
     """
-    from .checkpoint_io import load
     from .export import FORMATS
     from .export import export as export_model
+    from .io import load
+    from .pipeline import model_file
 
     if format not in FORMATS:
         raise ConfigError(f"--format {format!r}: choose one of {', '.join(FORMATS)}.")
     if batch_size < 1:
         raise ConfigError("--batch-size must be >= 1.")
+    path = model_file(path)
+    if out is None:
+        out = path.with_suffix(".onnx" if format == "onnx" else ".pt2")
     model = load(path)
     info = export_model(model, out, format=format, dynamic_batch=dynamic_batch, batch_size=batch_size, verify=verify)
     _write(json_path, json.dumps(info, indent=2) + "\n")
@@ -446,10 +386,14 @@ def finetune(
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if save_path is not None:
-        from .checkpoint_io import save
+        from .io import save
+        from .models import resolve_library
+        from .sparsify import config_of
 
-        spec = result.recipe.model
-        save(result.model, save_path, source={"library": "timm", "name": spec.name, "kwargs": dict(spec.kwargs)})
+        spec, source = result.recipe.model, None
+        if config_of(result.model).source is None:  # the recipe says how its model was built, in either library
+            source = {"library": resolve_library(spec.name), "name": spec.name, "kwargs": dict(spec.kwargs)}
+        save(result.model, save_path, source=source)
     _write(json_path, json.dumps(result.metrics, indent=2, default=str) + "\n")
     typer.echo(json.dumps(result.metrics, default=str))
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import difflib
 import json
 import os
-from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
+from .inputs import geometry_kwargs  # noqa: F401 - re-exported; input geometry lives in tokenprune.inputs
 
 __all__ = ["LIBRARIES", "create_model", "resolve_library", "geometry_kwargs", "model_source"]
 
@@ -77,30 +77,6 @@ def model_source(library: str, name: str, kwargs: dict[str, Any] | None = None) 
     return {"library": library, "name": name, "kwargs": _jsonable(dict(kwargs or {}))}
 
 
-def geometry_kwargs(library: str, name: str, input_size: Sequence[int] | None) -> dict[str, Any]:
-    """Constructor keywords that build `name` for `input_size` (C, H, W): positional embeddings and patch grids
-    depend on it, so a ViT must be created at the size it will run at.
-
-    timm models take ``img_size`` and ``in_chans``; torchvision's ViTs take ``image_size`` (square, 3 channels).
-    Returns ``{}`` when no size is given.
-    """
-    if input_size is None:
-        return {}
-    chans, height, width = (int(v) for v in input_size)
-    if library == "timm":
-        kwargs: dict[str, Any] = {"img_size": [height, width]}
-        if chans != 3:
-            kwargs["in_chans"] = chans
-        return kwargs
-    if chans != 3:
-        raise ConfigError(f"torchvision model {name} takes 3-channel images; got input size {list(input_size)}.")
-    if name.startswith("vit_"):
-        if height != width:
-            raise ConfigError(f"torchvision {name} takes square images; got input size {list(input_size)}.")
-        return {"image_size": height}
-    return {}
-
-
 def _build(library: str, name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
     if library == "timm":
         import timm
@@ -161,7 +137,7 @@ def create_model(
                 ) from None
         raise ConfigError(f"cannot create {library} model {name!r} with {kwargs}: {error}") from None
     if checkpoint is not None:
-        from .checkpoint_io import load_weights
+        from .io import load_weights
 
         load_weights(model, checkpoint)
     model.tokenprune_source = source

@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..inputs import example_input  # noqa: F401 - re-exported: input geometry lives in tokenprune.inputs
 
 __all__ = [
     "model_name",
@@ -26,8 +27,13 @@ __all__ = [
 def _timm_registry() -> tuple[set[type], tuple]:
     try:
         from timm.layers import _fx as timm_fx
-    except ImportError:  # timm is a dependency, but the pass itself works on any model
-        return set(), ()
+    except ImportError as e:
+        # reason: without timm's no-trace registry, timm models trace through modules timm marks untraceable and
+        # fail with confusing errors; say which dependency is wrong instead of silently using an empty registry.
+        raise UnsupportedModelError(
+            f"cannot import timm's registry of untraceable modules, timm.layers._fx ({e}); tokenprune needs "
+            "timm>=1.0.26. Upgrade it: pip install -U 'timm>=1.0.26'."
+        ) from None
     functions = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
     return set(timm_fx.get_notrace_modules()), functions
 
@@ -248,39 +254,3 @@ def call_leaf(graph: fx.Graph, fn, args: tuple, kwargs: dict | None = None) -> f
     node = graph.call_function(fn, args, kwargs)
     node.meta["is_wrapped"] = True
     return node
-
-
-def example_input(model: nn.Module, example_inputs: torch.Tensor | None = None, batch: int = 2) -> torch.Tensor:
-    """An input to trace shapes with: the caller's, else one sized from the timm/torchvision config."""
-    if example_inputs is not None:
-        if not isinstance(example_inputs, torch.Tensor):
-            raise UnsupportedModelError(
-                f"{model_name(model)}: example_inputs must be one image tensor [B, C, H, W], "
-                f"got {type(example_inputs).__name__}."
-            )
-        return example_inputs
-    size = _input_size(model)
-    if size is None:
-        raise UnsupportedModelError(
-            f"{model_name(model)}: cannot tell the input size (no timm pretrained_cfg, no torchvision image_size); "
-            "pass example_inputs=torch.randn(1, 3, H, W)."
-        )
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else "cpu"
-    return torch.randn(batch, *size, device=device)
-
-
-def _input_size(model: nn.Module) -> tuple[int, ...] | None:
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    chans = getattr(getattr(patch_embed, "proj", None), "in_channels", None)
-    if img_size is not None and chans is not None:  # the size the model was built for, not the pretrained one
-        return (chans, *img_size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" in cfg:
-        return tuple(cfg["input_size"])
-    if isinstance(getattr(model, "image_size", None), int):  # torchvision VisionTransformer
-        return (3, model.image_size, model.image_size)
-    stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    # reason: torchvision CNNs carry no input size; 224 is what ImageNet classifiers are built and counted at.
-    return (stem.in_channels, 224, 224) if stem is not None else None

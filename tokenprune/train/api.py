@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint_io import load_weights  # one reader of weight files: weights only, checked fit
 from ..errors import ConfigError, TokenPruneError
+from ..io import load_weights  # one reader of weight files: weights only, checked fit
 from .checkpoint import save_checkpoint
 from .data import DataBundle, build_datasets
 from .distributed import barrier, cleanup_distributed, init_distributed
@@ -67,19 +67,19 @@ def build_teacher(recipe: Recipe) -> nn.Module:
 
 
 def _input_geometry(recipe: Recipe, model: nn.Module) -> tuple[int, int]:
-    """(image size, channels) of the model's input: its sparsify config, the recipe, or timm's config."""
+    """(image size, channels) of the model's input: its sparsify config, the recipe, or the model itself."""
+    from ..inputs import input_size
+
     config = config_of(model)
     if config is not None and config.input_size:
         return int(config.input_size[-1]), int(config.input_size[0])
-    size = recipe.model.kwargs.get("img_size") or recipe.data.img_size
+    built = input_size(model)
+    size = recipe.model.kwargs.get("img_size") or recipe.data.img_size or (built[-1] if built else None)
     if size is None:
-        size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is None:
-        from timm.data import resolve_data_config
-
-        size = resolve_data_config({}, model=model)["input_size"][-1]
+        raise ConfigError("cannot tell the model's input size; set data.img_size in the recipe.")
     size = size[0] if isinstance(size, (tuple, list)) else size
-    return int(size), int(recipe.model.kwargs.get("in_chans", getattr(model, "in_chans", 3)))
+    chans = recipe.model.kwargs.get("in_chans") or (built[0] if built else 3)
+    return int(size), int(chans)
 
 
 def _coerce_recipe(recipe: Recipe | str | os.PathLike[str] | dict | None, overrides: Sequence[str]) -> Recipe:

@@ -1,0 +1,66 @@
+"""Input geometry lives in one place (`tokenprune.inputs`); the tracer, the CLI and the fine-tuning harness use it."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from tokenprune import inputs, models
+from tokenprune.errors import ConfigError, UnsupportedModelError
+from tokenprune.fx import tracing
+from tokenprune.train import api
+from tokenprune.train.recipe import Recipe
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("224", (3, 224, 224)), ("224,160", (3, 224, 160)), ("1,28,28", (1, 28, 28)), ("1x28x28", (1, 28, 28)),
+     (" 3, 64 ,64", (3, 64, 64)), (None, None)],
+)  # fmt: skip
+def test_parse_input_size(text, size):
+    assert inputs.parse_input_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "0", "a,b", "1,2,3,4", "-3", "3.5"])
+def test_parse_input_size_refuses_with_usage(text):
+    with pytest.raises(ConfigError, match="give H, H,W or C,H,W"):
+        inputs.parse_input_size(text)
+
+
+def _own() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+@pytest.mark.parametrize(
+    ("make", "size"),
+    [
+        (lambda: timm.create_model("test_vit", img_size=48, in_chans=1), (1, 48, 48)),  # built size, not pretrained
+        (lambda: timm.create_model("test_convnext", in_chans=1), (1, 160, 160)),  # cfg size, the stem's channels
+        (lambda: torchvision.models.VisionTransformer(32, 16, 2, 2, 8, 16), (3, 32, 32)),
+        (_own, (2, 224, 224)),
+        (lambda: nn.Linear(3, 3), None),
+    ],
+)
+def test_input_size_of_models(make, size):
+    assert inputs.input_size(make()) == size
+
+
+def test_example_input_follows_the_model_or_the_caller():
+    model = timm.create_model("test_vit", img_size=48)
+    assert inputs.example_input(model, batch=3).shape == (3, 3, 48, 48)
+    given = torch.zeros(1, 3, 8, 8)
+    assert inputs.example_input(model, given) is given
+    with pytest.raises(UnsupportedModelError, match="example_inputs"):
+        inputs.example_input(nn.Linear(3, 3))
+
+
+def test_the_other_places_use_it():
+    assert tracing.example_input is inputs.example_input
+    assert models.geometry_kwargs is inputs.geometry_kwargs
+    recipe = Recipe()
+    assert recipe.data.img_size is None and "img_size" not in recipe.model.kwargs
+    model = timm.create_model("test_convnext", in_chans=1)
+    assert api._input_geometry(recipe, model) == (160, 1)  # from inputs.input_size, not timm's data config (3)

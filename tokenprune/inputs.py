@@ -1,0 +1,110 @@
+"""Input geometry, in one place: a model's input size, an example input, the CLI's size syntax, and the constructor
+keywords that build a model for a size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, UnsupportedModelError
+
+__all__ = ["input_size", "example_input", "parse_input_size", "geometry_kwargs"]
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int] | None:
+    """(C, H, W) a model is built for, or None when nothing tells.
+
+    In order: the patch embedding's ``img_size`` and input channels (the size the model was built for, which may
+    differ from the pretrained one), timm's ``pretrained_cfg["input_size"]`` (with the first convolution's input
+    channels), torchvision ViT's ``image_size``, and for other models with a convolutional stem its channels at
+    224 x 224 (what ImageNet classifiers are built and counted at).
+    """
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    chans = getattr(getattr(patch_embed, "proj", None), "in_channels", None)
+    if img_size is not None and chans is not None:
+        return (int(chans), *(int(v) for v in img_size))
+    stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if "input_size" in cfg:  # reason: the pretrained size; the stem knows the channels the model was built with
+        chans, height, width = (int(v) for v in cfg["input_size"])
+        return (stem.in_channels if stem is not None else chans, height, width)
+    if isinstance(getattr(model, "image_size", None), int):  # torchvision VisionTransformer
+        return (3, model.image_size, model.image_size)
+    return (stem.in_channels, 224, 224) if stem is not None else None
+
+
+def example_input(model: nn.Module, example_inputs: torch.Tensor | None = None, batch: int = 2) -> torch.Tensor:
+    """An input to trace shapes with: the caller's, else a random batch of `input_size(model)`.
+
+    Raises:
+        UnsupportedModelError: when `example_inputs` is not a tensor, or no size is known.
+    """
+    from .fx.tracing import model_name
+
+    if example_inputs is not None:
+        if not isinstance(example_inputs, torch.Tensor):
+            raise UnsupportedModelError(
+                f"{model_name(model)}: example_inputs must be one image tensor [B, C, H, W], "
+                f"got {type(example_inputs).__name__}."
+            )
+        return example_inputs
+    size = input_size(model)
+    if size is None:
+        raise UnsupportedModelError(
+            f"{model_name(model)}: cannot tell the input size (no timm pretrained_cfg, no torchvision image_size); "
+            "pass example_inputs=torch.randn(1, 3, H, W)."
+        )
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else "cpu"
+    return torch.randn(batch, *size, device=device)
+
+
+def parse_input_size(text: str | None, option: str = "--input-size") -> tuple[int, int, int] | None:
+    """ "224" -> (3, 224, 224); "224,160" -> (3, 224, 160); "1,28,28" or "1x28x28" -> (1, 28, 28).
+
+    Raises:
+        ConfigError: for anything else.
+    """
+    if text is None:
+        return None
+    usage = f"{option} {text!r}: give H, H,W or C,H,W (positive integers), e.g. 224 or 3,224,224."
+    try:
+        values = [int(v) for v in text.lower().replace("x", ",").replace(" ", "").split(",") if v]
+    except ValueError:
+        raise ConfigError(usage) from None
+    if not values or len(values) > 3 or any(v < 1 for v in values):
+        raise ConfigError(usage)
+    if len(values) == 1:
+        values = [values[0]] * 2
+    return tuple([3, *values] if len(values) == 2 else values)
+
+
+def geometry_kwargs(library: str, name: str, size: Sequence[int] | None) -> dict[str, Any]:
+    """Constructor keywords that build `name` for input `size` (C, H, W): positional embeddings and patch grids
+    depend on it, so a ViT must be created at the size it will run at.
+
+    timm models take ``img_size`` and ``in_chans``; torchvision's ViTs take ``image_size`` (square, 3 channels).
+    Returns ``{}`` when no size is given.
+
+    Raises:
+        ConfigError: for a size a torchvision model cannot take.
+    """
+    if size is None:
+        return {}
+    chans, height, width = (int(v) for v in size)
+    if library == "timm":
+        kwargs: dict[str, Any] = {"img_size": [height, width]}
+        if chans != 3:
+            kwargs["in_chans"] = chans
+        return kwargs
+    if chans != 3:
+        raise ConfigError(f"torchvision model {name} takes 3-channel images; got input size {list(size)}.")
+    if name.startswith("vit_"):
+        if height != width:
+            raise ConfigError(f"torchvision {name} takes square images; got input size {list(size)}.")
+        return {"image_size": height}
+    return {}

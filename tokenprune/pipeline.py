@@ -1,0 +1,167 @@
+"""The convert/report pipeline, shared by the CLI and the examples: build a dense model, sparsify it (or load both
+from a file), measure the pair, apply the gates."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .gates import Gates, accuracy_entry, check_gates
+from .inputs import geometry_kwargs
+
+__all__ = ["MODEL_FILE", "create_dense", "build", "model_file", "load_pair", "measure", "gate", "markdown"]
+
+MODEL_FILE = "model.safetensors"  # what `tokenprune convert` writes in its output folder
+
+
+def create_dense(
+    name: str,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    pretrained: bool = False,
+    input_size: tuple[int, int, int] | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """A timm/torchvision model by name, built for `input_size` where its constructor takes a size.
+
+    Raises:
+        ConfigError: unknown name or keywords. CheckpointError: unreadable or unfitting checkpoint.
+    """
+    from .models import create_model, resolve_library
+
+    kwargs = dict(kwargs or {})
+    library = resolve_library(name)
+    geometry = {k: v for k, v in geometry_kwargs(library, name, input_size).items() if k not in kwargs}
+    try:
+        return create_model(name, pretrained=pretrained, checkpoint=checkpoint, library=library, **geometry, **kwargs)
+    except ConfigError as e:
+        # reason: CNNs and hierarchical models take no img_size; their input size only shapes the example input.
+        if not geometry or "unexpected keyword argument" not in str(e):
+            raise
+    return create_model(name, pretrained=pretrained, checkpoint=checkpoint, library=library, **kwargs)
+
+
+def build(
+    name: str,
+    *,
+    ratio: float | None = None,
+    locations: list[int] | None = None,
+    keep_ratios: list[float] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    pretrained: bool = False,
+    input_size: tuple[int, int, int] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, nn.Module]:
+    """The dense model `name` and its sparsified copy, both in eval mode.
+
+    Args:
+        name: a timm or torchvision model name.
+        ratio: base keep ratio (default 0.7).
+        locations: block indices of the stages (default D/4, D/2, 3D/4).
+        keep_ratios: per-stage keep ratios (override `ratio`'s schedule).
+        checkpoint: dense weights to load.
+        pretrained: download the library's weights.
+        input_size: (C, H, W) to build and trace at (default the model's own).
+        model_kwargs: constructor keywords.
+        seed: seed of random weights and predictors.
+    """
+    from .sparsify import sparsify
+
+    torch.manual_seed(seed)
+    dense = create_dense(
+        name, checkpoint=checkpoint, pretrained=pretrained, input_size=input_size, kwargs=model_kwargs
+    ).eval()
+    example = torch.randn(1, *input_size) if input_size else None
+    sparse = sparsify(
+        dense,
+        0.7 if ratio is None else ratio,
+        locations=locations,
+        keep_ratios=keep_ratios,
+        example_inputs=example,
+    )
+    return dense, sparse.eval()
+
+
+def model_file(path: str | os.PathLike[str]) -> Path:
+    """The model file `path` names: the file itself, or ``model.safetensors`` in a `convert` output folder."""
+    path = Path(path)
+    return path / MODEL_FILE if path.is_dir() else path
+
+
+def load_pair(path: str | os.PathLike[str]) -> tuple[str, nn.Module, nn.Module]:
+    """(name, dense, sparse) from a tokenprune file or a `convert` output folder.
+
+    Raises:
+        CheckpointError: as `tokenprune.load`.
+    """
+    from .io import load, load_original
+    from .sparsify import config_of
+
+    path = model_file(path)
+    sparse, dense = load(path), load_original(path)
+    return (config_of(sparse).source or {}).get("name") or path.stem, dense, sparse
+
+
+def measure(
+    name: str,
+    dense: nn.Module,
+    sparse: nn.Module,
+    *,
+    gates: Gates | None = None,
+    flops_only: bool = False,
+    batch_size: int = 32,
+    warmup: int = 3,
+    repeats: int = 10,
+    device: str = "cpu",
+    eval_data: str | None = None,
+    eval_limit: int | None = None,
+    eval_batch_size: int = 64,
+) -> dict[str, Any]:
+    """The dense-vs-sparse report: FLOPs, parameters, timings unless `flops_only`, top-1 with `eval_data`.
+
+    Raises:
+        ConfigError: gates that need what was not asked for (timings, evaluation data).
+    """
+    from .measure import build_report
+    from .sparsify import config_of
+
+    gates = gates or Gates(None, None, None)
+    config = config_of(sparse)
+    if gates.needs_timing and flops_only:
+        raise ConfigError("--min-speedup needs timings; drop --flops-only.")
+    if gates.needs_accuracy and eval_data is None:
+        raise ConfigError("--max-accuracy-drop needs --eval-data (an ImageFolder root or 'fashion-mnist').")
+    report = build_report(
+        name, dense, sparse, config.input_size, batch_size=batch_size, flops_only=flops_only, ratio=config.ratio,
+        warmup=warmup, repeats=repeats, device=device,
+    )  # fmt: skip
+    if eval_data is not None:
+        report["accuracy"] = accuracy_entry(
+            dense, sparse, eval_data, config.input_size, batch_size=eval_batch_size, limit=eval_limit, device=device
+        )
+    return report
+
+
+def gate(report: dict[str, Any], gates: Gates) -> list[str]:
+    """One line per failed gate (empty when all pass)."""
+    return check_gates(report, gates)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown, with the top-1 line when measured."""
+    from .measure import to_markdown
+
+    text = to_markdown(report)
+    acc = report.get("accuracy")
+    if acc:
+        text += (
+            f"\nTop-1 on `{acc['data']}` ({acc['images']} images): dense {acc['dense_top1']:.2f}%, sparse "
+            f"{acc['sparse_top1']:.2f}% (drop {acc['drop']:.2f} points).\n"
+        )
+    return text
