@@ -22,12 +22,13 @@ def input_size(model: nn.Module) -> tuple[int, int, int] | None:
     channels), torchvision ViT's ``image_size``, and for other models with a convolutional stem its channels at
     224 x 224 (what ImageNet classifiers are built and counted at).
     """
-    patch_embed = getattr(model, "patch_embed", None)
-    img_size = getattr(patch_embed, "img_size", None)
-    chans = getattr(getattr(patch_embed, "proj", None), "in_channels", None)
-    if img_size is not None and chans is not None:
-        return (int(chans), *(int(v) for v in img_size))
     stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    # reason: timm's patch embeddings (also under another attribute name, e.g. MLP-Mixer's `stem`, and after a CNN
+    # backbone in hybrid ViTs) record the image size the model was built for; the channels are the first conv's.
+    embed = next((m for m in model.modules() if getattr(m, "img_size", None) is not None and hasattr(m, "proj")), None)
+    if embed is not None and stem is not None:
+        img_size = embed.img_size if isinstance(embed.img_size, (tuple, list)) else (embed.img_size, embed.img_size)
+        return (int(stem.in_channels), *(int(v) for v in img_size))
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "input_size" in cfg:  # reason: the pretrained size; the stem knows the channels the model was built with
         chans, height, width = (int(v) for v in cfg["input_size"])
