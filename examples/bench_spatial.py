@@ -1,4 +1,4 @@
-"""Dense vs spatially sparsified ConvNeXt-T and Swin-T: FLOPs and eval throughput side by side (DESIGN 1.2, 1.3).
+"""Dense vs spatially sparsified ConvNeXt-T and Swin-T: FLOPs and eval speed side by side (docs/design.md §1.2, §7).
 
 Random weights (speed and FLOPs do not depend on them). Each pair is timed in one process with interleaved runs
 (`tokenprune.measure.speed.compare`), so the speed-up is not skewed by machine drift.

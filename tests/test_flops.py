@@ -152,7 +152,7 @@ def test_report_fields() -> None:
     assert count_params(nn.Linear(10, 10)) == 110
 
 
-# Published figures (DESIGN.md 1.3): GFLOPs = GMACs at 224x224.
+# Published figures (docs/design.md §7): GFLOPs = GMACs at 224x224.
 DENSE = [("deit_small_patch16_224", 4.6), ("deit_base_patch16_224", 17.6)]
 
 
@@ -180,7 +180,7 @@ def deit_macs(dim: int, tokens_per_block: list[int], pruned_patches: list[int]) 
     """Backbone and predictor multiply-adds of a DeiT at 224x224, by hand.
 
     Block on N tokens: qkv + proj + MLP (4x) linears = 12 N C^2, plus q@k^T and attn@v = 2 N^2 C.
-    Predictor on P patch tokens (DESIGN 1.1): Linear(C, C), then C -> C/2 -> C/4 -> 2.
+    Predictor on P patch tokens (docs/design.md §1.1): Linear(C, C), then C -> C/2 -> C/4 -> 2.
     """
     patch_embed = 196 * dim * 3 * 16 * 16
     blocks = sum(12 * n * dim * dim + 2 * n * n * dim for n in tokens_per_block)
@@ -199,7 +199,7 @@ def test_dense_deit_small_exact() -> None:
     assert report.total_macs == sum(deit_macs(384, [197] * 12, []))
 
 
-# Published sparse figures at rho=0.7 (DESIGN 1.3) against what we count:
+# Published sparse figures at rho=0.7 (docs/design.md §7) against what we count:
 #   DeiT-S: backbone 2.878 G (published 2.9: -0.8%), predictors 0.103 G, total 2.981 G (+2.8%).
 #   DeiT-B: backbone 11.065 G (published 11.4: -2.9%), predictors 0.411 G, total 11.476 G (+0.7%).
 # The published DeiT-S figure seems to leave the predictors out and the DeiT-B one to include them; both our

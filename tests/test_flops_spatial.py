@@ -1,6 +1,6 @@
 """Exact FLOP (multiply-add) counts of spatially sparsified ConvNeXt-T and Swin-T at 224x224, by hand, per block.
 
-Spatial sparsification (DESIGN 1.2) keeps the map whole: three stages before blocks 1, 2 and 3 of stage 3 pick
+Spatial sparsification (docs/design.md §1.2) keeps the map whole: three stages before blocks 1, 2 and 3 of stage 3 pick
 k = floor(rho_s * H*W) locations; from there every block runs its spatial mixing (depthwise 7x7 conv, window
 attention) on the whole map, its pointwise MLP (the slow path, 8 C^2 per location) on the k kept locations and the
 fast path (LayerNorm + Linear(C, C): C^2) on the others. Each stage's predictor scores every location:

@@ -1,4 +1,4 @@
-"""The fine-tuning objective (DESIGN 1.1 "Loss", 1.2): exact values on hand-made states."""
+"""The fine-tuning objective (docs/design.md §3.1): exact values on hand-made states."""
 
 from __future__ import annotations
 

@@ -134,7 +134,7 @@ def test_train_step_reaches_every_predictor_parameter(pair):
     assert 0 < state.final_mask.sum() < state.final_mask.numel()
     assert all(d.requires_grad for d in state.decisions)
     for earlier, later in zip(state.decisions, state.decisions[1:]):
-        assert (later <= earlier).all()  # a dropped token never returns: D_s <= D_{s-1} (DESIGN 1.1)
+        assert (later <= earlier).all()  # a dropped token never returns: D_s <= D_{s-1} (docs/design.md §1.1)
     out.square().mean().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if "tokenprune_stage" in n}
     assert grads, "no predictor parameters found"

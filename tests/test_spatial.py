@@ -1,4 +1,4 @@
-"""Spatial sparsification of ConvNeXt and Swin (DESIGN 1.2): a table of models x properties, random weights."""
+"""Spatial sparsification of ConvNeXt and Swin (docs/design.md §1.2): a table of models x properties, random weights."""
 
 from __future__ import annotations
 
@@ -249,7 +249,7 @@ def test_deep_stage_uses_locations_3_6_9():
         assert result.eval()(torch.randn(2, 3, 64, 64)).shape == (2, 1000)
 
 
-# Published figures at rho = 0.7 (DESIGN 1.3), multiply-adds at 224 x 224.
+# Published figures at rho = 0.7 (docs/design.md §7), multiply-adds at 224 x 224.
 FLOPS = {
     "timm_convnext_tiny": (lambda: timm.create_model("convnext_tiny"), 4.5, 3.6),
     "tv_convnext_tiny": (lambda: torchvision.models.convnext_tiny(), 4.5, 3.6),

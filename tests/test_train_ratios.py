@@ -25,7 +25,7 @@ def test_block_cost_exact():
 
 
 def test_deit_small_rho07_ratio_matches_paper():
-    # DESIGN 1.3: DeiT-S 4.6 -> 2.9 GFLOPs at rho = 0.7 (0.63 of dense, the blocks being nearly all of it).
+    # docs/design.md §7: DeiT-S 4.6 -> 2.9 GFLOPs at rho = 0.7 (0.63 of dense, the blocks being nearly all of it).
     ratio = _deit_small().ratio(torch.tensor([0.7, 0.49, 0.343])).item()
     assert 0.60 < ratio < 0.66
 

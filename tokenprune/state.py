@@ -1,6 +1,6 @@
 """What the last forward of a sparsified model decided: per-stage decisions, final tokens, final keep mask.
 
-Training losses need these (DESIGN 1.1, "Loss"), but the model's forward returns what the original model returned,
+Training losses need these (docs/design.md §3.1), but the model's forward returns what the original model returned,
 so training loops written for the original keep working. The inserted modules record their decisions here instead.
 """
 
@@ -21,7 +21,8 @@ class SparsityState:
     Attributes:
         decisions: one tensor per stage, [B, N_patches, 1], the stage's keep decision over the *initial* patch
             tokens (1 = kept). In train mode these are hard Gumbel-softmax samples with straight-through gradients,
-            already multiplied by the earlier stages' decisions (DESIGN 1.1, D_s). In pruned (eval) execution they
+            already multiplied by the earlier stages' decisions (docs/design.md §1.1, D_s). In pruned (eval) execution
+            they
             are the top-k masks, without gradient.
         keep_ratios: the per-stage target fraction of initial patch tokens, as a float tensor [S] (a learned
             parameter's current value when keep ratios are learned).

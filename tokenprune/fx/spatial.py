@@ -1,4 +1,4 @@
-"""The graph pass for spatial chains (ConvNeXt, Swin): slow/fast paths after learned stages (DESIGN 1.2).
+"""The graph pass for spatial chains (ConvNeXt, Swin): slow/fast paths after learned stages (docs/design.md §2.4).
 
 The structural rule that finds a block's slow path, with no class names:
 
@@ -229,11 +229,12 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, identity_leaves: set[int], 
         raise UnsupportedModelError(
             f"{where}: {len(found)} residual branches end in per-location MLPs "
             f"({', '.join(p.exit.name for p in found)}) of similar cost; tokenprune cannot tell which one is the "
-            "block's slow path (DESIGN 1.2), so it refuses."
+            "block's slow path (docs/design.md §2.4), so it refuses."
         )
     why = "; ".join(reasons) or "no residual add has a branch ending in per-location Linear/1x1 conv layers"
     raise UnsupportedModelError(
-        f"{where}: no slow path found ({why}). Spatial sparsification (DESIGN 1.2) needs blocks whose residual branch "
+        f"{where}: no slow path found ({why}). Spatial sparsification (docs/design.md §2.4) needs blocks whose "
+        "residual branch "
         "ends, after its spatial mixing, in a per-location MLP mapping C channels to C (ConvNeXt, Swin); sparsify a "
         "model with such blocks, or a ViT."
     )

@@ -125,7 +125,8 @@ class ComputeModel:
         """The hand formula (an approximation; the trainer uses `calibrate`).
 
         Token blocks on n tokens of width C: (4 + 2r) n C^2 + 2 n^2 C; predictors 1.625 C^2 + C/2 per scored patch.
-        Spatial blocks (DESIGN 1.2): 49 HW C (7x7 depthwise) + 2r C^2 per kept location + C^2 per other location.
+        Spatial blocks (docs/design.md §1.2): 49 HW C (7x7 depthwise) + 2r C^2 per kept location + C^2 per other
+        location.
         """
         c, r = float(dim), float(mlp_ratio)
         if kind == "spatial":

@@ -1,4 +1,4 @@
-"""The fine-tuning objective of DynamicViT (DESIGN 1.1 "Loss") and its spatial variant (DESIGN 1.2).
+"""The fine-tuning objective of DynamicViT (docs/design.md §3.1) and its spatial variant.
 
 Token models::
 
@@ -32,7 +32,7 @@ __all__ = [
     "classification_loss",
 ]
 
-# DESIGN 1.1 (DeiT: lambda_r = 2) and 1.2 (ConvNeXt/Swin: 10); CE 1.0 and KL 0.5 in both.
+# docs/design.md §3.1 (DeiT: lambda_r = 2; ConvNeXt/Swin: 10); CE 1.0 and KL 0.5 in both.
 _RATIO_DEFAULT = {"token": 2.0, "spatial": 10.0}
 _DISTILL_DEFAULT = {"token": "kl", "spatial": "mse"}
 
@@ -105,7 +105,7 @@ def classification_loss(logits: Tensor, target: Tensor) -> Tensor:
 
 
 def ratio_loss(decisions: list[Tensor], keep_ratios: Tensor | list[float]) -> Tensor:
-    """(1/S) sum_s mean_b (mean_i D_s - rho_s)^2 (DESIGN 1.1).
+    """(1/S) sum_s mean_b (mean_i D_s - rho_s)^2 (docs/design.md §3.1).
 
     Args:
         decisions: per-stage keep decisions, [B, ...] each (tokens or spatial locations after the batch dim).
@@ -171,7 +171,7 @@ def token_distillation(state: SparsityState, teacher_tokens: Tensor, kind: str =
 
 
 def feature_distillation(student_map: Tensor, teacher_map: Tensor) -> Tensor:
-    """MSE between the student's and the teacher's final feature maps (DESIGN 1.2; the map keeps its shape)."""
+    """MSE between the student's and the teacher's final feature maps (docs/design.md §3.1; the map keeps its shape)."""
     if student_map.shape != teacher_map.shape:
         raise ConfigError(
             f"student feature map {tuple(student_map.shape)} and teacher's {tuple(teacher_map.shape)} differ."

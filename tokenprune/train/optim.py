@@ -1,4 +1,4 @@
-"""Parameter groups and the learning-rate schedule (DESIGN 1.1 "Optimisation").
+"""Parameter groups and the learning-rate schedule (docs/design.md §3.2).
 
 The new modules (predictors and anything the rewrite named ``tokenprune_...``) train at ``lr``; the pretrained
 backbone at ``lr * backbone_lr_scale`` (0.01 for DeiT, 0.2 for ConvNeXt), so the predictors can learn quickly

@@ -3,10 +3,11 @@
 Instead of hand-set rho^s per stage, the ratios are parameters, trained with the model: the ratio loss pulls each
 stage's decisions towards its learned ratio and the learned ratio towards what the predictor keeps (which the task
 losses push up), while a budget penalty holds a differentiable estimate of the sparse/dense compute at
-``target_flops``. This resembles DiffRate's FLOPs-constrained rates (DESIGN 1.4), applied to DynamicViT's stages.
+``target_flops``. This resembles DiffRate's FLOPs-constrained rates (docs/design.md §3.3), applied to DynamicViT's
+stages.
 
 Parameterisation: rho_s = m + (1 - m) * prod_{j<=s} sigmoid(theta_j), so ratios never increase across stages
-(a dropped token never returns, DESIGN 1.1) and never fall below m = 1 / N_patches, so top-k keeps k >= 1.
+(a dropped token never returns, docs/design.md §1.1) and never fall below m = 1 / N_patches, so top-k keeps k >= 1.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ class ModelSection:
 
 @dataclass
 class SparsifySection:
-    """Arguments of `tokenprune.sparsify` (DESIGN 1.1: rho = 0.7 before blocks 3, 6, 9).
+    """Arguments of `tokenprune.sparsify` (docs/design.md §1.1: rho = 0.7 before blocks 3, 6, 9).
 
     ``enabled: false`` trains the model itself, densely and without a teacher (e.g. to make a teacher).
     """
@@ -85,7 +85,7 @@ class LearnedRatiosSection:
 
 @dataclass
 class LossSection:
-    """Loss weights (DESIGN 1.1 "Loss"; 1.2 for spatial models). ``None`` means the kind's paper default.
+    """Loss weights (docs/design.md §3.1). ``None`` means the kind's paper default.
 
     Attributes:
         kind: "auto" (from the sparsified model's config), "token" or "spatial".
@@ -139,7 +139,7 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """Optimisation (DESIGN 1.1: lr 1e-3 for new modules, backbone scaled by 0.01, 5 warm-up epochs, cosine).
+    """Optimisation (docs/design.md §3.2: lr 1e-3 for new modules, backbone scaled by 0.01, 5 warm-up epochs, cosine).
 
     Attributes:
         epochs: training epochs.
