@@ -21,9 +21,8 @@ class SparsityState:
     Attributes:
         decisions: one tensor per stage, [B, N_patches, 1], the stage's keep decision over the *initial* patch
             tokens (1 = kept). In train mode these are hard Gumbel-softmax samples with straight-through gradients,
-            already multiplied by the earlier stages' decisions (docs/design.md §1.1, D_s). In pruned (eval) execution
-            they
-            are the top-k masks, without gradient.
+            already multiplied by the earlier stages' decisions (docs/design.md §1.1, D_s). In pruned (eval)
+            execution they are the top-k masks, without gradient.
         keep_ratios: the per-stage target fraction of initial patch tokens, as a float tensor [S] (a learned
             parameter's current value when keep ratios are learned).
         final_tokens: the output of the chain's last block, [B, N_final, C]. In masked execution N_final equals the
