@@ -1,10 +1,11 @@
-"""Dense vs spatially sparsified ConvNeXt-T and Swin-T: FLOPs and eval speed side by side (docs/design.md §1.2, §7).
+"""Dense vs sparsified models: FLOPs and eval throughput side by side (docs/design.md §5.2, §7).
 
 Random weights (speed and FLOPs do not depend on them). Each pair is timed in one process with interleaved runs
 (`tokenprune.measure.speed.compare`), so the speed-up is not skewed by machine drift.
 
-    python examples/bench_spatial.py                      # CPU, batch 32, ConvNeXt-T and Swin-T
-    python examples/bench_spatial.py --models convnext_tiny --batch 64 --device cuda
+    python examples/bench_speed.py                        # CPU, batch 32, ConvNeXt-T and Swin-T
+    python examples/bench_speed.py --models eva02_small_patch14_224 beit_base_patch16_224 deit_small_patch16_224
+    python examples/bench_speed.py --models convnext_tiny --batch 64 --device cuda
 """
 
 from __future__ import annotations
@@ -18,12 +19,20 @@ import tokenprune
 from tokenprune.measure.flops import profile_flops
 from tokenprune.measure.speed import compare, describe_device
 
-NAMES = {"convnext_tiny": "ConvNeXt-T", "swin_tiny_patch4_window7_224": "Swin-T"}
+NAMES = {
+    "convnext_tiny": "ConvNeXt-T",
+    "swin_tiny_patch4_window7_224": "Swin-T",
+    "deit_small_patch16_224": "DeiT-S",
+    "eva02_small_patch14_224": "EVA-02-S",
+    "beit_base_patch16_224": "BEiT-B",
+    "cait_xxs24_224": "CaiT-XXS24",
+    "vit_base_patch16_siglip_224": "SigLIP-B",
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(NAMES), help="timm model names")
+    parser.add_argument("--models", nargs="+", default=list(NAMES)[:2], help="timm model names")
     parser.add_argument("--ratio", type=float, default=0.7, help="base keep ratio rho")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
@@ -44,10 +53,11 @@ def main() -> None:
     for name in args.models:
         dense = timm.create_model(name).eval()
         sparse = tokenprune.sparsify(dense, args.ratio).eval()
-        x = torch.randn(1, 3, 224, 224)
+        size = tokenprune.config_of(sparse).input_size
+        x = torch.randn(1, *size)
         flops = profile_flops(dense, x).gmacs, profile_flops(sparse, x).gmacs
         result = compare(
-            dense, sparse, (3, 224, 224), args.batch,
+            dense, sparse, size, args.batch,
             warmup=args.warmup, repeats=args.repeats, device=args.device, latency=False,
         )  # fmt: skip
         rows.append(
