@@ -2,10 +2,19 @@
 
 In train mode tokens are not removed; instead every later block masks attention so dropped tokens stop influencing
 the others:  A_ij = exp(a_ij) G_ij / sum_k exp(a_ik) G_ik,  G_ij = D_j for i != j and G_ii = 1.
-The mask multiplies (it is not an additive -inf) so the straight-through gradient reaches the decisions D.
+G multiplies (it is not an additive -inf whose gradient is zero) so the straight-through gradient reaches the
+decisions D.
 
 Each function takes `policy` ([B, N, 1], 1 = kept) last-but-one and falls back to the plain op when it is None, which
 is what the pruned (eval) execution passes: there dropped tokens are physically gone.
+
+Two implementations of masked attention give the same values and gradients:
+  * `masked_attention`, explicit: builds the [B, H, N, N] weights with `masked_softmax`; autograd saves them (several
+    fp32 copies per block), which is what makes masked training cost more memory and time than dense training.
+  * `fused_masked_attention`: `F.scaled_dot_product_attention` with the additive mask log G (0 open, -inf closed) in
+    the forward, so nothing [N, N] is kept; the backward recomputes the weights of one block in fp32 and applies the
+    same rules, which the backward of an additive -inf could not (`masked_sdpa` and `masked_mha` use it unless
+    attention dropout is on).
 """
 
 from __future__ import annotations
@@ -14,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["masked_softmax", "masked_attention", "masked_sdpa", "masked_mha", "masked_token_mean", "index_policy"]
+__all__ = [
+    "masked_softmax",
+    "masked_attention",
+    "fused_masked_attention",
+    "masked_sdpa",
+    "masked_mha",
+    "masked_token_mean",
+    "index_policy",
+]
 
 
 def _attention_gate(policy: torch.Tensor, n: int) -> torch.Tensor:
@@ -46,21 +63,123 @@ def masked_softmax(scores: torch.Tensor, policy: torch.Tensor | None, dim: int =
     return (weights / weights.sum(dim=-1, keepdim=True)).to(scores.dtype)
 
 
+def _additive(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """An SDPA `attn_mask` as an additive term: a boolean mask (True = attend) becomes 0 / -inf."""
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
+
+
 def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     policy: torch.Tensor,
     *,
+    attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v over heads [B, H, N, d], with the paper's masked softmax."""
+    """softmax(q k^T * scale + bias) v over heads [B, H, N, d] with the paper's masked softmax (explicit weights).
+
+    Args:
+        q, k, v: [B, H, N, d].
+        policy: [B, N, 1] keep policy.
+        attn_mask: SDPA's `attn_mask`, broadcastable to [B, H, N, N]: additive (e.g. a relative position bias,
+            DESIGN 3 "Additive attention terms") or boolean (True = attend). Every query must keep one open key.
+        scale: score scale, 1/sqrt(d) by default.
+        dropout_p: attention dropout (applied to the weights, as SDPA does).
+    """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    attn = masked_softmax((q * scale) @ k.transpose(-2, -1), policy)
+    scores = (q * scale) @ k.transpose(-2, -1)
+    bias = _additive(attn_mask, scores.dtype)
+    attn = masked_softmax(scores if bias is None else scores + bias, policy)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
     return attn @ v
+
+
+def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Reduce a gradient over the dims that broadcasting expanded to `shape`."""
+    lead = grad.dim() - len(shape)
+    dims = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and grad.shape[lead + i] != 1)
+    return grad.sum(dims, keepdim=True).reshape(shape) if dims else grad
+
+
+class _FusedMaskedAttention(torch.autograd.Function):
+    """Forward: SDPA with the additive mask log G (+ bias). Backward: `masked_attention`'s gradients, recomputed.
+
+    With P_ij = exp(min(s_ij, m_i) - m_i) / Z_i (s the scores, m_i the row's maximum over open entries, Z_i the
+    sum of exp(s_ij - m_i) G_ij) the weights are A = P G, and with dA = dO V^T, delta_i = sum_j A_ij dA_ij:
+        dS = A (dA - delta)   (scores, bias, hence q and k),     dG = P (dA - delta)   (the gate),
+    dG is `masked_softmax`'s gate gradient with closed exponents capped at the kept maximum (its tangent <= 1/Z).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, policy, bias, scale):
+        gate = _attention_gate(policy, q.shape[-2])
+        mask = gate.log() if bias is None else gate.log() + bias
+        # The diagonal is always open, so no row of the mask is all -inf.
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
+        ctx.save_for_backward(q, k, v, policy, bias)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, policy, bias = ctx.saved_tensors
+        n, scale = q.shape[-2], ctx.scale
+        acc = torch.promote_types(q.dtype, torch.float32)  # fp32 at least, as masked_softmax
+        q32, k32, v32, do = q.to(acc), k.to(acc), v.to(acc), grad_out.to(acc)
+        gate = _attention_gate(policy, n)
+        s = (q32 * scale) @ k32.transpose(-2, -1)
+        if bias is not None:
+            s = s + bias.to(acc)
+        row_max = s.masked_fill(gate == 0, float("-inf")).amax(dim=-1, keepdim=True)
+        # In place from here: one block's few [B, H, N, N] buffers live only during this backward.
+        p = s.sub_(row_max).clamp_max_(0.0).exp_()  # open entries are <= the max already: the cap only closes
+        a = p * gate
+        z = a.sum(dim=-1, keepdim=True)
+        a.div_(z)
+        p.div_(z)
+        da = do @ v32.transpose(-2, -1)
+        da.sub_((a * da).sum(dim=-1, keepdim=True))
+        g = p.mul_(da)  # dG per head
+        grad_policy = grad_bias = None
+        if ctx.needs_input_grad[3]:
+            g_heads = g.sum(dim=1)  # G is shared by the heads; G_jj = 1 does not depend on the policy
+            grad_keep = g_heads.sum(dim=-2) - g_heads.diagonal(dim1=-2, dim2=-1)
+            grad_policy = grad_keep.reshape(policy.shape).to(policy.dtype)
+        ds = g.mul_(gate)
+        if bias is not None and ctx.needs_input_grad[4]:
+            grad_bias = _sum_to(ds, bias.shape).to(bias.dtype)
+        grad_q = ((ds @ k32) * scale).to(q.dtype)
+        grad_k = ((ds.transpose(-2, -1) @ q32) * scale).to(k.dtype)
+        grad_v = (a.transpose(-2, -1) @ do).to(v.dtype)
+        return grad_q, grad_k, grad_v, grad_policy, grad_bias, None
+
+
+def fused_masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    policy: torch.Tensor,
+    *,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """`masked_attention` without dropout, through SDPA: same values (up to SDPA's rounding) and gradients (in fp32),
+    without keeping [B, H, N, N] weights for the backward.
+
+    Args:
+        q, k, v: [B, H, N, d], any float dtype; the backward computes in fp32 and returns the inputs' dtypes.
+        policy: [B, N, 1] keep policy.
+        attn_mask: additive or boolean (True = attend) mask broadcastable to [B, H, N, N]; every query must keep
+            one open key.
+        scale: score scale, 1/sqrt(d) by default.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _FusedMaskedAttention.apply(q, k, v, policy, _additive(attn_mask, torch.float32), scale)
 
 
 def masked_sdpa(
@@ -74,15 +193,22 @@ def masked_sdpa(
     scale: float | None = None,
     **kwargs,
 ) -> torch.Tensor:
-    """Drop-in for `F.scaled_dot_product_attention` that also takes the keep policy."""
+    """Drop-in for `F.scaled_dot_product_attention` that also takes the keep policy.
+
+    With a policy, `attn_mask` (additive, e.g. a relative position bias, or boolean, True = attend) is combined with
+    the keep gate: A_ij = exp(a_ij + b_ij) G_ij / sum_k exp(a_ik + b_ik) G_ik (DESIGN 3, "Additive attention terms").
+    Attention dropout needs the weights, so it takes the explicit path; otherwise the fused one.
+    """
     if policy is None:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
         )
-    if attn_mask is not None or is_causal or kwargs.get("enable_gqa"):
+    if is_causal or kwargs.get("enable_gqa"):
         # The rewrite refuses such blocks; this guards direct calls.
-        raise NotImplementedError("masked_sdpa does not combine the keep policy with attn_mask, is_causal or GQA")
-    return masked_attention(q, k, v, policy, scale=scale, dropout_p=dropout_p)
+        raise NotImplementedError("masked_sdpa does not combine the keep policy with is_causal or GQA")
+    if dropout_p > 0.0:
+        return masked_attention(q, k, v, policy, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p)
+    return fused_masked_attention(q, k, v, policy, attn_mask=attn_mask, scale=scale)
 
 
 def masked_mha(
@@ -107,7 +233,11 @@ def masked_mha(
     heads = mha.num_heads
     qkv = F.linear(query, mha.in_proj_weight, mha.in_proj_bias).reshape(b, n, 3, heads, c // heads)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    out = masked_attention(q, k, v, policy, dropout_p=mha.dropout if mha.training else 0.0)
+    dropout_p = mha.dropout if mha.training else 0.0
+    if dropout_p > 0.0:
+        out = masked_attention(q, k, v, policy, dropout_p=dropout_p)
+    else:
+        out = fused_masked_attention(q, k, v, policy)
     out = mha.out_proj(out.transpose(1, 2).reshape(b, n, c))
     return out, None
 
