@@ -79,8 +79,9 @@ def test_fused_bf16_matches_fp32_reference(mask_kind):
     for name, grad in reference_grads.items():
         got = fused_grads[name]
         assert got.dtype == (torch.float32 if name in ("policy", "attn_mask") else torch.bfloat16)
-        # bf16 keeps 8 bits: compare at the scale of the gradient
-        torch.testing.assert_close(got.float(), grad, rtol=2e-2, atol=2e-2 * grad.abs().max().item())
+        # bf16 keeps 8 bits and SDPA's bf16 backward rounds its intermediates: compare at the gradient's scale
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(got.float(), grad, rtol=2e-2, atol=4e-2 * scale, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_fused_gradients_are_true_gradients_for_q_k_v_and_bias():
@@ -109,7 +110,7 @@ def test_masked_sdpa_uses_fused_path_without_dropout_and_explicit_with(dropout_p
         return masked_attention(q, k, v, policy, attn_mask=attn_mask, dropout_p=dropout_p)
 
     out, grads = _run(sdpa, _leaves(base), upstream)
-    assert ("_FusedMaskedAttention" in type(out.grad_fn).__name__) == (dropout_p == 0.0)
+    assert ("_GateGradient" in type(out.grad_fn).__name__) == (dropout_p == 0.0)
     ref, ref_grads = _run(explicit, _leaves(base), upstream)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for name, grad in ref_grads.items():

@@ -11,10 +11,10 @@ is what the pruned (eval) execution passes: there dropped tokens are physically 
 Two implementations of masked attention give the same values and gradients:
   * `masked_attention`, explicit: builds the [B, H, N, N] weights with `masked_softmax`; autograd saves them (several
     fp32 copies per block), which is what makes masked training cost more memory and time than dense training.
-  * `fused_masked_attention`: `F.scaled_dot_product_attention` with the additive mask log G (0 open, -inf closed) in
-    the forward, so nothing [N, N] is kept; the backward recomputes the weights of one block in fp32 and applies the
-    same rules, which the backward of an additive -inf could not (`masked_sdpa` and `masked_mha` use it unless
-    attention dropout is on).
+  * `fused_masked_attention`: `F.scaled_dot_product_attention` with the additive mask log G (0 open, -inf closed),
+    so nothing [N, N] is kept and q, k, v get SDPA's own gradients; the gate's gradient, which the backward of an
+    additive -inf could not give, is added by a backward that recomputes one block's scores in fp32 (`masked_sdpa`
+    and `masked_mha` use it unless attention dropout is on).
 """
 
 from __future__ import annotations
@@ -106,57 +106,50 @@ def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return grad.sum(dims, keepdim=True).reshape(shape) if dims else grad
 
 
-class _FusedMaskedAttention(torch.autograd.Function):
-    """Forward: SDPA with the additive mask log G (+ bias). Backward: `masked_attention`'s gradients, recomputed.
+class _GateGradient(torch.autograd.Function):
+    """Identity on the output O of SDPA(q, k, v, log G + bias) whose backward adds the gradients that SDPA cannot give:
+    the gate's (and an additive bias's, as the mask reaches SDPA detached). q, k and v get theirs from SDPA itself.
 
-    With P_ij = exp(min(s_ij, m_i) - m_i) / Z_i (s the scores, m_i the row's maximum over open entries, Z_i the
-    sum of exp(s_ij - m_i) G_ij) the weights are A = P G, and with dA = dO V^T, delta_i = sum_j A_ij dA_ij:
-        dS = A (dA - delta)   (scores, bias, hence q and k),     dG = P (dA - delta)   (the gate),
-    dG is `masked_softmax`'s gate gradient with closed exponents capped at the kept maximum (its tangent <= 1/Z).
+    With m_i the row's maximum score over open entries, Z_i = sum_j exp(s_ij - m_i) G_ij, P_ij = exp(min(s_ij, m_i)
+    - m_i) / Z_i (so the weights are A = P G), dA = dO V^T and delta_i = sum_j A_ij dA_ij = dO_i . O_i:
+        dG = P (dA - delta),    dS = A (dA - delta) = dG G    (the bias),
+    i.e. `masked_softmax`'s gradients, closed exponents capped at the kept maximum (the gate's tangent <= 1/Z).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, policy, bias, scale):
-        gate = _attention_gate(policy, q.shape[-2])
-        mask = gate.log() if bias is None else gate.log() + bias
-        # The diagonal is always open, so no row of the mask is all -inf.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
-        ctx.save_for_backward(q, k, v, policy, bias)
+    def forward(ctx, out, q, k, v, policy, bias, scale):
+        ctx.save_for_backward(out, q, k, v, policy, bias)
         ctx.scale = scale
-        return out
+        return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, policy, bias = ctx.saved_tensors
-        n, scale = q.shape[-2], ctx.scale
+        out, q, k, v, policy, bias = ctx.saved_tensors
+        need_policy, need_bias = ctx.needs_input_grad[4], bias is not None and ctx.needs_input_grad[5]
+        if not (need_policy or need_bias):
+            return grad_out, None, None, None, None, None, None
+        b, n = q.shape[0], q.shape[-2]
         acc = torch.promote_types(q.dtype, torch.float32)  # fp32 at least, as masked_softmax
-        q32, k32, v32, do = q.to(acc), k.to(acc), v.to(acc), grad_out.to(acc)
-        gate = _attention_gate(policy, n)
-        s = (q32 * scale) @ k32.transpose(-2, -1)
+        gate = _attention_gate(policy, n).to(acc)
+        keep = policy.reshape(b, 1, n, 1).to(acc)
+        # One block's [B, H, N, N] buffers, only during this backward, updated in place.
+        s = (q.to(acc) * ctx.scale) @ k.to(acc).transpose(-2, -1)
         if bias is not None:
             s = s + bias.to(acc)
         row_max = s.masked_fill(gate == 0, float("-inf")).amax(dim=-1, keepdim=True)
-        # In place from here: one block's few [B, H, N, N] buffers live only during this backward.
         p = s.sub_(row_max).clamp_max_(0.0).exp_()  # open entries are <= the max already: the cap only closes
-        a = p * gate
-        z = a.sum(dim=-1, keepdim=True)
-        a.div_(z)
-        p.div_(z)
-        da = do @ v32.transpose(-2, -1)
-        da.sub_((a * da).sum(dim=-1, keepdim=True))
-        g = p.mul_(da)  # dG per head
+        z = p @ keep + p.diagonal(dim1=-2, dim2=-1).unsqueeze(-1) * (1.0 - keep)  # sum_j p_ij G_ij
+        do = grad_out.to(acc)
+        delta = (do * out.to(acc)).sum(dim=-1, keepdim=True)
+        g = p.mul_(((do / z) @ v.to(acc).transpose(-2, -1)).sub_(delta / z))  # dG per head
         grad_policy = grad_bias = None
-        if ctx.needs_input_grad[3]:
+        if need_policy:
             g_heads = g.sum(dim=1)  # G is shared by the heads; G_jj = 1 does not depend on the policy
             grad_keep = g_heads.sum(dim=-2) - g_heads.diagonal(dim1=-2, dim2=-1)
             grad_policy = grad_keep.reshape(policy.shape).to(policy.dtype)
-        ds = g.mul_(gate)
-        if bias is not None and ctx.needs_input_grad[4]:
-            grad_bias = _sum_to(ds, bias.shape).to(bias.dtype)
-        grad_q = ((ds @ k32) * scale).to(q.dtype)
-        grad_k = ((ds.transpose(-2, -1) @ q32) * scale).to(k.dtype)
-        grad_v = (a.transpose(-2, -1) @ do).to(v.dtype)
-        return grad_q, grad_k, grad_v, grad_policy, grad_bias, None
+        if need_bias:
+            grad_bias = _sum_to(g.mul_(gate), bias.shape).to(bias.dtype)
+        return grad_out, None, None, None, grad_policy, grad_bias, None
 
 
 def fused_masked_attention(
@@ -172,14 +165,21 @@ def fused_masked_attention(
     without keeping [B, H, N, N] weights for the backward.
 
     Args:
-        q, k, v: [B, H, N, d], any float dtype; the backward computes in fp32 and returns the inputs' dtypes.
+        q, k, v: [B, H, N, d], any float dtype (their gradients are SDPA's; the gate's is computed in fp32).
         policy: [B, N, 1] keep policy.
         attn_mask: additive or boolean (True = attend) mask broadcastable to [B, H, N, N]; every query must keep
             one open key.
         scale: score scale, 1/sqrt(d) by default.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _FusedMaskedAttention.apply(q, k, v, policy, _additive(attn_mask, torch.float32), scale)
+    bias = _additive(attn_mask, torch.float32)
+    mask = _attention_gate(policy.detach(), q.shape[-2]).log()  # 0 open, -inf closed: no row is all -inf
+    if bias is not None:
+        mask = mask + bias.detach()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
+    if policy.requires_grad or (bias is not None and bias.requires_grad):
+        out = _GateGradient.apply(out, q, k, v, policy, bias, scale)
+    return out
 
 
 def masked_sdpa(
