@@ -45,7 +45,8 @@ def masked_softmax(scores: torch.Tensor, policy: torch.Tensor | None, dim: int =
     """Softmax over the last dim of attention scores [B, H, N, N], restricted to kept tokens.
 
     Computed in fp32 after subtracting the row max over open entries, so a dropped token with a large score can't
-    underflow the kept ones. The diagonal is always open, so no row is empty.
+    underflow the kept ones. The diagonal is always open, so no row is empty. An additive term (relative position
+    bias, -inf mask) added to the scores before the call is gated the same way (DESIGN 3, "Additive attention terms").
     """
     if policy is None:
         return scores.softmax(dim=dim)
