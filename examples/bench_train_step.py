@@ -6,7 +6,9 @@ is the cost of masked execution itself (predictors, masked attention, both spati
 frozen teacher's forward to a real fine-tuning step; that cost is the same dense forward whatever tokenprune does.
 
 Timing: both models in one process, steps interleaved (dense, sparse, sparse, dense, ...), median over pairs of
-sparse time / dense time, which cancels slow drifts of a shared machine.
+sparse time / dense time ("time x", wall clock), which cancels slow drifts of a shared machine. "cpu x" is the same
+ratio of the process's CPU time (all threads): a second view for a CPU shared with other processes, where wall time
+also counts a thread's waits for a descheduled sibling (more ops, more waits); spinning threads count in both.
 
 Peak memory:
   * cuda: `torch.cuda.max_memory_allocated` over one step, reset before it (everything live: weights, grads,
@@ -14,7 +16,8 @@ Peak memory:
   * cpu: the CPU allocator keeps no high-water mark, so one extra step runs under `torch.profiler` with
     `profile_memory=True`, which records every allocation and free of a tensor; the peak of their running sum over
     the step, plus the bytes of the tensors live when it starts (weights, optimizer state, the batch), is the step's
-    peak of live tensor memory. Process RSS is not used: the C allocator keeps freed pages, so it over-counts.
+    peak of live tensor memory (blocks allocated before profiling are not seen when freed: a slight over-count).
+    Process RSS is not used: the C allocator keeps freed pages, so it over-counts.
 
     python examples/bench_train_step.py --batch-size 8 --threads 2            # CPU, DeiT-S and ConvNeXt-T
     python examples/bench_train_step.py --device cuda --amp bf16               # recipes' batch sizes (128)
@@ -67,12 +70,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(step: Step) -> float:
+def timed(step: Step) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one step."""
     sync(step.x.device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     step()
     sync(step.x.device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def peak_bytes(step: Step) -> int:
@@ -128,7 +132,7 @@ def main() -> None:
         f"rho {args.ratio}, torch {torch.__version__}, timm {timm.__version__}"
     )
     header = (
-        f"{'model':<12}{'batch':>6}{'ms dense':>10}{'ms sparse':>11}{'time x':>8}"
+        f"{'model':<12}{'batch':>6}{'ms dense':>10}{'ms sparse':>11}{'time x':>8}{'cpu x':>7}"
         f"{'MiB dense':>11}{'MiB sparse':>12}{'mem x':>7}"
     )
     rows = []
@@ -143,15 +147,17 @@ def main() -> None:
             for _ in range(args.warmup):
                 step()
         memory = {key: peak_bytes(step) / 2**20 for key, step in steps.items()}
-        times: dict[str, list[float]] = {"dense": [], "sparse": []}
+        times: dict[str, list[tuple[float, float]]] = {"dense": [], "sparse": []}
         for r in range(args.repeats):
             order = ("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")
             for key in order:
                 times[key].append(timed(steps[key]))
-        ratio = statistics.median(s / d for d, s in zip(times["dense"], times["sparse"]))
-        ms = {key: statistics.median(t) * 1e3 for key, t in times.items()}
+        ratio, cpu_ratio = (
+            statistics.median(s[i] / d[i] for d, s in zip(times["dense"], times["sparse"])) for i in (0, 1)
+        )
+        ms = {key: statistics.median(t[0] for t in ts) * 1e3 for key, ts in times.items()}
         rows.append(
-            f"{label:<12}{batch:>6}{ms['dense']:>10.0f}{ms['sparse']:>11.0f}{ratio:>7.2f}x"
+            f"{label:<12}{batch:>6}{ms['dense']:>10.0f}{ms['sparse']:>11.0f}{ratio:>7.2f}x{cpu_ratio:>6.2f}x"
             f"{memory['dense']:>11.0f}{memory['sparse']:>12.0f}{memory['sparse'] / memory['dense']:>6.2f}x"
         )
         print(rows[-1], flush=True)
