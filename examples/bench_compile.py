@@ -7,6 +7,11 @@ the warm-up runs and is not timed; on CPU it takes minutes per model.
 
     python examples/bench_compile.py --batch 16 --threads 2           # CPU, DeiT-S and ConvNeXt-T
     python examples/bench_compile.py --device cuda --batch 128
+
+Results (2026-12-02, `--batch 16 --threads 2 --repeats 5`, CPU AMD EPYC with 2 cores shared with other jobs, whose
+load changed between runs, hence the spread): speed-up of sparse over dense (median of interleaved pairs)
+    DeiT-S      eager 1.35x, compiled 1.29x
+    ConvNeXt-T  eager 1.07x, compiled 0.89x (first run); eager 1.04x, compiled 1.16x (second run)
 """
 
 from __future__ import annotations
