@@ -1,6 +1,6 @@
 """Modules and functions that the graph rewrite inserts. They know nothing of torch.fx."""
 
-from .masked import masked_attention, masked_mha, masked_sdpa, masked_softmax, masked_token_mean
+from .masked import fused_masked_attention, masked_attention, masked_mha, masked_sdpa, masked_softmax, masked_token_mean
 from .predictor import TokenPredictor
 from .recorder import SparsityRecorder
 from .select import TokenSelector
@@ -9,6 +9,7 @@ __all__ = [
     "TokenPredictor",
     "TokenSelector",
     "SparsityRecorder",
+    "fused_masked_attention",
     "masked_attention",
     "masked_mha",
     "masked_sdpa",
