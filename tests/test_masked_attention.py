@@ -1,5 +1,5 @@
 """The fused masked attention (SDPA forward, recomputing backward) against the explicit reference `masked_attention`,
-and `masked_sdpa` with an `attn_mask` against plain SDPA over the kept tokens only (DESIGN 1.1 and 3)."""
+and `masked_sdpa` with an `attn_mask` against plain SDPA over the kept tokens only (docs/design.md §1.1, §2.3)."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_masked_sdpa_uses_fused_path_without_dropout_and_explicit_with(dropout_p
 @pytest.mark.parametrize("mask_kind", ["additive", "bool"])
 def test_masked_sdpa_with_attn_mask_equals_sdpa_over_kept_tokens(mask_kind):
     """Masked execution with a mask or bias == SDPA on the kept tokens with the kept rows and columns of the mask:
-    what pruned execution computes once it gathers the side input with the tokens (DESIGN 3)."""
+    what pruned execution computes once it gathers the side input with the tokens (docs/design.md §2.3)."""
     base = _inputs(mask_kind)
     q, k, v, policy, mask = (base[n] for n in ("q", "k", "v", "policy", "attn_mask"))
     masked = masked_sdpa(q, k, v, policy, attn_mask=mask)

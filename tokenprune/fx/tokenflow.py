@@ -118,6 +118,9 @@ _REDUCTIONS = {"mean": tokenops.masked_token_mean, "sum": tokenops.masked_token_
 _MATMULS = {operator.matmul, torch.matmul, torch.bmm}
 
 
+_ALONG_TOKENS = "mixes the token axis (a channel-wise op applied along tokens, e.g. token-mixing MLP)"
+
+
 class _Refusal(Exception):
     pass
 
@@ -241,8 +244,6 @@ class _Flow:
             return self.channelwise(node, self.data_arg(node))
         if target in _ELEMENTWISE_FUNCTIONS or (op == "call_method" and target in _ELEMENTWISE_METHODS):
             return self.elementwise(node)
-        if op == "call_function" and getattr(target, "__name__", "") in ("apply_rot_embed_cat", "apply_rot_embed"):
-            return self.elementwise(node)
         self.refuse(node, "reads tokens and has no rule that keeps it exact when tokens are pruned")
 
     def data_arg(self, node: fx.Node) -> Tokens:
@@ -254,7 +255,7 @@ class _Flow:
     def channelwise(self, node: fx.Node, t: Tokens) -> Tokens:
         rank = len(_shape(node.args[0]))
         if rank - 1 in t.axes:
-            self.refuse(node, "mixes the token axis (a channel-wise op applied along tokens, e.g. token-mixing MLP)")
+            self.refuse(node, _ALONG_TOKENS)
         return Tokens(t.axes, t.tset)
 
     def module(self, node: fx.Node, m: nn.Module) -> Tokens | None:
@@ -262,7 +263,11 @@ class _Flow:
             return self.mha(node, m)
         t = self.data_arg(node)
         if isinstance(m, _CHANNEL_MODULES):
-            return self.channelwise(node, t)
+            normalized = len(getattr(m, "normalized_shape", ())) or 1
+            rank = len(_shape(node.args[0]))
+            if any(a >= rank - normalized for a in t.axes):
+                self.refuse(node, _ALONG_TOKENS)
+            return Tokens(t.axes, t.tset)
         if isinstance(m, _ELEMENTWISE_MODULES):
             return Tokens(t.axes, t.tset, t.weights and isinstance(m, (nn.Dropout, nn.Identity)))
         if id(m) in self.leaves and _shape(node) == _shape(node.args[0]):
@@ -391,12 +396,10 @@ class _Flow:
                     "2-D grid for a convolution; pruned tokens leave no grid",
                 )
             d = match[0]
-            literal = [a for a in node.args[1:] if isinstance(a, int)] if node.op == "call_method" else []
-            if (node.op, node.target) in _RESHAPES and shape_in[a] in literal and shape_in[a] not in (1,):
-                args = (
-                    node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-                )
-                if len(args) > d and args[d] == shape_in[a]:
+            if (node.op, node.target) in _RESHAPES:
+                packed = len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+                shape = node.args[1] if packed else node.args[1:]
+                if len(shape) > d and isinstance(shape[d], int) and shape[d] == shape_in[a] != 1:
                     self.refuse(node, f"reshapes to a fixed token count {shape_in[a]}; it must follow x.shape")
             axes.append(d)
         last = len(shape_in) - 1
@@ -487,8 +490,10 @@ class _Flow:
         if dim in t.axes:
             self.refuse(node, "splits the token axis")
         axes = tuple(d - (d > dim) for d in t.axes) if node.target == "unbind" else t.axes
-        count = len(node.meta.get("tensor_meta", ())) or 64
-        return tuple(Tokens(axes, t.tset) for _ in range(count))
+        metas = node.meta.get("tensor_meta")
+        if not isinstance(metas, (tuple, list)):
+            self.refuse(node, "splits tokens into an unknown number of parts")
+        return tuple(Tokens(axes, t.tset) for _ in metas)
 
     def reduction(self, node: fx.Node) -> Tokens | None:
         t = self.data_arg(node)
@@ -578,7 +583,7 @@ class _Flow:
             dims = (rank - 2, rank - 1) if self_attention else (rank - 1,)
             self.constants_meet(node, rank, dims, tk.tset, [mask])
         if self_attention:
-            fn = masked_sdpa if mask is None else tokenops.masked_biased_attention
+            fn = masked_sdpa
             self.plan.notes.append(f"{node.name}: self-attention masked" + (" (with its bias)" if mask else ""))
         else:
             fn = tokenops.masked_cross_attention

@@ -1,4 +1,4 @@
-"""Slow and fast paths of a spatial block (DESIGN 1.2; Rao et al., arXiv 2207.01580, "asymmetric computation").
+"""Slow and fast paths of a spatial block (docs/design.md §1.2; Rao et al., arXiv 2207.01580, "asymmetric computation").
 
 A spatial block keeps its feature map whole: its spatial mixing (a depthwise conv, window attention) runs on every
 location. Only the per-location part of a residual branch (norm, pointwise MLP, layer scale) is split: the block's
@@ -25,7 +25,7 @@ from torch import nn
 __all__ = ["FastPath", "AsymmetricPath", "gather_locations", "FAST_PATH_INIT"]
 
 #: Initial layer scale of the fast path: ConvNeXt's layer_scale_init_value, so a freshly inserted fast path adds
-#: (almost) nothing and a dropped location starts as "branch skipped" (DESIGN 1.2, "layer-scale init like the block's").
+#: (almost) nothing and a dropped location starts as "branch skipped" (docs/design.md §1.2).
 FAST_PATH_INIT = 1e-6
 
 
@@ -65,7 +65,7 @@ def gather_locations(
 
 
 class FastPath(nn.Module):
-    """LayerNorm + Linear(C, C) + layer scale over channels-last locations [..., C] (DESIGN 1.2 "fast path").
+    """LayerNorm + Linear(C, C) + layer scale over channels-last locations [..., C] (docs/design.md §1.2 "fast path").
 
     Args:
         dim: channel count C.
@@ -128,7 +128,7 @@ class AsymmetricPath(nn.Module):
             return slow
         shape = [entry.shape[0]] + [entry.shape[d] if d in self.spatial else 1 for d in range(1, entry.dim())]
         m = mask.to(slow.dtype).reshape(shape)
-        # Straight-through: m is a hard 0/1 sample whose gradient reaches the predictor (DESIGN 1.2 "Training").
+        # Straight-through: m is a hard 0/1 sample whose gradient reaches the predictor (docs/design.md §1.2).
         return slow * m + self._fast(entry, self.channel) * (1.0 - m)
 
     def _scatter(

@@ -1,4 +1,4 @@
-"""Attention and pooling restricted to kept tokens (DESIGN 1.1, "Training").
+"""Attention and pooling restricted to kept tokens (docs/design.md §1.1).
 
 In train mode tokens are not removed; instead every later block masks attention so dropped tokens stop influencing
 the others:  A_ij = exp(a_ij) G_ij / sum_k exp(a_ik) G_ik,  G_ij = D_j for i != j and G_ii = 1.
@@ -25,6 +25,7 @@ from torch import nn
 
 __all__ = [
     "masked_softmax",
+    "gated_softmax",
     "masked_attention",
     "fused_masked_attention",
     "masked_sdpa",
@@ -46,13 +47,18 @@ def masked_softmax(scores: torch.Tensor, policy: torch.Tensor | None, dim: int =
 
     Computed in fp32 after subtracting the row max over open entries, so a dropped token with a large score can't
     underflow the kept ones. The diagonal is always open, so no row is empty. An additive term (relative position
-    bias, -inf mask) added to the scores before the call is gated the same way (DESIGN 3, "Additive attention terms").
+    bias, -inf mask) added to the scores before the call is gated the same way (docs/design.md §2.3).
     """
     if policy is None:
         return scores.softmax(dim=dim)
     if dim not in (-1, scores.dim() - 1):
         raise ValueError(f"masked_softmax expects the key dimension last, got dim={dim}")
-    gate = _attention_gate(policy, scores.shape[-1])
+    return gated_softmax(scores, _attention_gate(policy, scores.shape[-1]))
+
+
+def gated_softmax(scores: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """exp(a_ij) G_ij / sum_k exp(a_ik) G_ik over the last dim, in fp32, for a 0/1 `gate` broadcastable to `scores`
+    with at least one open entry per row."""
     scores32 = scores.float()
     row_max = scores32.masked_fill(gate == 0, float("-inf")).amax(dim=-1, keepdim=True).detach()
     shifted = scores32 - row_max
@@ -87,7 +93,7 @@ def masked_attention(
         q, k, v: [B, H, N, d].
         policy: [B, N, 1] keep policy.
         attn_mask: SDPA's `attn_mask`, broadcastable to [B, H, N, N]: additive (e.g. a relative position bias,
-            DESIGN 3 "Additive attention terms") or boolean (True = attend). Every query must keep one open key.
+            docs/design.md §2.3) or boolean (True = attend). Every query must keep one open key.
         scale: score scale, 1/sqrt(d) by default.
         dropout_p: attention dropout (applied to the weights, as SDPA does).
     """
@@ -197,7 +203,7 @@ def masked_sdpa(
     """Drop-in for `F.scaled_dot_product_attention` that also takes the keep policy.
 
     With a policy, `attn_mask` (additive, e.g. a relative position bias, or boolean, True = attend) is combined with
-    the keep gate: A_ij = exp(a_ij + b_ij) G_ij / sum_k exp(a_ik + b_ik) G_ik (DESIGN 3, "Additive attention terms").
+    the keep gate: A_ij = exp(a_ij + b_ij) G_ij / sum_k exp(a_ik + b_ik) G_ik (docs/design.md §2.3).
     Attention dropout needs the weights, so it takes the explicit path; otherwise the fused one.
     """
     if policy is None:
@@ -257,7 +263,7 @@ def supports_masked_mha(mha: nn.MultiheadAttention) -> str | None:
 def masked_token_mean(
     x: torch.Tensor, policy: torch.Tensor | None, dim: int = 1, keepdim: bool = False
 ) -> torch.Tensor:
-    """Mean over the token dimension of kept tokens only (heads that average tokens, DESIGN 1.1)."""
+    """Mean over the token dimension of kept tokens only (heads that average tokens, docs/design.md §1.1)."""
     if policy is None:
         return x.mean(dim=dim, keepdim=keepdim)
     weight = policy.to(x.dtype)

@@ -1,4 +1,4 @@
-"""The token-importance predictor (DESIGN 1.1, "Predictor"; Rao et al. 2021, eq. 1-3)."""
+"""The token-importance predictor (docs/design.md §1.1, "Predictor"; Rao et al. 2021, eq. 1-3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A sparsification stage: predictor + decision (Gumbel in training, top-k in eval) (DESIGN 1.1)."""
+"""A sparsification stage: predictor + decision (Gumbel in training, top-k in eval) (docs/design.md §1.1)."""
 
 from __future__ import annotations
 

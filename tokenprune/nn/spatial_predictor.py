@@ -1,6 +1,6 @@
-"""Stages of a spatial chain: the location-importance predictor, the selector, and the state recorder (DESIGN 1.2).
+"""Stages of a spatial chain: the location-importance predictor, the selector, and the recorder (docs/design.md §1.2).
 
-Decisions are *nested*, as for tokens (DESIGN 1.1): D_s = sample_s * D_{s-1}, and in eval each stage keeps the top-k
+Decisions are *nested*, as for tokens (§1.1): D_s = sample_s * D_{s-1}, and in eval each stage keeps the top-k
 among the locations the previous stage kept. Keep ratios are fractions of all H*W locations and never increase, so a
 location that took the fast path never returns to the slow path. A stage's decision holds for every block after it
 until the next stage's.
@@ -98,7 +98,7 @@ class SpatialSelector(TokenSelector):
                 self.last_decision, self.last_index = decision, kept
                 return None, kept, dropped
         else:
-            # Hard sample, straight-through gradients (DESIGN 1.2 "Training"); nested like tokens: D_s = sample * D_s-1.
+            # Hard sample, straight-through gradients (docs/design.md §1.2); nested like tokens: D_s = sample * D_s-1.
             decision = F.gumbel_softmax(log_probs, hard=True)[..., :1]
             if previous is not None:
                 decision = decision * previous

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .masked import _additive, gated_softmax
+
 __all__ = [
     "slice_policy",
     "slice_index",
@@ -31,7 +33,6 @@ __all__ = [
     "masked_token_sum",
     "zero_dropped",
     "masked_token_mean",
-    "masked_biased_attention",
 ]
 
 
@@ -112,30 +113,20 @@ def masked_cross_softmax(scores: torch.Tensor, policy: torch.Tensor | None, dim:
     """Softmax over keys that are tokens, for queries that are not (class attention, attention pooling).
 
     Dropped keys get weight 0: A_ij = exp(a_ij) D_j / sum_k exp(a_ik) D_k, in fp32, with the same bounded gate
-    tangent as the self-attention mask (docs/design.md §1.1): a closed entry's exponent is capped at the kept
-    maximum. At least one patch token is always kept, so no row is empty.
+    tangent as the self-attention mask (`masked.gated_softmax`). At least one patch token is always kept, so no row
+    is empty.
     """
     if policy is None:
         return scores.softmax(dim=dim)
     if dim not in (-1, scores.dim() - 1):
         raise ValueError(f"masked_cross_softmax expects the key dimension last, got dim={dim}")
-    gate = _key_gate(policy, scores)
-    scores32 = scores.float()
-    row_max = scores32.masked_fill(gate == 0, float("-inf")).amax(dim=-1, keepdim=True).detach()
-    shifted = scores32 - row_max
-    shifted = torch.where(gate > 0, shifted, shifted.clamp_max(0.0))
-    weights = torch.exp(shifted) * gate
-    return (weights / weights.sum(dim=-1, keepdim=True)).to(scores.dtype)
+    return gated_softmax(scores, _key_gate(policy, scores))
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, scale: float | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q * scale) @ k.transpose(-2, -1)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            attn_mask = torch.zeros_like(attn_mask, dtype=scores.dtype).masked_fill(~attn_mask, float("-inf"))
-        scores = scores + attn_mask
-    return scores
+    return scores if attn_mask is None else scores + _additive(attn_mask, scores.dtype)
 
 
 def masked_cross_attention(
@@ -155,33 +146,6 @@ def masked_cross_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
         )
     attn = masked_cross_softmax(_scores(q, k, scale, attn_mask), policy)
-    if dropout_p > 0.0:
-        attn = F.dropout(attn, p=dropout_p)
-    return attn @ v
-
-
-def masked_biased_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    policy: torch.Tensor | None,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    **kwargs,
-) -> torch.Tensor:
-    """Self-attention with an additive bias or boolean mask (relative position bias) and the paper's masked softmax.
-
-    In pruned execution (`policy` None) the bias has already been gathered to the tokens left, so this is plain SDPA.
-    """
-    from .masked import masked_softmax
-
-    if policy is None:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
-        )
-    attn = masked_softmax(_scores(q, k, scale, attn_mask), policy)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
     return attn @ v
