@@ -92,7 +92,7 @@ def _first_divergence(chain: Chain, locations: list[int], pruned: dict, masked: 
 def self_check(model: nn.Module, chain: Chain, locations: list[int], example: torch.Tensor, name: str) -> None:
     """Raise `UnsupportedModelError` unless masked ≡ pruned and keep-all ≡ the original on `example` (eval mode).
 
-    The model's stages are left as they were (execution mode, keep ratios, training flag).
+    The model's stages are left as they were (execution mode, keep ratios, training flag, nothing recorded).
     """
     stages = selectors(model)
     saved = [(s.execution, s.keep_ratio) for s in stages]
@@ -130,4 +130,7 @@ def self_check(model: nn.Module, chain: Chain, locations: list[int], example: to
     finally:
         for s, (execution, ratio) in zip(stages, saved):
             s.execution, s.keep_ratio = execution, ratio
+        for m in model.modules():  # what the check's forwards recorded is not the user's first forward
+            for attr in getattr(m, "_transient", ()):
+                setattr(m, attr, None)
         model.train(training)
