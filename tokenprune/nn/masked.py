@@ -86,6 +86,7 @@ def masked_attention(
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
+    softmax=None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v over heads [B, H, N, d] with the paper's masked softmax (explicit weights).
 
@@ -96,11 +97,13 @@ def masked_attention(
             docs/design.md §2.3) or boolean (True = attend). Every query must keep one open key.
         scale: score scale, 1/sqrt(d) by default.
         dropout_p: attention dropout (applied to the weights, as SDPA does).
+        softmax: `softmax(scores, policy)` to normalise with; default `masked_softmax` (self-attention, diagonal
+            kept). Cross-attention passes `tokenops.masked_cross_softmax`.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q * scale) @ k.transpose(-2, -1)
     bias = _additive(attn_mask, scores.dtype)
-    attn = masked_softmax(scores if bias is None else scores + bias, policy)
+    attn = (softmax or masked_softmax)(scores if bias is None else scores + bias, policy)
     if dropout_p > 0.0:
         attn = F.dropout(attn, p=dropout_p)
     return attn @ v

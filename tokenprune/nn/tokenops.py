@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .masked import _additive, gated_softmax
+from .masked import gated_softmax, masked_attention
 
 __all__ = [
     "slice_policy",
@@ -123,12 +123,6 @@ def masked_cross_softmax(scores: torch.Tensor, policy: torch.Tensor | None, dim:
     return gated_softmax(scores, _key_gate(policy, scores))
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, scale: float | None, attn_mask: torch.Tensor | None) -> torch.Tensor:
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = (q * scale) @ k.transpose(-2, -1)
-    return scores if attn_mask is None else scores + _additive(attn_mask, scores.dtype)
-
-
 def masked_cross_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -145,10 +139,9 @@ def masked_cross_attention(
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
         )
-    attn = masked_cross_softmax(_scores(q, k, scale, attn_mask), policy)
-    if dropout_p > 0.0:
-        attn = F.dropout(attn, p=dropout_p)
-    return attn @ v
+    return masked_attention(
+        q, k, v, policy, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p, softmax=masked_cross_softmax
+    )
 
 
 def _policy_like(x: torch.Tensor, policy: torch.Tensor, dim: int) -> torch.Tensor:
