@@ -9,8 +9,14 @@ Stages (each resumable: rerunning a stage continues from its ``last.pt``):
 4. ``control``: the dense teacher trained for as many more epochs, with the same schedule and backbone learning
    rate, cross-entropy only: the students' extra epochs also train the backbone, and this run shows how much of
    their accuracy comes from that rather than from the method.
-5. ``report``: top-1 of all of them on the full 10,000-image test set, GMACs (tokenprune.measure, fvcore-based)
-   and CPU throughput, written to ``<out>/results.json`` and ``<out>/results.md``.
+5. ``attention``: the teacher sparsified with the training-free attention scorer (``scorer="attention"``), its
+   backbone fine-tuned with the same budget and objective as the student (there are no predictors to train).
+6. ``warm``: the student with a predictor warm start (``sparsify.warm_start_steps``: the predictors first imitate
+   the attention scorer, backbone frozen), then fine-tuned for **half** the student's epochs: does it reach the
+   student's accuracy in half the steps?
+7. ``report``: top-1 of all of them on the full 10,000-image test set, plus the attention scorer with no training at
+   all, GMACs (tokenprune.measure, fvcore-based) and CPU throughput, written to ``<out>/results.json`` and
+   ``<out>/results.md``.
 
 Run everything in the background (about 3 hours at 1 thread in order; the teacher takes ~55 min, and the student,
 learned and control stages can run as three processes at once, ~55 min on 2 cores, see the README)::
@@ -82,6 +88,11 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
         ]
         if stage == "learned":
             overrides += ["learned_ratios.enabled=true", f"learned_ratios.target_flops={fixed_budget(args)}"]
+        elif stage == "attention":
+            overrides += ["sparsify.scorer=attention"]
+        elif stage == "warm":
+            overrides[1] = f"optim.epochs={args.student_epochs / 2:g}"
+            overrides += [f"sparsify.warm_start_steps={args.warm_steps}", f"sparsify.warm_start_lr={args.warm_lr:g}"]
     result = finetune(RECIPE, overrides=_common(args) + overrides)
     return result.metrics
 
@@ -123,16 +134,29 @@ def random_selection_top1(student: torch.nn.Module, dataset) -> float:
             s.predictor = predictor
 
 
-def _student(teacher: torch.nn.Module, path: Path) -> torch.nn.Module:
-    config = torch.load(path, map_location="cpu", weights_only=False)["sparsify_config"]
+def _student(teacher: torch.nn.Module, path: Path | None, scorer: str = "predictor") -> torch.nn.Module:
+    """The student saved at `path` (its recorded configuration), or with `path` None the teacher sparsified at
+    rho = 0.7 with `scorer` and no training."""
+    config = {"ratio": 0.7, "locations": LOCATIONS, "keep_ratios": KEEP, "scorer": scorer}
+    if path is not None:
+        config = torch.load(path, map_location="cpu", weights_only=False)["sparsify_config"]
     student = tokenprune.sparsify(
         teacher,
         config["ratio"],
         locations=config["locations"],
         keep_ratios=config["keep_ratios"],
         example_inputs=torch.randn(1, 1, 28, 28),
+        scorer=config.get("scorer", "predictor"),
     )
-    return load_weights(student, path).eval()
+    return student.eval() if path is None else load_weights(student, path).eval()
+
+
+def _steps(path: Path) -> int | None:
+    """Optimizer steps of a finished run (its metrics' final line), warm-start steps not included."""
+    if not path.is_file():
+        return None
+    finals = [json.loads(line) for line in path.read_text().splitlines() if '"final"' in line]
+    return finals[-1]["steps"] if finals else None
 
 
 def report(args: argparse.Namespace) -> dict:
@@ -151,16 +175,19 @@ def report(args: argparse.Namespace) -> dict:
         control = load_weights(build_teacher(recipe), out / "control" / "final.pt").eval()
         epochs = load_recipe(out / "control" / "recipe.yaml").optim.epochs
         results["control"] = {"top1": top1(control, data.val), "gmacs": dense_gmacs, "epochs": epochs}
-    for name in ("student", "learned"):
-        path = out / name / "final.pt"
-        if not path.is_file():
+    for name in ("attention_untrained", "attention", "student", "warm", "learned"):
+        path = None if name == "attention_untrained" else out / name / "final.pt"
+        if path is not None and not path.is_file():
             continue
-        student = _student(teacher, path)
+        student = _student(teacher, path, scorer="attention")
         flops = profile_flops(student, example)
         speed = compare(teacher, student, (1, 28, 28), batch_size=args.speed_batch, repeats=args.speed_repeats)
+        config = tokenprune.config_of(student)
         results[name] = {
             "top1": top1(student, data.val),
-            "random_selection_top1": random_selection_top1(student, data.val),
+            "scorer": config.scorer,
+            "steps": _steps(out / name / "metrics.jsonl") if path is not None else 0,
+            "random_selection_top1": random_selection_top1(student, data.val) if config.scorer == "predictor" else None,
             "gmacs": flops.gmacs,
             "flops_vs_teacher": flops.gmacs / dense_gmacs,
             "keep_ratios": [s.keep_ratio for s in tokenprune.selectors(student)],
@@ -191,12 +218,20 @@ def _markdown(results: dict, args: argparse.Namespace) -> str:
             f"| control: teacher + {results['control']['epochs']:g} dense epochs | {results['control']['top1']:.2f} | "
             f"- | {teacher['gmacs']:.4f} | 1.00 | - | - | - |"
         )
-    for name in ("student", "learned"):
+    labels = {
+        "attention_untrained": "attention scorer, no training",
+        "attention": "attention scorer + fine-tuned backbone",
+        "student": "learned predictors (student)",
+        "warm": "learned predictors, warm start, half the epochs",
+        "learned": "learned predictors, learned ratios",
+    }
+    for name, label in labels.items():
         if name in results:
             r = results[name]
             ratios = ", ".join(f"{k:.3f}" for k in r["keep_ratios"])
+            random = "-" if r["random_selection_top1"] is None else f"{r['random_selection_top1']:.2f}"
             lines.append(
-                f"| {name} | {r['top1']:.2f} | {r['random_selection_top1']:.2f} | {r['gmacs']:.4f} | "
+                f"| {label} ({r['steps']} steps) | {r['top1']:.2f} | {random} | {r['gmacs']:.4f} | "
                 f"{r['flops_vs_teacher']:.3f} | {ratios} | "
                 f"{r['images_per_s']:.0f} (teacher {r['teacher_images_per_s']:.0f}) | {r['speedup']:.2f}x |"
             )
@@ -206,7 +241,7 @@ def _markdown(results: dict, args: argparse.Namespace) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/fmnist", help="where the runs and the results go")
-    parser.add_argument("--stages", default="teacher,student,learned,control,report")
+    parser.add_argument("--stages", default="teacher,student,attention,warm,learned,control,report")
     parser.add_argument("--teacher-epochs", type=float, default=6.0)
     parser.add_argument("--teacher-lr", type=float, default=1.5e-3)
     parser.add_argument("--student-epochs", type=float, default=3.0)
@@ -216,6 +251,8 @@ def main() -> None:
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--speed-batch", type=int, default=128)
     parser.add_argument("--speed-repeats", type=int, default=10)
+    parser.add_argument("--warm-steps", type=int, default=300, help="predictor warm-start steps (stage warm)")
+    parser.add_argument("--warm-lr", type=float, default=3e-3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for stage in args.stages.split(","):

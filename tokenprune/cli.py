@@ -102,6 +102,13 @@ ModelKwargs = Annotated[
     list[str] | None,
     typer.Option("--model-kwarg", "-k", help="Constructor keyword KEY=VALUE (repeatable), e.g. -k num_classes=10."),
 ]
+Scorer = Annotated[
+    str,
+    typer.Option(
+        help="How stages rank tokens: 'predictor' (learned; needs fine-tuning) or 'attention' (from the model's own "
+        "attention, no training; token models)."
+    ),
+]
 BatchSize = Annotated[int, typer.Option(help="Batch of the throughput measurement.")]
 FlopsOnly = Annotated[bool, typer.Option(help="Count FLOPs and parameters only; skip timing.")]
 Repeats = Annotated[int, typer.Option(help="Timed passes per model (medians are reported).")]
@@ -134,7 +141,7 @@ MarkdownOut = Annotated[Path | None, typer.Option("--markdown", help="Write the 
 # ---- checking, showing and gating --------------------------------------------------------------------------------
 
 
-def _build(name: str, *, checkpoint, pretrained, input_size, model_kwargs, ratio, locations, keep_ratios, seed):
+def _build(name: str, *, checkpoint, pretrained, input_size, model_kwargs, ratio, locations, keep_ratios, seed, scorer):
     """Parse the model options and run the pipeline's build step: (dense, sparse)."""
     from .inputs import parse_input_size
     from .pipeline import build
@@ -142,7 +149,7 @@ def _build(name: str, *, checkpoint, pretrained, input_size, model_kwargs, ratio
     return build(
         name, ratio=ratio, locations=_numbers(locations, int, "--locations"),
         keep_ratios=_numbers(keep_ratios, float, "--keep-ratios"), checkpoint=checkpoint, pretrained=pretrained,
-        input_size=parse_input_size(input_size), model_kwargs=_model_kwargs(model_kwargs), seed=seed,
+        input_size=parse_input_size(input_size), model_kwargs=_model_kwargs(model_kwargs), seed=seed, scorer=scorer,
     )  # fmt: skip
 
 
@@ -211,6 +218,7 @@ def convert(
     repeats: Repeats = 10,
     device: Device = "cpu",
     seed: Seed = 0,
+    scorer: Scorer = "predictor",
     min_flops_reduction: MinFlops = None,
     min_speedup: MinSpeedup = None,
     max_accuracy_drop: MaxDrop = None,
@@ -232,7 +240,7 @@ def convert(
     _check_numbers(batch_size, warmup, repeats, eval_batch_size, eval_limit)
     dense, sparse = _build(
         model, checkpoint=checkpoint, pretrained=pretrained, input_size=input_size, model_kwargs=model_kwarg,
-        ratio=ratio, locations=locations, keep_ratios=keep_ratios, seed=seed,
+        ratio=ratio, locations=locations, keep_ratios=keep_ratios, seed=seed, scorer=scorer,
     )  # fmt: skip
     saved = save(sparse, out / MODEL_FILE)
     report = measure_pair(
@@ -262,6 +270,7 @@ def report(
     repeats: Repeats = 10,
     device: Device = "cpu",
     seed: Seed = 0,
+    scorer: Scorer = "predictor",
     json_path: JsonOut = None,
     markdown_path: MarkdownOut = None,
     min_flops_reduction: MinFlops = None,
@@ -294,6 +303,7 @@ def report(
             "--checkpoint": checkpoint,
             "--model-kwarg": model_kwarg,
             "--pretrained": pretrained or None,
+            "--scorer": scorer if scorer != "predictor" else None,
         }
         extra = [k for k, v in given.items() if v is not None]
         if extra:
@@ -305,7 +315,7 @@ def report(
         name = model
         dense, sparse = _build(
             model, checkpoint=checkpoint, pretrained=pretrained, input_size=input_size, model_kwargs=model_kwarg,
-            ratio=ratio, locations=locations, keep_ratios=keep_ratios, seed=seed,
+            ratio=ratio, locations=locations, keep_ratios=keep_ratios, seed=seed, scorer=scorer,
         )  # fmt: skip
     result = measure_pair(
         name, dense, sparse, gates=gates, flops_only=flops_only, batch_size=batch_size, warmup=warmup,

@@ -54,6 +54,7 @@ class SparsifyConfig:
         learned: whether `keep_ratios` were learned during fine-tuning.
         source: how to rebuild the original architecture, e.g. {"library": "timm", "name": ..., "kwargs": {...}};
             taken from the `tokenprune_source` attribute that `tokenprune.create_model` sets, else None.
+        scorer: how stages rank tokens, "predictor" (learned) or "attention" (training-free).
     """
 
     ratio: float
@@ -66,6 +67,7 @@ class SparsifyConfig:
     input_size: tuple[int, int, int] | None = None
     learned: bool = False
     source: dict[str, Any] | None = None
+    scorer: str = "predictor"
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

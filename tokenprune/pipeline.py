@@ -57,6 +57,7 @@ def build(
     input_size: tuple[int, int, int] | None = None,
     model_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
+    scorer: str = "predictor",
 ) -> tuple[nn.Module, nn.Module]:
     """The dense model `name` and its sparsified copy, both in eval mode.
 
@@ -70,6 +71,7 @@ def build(
         input_size: (C, H, W) to build and trace at (default the model's own).
         model_kwargs: constructor keywords.
         seed: seed of random weights and predictors.
+        scorer: "predictor" (learned) or "attention" (training-free).
     """
     from .sparsify import sparsify
 
@@ -84,6 +86,7 @@ def build(
         locations=locations,
         keep_ratios=keep_ratios,
         example_inputs=example,
+        scorer=scorer,
     )
     return dense, sparse.eval()
 

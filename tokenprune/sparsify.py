@@ -17,7 +17,7 @@ from .fx.plan import Plan, apply_plan, build_plan
 from .fx.selfcheck import self_check
 from .fx.tracing import example_input, model_name
 from .nn.recorder import find_recorder, selectors
-from .nn.select import EXECUTIONS
+from .nn.select import EXECUTIONS, SCORERS
 
 __all__ = ["sparsify", "plan", "set_execution", "config_of", "find_config"]
 
@@ -69,6 +69,7 @@ def sparsify(
     keep_ratios: Sequence[float] | None = None,
     example_inputs: torch.Tensor | None = None,
     inplace: bool = False,
+    scorer: str = "predictor",
 ) -> nn.Module:
     """Insert learned token-importance predictors and sparsification stages into a vision model.
 
@@ -86,6 +87,9 @@ def sparsify(
         example_inputs: an input batch for shape discovery; default: random, sized from the model's config.
         inplace: build the result from `model`'s own modules and parameters instead of a deep copy (saves memory;
             `model` then shares them and should not be used on its own afterwards).
+        scorer: how stages rank tokens: "predictor" (learned, DynamicViT; needs fine-tuning) or "attention" (the
+            attention the block before each stage pays from the class token, or receives on average; works without
+            training, token models only).
 
     Returns:
         A `torch.fx.GraphModule` with the original weights under their original names plus the stages' weights;
@@ -98,7 +102,7 @@ def sparsify(
     name = model_name(model)
     target = model if inplace else copy.deepcopy(model)
     training = target.training
-    the_plan, example = _analyse(target, ratio, locations, keep_ratios, example_inputs, name)
+    the_plan, example = _analyse(target, ratio, locations, keep_ratios, example_inputs, name, scorer)
     applied = apply_plan(target, the_plan)
     sparse = applied.model
     try:
@@ -118,13 +122,18 @@ def sparsify(
         model_name=name,
         input_size=tuple(example.shape[1:]),
         source=getattr(model, "tokenprune_source", None),
+        scorer=scorer,
     )
     return sparse.train(training)
 
 
-def _analyse(model, ratio, locations, keep_ratios, example_inputs, name) -> tuple[Plan, torch.Tensor]:
+def _analyse(
+    model, ratio, locations, keep_ratios, example_inputs, name, scorer="predictor"
+) -> tuple[Plan, torch.Tensor]:
     """Check the options and build the plan; `model` is left unchanged (its training flag restored) on refusal."""
     ratio = check_ratio(ratio)
+    if scorer not in SCORERS:
+        raise ConfigError(f"{name}: scorer={scorer!r}; choose one of {', '.join(SCORERS)}.")
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}.")
     if any(True for _ in selectors(model)):
@@ -142,7 +151,7 @@ def _analyse(model, ratio, locations, keep_ratios, example_inputs, name) -> tupl
             )
         locs = _check_locations(locations, len(chain.calls), chain.kind, name)
         ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
-        the_plan = build_plan(model, chain, example, locs, ratios, name)
+        the_plan = build_plan(model, chain, example, locs, ratios, name, scorer)
         if chain.kind == "token":
             _warn_tiny_keep(chain, the_plan.prefix, ratios, name)
         return the_plan, example
@@ -165,13 +174,14 @@ def plan(
     locations: Sequence[int] | None = None,
     keep_ratios: Sequence[float] | None = None,
     example_inputs: torch.Tensor | None = None,
+    scorer: str = "predictor",
 ) -> Plan:
     """What `sparsify` would do to `model`, without changing it: `print(tokenprune.plan(model).describe())`.
 
     Raises:
         ConfigError, UnsupportedModelError: as `sparsify` (the self-check, which needs the applied model, aside).
     """
-    return _analyse(model, ratio, locations, keep_ratios, example_inputs, model_name(model))[0]
+    return _analyse(model, ratio, locations, keep_ratios, example_inputs, model_name(model), scorer)[0]
 
 
 def config_of(model: nn.Module) -> SparsifyConfig:

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ._graph import set_submodule
 from .discovery import Chain
 
@@ -77,7 +78,13 @@ class Applied:
 
 
 def build_plan(
-    model: nn.Module, chain: Chain, example: torch.Tensor, locations: list[int], keep_ratios: list[float], name: str
+    model: nn.Module,
+    chain: Chain,
+    example: torch.Tensor,
+    locations: list[int],
+    keep_ratios: list[float],
+    name: str,
+    scorer: str = "predictor",
 ) -> Plan:
     """Analyse `model` into a `Plan` with the strategy its chain calls for. Changes nothing in `model`.
 
@@ -85,10 +92,18 @@ def build_plan(
         UnsupportedModelError: the reason the model cannot be sparsified exactly, naming the block or node.
     """
     if chain.kind == "token":
-        from .token import plan_tokens as strategy
+        from .token import plan_tokens
+
+        plan = plan_tokens(model, chain, example, locations, keep_ratios, name, scorer)
+    elif scorer != "predictor":
+        raise UnsupportedModelError(
+            f"{name}: scorer={scorer!r} ranks tokens by a ViT's attention; this model is sparsified spatially (slow "
+            "and fast paths over a feature map), where only learned predictors are available. Use scorer='predictor'."
+        )
     else:
-        from .spatial import plan_spatial as strategy
-    plan = strategy(model, chain, example, locations, keep_ratios, name)
+        from .spatial import plan_spatial
+
+        plan = plan_spatial(model, chain, example, locations, keep_ratios, name)
     for attr, child in plan.graph_module.named_children():
         if not hasattr(model, attr):  # modules the trace itself added (e.g. the training-flag switch)
             plan.add.setdefault(attr, child)

@@ -53,7 +53,13 @@ def _run(model: nn.Module, example: torch.Tensor, execution: str, hooks: list[st
     for sel in selectors(model):
         sel.execution = execution
     seen: dict[str, torch.Tensor] = {}
-    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, o)) for n in hooks]
+    # A block that also returns attention scores for the next stage (scorer "attention") returns (tokens, scores).
+    handles = [
+        model.get_submodule(n).register_forward_hook(
+            lambda m, a, o, n=n: seen.__setitem__(n, o[0] if isinstance(o, tuple) else o)
+        )
+        for n in hooks
+    ]
     try:
         with torch.no_grad():
             return model(example), seen

@@ -14,9 +14,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
 from ..nn.recorder import SparsityRecorder
+from ..nn.scorer import SCORES_MODULE, AttentionScores
 from ..nn.select import TokenSelector
 from . import tokenflow
-from ._graph import block_inputs, chain_nodes, recorded_inputs
+from ._graph import block_inputs, chain_nodes, node_shape, recorded_inputs
 from .discovery import Call, Chain, depends_on, prefix_token_count
 from .plan import RECORDER, Plan
 from .tracing import trace, training_dependent
@@ -28,9 +29,13 @@ BLOCK_INPUTS = ("tokenprune_policy", "tokenprune_index")
 
 
 def _block(
-    call: Call, node: fx.Node, image: fx.Node, tokens: int, prefix: int, where: str
+    call: Call, node: fx.Node, image: fx.Node, tokens: int, prefix: int, where: str, scores: bool = False
 ) -> tuple[fx.GraphModule, list[str]]:
-    """Trace one later block and make it exact under pruning (masked attention, gathered position constants)."""
+    """Trace one later block and make it exact under pruning (masked attention, gathered position constants).
+
+    With `scores`, the block also returns its attention scores (the next stage's, scorer "attention"): (tokens,
+    scores [B, N]).
+    """
     concrete, runtime = block_inputs(call, node, where)
     for key, value in runtime.items():
         if depends_on(value, {image}):
@@ -53,7 +58,9 @@ def _block(
         with graph.inserting_after(last):
             last = graph.placeholder(name, default_value=None)
         added.append(last)
-    tokenflow.apply(gm, flow, {root: (added[0], added[1], added[1])})
+    replaced = tokenflow.apply(gm, flow, {root: (added[0], added[1], added[1])})
+    if scores:
+        _return_scores(gm, flow.attention, replaced, added[0], prefix, call.args[0].shape[0], where)
     block = fx.GraphModule(gm, graph, type(call.module).__name__)
     # Put back the original children so `block.attn` keeps its type and the state_dict its names.
     for child_name, child in call.module.named_children():
@@ -61,10 +68,53 @@ def _block(
     return block, flow.notes
 
 
+def _return_scores(
+    gm: fx.GraphModule, attention: list, replaced: dict, policy: fx.Node, prefix: int, batch: int, where: str
+) -> None:
+    """Make the block return (tokens, attention scores): read from its one self-attention (`nn/scorer.py`)."""
+    if len(attention) != 1:
+        found = "no self-attention" if not attention else f"{len(attention)} self-attention calls"
+        raise UnsupportedModelError(
+            f"{where}: scorer='attention' reads the attention of the block before each stage, and this block has "
+            f"{found}. Use scorer='predictor' (learned), or other locations."
+        )
+    kind, old = attention[0]
+    shape = node_shape(old)
+    if kind == "mha" or shape is None or len(shape) != 4 or shape[0] != batch:
+        raise UnsupportedModelError(
+            f"{where}: scorer='attention' needs the attention as [B, heads, N, ...] from a fused "
+            f"(scaled_dot_product_attention) or explicit softmax call; this block's is "
+            f"{'nn.MultiheadAttention' if kind == 'mha' else f'{kind} of shape {shape}'}. Use scorer='predictor'."
+        )
+    new = replaced[old]
+    graph = gm.graph
+    gm.add_module(SCORES_MODULE, AttentionScores(prefix, "qk" if kind == "sdpa" else "weights"))
+    with graph.inserting_after(new):
+        if kind == "sdpa":
+            q, k = new.args[:2]
+            kwargs = {key: new.kwargs[key] for key in ("attn_mask", "scale") if new.kwargs.get(key) is not None}
+            score = graph.call_module(SCORES_MODULE, (q, k, policy), kwargs)
+        else:
+            score = graph.call_module(SCORES_MODULE, (new, None, policy))
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = ((output.args[0], score),)
+    graph.lint()
+    gm.recompile()
+
+
 def plan_tokens(
-    model: nn.Module, chain: Chain, example: torch.Tensor, locations: list[int], keep_ratios: list[float], name: str
+    model: nn.Module,
+    chain: Chain,
+    example: torch.Tensor,
+    locations: list[int],
+    keep_ratios: list[float],
+    name: str,
+    scorer: str = "predictor",
 ) -> Plan:
-    """Analyse a token chain into a plan: traced later blocks rewritten, stages and head edits in a traced copy."""
+    """Analyse a token chain into a plan: traced later blocks rewritten, stages and head edits in a traced copy.
+
+    With scorer "attention", the block before each stage also returns its attention scores for the stage.
+    """
     gm = trace(model, leaves=[c.module for c in chain.calls], name=name)
     ShapeProp(gm).propagate(example)
     nodes = chain_nodes(gm, chain, name)
@@ -74,13 +124,16 @@ def plan_tokens(
         raise UnsupportedModelError(f"{name}: learned tokens follow the image tokens; only leading ones are supported.")
     tokens = chain.shape[1]
     plan = Plan(name=name, kind="token", chain=chain, locations=locations, keep_ratios=keep_ratios, prefix=prefix)
+    scored = {loc - 1 for loc in locations} if scorer == "attention" else set()
     for i, (call, node) in enumerate(zip(chain.calls, nodes)):
-        if i >= locations[0]:
-            block, notes = _block(call, node, image, tokens, prefix, f"{name} block {call.name}")
+        if i >= locations[0] or i in scored:
+            block, notes = _block(call, node, image, tokens, prefix, f"{name} block {call.name}", i in scored)
             plan.replace[call.name] = block
             plan.notes += [f"block {call.name}: {n}" for n in notes]
+            if i in scored:
+                plan.notes.append(f"block {call.name}: returns its attention scores for the next stage")
 
-    graph, policy, index = gm.graph, None, None
+    graph, policy, index, score = gm.graph, None, None, None
     with graph.inserting_before(nodes[0]):
         initial_tokens = graph.call_method("size", (nodes[0].args[0], 1))
     stage_at = {loc: s for s, loc in enumerate(locations)}
@@ -88,11 +141,11 @@ def plan_tokens(
         if i in stage_at:
             s = stage_at[i]
             target = f"tokenprune_stage{s}"
-            selector = TokenSelector(chain.shape[-1], keep_ratios[s], prefix, s).to(example.device)
+            selector = TokenSelector(chain.shape[-1], keep_ratios[s], prefix, s, scorer).to(example.device)
             plan.add[target] = selector
             gm.add_module(target, selector)
             with graph.inserting_before(node):
-                out = graph.call_module(target, (node.args[0], policy, index, initial_tokens))
+                out = graph.call_module(target, (node.args[0], policy, index, initial_tokens, score))
                 x, policy, index = (graph.call_function(operator.getitem, (out, j)) for j in range(3))
             node.update_arg(0, x)
         if call.name in plan.replace:
@@ -106,6 +159,13 @@ def plan_tokens(
                     **dict(zip(BLOCK_INPUTS, (policy, index))),
                 },
             )
+        if i in scored:
+            with graph.inserting_after(node):
+                score = graph.call_function(operator.getitem, (node, 1))
+            with graph.inserting_after(node):
+                x = graph.call_function(operator.getitem, (node, 0))
+            node.replace_all_uses_with(x, delete_user_cb=lambda user, new=(x, score): user not in new)
+            x.meta = dict(node.meta)
 
     recorder = SparsityRecorder(chain.names[-1], prefix)
     plan.add[RECORDER] = recorder

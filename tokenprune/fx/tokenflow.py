@@ -73,6 +73,9 @@ class FlowPlan:
     gathers: list[tuple[fx.Node, fx.Node, TokenSet, tuple[int, ...], int]] = field(default_factory=list)
     masks: list[tuple[fx.Node, fx.Node, TokenSet, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: self-attention over the tokens, (kind, node) with kind "sdpa", "softmax" or "mha": what the attention scorer
+    #: can read (`fx/token.py`).
+    attention: list[tuple[str, fx.Node]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -289,6 +292,7 @@ class _Flow:
         with_module = ("get_attr", node.target)
         self.plan.replace.append((node, masked_mha, (with_module, query, key, value, _Policy(t.tset)), node.kwargs))
         self.plan.notes.append(f"{node.target}: self-attention masked")
+        self.plan.attention.append(("mha", node))
         return (Tokens((1,), t.tset), None)
 
     def getitem(self, node: fx.Node):
@@ -525,6 +529,7 @@ class _Flow:
         if rank - 2 in t.axes:
             self.plan.replace.append((node, masked_softmax, (node.args[0], _Policy(t.tset)), {}))
             self.plan.notes.append(f"{node.name}: attention softmax masked")
+            self.plan.attention.append(("softmax", node))
         else:
             self.plan.replace.append((node, tokenops.masked_cross_softmax, (node.args[0], _Policy(t.tset)), {}))
             self.plan.notes.append(f"{node.name}: attention over token keys (queries are not tokens) masked")
@@ -584,6 +589,7 @@ class _Flow:
             self.constants_meet(node, rank, dims, tk.tset, [mask])
         if self_attention:
             fn = masked_sdpa
+            self.plan.attention.append(("sdpa", node))
             self.plan.notes.append(f"{node.name}: self-attention masked" + (" (with its bias)" if mask else ""))
         else:
             fn = tokenops.masked_cross_attention
@@ -643,8 +649,14 @@ class _Materializer:
         return self.done[id(tset)]
 
 
-def apply(gm: fx.GraphModule, plan: FlowPlan, roots: dict[TokenSet, tuple[object, object, fx.Node]]) -> None:
-    """Make the edits of `plan` in `gm`'s graph; `roots` gives each root token set's (policy, index, anchor) nodes."""
+def apply(
+    gm: fx.GraphModule, plan: FlowPlan, roots: dict[TokenSet, tuple[object, object, fx.Node]]
+) -> dict[fx.Node, fx.Node]:
+    """Make the edits of `plan` in `gm`'s graph; `roots` gives each root token set's (policy, index, anchor) nodes.
+
+    Returns:
+        The node that now stands for each replaced node (the replaced ones are erased).
+    """
     graph = gm.graph
     make = _Materializer(graph, roots)
 
@@ -658,6 +670,7 @@ def apply(gm: fx.GraphModule, plan: FlowPlan, roots: dict[TokenSet, tuple[object
         return a
 
     substituted: dict[tuple[fx.Node, fx.Node], fx.Node] = {}  # (consumer, input) -> what the consumer reads now
+    replaced: dict[fx.Node, fx.Node] = {}
     for node, value, tset, dims, rank in plan.gathers:
         index = make.get(tset)[1]
         with graph.inserting_before(node):
@@ -676,5 +689,7 @@ def apply(gm: fx.GraphModule, plan: FlowPlan, roots: dict[TokenSet, tuple[object
         new.meta = {**node.meta, "is_wrapped": True}
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+        replaced[node] = new
     graph.lint()
     gm.recompile()
+    return replaced

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..config import SparsifyConfig
 from ..errors import CheckpointError, ConfigError, TokenPruneError
+from ..nn.select import SCORERS
 from .source import build, build_meta, check_source, describe, infer_source, state_shapes
 from .weights import SAVE_HINT, check_fit, read_metadata
 
@@ -187,7 +188,10 @@ def _check_config(data: Any, path: Path, version: int, source: dict[str, Any] | 
     if not isinstance(data, dict):
         raise _bad(path, "config", f"a {type(data).__name__}, not an object")
     fields = list(SparsifyConfig.__dataclass_fields__)
-    required = fields if version >= 2 else ["ratio", "locations", "keep_ratios", "input_size"]
+    # "scorer" came after format 2: a file without it used learned predictors.
+    required = (
+        [f for f in fields if f != "scorer"] if version >= 2 else ["ratio", "locations", "keep_ratios", "input_size"]
+    )
     for key in required:
         if key not in data:
             raise _bad(path, f"config.{key}", "missing")
@@ -222,6 +226,9 @@ def _check_config(data: Any, path: Path, version: int, source: dict[str, Any] | 
     learned = data.get("learned", False)
     if not isinstance(learned, bool):
         raise _bad(path, "config.learned", f"expected true or false, got {str(learned)[:40]}")
+    scorer = data.get("scorer", "predictor")
+    if scorer not in SCORERS:
+        raise _bad(path, "config.scorer", f"{str(scorer)[:40]!r} is not one of {', '.join(SCORERS)}")
     return SparsifyConfig(
         ratio=_ratio(data["ratio"], path, "config.ratio"),
         locations=locations,
@@ -232,6 +239,7 @@ def _check_config(data: Any, path: Path, version: int, source: dict[str, Any] | 
         model_name=name,
         input_size=tuple(size),
         learned=learned,
+        scorer=scorer,
     )
 
 
@@ -353,6 +361,7 @@ def _resparsify(dense: nn.Module, config: SparsifyConfig, what: str, *, inplace:
                 keep_ratios=config.keep_ratios,
                 example_inputs=torch.zeros(1, *config.input_size),
                 inplace=inplace,
+                scorer=config.scorer,
             )
     except TokenPruneError as e:
         raise CheckpointError(f"{what}: the recorded configuration cannot be applied again: {e}") from None

@@ -189,9 +189,9 @@ def profile_flops(
     by_module = {name: int(sum(c.values())) for name, c in analysis.by_module_and_operator().items()}
     config = sparsify_config(model)
     chain = list(getattr(config, "chain", None) or [])
-    # inserted modules without parameters (e.g. the state recorder) are bookkeeping, not predictors
-    with_params = {n for n, m in model.named_modules() if next(m.parameters(), None) is not None}
-    predictors = _outermost([n for n in by_module if PREDICTOR_MARK in n and n in with_params])
+    # Inserted modules that cost multiply-adds: the predictors, and the attention scorer's scoring calls (which have
+    # no parameters); bookkeeping (the state recorder) costs none.
+    predictors = _outermost([n for n, macs in by_module.items() if PREDICTOR_MARK in n and macs > 0])
     negligible = tuple(sorted(set(NEGLIGIBLE_OPS) | {k for k, v in (extra_handles or {}).items() if v is None}))
     return FlopReport(
         total_macs=total,

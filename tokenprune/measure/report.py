@@ -8,6 +8,7 @@ Report schema (``schema_version: 1``); every figure is per image, FLOPs are mult
       "model": str,                      # model name as given
       "input_size": [C, H, W],
       "ratio": float | null,             # base keep ratio rho (from the sparse model's config when not given)
+      "scorer": str | null,              # how stages rank tokens: "predictor" (learned) or "attention"
       "dense":  {"gmacs": float, "params_m": float, "throughput": float | null, "latency_ms": float | null},
       "sparse": {"gmacs": float, "params_m": float, "throughput": float | null, "latency_ms": float | null},
       "flops_reduction": float,          # 1 - sparse.gmacs / dense.gmacs
@@ -16,9 +17,9 @@ Report schema (``schema_version: 1``); every figure is per image, FLOPs are mult
         {"location": int,                # chain index of the block the stage precedes
          "keep_ratio": float,            # fraction of the initial patch tokens kept
          "tokens": int,                  # tokens entering that block after the stage, prefix tokens included
-         "gmacs": float}                 # cost of this stage's predictor
+         "gmacs": float}                 # cost of this stage's predictor (or attention scoring)
       ],
-      "predictor_gmacs": float,          # all predictors together (included in sparse.gmacs)
+      "predictor_gmacs": float,          # all predictors / scoring together (included in sparse.gmacs)
       "uncounted_ops": [str],            # ops of either model whose cost is unknown; non-empty = lower bound
       "versions": {"torch": str, "timm": str, "torchvision": str, "tokenprune": str, "python": str},
       "device": str,                     # where timings ran, readable (e.g. "cpu (AMD EPYC ...)")
@@ -42,6 +43,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from ..nn.scorer import SCORES_MODULE
 from .flops import PREDICTOR_MARK, profile_flops, sparsify_config
 from .speed import compare, describe_device
 
@@ -179,12 +181,17 @@ def build_report(
         keep = getattr(module, "keep_ratio", None)
         if keep is None and i < len(keep_ratios):
             keep = keep_ratios[i]
+        location = locations[i] if i < len(locations) else None
+        gmacs = sparse_flops.module_gmacs(name)
+        if getattr(config, "scorer", "predictor") == "attention" and location is not None:
+            # the scores are computed in the block before the stage (nn/scorer.py)
+            gmacs += sparse_flops.module_gmacs(f"{config.chain[location - 1]}.{SCORES_MODULE}")
         stages.append(
             {
-                "location": locations[i] if i < len(locations) else None,
+                "location": location,
                 "keep_ratio": None if keep is None else float(keep),
                 "tokens": tokens.get(name),
-                "gmacs": sparse_flops.module_gmacs(name),
+                "gmacs": gmacs,
             }
         )
 
@@ -207,6 +214,7 @@ def build_report(
         "model": model_name,
         "input_size": input_size,
         "ratio": None if ratio is None else float(ratio),
+        "scorer": getattr(config, "scorer", None),
         "dense": side("dense", dense_flops),
         "sparse": side("sparse", sparse_flops),
         "flops_reduction": 1.0 - sparse_flops.gmacs / dense_flops.gmacs if dense_flops.gmacs else 0.0,
@@ -256,7 +264,8 @@ def _summary_line(report: dict[str, Any]) -> str:
 def render_table(report: dict[str, Any]) -> Table:
     """A rich table of a `build_report` result: totals, one row per stage, reduction and speed-up in the caption."""
     table = Table(
-        title=f"{report['model']} {tuple(report['input_size'])} rho={_fmt(report['ratio'], '.2f')}",
+        title=f"{report['model']} {tuple(report['input_size'])} rho={_fmt(report['ratio'], '.2f')}"
+        + (f", scorer {report['scorer']}" if report.get("scorer") else ""),
         caption=_summary_line(report) + "\nGFLOPs = multiply-adds (GMACs) per image (stage rows: the predictor); "
         f"images/s at batch {report['batch_size']}, latency at batch 1; {report['device']}, "
         f"{report['threads']} threads",
@@ -273,7 +282,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     v = report["versions"]
     lines = [
         f"**tokenprune report: `{report['model']}`** at {'x'.join(map(str, report['input_size']))}, "
-        f"rho = {_fmt(report['ratio'], '.2f')}",
+        f"rho = {_fmt(report['ratio'], '.2f')}" + (f", scorer {report['scorer']}" if report.get("scorer") else ""),
         "",
         "| " + " | ".join(_HEADER) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(_HEADER) - 1)) + "|",

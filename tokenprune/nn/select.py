@@ -9,10 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .predictor import TokenPredictor
+from .scorer import AttentionScorer
 
-__all__ = ["TokenSelector", "EXECUTIONS", "drop_transient"]
+__all__ = ["TokenSelector", "EXECUTIONS", "SCORERS", "drop_transient"]
 
 EXECUTIONS = ("auto", "masked", "pruned")
+#: How a stage ranks tokens: a learned predictor (DynamicViT) or the attention of the block before it (no training).
+SCORERS = ("predictor", "attention")
 
 
 def drop_transient(module: nn.Module) -> dict:
@@ -36,11 +39,16 @@ class TokenSelector(nn.Module):
         keep_ratio: fraction of the *initial* patch tokens this stage keeps; k = max(1, floor(keep_ratio * N0)).
         prefix_tokens: number of leading tokens never pruned.
         stage: index of this stage, for the recorded state.
+        scorer: "predictor" (a learned `TokenPredictor`; Gumbel decisions in training) or "attention" (scores that
+            the block before the stage returns, `nn/scorer.py`; top-k decisions in training too).
     """
 
-    def __init__(self, dim: int, keep_ratio: float, prefix_tokens: int, stage: int) -> None:
+    def __init__(self, dim: int, keep_ratio: float, prefix_tokens: int, stage: int, scorer: str = "predictor") -> None:
         super().__init__()
-        self.predictor = TokenPredictor(dim)
+        if scorer not in SCORERS:
+            raise ValueError(f"scorer={scorer!r}; choose one of {SCORERS}")
+        self.scorer = scorer
+        self.predictor = TokenPredictor(dim) if scorer == "predictor" else AttentionScorer()
         self.keep_ratio = float(keep_ratio)
         self.prefix_tokens = prefix_tokens
         self.stage = stage
@@ -53,7 +61,10 @@ class TokenSelector(nn.Module):
     __getstate__ = drop_transient
 
     def extra_repr(self) -> str:
-        return f"stage={self.stage}, keep_ratio={self.keep_ratio:.4f}, prefix_tokens={self.prefix_tokens}"
+        return (
+            f"stage={self.stage}, keep_ratio={self.keep_ratio:.4f}, prefix_tokens={self.prefix_tokens}, "
+            f"scorer={self.scorer}"
+        )
 
     def keep_count(self, initial_patches: int) -> int:
         """Tokens kept out of the initial patch count: the same k for the whole batch."""
@@ -63,13 +74,19 @@ class TokenSelector(nn.Module):
         return self.execution == "pruned" or (self.execution == "auto" and not self.training)
 
     def forward(
-        self, x: torch.Tensor, policy: torch.Tensor | None, index: torch.Tensor | None, initial_tokens: int
+        self,
+        x: torch.Tensor,
+        policy: torch.Tensor | None,
+        index: torch.Tensor | None,
+        initial_tokens: int,
+        score: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Args:
             x: tokens [B, N, C], prefix first.
             policy: [B, N, 1] keep policy from the previous stage (masked execution), or None.
             index: [B, N] position of each token in the chain's input (pruned execution after a stage), or None.
             initial_tokens: token count (prefix included) entering the chain, so keep counts follow the real input.
+            score: [B, N] attention scores of these tokens (scorer "attention"), else None.
 
         Returns:
             (tokens, policy, index): in masked execution the same tokens, the new policy [B, N, 1] and None; in
@@ -78,12 +95,15 @@ class TokenSelector(nn.Module):
         """
         p = self.prefix_tokens
         patches, patch_policy = x[:, p:], None if policy is None else policy[:, p:]
-        log_probs = self.predictor(patches, patch_policy)
+        if self.scorer == "attention":
+            log_probs = self.predictor(score[:, p:])
+        else:
+            log_probs = self.predictor(patches, patch_policy)
         self.last_initial_patches = initial_tokens - p
         k = self.keep_count(self.last_initial_patches)
         if self.pruned():
             return self._gather(x, log_probs[..., 0], k, index)
-        if self.training:
+        if self.training and self.scorer == "predictor":
             # Hard sample with straight-through gradients; a dropped token never returns (D_s = sample * D_{s-1}).
             decision = F.gumbel_softmax(log_probs, hard=True)[..., :1]
         else:

@@ -144,6 +144,7 @@ def finetune(
                     locations=sp.locations,
                     keep_ratios=sp.keep_ratios,
                     example_inputs=example,
+                    scorer=sp.scorer,
                 )
             else:
                 model, teacher = teacher, None

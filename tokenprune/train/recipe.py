@@ -56,12 +56,22 @@ class SparsifySection:
     """Arguments of `tokenprune.sparsify` (docs/design.md §1.1: rho = 0.7 before blocks 3, 6, 9).
 
     ``enabled: false`` trains the model itself, densely and without a teacher (e.g. to make a teacher).
+
+    Attributes:
+        scorer: "predictor" (learned predictors, DynamicViT) or "attention" (training-free attention scores; a
+            fine-tuning run then trains the backbone only).
+        warm_start_steps: before fine-tuning, train the learned predictors this many steps to reproduce the attention
+            scorer's decisions, backbone frozen (`warmstart.py`); 0 = off.
+        warm_start_lr: the warm start's learning rate (AdamW on the predictors).
     """
 
     enabled: bool = True
     ratio: float = 0.7
     locations: list[int] | None = None
     keep_ratios: list[float] | None = None
+    scorer: str = "predictor"
+    warm_start_steps: int = 0
+    warm_start_lr: float = 1e-3
 
 
 @dataclass
@@ -286,7 +296,29 @@ class Recipe:
             hints = {f.name: str(f.type) for f in dataclasses.fields(_SECTIONS[name])}
             value = {k: _coerce(f"{name}.{k}", hints[k], v, source) for k, v in value.items()}
             sections[name] = _SECTIONS[name](**value)
-        return cls(**sections)
+        recipe = cls(**sections)
+        _check_scorer(recipe, source)
+        return recipe
+
+
+def _check_scorer(recipe: Recipe, source: str) -> None:
+    from ..nn.select import SCORERS
+
+    sp = recipe.sparsify
+    if sp.scorer not in SCORERS:
+        raise ConfigError(f"{source}: sparsify.scorer={sp.scorer!r}; choose one of {', '.join(SCORERS)}.")
+    if sp.warm_start_steps < 0:
+        raise ConfigError(f"{source}: sparsify.warm_start_steps={sp.warm_start_steps} must be >= 0 (0 = off).")
+    if sp.scorer == "attention" and recipe.learned_ratios.enabled:
+        raise ConfigError(
+            f"{source}: learned keep ratios are learned through the predictors' decisions; the attention scorer's "
+            "top-k decisions give them no gradient. Use sparsify.scorer=predictor or learned_ratios.enabled=false."
+        )
+    if sp.scorer == "attention" and sp.warm_start_steps:
+        raise ConfigError(
+            f"{source}: sparsify.warm_start_steps trains learned predictors to imitate the attention scorer; with "
+            "sparsify.scorer=attention there are none. Set one of them back."
+        )
 
 
 def load_recipe(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> Recipe:

@@ -291,6 +291,8 @@ class Trainer:
         reporter = ProgressReporter(self.total_steps, enabled=self.info.main)
         if resumed is not None:
             reporter.message(f"resumed from {resumed[0]} at step {self.step}/{self.total_steps}")
+        if resumed is None and self.sparsified and self.recipe.sparsify.warm_start_steps:
+            self._warm_start(reporter)
         if self.teacher is not None and self.teacher_top1 is None:
             self.teacher_top1 = self.evaluate(self.teacher)
             self.metrics.write("teacher", top1=self.teacher_top1)
@@ -318,6 +320,27 @@ class Trainer:
         reporter.message(f"final top-1 {top1:.2f}% " + (f"(teacher {self.teacher_top1:.2f}%)" if self.teacher else ""))
         self.save("last.pt")
         return result
+
+    def _warm_start(self, reporter: ProgressReporter) -> None:
+        """Predictors imitate the attention scorer before fine-tuning (`warmstart.py`); checkpointed after it."""
+        from .warmstart import warm_start
+
+        spec = self.recipe.sparsify
+        if self.teacher is None:
+            raise ConfigError(
+                "sparsify.warm_start_steps needs the dense teacher (its attention guides the warm start)."
+            )
+        self.train_loader.sampler.set_epoch(0, 0)
+        self.train_loader.dataset.set_epoch(0)
+
+        def log(step: int, values: dict[str, float]) -> None:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items())
+            reporter.message(f"warm start {step}/{spec.warm_start_steps}: {shown}")
+            self.metrics.write("warm_start", step=step, **values)
+
+        steps, lr = spec.warm_start_steps, spec.warm_start_lr
+        warm_start(self.student, self.teacher, self.train_loader, steps, lr, self.info, log)
+        self.save("last.pt")
 
     def _epoch(self, reporter: ProgressReporter) -> None:
         epoch, done = divmod(self.step, self.spe)
