@@ -194,6 +194,9 @@ def test_every_concatenation_finds_the_prefix_token(cat):
     assert tokenprune.config_of(sparse).prefix_tokens == 1
 
 
-def test_a_model_returning_its_tokens_is_refused():
-    with pytest.raises(UnsupportedModelError, match="returns the tokens themselves"):
-        tokenprune.sparsify(_ConcatViT(head="tokens").eval(), 0.7, example_inputs=torch.randn(2, 3, 64, 64))
+def test_a_model_returning_its_tokens_gets_the_whole_token_set_back():
+    dense = _ConcatViT(head="tokens").eval()
+    x = torch.randn(2, 3, 64, 64)
+    sparse = tokenprune.sparsify(dense, 0.7, example_inputs=x[:1]).eval()
+    with torch.no_grad():
+        assert sparse(x).shape == dense(x).shape  # refilled (tests/test_dense_vit.py checks the values)

@@ -13,6 +13,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
+from ..nn import tokenops
 from ..nn.recorder import SparsityRecorder
 from ..nn.scorer import SCORES_MODULE, AttentionScores
 from ..nn.select import TokenSelector
@@ -20,7 +21,7 @@ from . import tokenflow
 from ._graph import block_inputs, chain_nodes, node_shape, recorded_inputs
 from .discovery import Call, Chain, depends_on, prefix_token_count
 from .plan import RECORDER, Plan
-from .tracing import trace, training_dependent
+from .tracing import call_leaf, trace, training_dependent
 
 __all__ = ["plan_tokens", "BLOCK_INPUTS"]
 
@@ -133,7 +134,12 @@ def plan_tokens(
             if i in scored:
                 plan.notes.append(f"block {call.name}: returns its attention scores for the next stage")
 
-    graph, policy, index, score = gm.graph, None, None, None
+    # Values read from a later block's output by anything but the next block (features taken from the middle of the
+    # chain) get the whole token set back (`tokenops.refill`), as does a head that needs every token.
+    taps = {i: [u for u in nodes[i].users if u is not nodes[i + 1]] for i in range(locations[0], len(nodes) - 1)}
+    taps = {i: users for i, users in taps.items() if users}
+    graph, policy, index, score, canvas = gm.graph, None, None, None, None
+    canvases: list[fx.Node] = []
     with graph.inserting_before(nodes[0]):
         initial_tokens = graph.call_method("size", (nodes[0].args[0], 1))
     stage_at = {loc: s for s, loc in enumerate(locations)}
@@ -145,6 +151,11 @@ def plan_tokens(
             plan.add[target] = selector
             gm.add_module(target, selector)
             with graph.inserting_before(node):
+                canvas = node.args[0] if canvas is None else call_leaf(
+                    graph, tokenops.refill, (canvas, node.args[0], policy, index)
+                )
+                if canvas is not node.args[0]:
+                    canvases.append(canvas)
                 out = graph.call_module(target, (node.args[0], policy, index, initial_tokens, score))
                 x, policy, index = (graph.call_function(operator.getitem, (out, j)) for j in range(3))
             node.update_arg(0, x)
@@ -166,6 +177,13 @@ def plan_tokens(
                 x = graph.call_function(operator.getitem, (node, 0))
             node.replace_all_uses_with(x, delete_user_cb=lambda user, new=(x, score): user not in new)
             x.meta = dict(node.meta)
+        if i in taps:
+            out_i = x if i in scored else node
+            with graph.inserting_after(out_i):
+                full = call_leaf(graph, tokenops.refill, (canvas, out_i, policy, index))
+            for user in taps[i]:
+                user.replace_input_with(out_i, full)
+            plan.notes.append(f"block {call.name}: its output is read outside the chain: the full token set (refilled)")
 
     recorder = SparsityRecorder(chain.names[-1], prefix)
     plan.add[RECORDER] = recorder
@@ -177,13 +195,24 @@ def plan_tokens(
     recorded.meta = dict(last.meta)
 
     head = tokenflow.TokenSet(tokens, prefix, ("root",))
-    flow, outputs = tokenflow.analyse(gm, {recorded: tokenflow.Tokens((1,), head)}, f"{name} head")
-    if any(o is not None for o in outputs):
-        raise UnsupportedModelError(
-            f"{name}: the model returns the tokens themselves (a feature extractor?); in pruned execution it would "
-            "return fewer of them, so its output would change shape. Sparsify a model whose head pools the tokens."
-        )
-    tokenflow.apply(gm, flow, {head: (policy, index, recorded)})
-    plan.notes += [f"head: {n}" for n in flow.notes]
+    try:
+        flow, outputs = tokenflow.analyse(gm, {recorded: tokenflow.Tokens((1,), head)}, f"{name} head")
+        why = "returns tokens" if any(o is not None for o in outputs) else None
+    except UnsupportedModelError as e:
+        why = str(e).split(". tokenprune follows")[0].removeprefix(f"{name} head: ")
+    if why is None:
+        tokenflow.apply(gm, flow, {head: (policy, index, recorded)})
+        plan.notes += [f"head: {n}" for n in flow.notes]
+        for node in reversed(canvases):  # no refill needed after all
+            if not node.users:
+                graph.erase_node(node)
+    else:
+        # A head that needs every token (a dense head reshaping tokens into a map, a feature extractor): it runs
+        # unchanged on the whole token set, dropped tokens holding their values from when they were dropped.
+        with graph.inserting_after(recorded):
+            full = call_leaf(graph, tokenops.refill, (canvas, recorded, policy, index))
+        recorded.replace_all_uses_with(full, delete_user_cb=lambda user: user is not full)
+        plan.notes.append(f"head: needs every token ({why}): it reads the full token set (refilled)")
+    graph.lint()
     plan.graph_module = gm
     return plan

@@ -1,4 +1,4 @@
-"""The training-free scorer: token importance from the attention the model already computes (docs/design.md §1.4).
+"""The training-free scorer: token importance from the attention the model already computes (docs/design.md §1.3).
 
 A stage with ``scorer="attention"`` ranks tokens by the attention of the block before it, instead of a learned
 predictor. The graph pass makes that block return one score per token besides its tokens:

@@ -10,7 +10,9 @@ derive both for derived sets and use them:
   that are left in pruned execution, and leaves it whole in masked execution;
 - `masked_cross_softmax` / `masked_cross_attention` are attention whose keys are tokens but whose queries are not
   (class attention, attention pooling): dropped keys get no weight in masked execution;
-- `masked_token_sum` sums kept tokens only.
+- `masked_token_sum` sums kept tokens only;
+- `refill` gives a head that needs every token (a dense-prediction head that reshapes tokens into a map) the whole
+  token set back: kept tokens at their current values, dropped ones with the values they had when they were dropped.
 
 Each takes the policy or index and falls back to the plain operation when it is None.
 """
@@ -33,6 +35,7 @@ __all__ = [
     "masked_token_sum",
     "zero_dropped",
     "masked_token_mean",
+    "refill",
 ]
 
 
@@ -170,3 +173,22 @@ def masked_token_mean(
         return x.mean(dim=dim, keepdim=keepdim)
     weight = _policy_like(x, policy, dim)
     return (x * weight).sum(dim=dim, keepdim=keepdim) / weight.sum(dim=dim, keepdim=keepdim).clamp_min(1.0)
+
+
+def refill(
+    canvas: torch.Tensor | None, x: torch.Tensor, policy: torch.Tensor | None, index: torch.Tensor | None
+) -> torch.Tensor:
+    """The full token set [B, N, C]: `x`'s live tokens written over `canvas` (docs/design.md §2.7).
+
+    Args:
+        canvas: full-length tokens holding each dropped token's value from when it was dropped (None before the
+            first stage).
+        x: the tokens now: full-length in masked execution, the kept ones [B, n, C] in pruned execution.
+        policy: keep policy [B, N, 1] of `x` (masked execution) or None.
+        index: positions [B, n] of `x`'s tokens in the full sequence (pruned execution) or None.
+    """
+    if canvas is None or (policy is None and index is None):
+        return x
+    if policy is not None:
+        return x * policy + canvas * (1.0 - policy)
+    return canvas.scatter(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]), x)
