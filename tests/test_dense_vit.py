@@ -23,7 +23,8 @@ MODELS = {
     "eva02_tiny_patch14_224/features": (dict(features_only=True, img_size=56, depth=6), [2, 4]),
     "deit_small_patch16_224/tokens": (dict(img_size=64, depth=6, num_classes=0, global_pool=""), [2, 4]),
     "vit_base_patch16_siglip_224/features": (
-        dict(features_only=True, img_size=64, depth=6, embed_dim=96, num_heads=3, out_indices=(2, 5)), [2, 4]
+        dict(features_only=True, img_size=64, depth=6, embed_dim=96, num_heads=3, out_indices=(2, 5)),
+        [2, 4],
     ),
 }
 

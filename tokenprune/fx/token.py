@@ -151,8 +151,10 @@ def plan_tokens(
             plan.add[target] = selector
             gm.add_module(target, selector)
             with graph.inserting_before(node):
-                canvas = node.args[0] if canvas is None else call_leaf(
-                    graph, tokenops.refill, (canvas, node.args[0], policy, index)
+                canvas = (
+                    node.args[0]
+                    if canvas is None
+                    else call_leaf(graph, tokenops.refill, (canvas, node.args[0], policy, index))
                 )
                 if canvas is not node.args[0]:
                     canvases.append(canvas)
