@@ -345,3 +345,15 @@ def test_loss_accepts_feature_maps_without_logits():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tokenprune.selectors(model)[0].parameters())
     with pytest.raises(ConfigError, match="loss.ce=0 and loss.kl=0"):
         SparsificationLoss(LossWeights.for_kind("spatial"))(out, None, state, teacher_features=teacher["map"])
+
+
+@pytest.mark.parametrize("name", ["fpn_segmentation", "timm_convnext_atto_features"])
+def test_top1_gate_refuses_models_without_logits(name):
+    from torch.utils.data import TensorDataset
+
+    from tokenprune.gates import evaluate_accuracy
+
+    data = TensorDataset(images(2), torch.zeros(2, dtype=torch.long))
+    # a [B, K, H, W] segmentation map would give a silently wrong argmax(-1); a list has none
+    with pytest.raises(ConfigError, match=r"logits \[B, K\]"):
+        evaluate_accuracy(sparse(name), data, batch_size=2)
