@@ -252,7 +252,9 @@ def test_compare_with_multi_output_models(name):
 # ---- save / load ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["timm_convnext_atto_features", "timm_swin_tiny_features"])
+@pytest.mark.parametrize(
+    "name", ["timm_convnext_atto_features", pytest.param("timm_swin_tiny_features", marks=pytest.mark.slow)]
+)
 def test_features_only_round_trip_records_features_only(name, tmp_path):
     path = tmp_path / "m.safetensors"
     with warnings.catch_warnings():
