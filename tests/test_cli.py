@@ -271,3 +271,34 @@ def test_finetune_saves_a_loadable_model(tmp_path: Path):
     assert result.exit_code == 0, result.stderr
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 2
     assert tokenprune.config_of(tokenprune.load(tmp_path / "m.safetensors")).source["name"] == MODEL
+
+
+def test_convert_features_only_saves_a_feature_extractor(tmp_path: Path):
+    out = tmp_path / "features"
+    result = run("convert", "convnext_atto", "--features-only", "--input-size", "64", "--out", out, "--flops-only")
+    assert result.exit_code == 0, result.output + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["outputs"] == ["output0", "output1", "output2", "output3"]
+    assert report["split"] is None and report["sparse"]["gmacs"] < report["dense"]["gmacs"]
+    assert "4 outputs" in result.output
+    loaded = tokenprune.load(out / "model.safetensors")
+    assert tokenprune.config_of(loaded).source["kwargs"] == {"features_only": True}
+    with torch.no_grad():
+        maps = loaded(torch.randn(1, 3, 64, 64))
+        dense = load_original(out / "model.safetensors")(torch.randn(1, 3, 64, 64))
+    assert [m.shape for m in maps] == [m.shape for m in dense] and len(maps) == 4
+    # the dense report of the saved file and of the name agree
+    by_file = run("report", out, "--flops-only", "--json", tmp_path / "file.json")
+    by_name = run("report", "convnext_atto", "--features-only", "--input-size", "64", "--flops-only", "--json",
+                  tmp_path / "name.json")  # fmt: skip
+    assert by_file.exit_code == by_name.exit_code == 0, by_file.output + by_name.output
+    file_report, name_report = (json.loads((tmp_path / f).read_text()) for f in ("file.json", "name.json"))
+    assert file_report["dense"]["gmacs"] == name_report["dense"]["gmacs"] == report["dense"]["gmacs"]
+    assert file_report["outputs"] == name_report["outputs"] == report["outputs"]
+
+
+def test_features_only_is_refused_for_torchvision_and_files(converted: Path, tmp_path: Path):
+    result = run("convert", "vit_b_16", "--features-only", "--out", tmp_path / "x", "--flops-only")
+    assert result.exit_code == 2 and "create_feature_extractor" in result.stderr
+    result = run("report", converted / "model.safetensors", "--features-only", "--flops-only")
+    assert result.exit_code == 2 and "--features-only" in result.stderr

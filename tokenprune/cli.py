@@ -109,6 +109,14 @@ Scorer = Annotated[
         "attention, no training; token models)."
     ),
 ]
+FeaturesOnly = Annotated[
+    bool,
+    typer.Option(
+        "--features-only",
+        help="Build the timm model with features_only=True: it returns its feature maps (dense prediction "
+        "backbones); every map is kept whole and the file records the keyword.",
+    ),
+]
 BatchSize = Annotated[int, typer.Option(help="Batch of the throughput measurement.")]
 FlopsOnly = Annotated[bool, typer.Option(help="Count FLOPs and parameters only; skip timing.")]
 Repeats = Annotated[int, typer.Option(help="Timed passes per model (medians are reported).")]
@@ -141,7 +149,10 @@ MarkdownOut = Annotated[Path | None, typer.Option("--markdown", help="Write the 
 # ---- checking, showing and gating --------------------------------------------------------------------------------
 
 
-def _build(name: str, *, checkpoint, pretrained, input_size, model_kwargs, ratio, locations, keep_ratios, seed, scorer):
+def _build(
+    name: str, *, checkpoint, pretrained, input_size, model_kwargs, ratio, locations, keep_ratios, seed,
+    scorer="predictor", features_only=False,
+):  # fmt: skip
     """Parse the model options and run the pipeline's build step: (dense, sparse)."""
     from .inputs import parse_input_size
     from .pipeline import build
@@ -150,6 +161,7 @@ def _build(name: str, *, checkpoint, pretrained, input_size, model_kwargs, ratio
         name, ratio=ratio, locations=_numbers(locations, int, "--locations"),
         keep_ratios=_numbers(keep_ratios, float, "--keep-ratios"), checkpoint=checkpoint, pretrained=pretrained,
         input_size=parse_input_size(input_size), model_kwargs=_model_kwargs(model_kwargs), seed=seed, scorer=scorer,
+        features_only=features_only,
     )  # fmt: skip
 
 
@@ -212,6 +224,7 @@ def convert(
     keep_ratios: KeepRatios = None,
     input_size: InputSize = None,
     model_kwarg: ModelKwargs = None,
+    features_only: FeaturesOnly = False,
     batch_size: BatchSize = 32,
     flops_only: FlopsOnly = False,
     warmup: Warmup = 3,
@@ -241,6 +254,7 @@ def convert(
     dense, sparse = _build(
         model, checkpoint=checkpoint, pretrained=pretrained, input_size=input_size, model_kwargs=model_kwarg,
         ratio=ratio, locations=locations, keep_ratios=keep_ratios, seed=seed, scorer=scorer,
+        features_only=features_only,
     )  # fmt: skip
     saved = save(sparse, out / MODEL_FILE)
     report = measure_pair(
@@ -264,6 +278,7 @@ def report(
     checkpoint: Checkpoint = None,
     pretrained: Pretrained = False,
     model_kwarg: ModelKwargs = None,
+    features_only: FeaturesOnly = False,
     batch_size: BatchSize = 32,
     flops_only: FlopsOnly = False,
     warmup: Warmup = 3,
@@ -304,6 +319,7 @@ def report(
             "--model-kwarg": model_kwarg,
             "--pretrained": pretrained or None,
             "--scorer": scorer if scorer != "predictor" else None,
+            "--features-only": features_only or None,
         }
         extra = [k for k, v in given.items() if v is not None]
         if extra:
@@ -316,6 +332,7 @@ def report(
         dense, sparse = _build(
             model, checkpoint=checkpoint, pretrained=pretrained, input_size=input_size, model_kwargs=model_kwarg,
             ratio=ratio, locations=locations, keep_ratios=keep_ratios, seed=seed, scorer=scorer,
+            features_only=features_only,
         )  # fmt: skip
     result = measure_pair(
         name, dense, sparse, gates=gates, flops_only=flops_only, batch_size=batch_size, warmup=warmup,

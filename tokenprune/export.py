@@ -8,9 +8,11 @@ What the exported graph accepts:
   k = floor(rho_s * N) are computed from the token count N at export time and baked in as constants, as are the
   positional embeddings of a ViT; another size would need another export.
 
-ONNX files use the ``images`` input and ``logits`` output names; opset and operators are those of PyTorch's
-dynamo-based exporter (TopK, GatherElements, ...). `torch.export` programs are written with `torch.export.save`
-(``.pt2``) and read with `torch.export.load`.
+ONNX files use the ``images`` input name. A model with one output names it ``logits``; a model with several (a
+dict, list or tuple of feature maps) gets one ONNX output per tensor, named as `tokenprune.outputs.named_outputs`
+does (the dict's keys; ``output0``, ``output1``, ... for a list or tuple), and each is verified. Opset and
+operators are those of PyTorch's dynamo-based exporter (TopK, GatherElements, ...). `torch.export` programs are
+written with `torch.export.save` (``.pt2``) and read with `torch.export.load`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, TokenPruneError, UnsupportedModelError
+from .outputs import named_outputs
 
 __all__ = ["FORMATS", "export", "verify_export"]
 
@@ -52,16 +55,18 @@ def _dynamic(dynamic_batch: bool) -> tuple[dict[int, Any]] | None:
 
 
 def _tolerance(reference: torch.Tensor) -> float:
-    return 1e-4 + 1e-3 * float(reference.abs().max())
+    return 1e-4 + 1e-3 * float(reference.abs().max()) if reference.numel() else 1e-4
 
 
 def _write(model: nn.Module, example: torch.Tensor, path: Path, fmt: str, dynamic_batch: bool) -> None:
     if fmt == "onnx":
         big = sum(p.numel() * p.element_size() for p in model.parameters()) > _INLINE_LIMIT
+        with torch.inference_mode():
+            names = [name for name, _ in named_outputs(model(example), "the model to export")]
         # reason: the exporter prints progress lines to stdout, which would corrupt JSON printed by the CLI.
         with contextlib.redirect_stdout(io.StringIO()):
             torch.onnx.export(
-                model, (example,), str(path), input_names=["images"], output_names=["logits"],
+                model, (example,), str(path), input_names=["images"], output_names=names,
                 dynamic_shapes=_dynamic(dynamic_batch), dynamo=True, external_data=big, verbose=False,
             )  # fmt: skip
     else:
@@ -75,10 +80,8 @@ def _check(model: nn.Module, path: Path, fmt: str, size: tuple[int, ...], batch:
     diff = 0.0
     for b in batches:
         x = torch.randn(b, *size)
-        with torch.inference_mode():
-            tol = _tolerance(model(x))
         try:
-            d = verify_export(model, path, fmt, x)
+            d = verify_export(model, path, fmt, x, raise_above_tolerance=True)
         except TokenPruneError:
             raise
         except Exception as e:  # noqa: BLE001 - onnxruntime and torch.export guards raise their own types
@@ -86,21 +89,30 @@ def _check(model: nn.Module, path: Path, fmt: str, size: tuple[int, ...], batch:
                 f"exported {path} rejects a batch of {b} ({type(e).__name__}: {str(e).splitlines()[0]}): the "
                 "exporter fixed the batch size for this model. Export with --static-batch (dynamic_batch=False)."
             ) from None
-        if d > tol:
-            raise TokenPruneError(
-                f"exported {path} differs from PyTorch by {d:.3g} at batch {b} (tolerance {tol:.3g})."
-            )
         diff = max(diff, d)
     return diff
 
 
-def verify_export(model: nn.Module, path: str | os.PathLike[str], fmt: str, inputs: torch.Tensor) -> float:
-    """Run the exported file on `inputs` and return the largest absolute difference from `model`'s output.
+def verify_export(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    fmt: str,
+    inputs: torch.Tensor,
+    *,
+    raise_above_tolerance: bool = False,
+) -> float:
+    """Run the exported file on `inputs` and return the largest absolute difference from `model`'s outputs.
 
-    ONNX files run in onnxruntime (CPU); `torch.export` programs are loaded back with `torch.export.load`.
+    ONNX files run in onnxruntime (CPU); `torch.export` programs are loaded back with `torch.export.load`. Each
+    output is compared with PyTorch's output of the same name, within 1e-4 + 1e-3 times that output's largest
+    magnitude.
+
+    Raises:
+        TokenPruneError: the file returns other outputs or shapes than PyTorch, or (with `raise_above_tolerance`)
+            one output differs beyond its tolerance; the message names the output.
     """
     with torch.inference_mode():
-        reference = model.eval()(inputs).float().cpu()
+        reference = [(n, t.float().cpu()) for n, t in named_outputs(model.eval()(inputs), "the exported model")]
     if fmt == "onnx":
         try:
             import onnxruntime as ort
@@ -110,14 +122,31 @@ def verify_export(model: nn.Module, path: str | os.PathLike[str], fmt: str, inpu
             ) from None
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        output = torch.from_numpy(session.run(None, {name: inputs.cpu().numpy()})[0])
+        values = session.run(None, {name: inputs.cpu().numpy()})
+        output = [(o.name, torch.from_numpy(v)) for o, v in zip(session.get_outputs(), values)]
     else:
         program = torch.export.load(str(path))
         with torch.inference_mode():
-            output = program.module()(inputs).float().cpu()
-    if output.shape != reference.shape:
-        raise TokenPruneError(f"exported {path} returns shape {list(output.shape)}, PyTorch {list(reference.shape)}.")
-    return float((output - reference).abs().max())
+            output = [(n, t.float().cpu()) for n, t in named_outputs(program.module()(inputs), str(path))]
+    if [n for n, _ in output] != [n for n, _ in reference]:
+        raise TokenPruneError(
+            f"exported {path} returns outputs {[n for n, _ in output]}, PyTorch {[n for n, _ in reference]}."
+        )
+    diff = 0.0
+    for (name, got), (_, expected) in zip(output, reference):
+        if got.shape != expected.shape:
+            raise TokenPruneError(
+                f"exported {path} returns shape {list(got.shape)} for output {name}, PyTorch {list(expected.shape)}."
+            )
+        d = float((got.float() - expected).abs().max()) if got.numel() else 0.0
+        tol = _tolerance(expected)
+        if raise_above_tolerance and d > tol:
+            raise TokenPruneError(
+                f"exported {path} differs from PyTorch by {d:.3g} in output {name} at batch {inputs.shape[0]} "
+                f"(tolerance {tol:.3g})."
+            )
+        diff = max(diff, d)
+    return diff
 
 
 def export(

@@ -162,6 +162,15 @@ def evaluate_accuracy(
     try:
         for images, labels in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             logits = model(images.to(device))
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+                # reason: argmax over the last dim of a feature map or a dense prediction would be silently wrong
+                from .outputs import named_outputs
+
+                found = ", ".join(f"{n} {list(t.shape)}" for n, t in named_outputs(logits, "the model"))
+                raise ConfigError(
+                    f"top-1 accuracy needs a classifier's logits [B, K]; {type(model).__name__} returns {found}. "
+                    "Drop --eval-data/--max-accuracy-drop for feature extractors and dense prediction models."
+                )
             correct += int((logits.argmax(-1).cpu() == labels).sum())
             total += len(labels)
     finally:

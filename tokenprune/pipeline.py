@@ -58,6 +58,7 @@ def build(
     model_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
     scorer: str = "predictor",
+    features_only: bool = False,
 ) -> tuple[nn.Module, nn.Module]:
     """The dense model `name` and its sparsified copy, both in eval mode.
 
@@ -72,9 +73,24 @@ def build(
         model_kwargs: constructor keywords.
         seed: seed of random weights and predictors.
         scorer: "predictor" (learned) or "attention" (training-free).
+        features_only: build the timm model with ``features_only=True`` (it returns its feature maps, a list); the
+            keyword is recorded in the saved file's source like any other.
+
+    Raises:
+        ConfigError: `features_only` for a torchvision name (torchvision builds feature extractors with
+            ``create_feature_extractor`` in Python; there is no name for them).
     """
+    from .models import resolve_library
     from .sparsify import sparsify
 
+    if features_only:
+        if resolve_library(name) != "timm":
+            raise ConfigError(
+                f"--features-only builds timm feature extractors; {name} is a torchvision model. Build it with "
+                "torchvision.models.feature_extraction.create_feature_extractor in Python and call "
+                "tokenprune.sparsify on it."
+            )
+        model_kwargs = {**(model_kwargs or {}), "features_only": True}
     torch.manual_seed(seed)
     dense = create_dense(
         name, checkpoint=checkpoint, pretrained=pretrained, input_size=input_size, kwargs=model_kwargs

@@ -16,6 +16,7 @@ from .fx.discovery import Chain, find_chain
 from .fx.plan import Plan, apply_plan, build_plan
 from .fx.selfcheck import self_check
 from .fx.tracing import example_input, model_name
+from .io.source import timm_feature_kwargs
 from .nn.recorder import find_recorder, selectors
 from .nn.select import EXECUTIONS, SCORERS
 
@@ -124,6 +125,8 @@ def sparsify(
         source=getattr(model, "tokenprune_source", None),
         scorer=scorer,
     )
+    # reason: the GraphModule drops timm's feature_info; `save` needs it to record features_only (io/source.py).
+    find_recorder(sparse).dense_kwargs = timm_feature_kwargs(model)
     return sparse.train(training)
 
 

@@ -35,6 +35,7 @@ from torch import nn
 from ..config import SparsifyConfig
 from ..errors import CheckpointError, ConfigError, TokenPruneError
 from ..nn.select import SCORERS
+from ..outputs import outputs_close
 from .source import build, build_meta, check_source, describe, infer_source, state_shapes
 from .weights import SAVE_HINT, check_fit, read_metadata
 
@@ -76,12 +77,16 @@ def _same_function(sparse: nn.Module, rebuilt: nn.Module, size: tuple[int, ...])
             got = rebuilt.to(torch.float32).eval()(x)
     except Exception:  # noqa: BLE001 - a model that cannot run on the CPU cannot be confirmed
         return False
-    return expected.shape == got.shape and torch.allclose(expected, got, rtol=1e-5, atol=1e-6)
+    return outputs_close(expected, got, rtol=1e-5, atol=1e-6)  # every output of a multi-output model
 
 
 def _inferred(model: nn.Module, config: SparsifyConfig, state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
     """The source of a model made by timm or torchvision, confirmed by rebuilding it and comparing outputs."""
-    source = infer_source(config.model_name, config.input_size, state)
+    from ..nn.recorder import find_recorder
+
+    # reason: a features_only timm model has other module names than its classifier; sparsify kept its keywords.
+    extra = getattr(find_recorder(model), "dense_kwargs", None)
+    source = infer_source(config.model_name, config.input_size, state, extra)
     if source is None or not config.input_size:
         return None
     try:
@@ -97,8 +102,9 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, source: dict[str, An
     rebuild its architecture.
 
     The architecture source is, in order: `source`; the one `tokenprune.create_model` recorded; one inferred for
-    a model made by ``timm.create_model`` or a torchvision builder (its name, ``num_classes`` and input size,
-    confirmed by rebuilding it and comparing outputs). For any other model (your own module, changed layers) the
+    a model made by ``timm.create_model`` or a torchvision builder (its name, ``num_classes`` and input size, and
+    ``features_only``/``out_indices`` for timm feature extractors, confirmed by rebuilding it and comparing every
+    output). For any other model (your own module, changed layers) the
     file holds the weights and configuration only, a `SourceWarning` says so, and loading it needs the dense
     architecture: ``tokenprune.load(path, model=original)``.
 

@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError, TokenPruneError
 from ..inputs import geometry_kwargs
 
-__all__ = ["LIBRARIES", "check_source", "build_meta", "build", "infer_source", "state_shapes"]
+__all__ = ["LIBRARIES", "check_source", "build_meta", "build", "infer_source", "state_shapes", "timm_feature_kwargs"]
 
 LIBRARIES = ("timm", "torchvision")
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
@@ -189,15 +189,35 @@ def _with_classes(source: dict[str, Any], model: nn.Module, found: dict[str, lis
     return candidate if model is not None and _fits(state_shapes(model), found) else None
 
 
-def _candidate(library: str, name: str, input_size: tuple[int, ...] | None) -> tuple[dict[str, Any], nn.Module] | None:
+def timm_feature_kwargs(model: nn.Module) -> dict[str, Any] | None:
+    """``{"features_only": True, "out_indices": [...]}`` for a model made by ``timm.create_model(...,
+    features_only=True)``, else None.
+
+    Structural: timm's feature wrappers carry a `FeatureInfo` (an object with ``out_indices``) where its classifiers
+    carry a plain list of dicts. The indices are recorded as the model holds them; other feature keywords (e.g. a
+    changed ``output_fmt``) are not recovered, and `save` confirms the rebuilt model's outputs before trusting it.
+    """
+    info = getattr(model, "feature_info", None)
+    indices = getattr(info, "out_indices", None)
+    if indices is None or not getattr(model, "pretrained_cfg", None):
+        return None
+    try:
+        return {"features_only": True, "out_indices": [int(i) for i in indices]}
+    except (TypeError, ValueError):
+        return None
+
+
+def _candidate(
+    library: str, name: str, input_size: tuple[int, ...] | None, extra: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], nn.Module] | None:
     """The source of `name` built for `input_size` (img_size/in_chans for timm, image_size for torchvision ViTs,
-    where the constructor takes them), and its meta-built model."""
+    where the constructor takes them) with the `extra` keywords, and its meta-built model."""
     try:
         kwargs = geometry_kwargs(library, name, input_size)
     except ConfigError:
         return None
     for attempt in (kwargs, {k: v for k, v in kwargs.items() if k == "in_chans"}):
-        source = {"library": library, "name": name, "kwargs": attempt}
+        source = {"library": library, "name": name, "kwargs": {**attempt, **(extra or {})}}
         model = build_meta(source)
         if model is not None:
             return source, model
@@ -220,13 +240,19 @@ def _torchvision_candidates(model_name: str) -> list[str]:
     return sorted(names)
 
 
-def infer_source(model_name: str | None, input_size: tuple[int, ...] | None, state: dict[str, Any]) -> dict | None:
+def infer_source(
+    model_name: str | None,
+    input_size: tuple[int, ...] | None,
+    state: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> dict | None:
     """The source of a sparsified model made from a timm or torchvision model, when its shapes identify one.
 
     Args:
         model_name: the `SparsifyConfig`'s model name (timm's architecture name, or the class name).
         input_size: the input size it was sparsified at.
         state: its state dict (or ``{key: shape}``).
+        extra: constructor keywords known from the dense model (`timm_feature_kwargs`), tried with timm names.
 
     Returns:
         A checked source whose meta-built architecture has exactly the dense entries of `state`, or None. The
@@ -244,7 +270,7 @@ def infer_source(model_name: str | None, input_size: tuple[int, ...] | None, sta
     except Exception:  # noqa: BLE001 - a name no registry knows
         return None
     for library, name in candidates:
-        built = _candidate(library, name, input_size)
+        built = _candidate(library, name, input_size, extra if library == "timm" else None)
         fitted = _with_classes(*built, found) if built is not None else None
         if fitted is not None:
             try:

@@ -20,6 +20,7 @@ from ..errors import TokenPruneError
 from ..sparsify import find_config as sparsify_config
 from ._fvcore import FlopCountAnalysis
 from ._handles import COUNTED_HANDLES, NEGLIGIBLE_OPS, Handle
+from .backbone import find_backbone
 
 __all__ = ["profile", "FlopReport", "profile_flops", "count_params", "sparsify_config", "PREDICTOR_MARK"]
 
@@ -43,6 +44,9 @@ class FlopReport:
         uncounted_ops: op -> occurrences for ops that are neither counted nor deliberately ignored as negligible.
             Non-empty means the total is a lower bound.
         negligible_ops: the ops deliberately counted as zero (element-wise, norms, softmax, top-k, gather, ...).
+        backbone_module: qualified name of the submodule taken as the backbone (`tokenprune.measure.backbone`), or
+            None when the whole model is the backbone (no head split).
+        head_macs: MACs outside the backbone module and the predictors (0 without a split).
     """
 
     total_macs: int
@@ -54,6 +58,8 @@ class FlopReport:
     predictors: dict[str, int] = field(default_factory=dict)
     uncounted_ops: dict[str, int] = field(default_factory=dict)
     negligible_ops: tuple[str, ...] = NEGLIGIBLE_OPS
+    backbone_module: str | None = None
+    head_macs: int = 0
 
     @property
     def gmacs(self) -> float:
@@ -67,8 +73,19 @@ class FlopReport:
 
     @property
     def backbone_gmacs(self) -> float:
-        """Per-image GMACs outside the inserted predictors (what the published sparse figures count)."""
+        """Per-image GMACs outside the inserted predictors (what the published sparse figures count). Not the
+        backbone/head split: see `head_gmacs` and `trunk_gmacs`."""
         return self.gmacs - self.predictor_gmacs
+
+    @property
+    def head_gmacs(self) -> float:
+        """Per-image GMACs of the head: everything outside `backbone_module` and the predictors (0.0 without one)."""
+        return self.head_macs / self.batch_size / 1e9
+
+    @property
+    def trunk_gmacs(self) -> float:
+        """Per-image GMACs of the backbone module, predictors included (the whole model without a split)."""
+        return self.gmacs - self.head_gmacs
 
     @property
     def params_m(self) -> float:
@@ -148,6 +165,7 @@ def profile_flops(
     inputs: torch.Tensor | tuple[torch.Tensor, ...],
     *,
     extra_handles: Mapping[str, Handle | None] | None = None,
+    backbone: str | None = "auto",
 ) -> FlopReport:
     """Count the multiply-adds of `model`'s eval forward on `inputs`.
 
@@ -160,6 +178,9 @@ def profile_flops(
         inputs: one input tensor or a tuple of positional inputs, e.g. ``torch.randn(1, 3, 224, 224)``.
         extra_handles: more fvcore op handles (``"aten::op": handle``), or ``None`` values to declare an op
             negligible. They override the built-in ones.
+        backbone: the backbone submodule's name for the backbone/head split; "auto" (default) finds it by the rule
+            of `tokenprune.measure.backbone` from a sparsified model's chain (no split for a dense model); None
+            for no split.
 
     Returns:
         A `FlopReport`; `.gmacs` is per image, `.uncounted_ops` lists ops whose cost is unknown.
@@ -192,6 +213,14 @@ def profile_flops(
     # Inserted modules that cost multiply-adds: the predictors, and the attention scorer's scoring calls (which have
     # no parameters); bookkeeping (the state recorder) costs none.
     predictors = _outermost([n for n, macs in by_module.items() if PREDICTOR_MARK in n and macs > 0])
+    if backbone == "auto":
+        backbone = find_backbone(model, chain, inputs[0]) if chain else None
+    head = 0
+    if backbone is not None:
+        if backbone not in dict(model.named_modules()):
+            raise TokenPruneError(f"backbone={backbone!r} is not a submodule of {type(model).__name__}.")
+        outside = sum(by_module[p] for p in predictors if not p.startswith(backbone + "."))
+        head = total - by_module.get(backbone, 0) - outside
     negligible = tuple(sorted(set(NEGLIGIBLE_OPS) | {k for k, v in (extra_handles or {}).items() if v is None}))
     return FlopReport(
         total_macs=total,
@@ -203,6 +232,8 @@ def profile_flops(
         predictors={name: by_module[name] for name in predictors},
         uncounted_ops=dict(analysis.unsupported_ops()),
         negligible_ops=negligible,
+        backbone_module=backbone,
+        head_macs=head,
     )
 
 

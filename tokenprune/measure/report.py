@@ -20,6 +20,12 @@ Report schema (``schema_version: 1``); every figure is per image, FLOPs are mult
          "gmacs": float}                 # cost of this stage's predictor (or attention scoring)
       ],
       "predictor_gmacs": float,          # all predictors / scoring together (included in sparse.gmacs)
+      "outputs": [str],                  # the model's outputs: ["logits"], a dict's keys, ["output0", ...]
+      "split": null | {                  # backbone/head split (docs/design.md §5.4); null: the whole model
+        "backbone": str,                 #   is the backbone. The backbone's qualified module name
+        "dense":  {"backbone_gmacs": float, "head_gmacs": float},
+        "sparse": {"backbone_gmacs": float, "head_gmacs": float}   # predictors count with the backbone
+      },
       "uncounted_ops": [str],            # ops of either model whose cost is unknown; non-empty = lower bound
       "versions": {"torch": str, "timm": str, "torchvision": str, "tokenprune": str, "python": str},
       "device": str,                     # where timings ran, readable (e.g. "cpu (AMD EPYC ...)")
@@ -27,8 +33,10 @@ Report schema (``schema_version: 1``); every figure is per image, FLOPs are mult
       "batch_size": int                  # batch of the throughput figures; latency is always at batch 1
     }
 
-Timing fields are null when the report is built with ``flops_only=True``. Throughput (images/s at `batch_size`) and
-batch-1 latency (median ms) come from `speed.compare`, which interleaves dense and sparse runs in one process.
+``scorer``, ``outputs`` and ``split`` were added without a version change: readers of version 1 that ignore unknown
+keys are unaffected. Timing fields are null when the report is built with ``flops_only=True``. Throughput (images/s at
+`batch_size`) and batch-1 latency (median ms) come from `speed.compare`, which interleaves dense and sparse runs in
+one process.
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ from rich.table import Table
 from torch import nn
 
 from ..nn.scorer import SCORES_MODULE
+from ..outputs import output_names
+from .backbone import find_backbone
 from .flops import PREDICTOR_MARK, profile_flops, sparsify_config
 from .speed import compare, describe_device
 
@@ -166,10 +176,15 @@ def build_report(
     input_size = [int(s) for s in input_size]
     first = next(iter(sparse_model.parameters()), None)
     x = torch.randn(1, *input_size, device=first.device if first is not None else "cpu")
-    dense_flops = profile_flops(dense_model, x)
-    sparse_flops = profile_flops(sparse_model, x)
-
     config = sparsify_config(sparse_model)
+    chain = list(getattr(config, "chain", None) or [])
+    # one rule, found on the original model, names the same submodule in both (the chain keeps its names)
+    backbone = find_backbone(dense_model, chain, x) if chain else None
+    dense_flops = profile_flops(dense_model, x, backbone=backbone)
+    sparse_flops = profile_flops(sparse_model, x, backbone=backbone)
+    with torch.inference_mode():
+        outputs = output_names(dense_model.eval()(x), model_name)
+
     if ratio is None and config is not None:
         ratio = config.ratio
     selectors = _selectors(sparse_model)
@@ -221,6 +236,14 @@ def build_report(
         "speedup": timing["speedup"] if timing else None,
         "stages": stages,
         "predictor_gmacs": sparse_flops.predictor_gmacs,
+        "outputs": outputs,
+        "split": None
+        if backbone is None
+        else {
+            "backbone": backbone,
+            "dense": {"backbone_gmacs": dense_flops.trunk_gmacs, "head_gmacs": dense_flops.head_gmacs},
+            "sparse": {"backbone_gmacs": sparse_flops.trunk_gmacs, "head_gmacs": sparse_flops.head_gmacs},
+        },
         "uncounted_ops": sorted(set(dense_flops.uncounted_ops) | set(sparse_flops.uncounted_ops)),
         "versions": _versions(),
         "device": describe_device(device),
@@ -236,8 +259,17 @@ def _fmt(value: float | None, spec: str) -> str:
 def _rows(report: dict[str, Any]) -> list[list[str]]:
     """Shared rows of the rich and Markdown tables: columns as in `_HEADER`."""
     dense, sparse = report["dense"], report["sparse"]
+    split = report.get("split")
+
+    def parts(side: str) -> list[list[str]]:
+        if not split:
+            return []
+        figures = split[side]
+        return [[f"  backbone ({split['backbone']})", "", "", "", _fmt(figures["backbone_gmacs"], ".3f"), "", ""],
+                ["  head", "", "", "", _fmt(figures["head_gmacs"], ".3f"), "", ""]]  # fmt: skip
+
     rows = [["dense", "—", "1.000", "—", _fmt(dense["gmacs"], ".3f"), _fmt(dense["throughput"], ".1f"),
-             _fmt(dense["latency_ms"], ".2f")]]  # fmt: skip
+             _fmt(dense["latency_ms"], ".2f")], *parts("dense")]  # fmt: skip
     for i, stage in enumerate(report["stages"]):
         rows.append(
             [f"stage {i}", _fmt(stage["location"], "d"), _fmt(stage["keep_ratio"], ".3f"),
@@ -245,7 +277,7 @@ def _rows(report: dict[str, Any]) -> list[list[str]]:
         )  # fmt: skip
     rows.append(["sparse (total)", "", _fmt(report["ratio"], ".3f"), "", _fmt(sparse["gmacs"], ".3f"),
                  _fmt(sparse["throughput"], ".1f"), _fmt(sparse["latency_ms"], ".2f")])  # fmt: skip
-    return rows
+    return rows + parts("sparse")
 
 
 _HEADER = ["", "location", "keep ratio", "tokens", "GFLOPs", "images/s", "latency ms"]
@@ -256,6 +288,15 @@ def _summary_line(report: dict[str, Any]) -> str:
     text = f"FLOPs reduction {report['flops_reduction']:.1%}"
     text += f", speed-up {speedup:.2f}x" if speedup is not None else ", speed-up not measured"
     text += f", predictors {report['predictor_gmacs']:.3f} GFLOPs"
+    split = report.get("split")
+    if split:
+        d, s = split["dense"], split["sparse"]
+        text += (
+            f"; backbone {split['backbone']} {d['backbone_gmacs']:.3f} -> {s['backbone_gmacs']:.3f} GFLOPs, head "
+            f"{d['head_gmacs']:.3f} -> {s['head_gmacs']:.3f} GFLOPs"
+        )
+    if len(report.get("outputs") or []) > 1:
+        text += f"; {len(report['outputs'])} outputs ({', '.join(report['outputs'])})"
     if report["uncounted_ops"]:
         text += f"; UNCOUNTED ops (totals are lower bounds): {', '.join(report['uncounted_ops'])}"
     return text

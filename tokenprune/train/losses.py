@@ -179,6 +179,20 @@ def feature_distillation(student_map: Tensor, teacher_map: Tensor) -> Tensor:
     return F.mse_loss(student_map.float(), teacher_map.float())
 
 
+def _first_output(outputs, weights: LossWeights) -> Tensor:
+    """The first tensor of a multi-output model's result; CE and logit KL have no logits to compare there."""
+    from ..outputs import named_outputs
+
+    named = named_outputs(outputs, "the student")
+    if weights.ce > 0 or weights.kl > 0:
+        raise ConfigError(
+            f"the model returns {len(named)} outputs ({', '.join(n for n, _ in named)}), not logits, so cross-entropy "
+            "and logit distillation cannot be computed; set loss.ce=0 and loss.kl=0 (the ratio and feature "
+            "distillation parts still train the stages), or use a task loss for these outputs."
+        )
+    return named[0][1]
+
+
 class SparsificationLoss(nn.Module):
     """The weighted DynamicViT objective; ``forward`` returns the total and each unweighted part.
 
@@ -202,7 +216,8 @@ class SparsificationLoss(nn.Module):
         """Compute the loss of one batch.
 
         Args:
-            logits: the student's output [B, K].
+            logits: the student's output [B, K]; a dict, list or tuple of feature maps is accepted when the CE and
+                KL weights are 0 (ratio and feature distillation only; otherwise `ConfigError`).
             target: labels [B] or soft targets [B, K].
             state: the student's `SparsityState` of this forward (``None`` for a dense model: CE and KL only).
             teacher_logits: the frozen teacher's output [B, K], needed when the KL weight is non-zero.
@@ -210,8 +225,12 @@ class SparsificationLoss(nn.Module):
             keep_ratios: targets rho_s overriding ``state.keep_ratios`` (learned ratios pass their tensor here).
         """
         w = self.weights
-        zero = logits.new_zeros((), dtype=torch.float32)
-        parts = {"ce": classification_loss(logits, target), "ratio": zero, "kl": zero, "distill": zero}
+        if isinstance(logits, Tensor):
+            zero = logits.new_zeros((), dtype=torch.float32)
+            parts = {"ce": classification_loss(logits, target), "ratio": zero, "kl": zero, "distill": zero}
+        else:  # several feature maps (dict/list/tuple), no logits: docs/design.md §5.4
+            zero = _first_output(logits, w).new_zeros((), dtype=torch.float32)
+            parts = {"ce": zero, "ratio": zero, "kl": zero, "distill": zero}
         if state is not None and w.ratio > 0:
             parts["ratio"] = ratio_loss(state.decisions, state.keep_ratios if keep_ratios is None else keep_ratios)
         if w.kl > 0:

@@ -1,0 +1,89 @@
+"""Which submodule of a model is its backbone, so that FLOPs can be shown for backbone and head separately.
+
+The rule (docs/design.md §5.4), structural and the same for dense and sparsified models: the backbone is the
+outermost proper submodule that contains every block of the sparsified chain *and* is called on the image itself.
+Everything else the model computes — an FPN, a segmentation or detection head, upsampling — is the head, and the
+inserted predictors count with the backbone (they are part of sparsifying it). When no such submodule exists (a
+timm classifier or ``features_only`` model, whose stem and stages are siblings), the whole model is the backbone
+and there is no split.
+
+"Called on the image" is read from the FX graph's module stacks for a `torch.fx.GraphModule` (a sparsified model
+inlines the modules it traced through, so they are never called as modules), and from forward pre-hooks otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import fx, nn
+
+__all__ = ["find_backbone"]
+
+
+def _ancestors(chain: Sequence[str]) -> list[str]:
+    """Proper, non-root modules containing every chain block, outermost first."""
+    parts = [name.split(".") for name in chain]
+    common: list[str] = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    # a single-block chain's common prefix is the block itself; a backbone must contain the blocks, not be one
+    if len(chain) == 1:
+        common = common[:-1]
+    return [".".join(common[: i + 1]) for i in range(len(common))]
+
+
+def _called_on_image_graph(model: fx.GraphModule, candidates: list[str]) -> set[str]:
+    images = [n for n in model.graph.nodes if n.op == "placeholder"][:1]
+    found: set[str] = set()
+    for node in images[0].users if images else ():
+        scopes = set((node.meta.get("nn_module_stack") or {}).keys())
+        if node.op == "call_module":
+            scopes.add(str(node.target))
+        found |= scopes & set(candidates)
+    return found
+
+
+def _called_on_image_hooks(model: nn.Module, candidates: list[str], inputs: torch.Tensor) -> set[str]:
+    found: set[str] = set()
+    handles = []
+    for name in candidates:
+        module = model.get_submodule(name)
+
+        def hook(_m, args, kwargs=None, name=name):
+            if args and args[0] is inputs:
+                found.add(name)
+
+        handles.append(module.register_forward_pre_hook(hook))
+    training = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in training.items():
+            module.training = mode
+    return found
+
+
+def find_backbone(model: nn.Module, chain: Sequence[str], inputs: torch.Tensor) -> str | None:
+    """The qualified name of `model`'s backbone by the rule in this module's docstring, or None (no split).
+
+    Args:
+        model: a dense model or its sparsified version (the chain's blocks keep their names in both).
+        chain: qualified names of the chain's blocks (`SparsifyConfig.chain`).
+        inputs: an image batch the model runs on (one forward for a model that is not a GraphModule).
+    """
+    names = {name for name, _ in model.named_modules()}
+    candidates = [c for c in _ancestors(list(chain)) if c in names] if chain else []
+    if not candidates:
+        return None
+    if isinstance(model, fx.GraphModule):
+        called = _called_on_image_graph(model, candidates)
+    else:
+        called = _called_on_image_hooks(model, candidates, inputs)
+    return next((c for c in candidates if c in called), None)
