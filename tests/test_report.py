@@ -18,7 +18,7 @@ from tokenprune.measure.report import SCHEMA_VERSION, build_report, render_table
 INPUT = [3, 32, 32]
 TOP_KEYS = {
     "schema_version", "model", "input_size", "ratio", "dense", "sparse", "flops_reduction", "speedup", "stages",
-    "predictor_gmacs", "uncounted_ops", "versions", "device", "threads", "batch_size", "outputs", "split",
+    "predictor_gmacs", "uncounted_ops", "versions", "device", "threads", "batch_size", "outputs", "split", "scorer",
 }  # fmt: skip
 SIDE_KEYS = {"gmacs", "params_m", "throughput", "latency_ms"}
 STAGE_KEYS = {"location", "keep_ratio", "tokens", "gmacs"}
