@@ -1,20 +1,98 @@
-"""Create timm and torchvision models by name, remembering how to rebuild them (`model.tokenprune_source`)."""
+"""Create timm and torchvision models by name, remembering how to rebuild them (`model.tokenprune_source`).
+
+Besides the libraries' own models, `create_model(name, task_head="fpn", ...)` (and `segmenter`) wraps a timm
+backbone in a small segmentation model: the backbone's feature pyramid (``features_only=True``), torchvision's
+``FeaturePyramidNetwork`` and a 1x1 classifier, upsampled to the input size. It is one plain ``nn.Module``, so
+`tokenprune.sparsify` treats it like any other model (docs/design.md §3.5).
+"""
 
 from __future__ import annotations
 
 import difflib
 import json
 import os
+from collections import OrderedDict
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError, ConfigError
 from .inputs import geometry_kwargs  # noqa: F401 - re-exported; input geometry lives in tokenprune.inputs
 
-__all__ = ["LIBRARIES", "create_model", "resolve_library", "geometry_kwargs", "model_source"]
+__all__ = [
+    "LIBRARIES",
+    "TASK_HEADS",
+    "Segmenter",
+    "segmenter",
+    "create_model",
+    "resolve_library",
+    "geometry_kwargs",
+    "model_source",
+]
 
 LIBRARIES = ("timm", "torchvision")
+# Heads `create_model(..., task_head=...)` can put on a backbone; None keeps the library's own (classifier) head.
+TASK_HEADS = ("fpn",)
+
+
+class Segmenter(nn.Module):
+    """Semantic segmentation: a feature-pyramid backbone, an FPN, a 1x1 classifier on the finest level, upsampled.
+
+    Args:
+        backbone: a module returning a list of feature maps [B, C_i, H_i, W_i], finest first, with
+            ``feature_info.channels()`` (a timm model created with ``features_only=True``).
+        num_classes: output classes K.
+        fpn_channels: channels of every FPN level.
+
+    The forward returns logits [B, K, H, W] at the input's resolution.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, fpn_channels: int = 64) -> None:
+        super().__init__()
+        from torchvision.ops import FeaturePyramidNetwork
+
+        self.backbone = backbone
+        self.fpn = FeaturePyramidNetwork(list(backbone.feature_info.channels()), fpn_channels)
+        self.classifier = nn.Conv2d(fpn_channels, num_classes, 1)
+        self.num_classes = num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(x)
+        pyramid = self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
+        logits = self.classifier(pyramid["0"])
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def segmenter(
+    backbone: str,
+    num_classes: int,
+    *,
+    fpn_channels: int = 64,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> Segmenter:
+    """Build a `Segmenter` on a timm backbone created with ``features_only=True``.
+
+    Args:
+        backbone: a timm model name with feature-pyramid support (ConvNeXt, Swin, ...), e.g. ``convnext_atto``.
+        num_classes: output classes.
+        fpn_channels: channels of the FPN levels.
+        pretrained: the backbone's pretrained weights (the FPN and classifier always start random).
+        **kwargs: backbone keywords, e.g. ``in_chans=1, dims=[32, 64, 128, 256], depths=[1, 1, 6, 1]``.
+
+    Raises:
+        ConfigError: unknown backbone or keywords it rejects.
+    """
+    import timm
+
+    try:
+        body = timm.create_model(backbone, pretrained=pretrained, features_only=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - constructors raise many types
+        error = f"{type(e).__name__}: {e}"
+        raise ConfigError(f"cannot create timm backbone {backbone!r} (features_only=True, {kwargs}): {error}") from None
+    return Segmenter(body, num_classes, fpn_channels)
 
 
 def _timm_names() -> list[str]:
@@ -78,6 +156,17 @@ def model_source(library: str, name: str, kwargs: dict[str, Any] | None = None) 
 
 
 def _build(library: str, name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    kwargs = dict(kwargs)
+    head = kwargs.pop("task_head", None)
+    if head is not None:
+        if head not in TASK_HEADS:
+            raise ConfigError(f"task_head={head!r} is unknown; known: {', '.join(TASK_HEADS)} (or none).")
+        if library != "timm":
+            raise ConfigError(f"task_head={head!r} needs a timm backbone (features_only=True); {name} is {library}.")
+        num_classes = kwargs.pop("num_classes", None)
+        if num_classes is None:
+            raise ConfigError(f"task_head={head!r} needs num_classes, e.g. model.kwargs.num_classes=150.")
+        return segmenter(name, int(num_classes), pretrained=pretrained, **kwargs)
     if library == "timm":
         import timm
 
@@ -107,7 +196,9 @@ def create_model(
             Pickles are read with ``weights_only=True``: nothing in them is executed.
         library: "timm" or "torchvision" to skip name resolution (names such as ``resnet50`` exist in both;
             timm is tried first).
-        **kwargs: constructor keywords, e.g. ``num_classes=10, img_size=64``.
+        **kwargs: constructor keywords, e.g. ``num_classes=10, img_size=64``. ``task_head="fpn"`` builds a
+            `Segmenter` on the timm backbone `name` instead (``num_classes`` required, ``fpn_channels`` optional,
+            the rest go to the backbone); it is recorded in the source like any other keyword.
 
     Returns:
         The model, in train mode as the libraries return it.
@@ -122,6 +213,8 @@ def create_model(
         pretrained = False  # the checkpoint replaces every weight anyway
     try:
         model = _build(library, name, pretrained, kwargs)
+    except ConfigError:
+        raise  # already says what to change (a task head's own checks)
     except Exception as e:  # noqa: BLE001 - constructors and hub downloads raise many types
         error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if pretrained:

@@ -54,15 +54,25 @@ def build_teacher(recipe: Recipe) -> nn.Module:
     Built by `tokenprune.create_model`, the project's one model builder, so the model records how to rebuild it
     (``tokenprune_source``) and the sparsified student's config and saved files carry that record.
 
+    With ``model.task_head: fpn`` the model is a `tokenprune.models.Segmenter` on the timm backbone ``model.name``.
+
     Raises:
-        ConfigError: unknown name or keywords the constructor rejects. CheckpointError: weights that cannot be read
-        or do not fit.
+        ConfigError: unknown name or keywords the constructor rejects; ``task: segmentation`` without a task head.
+        CheckpointError: weights that cannot be read or do not fit.
     """
     from ..models import create_model
 
     spec = recipe.model
+    kwargs = dict(spec.kwargs)
+    if spec.task_head is not None:
+        kwargs["task_head"] = spec.task_head
+    elif recipe.task == "segmentation":
+        raise ConfigError(
+            f"task: segmentation needs a model that outputs per-pixel logits; set model.task_head: fpn to build one "
+            f"on the backbone {spec.name!r}, or pass your own model to finetune(model=...)."
+        )
     return create_model(
-        spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, library=spec.library, **spec.kwargs
+        spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, library=spec.library, **kwargs
     )
 
 

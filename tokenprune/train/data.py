@@ -1,4 +1,5 @@
-"""Datasets and loaders: ImageFolder with timm's transforms, Fashion-MNIST from its IDX files, and a synthetic source.
+"""Datasets and loaders: ImageFolder with timm's transforms, Fashion-MNIST from its IDX files, and a synthetic source;
+for segmentation, a folder of images and masks and Fashion-MNIST scenes (`segdata.py`).
 
 Every problem with a dataset is found here, before training starts, and reported as a `DataError` naming the path
 and what to do. Loading is deterministic so that a resumed run sees exactly the batches, and the augmentations, of an
@@ -205,12 +206,18 @@ class ResumableSampler(Sampler[int]):
 
 @dataclass
 class DataBundle:
-    """Training and validation datasets plus what the model needs to know about them."""
+    """Training and validation datasets plus what the model needs to know about them.
+
+    ``task`` is "classification" (samples are (image, class)) or "segmentation" (samples are (image, mask [H, W])
+    with `ignore_index` marking pixels that count nowhere).
+    """
 
     train: Dataset
     val: Dataset
     num_classes: int
     in_chans: int
+    task: str = "classification"
+    ignore_index: int = 255
 
 
 def _imagefolder(root: Path, split: str, transform) -> Dataset:
@@ -252,6 +259,31 @@ def build_datasets(data, *, img_size: int, in_chans: int, seed: int = 0, model=N
         train = FashionMNIST(root, "train", img_size, data.augment)
         val = FashionMNIST(root, "test", img_size)
         bundle = DataBundle(train, val, 10, 1)
+    elif source == "fashion_mnist_scenes":
+        from .segdata import FashionMNISTScenes
+
+        root = Path(data.root or FASHION_MNIST_ROOT)
+        splits = {}
+        for split, count, offset in (("train", data.scenes, 0), ("test", data.val_scenes, 1)):
+            images, labels = (root / name for name in _FMNIST_FILES[split])
+            images, labels = _read_idx(images, 0x803, 3), _read_idx(labels, 0x801, 1)
+            splits[split] = FashionMNISTScenes(
+                images, labels, count, img_size, seed=seed * 2 + offset, items=data.scene_items,
+                threshold=data.ink_threshold, augment=data.augment if split == "train" else None,
+            )  # fmt: skip
+        bundle = DataBundle(splits["train"], splits["test"], 11, 1, "segmentation", data.ignore_index)
+    elif source == "segfolder":
+        from .segdata import SegmentationFolder
+
+        if data.root is None:
+            raise DataError("data.root is not set; point it at a folder with <split>/images and <split>/masks.")
+        common = dict(
+            num_classes=data.num_classes, in_chans=in_chans, ignore_index=data.ignore_index,
+            reduce_zero_label=data.reduce_zero_label,
+        )  # fmt: skip
+        train = SegmentationFolder(data.root, data.train_split, img_size, train=True, augment=data.augment, **common)
+        val = SegmentationFolder(data.root, data.val_split, img_size, train=False, **common)
+        bundle = DataBundle(train, val, data.num_classes, in_chans, "segmentation", data.ignore_index)
     elif source == "imagefolder":
         if data.root is None:
             raise DataError("data.root is not set; point it at a folder with train/ and val/ image folders.")
@@ -265,7 +297,10 @@ def build_datasets(data, *, img_size: int, in_chans: int, seed: int = 0, model=N
         train, val = _imagefolder(root, data.train_split, train_tf), _imagefolder(root, data.val_split, val_tf)
         bundle = DataBundle(train, val, len(train.classes), in_chans)
     else:
-        raise DataError(f"data.source={source!r} is unknown; use 'imagefolder', 'fashion_mnist' or 'synthetic'.")
+        raise DataError(
+            f"data.source={source!r} is unknown; use 'imagefolder', 'fashion_mnist' or 'synthetic' (classification), "
+            "'segfolder' or 'fashion_mnist_scenes' (segmentation)."
+        )
     if data.train_subset:
         bundle.train = torch.utils.data.Subset(bundle.train, range(min(data.train_subset, len(bundle.train))))
     if data.val_subset:

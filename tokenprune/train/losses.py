@@ -8,6 +8,10 @@ Token models::
 where token_KL compares, over channels, the student's final tokens with the teacher's at the positions the student
 kept (patch tokens only). Spatial models replace token_KL by the MSE between the final feature maps and weight the
 ratio term 10 instead of 2. Each part is returned separately so the trainer can log it.
+
+Segmentation (docs/design.md §3.5) replaces CE(y, p) by the per-pixel cross-entropy over labelled pixels (the
+ignore label, 255, counts nowhere) and the logit KL by a per-pixel KL averaged over pixels; the ratio and
+feature-map terms are unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ __all__ = [
     "token_distillation",
     "feature_distillation",
     "classification_loss",
+    "segmentation_loss",
+    "pixel_distillation",
 ]
 
 # docs/design.md §3.1 (DeiT: lambda_r = 2; ConvNeXt/Swin: 10); CE 1.0 and KL 0.5 in both.
@@ -102,6 +108,23 @@ def classification_loss(logits: Tensor, target: Tensor) -> Tensor:
     if target.dtype.is_floating_point and target.dim() == logits.dim():
         return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
     return F.cross_entropy(logits.float(), target)
+
+
+def segmentation_loss(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
+    """Per-pixel cross-entropy of logits [B, K, H, W] against labels [B, H, W], over pixels not `ignore_index`.
+
+    Zero (with a gradient path) when every pixel of the batch is ignored, instead of PyTorch's NaN.
+    """
+    if not bool((target != ignore_index).any()):
+        return logits.float().sum() * 0.0
+    return F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index)
+
+
+def pixel_distillation(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Tensor:
+    """KL(p_teacher || p_student) over the classes of each pixel (dim 1 of [B, K, H, W]), averaged over pixels."""
+    k = student.shape[1]
+    flat = [t.movedim(1, -1).reshape(-1, k) for t in (student, teacher)]
+    return logit_distillation(flat[0], flat[1], temperature)
 
 
 def ratio_loss(decisions: list[Tensor], keep_ratios: Tensor | list[float]) -> Tensor:
@@ -198,11 +221,15 @@ class SparsificationLoss(nn.Module):
 
     Args:
         weights: resolved weights (see `LossWeights.for_kind`).
+        task: "classification" (logits [B, K]) or "segmentation" (logits [B, K, H, W], labels [B, H, W]).
+        ignore_index: segmentation label that counts in no loss.
     """
 
-    def __init__(self, weights: LossWeights) -> None:
+    def __init__(self, weights: LossWeights, task: str = "classification", ignore_index: int = 255) -> None:
         super().__init__()
-        self.weights = weights
+        if task not in ("classification", "segmentation"):
+            raise ConfigError(f"task {task!r} is unknown; use 'classification' or 'segmentation'.")
+        self.weights, self.task, self.ignore_index = weights, task, ignore_index
 
     def forward(
         self,
@@ -225,7 +252,11 @@ class SparsificationLoss(nn.Module):
             keep_ratios: targets rho_s overriding ``state.keep_ratios`` (learned ratios pass their tensor here).
         """
         w = self.weights
-        if isinstance(logits, Tensor):
+        if self.task == "segmentation":
+            zero = logits.new_zeros((), dtype=torch.float32)
+            parts = {"ce": segmentation_loss(logits, target, self.ignore_index), "ratio": zero, "kl": zero,
+                     "distill": zero}  # fmt: skip
+        elif isinstance(logits, Tensor):
             zero = logits.new_zeros((), dtype=torch.float32)
             parts = {"ce": classification_loss(logits, target), "ratio": zero, "kl": zero, "distill": zero}
         else:  # several feature maps (dict/list/tuple), no logits: docs/design.md §5.4
@@ -236,7 +267,8 @@ class SparsificationLoss(nn.Module):
         if w.kl > 0:
             if teacher_logits is None:
                 raise ConfigError("loss.kl > 0 needs the teacher's logits; pass a teacher or set loss.kl=0.")
-            parts["kl"] = logit_distillation(logits, teacher_logits, w.temperature)
+            distill = pixel_distillation if self.task == "segmentation" else logit_distillation
+            parts["kl"] = distill(logits, teacher_logits, w.temperature)
         if state is not None and w.distill > 0:
             if teacher_features is None:
                 raise ConfigError("loss.distill > 0 needs the teacher's final features; set loss.distill=0 if none.")

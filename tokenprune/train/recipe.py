@@ -1,8 +1,9 @@
 """Fine-tuning recipes: a typed schema, YAML loading, `key=value` overrides, and the resolved copy saved with a run.
 
-A recipe is plain YAML with the sections below. Every key has a default, so a recipe only states what differs;
-an unknown key (in the file or on the command line) is a `ConfigError` that names it, because a typo such as
-`optim.backbone_lr_sacle=0.1` would otherwise silently train with the default.
+A recipe is plain YAML with the sections below, plus one top-level key, ``task``: "classification" (the default) or
+"segmentation" (per-pixel labels, mIoU and pixel accuracy; docs/design.md §3.5). Every key has a default, so a recipe
+only states what differs; an unknown key (in the file or on the command line) is a `ConfigError` that names it,
+because a typo such as `optim.backbone_lr_sacle=0.1` would otherwise silently train with the default.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import yaml
 
 from ..errors import ConfigError
 
+TASKS = ("classification", "segmentation")
+
 __all__ = [
+    "TASKS",
     "ModelSection",
     "SparsifySection",
     "LearnedRatiosSection",
@@ -42,6 +46,10 @@ class ModelSection:
         checkpoint: path to teacher weights (a state dict, a safetensors file, or a harness checkpoint).
         kwargs: constructor keywords (timm: img_size, in_chans, embed_dim, depth, ...; torchvision: image_size...).
         library: "timm" or "torchvision" when a name exists in both (``None``: timm first, then torchvision).
+        task_head: ``None`` builds the library's model as is (a classifier); ``"fpn"`` builds a segmentation model
+            on the timm backbone `name` (``features_only=True`` + torchvision's FeaturePyramidNetwork + a 1x1
+            classifier, `tokenprune.models.segmenter`); ``kwargs`` then needs ``num_classes`` and may set
+            ``fpn_channels``, the rest go to the backbone.
     """
 
     name: str = "vit_tiny_patch16_224"
@@ -49,6 +57,7 @@ class ModelSection:
     checkpoint: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     library: str | None = None
+    task_head: str | None = None
 
 
 @dataclass
@@ -121,17 +130,30 @@ class DataSection:
     """Where images come from.
 
     Attributes:
-        source: "imagefolder" (root/train, root/val), "fashion_mnist" (IDX files) or "synthetic".
+        source: classification: "imagefolder" (root/train, root/val), "fashion_mnist" (IDX files) or
+            "synthetic"; segmentation: "segfolder" (root/<split>/images + root/<split>/masks) or
+            "fashion_mnist_scenes" (Fashion-MNIST items composed into canvases; see `train/segdata.py`).
         root: dataset folder; for fashion_mnist the default Debian install path when ``None``.
         train_split: sub-folder of the training images (imagefolder).
         val_split: sub-folder of the validation images (imagefolder).
-        img_size: input resolution; ``None`` takes it from the model.
-        num_classes: classes of the synthetic source (others infer it).
+        img_size: input resolution; ``None`` takes it from the model. Segmentation: the crop size (segfolder) or
+            the canvas size (fashion_mnist_scenes).
+        num_classes: classes of the synthetic and segfolder sources (others infer it); a segfolder mask value at
+            or above it that is not ``ignore_index`` is a `DataError`.
         synthetic_size: images per split of the synthetic source.
         train_subset: use only the first N training images (quick runs); ``None`` for all.
         val_subset: use only the first N validation images; ``None`` for all.
         workers: DataLoader worker processes.
-        augment: keyword arguments for ``timm.data.create_transform`` in training (auto_augment, re_prob, ...).
+        augment: keyword arguments for ``timm.data.create_transform`` in training (auto_augment, re_prob, ...);
+            segmentation sources take ``hflip`` (probability, applied to image and mask together).
+        ignore_index: segmentation label of pixels that count in neither loss nor metrics.
+        reduce_zero_label: segfolder: label 0 means "unlabelled" (ADE20K's convention): it becomes ignore_index
+            and every other label moves down by one.
+        scenes: fashion_mnist_scenes: number of training canvases (from the training split).
+        val_scenes: fashion_mnist_scenes: number of test canvases (from the test split).
+        scene_items: fashion_mnist_scenes: [min, max] items per canvas.
+        ink_threshold: fashion_mnist_scenes: an item pixel above this (0-255) is the item's class, else
+            background (class 0).
     """
 
     source: str = "imagefolder"
@@ -145,6 +167,12 @@ class DataSection:
     val_subset: int | None = None
     workers: int = 4
     augment: dict[str, Any] = field(default_factory=dict)
+    ignore_index: int = 255
+    reduce_zero_label: bool = False
+    scenes: int = 8000
+    val_scenes: int = 2000
+    scene_items: list[int] = field(default_factory=lambda: [2, 4])
+    ink_threshold: int = 50
 
 
 @dataclass
@@ -252,8 +280,9 @@ def _coerce(key: str, hint: str, value: Any, source: str) -> Any:
 
 @dataclass
 class Recipe:
-    """A complete, validated fine-tuning recipe."""
+    """A complete, validated fine-tuning recipe (`task` is "classification" or "segmentation")."""
 
+    task: str = "classification"
     model: ModelSection = field(default_factory=ModelSection)
     sparsify: SparsifySection = field(default_factory=SparsifySection)
     learned_ratios: LearnedRatiosSection = field(default_factory=LearnedRatiosSection)
@@ -280,10 +309,16 @@ class Recipe:
         data = data or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: a recipe must be a mapping of sections, got {type(data).__name__}.")
-        sections = {}
+        sections: dict[str, Any] = {}
         for name, value in data.items():
+            if name == "task":
+                if value not in TASKS:
+                    raise ConfigError(f"{source}: task={value!r} is unknown; use one of {', '.join(TASKS)}.")
+                sections["task"] = value
+                continue
             if name not in _SECTIONS:
-                raise ConfigError(f"{source}: unknown recipe section {name!r}; known: {', '.join(_SECTIONS)}.")
+                known = ", ".join(["task", *_SECTIONS])
+                raise ConfigError(f"{source}: unknown recipe section {name!r}; known: {known}.")
             if value is None:
                 continue
             if not isinstance(value, dict):
@@ -362,6 +397,9 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         except yaml.YAMLError:
             value = raw
         parts = key.strip().split(".")
+        if parts == ["task"]:
+            data["task"] = value
+            continue
         if parts[0] not in _SECTIONS or len(parts) < 2:
             listed = ", ".join(_SECTIONS)
             raise ConfigError(f"unknown recipe key {key!r}; keys look like section.name, sections: {listed}.")

@@ -30,6 +30,7 @@ from .data import DataBundle, make_loader
 from .distributed import DistInfo, all_reduce_sum
 from .logging import MetricsWriter, ProgressReporter
 from .losses import LossOutput, LossWeights, SparsificationLoss
+from .metrics import confusion_matrix, segmentation_scores
 from .optim import build_optimizer, original_parameter_names, param_groups, warmup_cosine
 from .ratios import ComputeModel, LearnedKeepRatios, budget_penalty
 from .recipe import Recipe
@@ -42,6 +43,11 @@ def _selectors(model: nn.Module) -> list[nn.Module]:
     from ..nn.recorder import selectors
 
     return selectors(model)
+
+
+def _describe(scores: dict[str, float]) -> str:
+    names = {"top1": "top-1", "miou": "mIoU", "pixel_acc": "pixel accuracy"}
+    return ", ".join(f"{names.get(k, k)} {v:.2f}%" for k, v in scores.items())
 
 
 def _state(model: nn.Module):
@@ -70,7 +76,13 @@ class Trainer:
         self.teacher = teacher.to(self.device).eval().requires_grad_(False) if teacher is not None else None
         self.config = config_of(student)
         self.sparsified = self.config is not None
-        self.loss_fn = SparsificationLoss(self._weights())
+        self.task, self.num_classes, self.ignore_index = recipe.task, data.num_classes, data.ignore_index
+        if data.task != recipe.task:
+            raise ConfigError(
+                f"the recipe's task is {recipe.task!r} but data.source={recipe.data.source!r} gives {data.task} "
+                f"samples; set task: {data.task} or use a {recipe.task} data source."
+            )
+        self.loss_fn = SparsificationLoss(self._weights(), recipe.task, data.ignore_index)
         o, run = recipe.optim, recipe.run
         self.accum = o.accum_steps
         if o.global_batch_size:
@@ -247,22 +259,41 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> float:
-        """Top-1 (%) of `model` in eval mode over the whole validation set (shared across ranks, no padding)."""
+    def evaluate_metrics(self, model: nn.Module) -> dict[str, float]:
+        """`model`'s scores in eval mode over the whole validation set (shared across ranks, no padding).
+
+        Classification: ``{"top1"}``; segmentation: ``{"miou", "pixel_acc"}`` (train/metrics.py), all in %.
+        """
         was = model.training
         model.eval()
-        counts = torch.zeros(2, dtype=torch.float64, device=self.device)
+        segmentation = self.task == "segmentation"
+        size = (self.num_classes, self.num_classes) if segmentation else (2,)
+        counts = torch.zeros(size, dtype=torch.float64, device=self.device)
         self.val_loader.sampler.set_epoch(0)
         for x, y in self.val_loader:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = model(x)
             logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-            counts[0] += (logits.argmax(-1) == y).sum()
-            counts[1] += y.numel()
+            if segmentation:
+                counts += confusion_matrix(logits.argmax(1), y, self.num_classes, self.ignore_index)
+            else:
+                counts[0] += (logits.argmax(-1) == y).sum()
+                counts[1] += y.numel()
         all_reduce_sum(counts, self.info)
         model.train(was)
-        return float(100.0 * counts[0] / counts[1].clamp(min=1))
+        if segmentation:
+            return segmentation_scores(counts)
+        return {"top1": float(100.0 * counts[0] / counts[1].clamp(min=1))}
+
+    @property
+    def score_name(self) -> str:
+        """The main validation score: "top1" (classification) or "miou" (segmentation)."""
+        return "miou" if self.task == "segmentation" else "top1"
+
+    def evaluate(self, model: nn.Module) -> float:
+        """The main score (%) of `model` over the validation set: top-1, or mIoU for segmentation."""
+        return self.evaluate_metrics(model)[self.score_name]
 
     def apply_learned_ratios(self) -> list[float] | None:
         """Write the learned ratios, shifted onto the budget exactly, into the selectors and the config."""
@@ -293,10 +324,12 @@ class Trainer:
             reporter.message(f"resumed from {resumed[0]} at step {self.step}/{self.total_steps}")
         if resumed is None and self.sparsified and self.recipe.sparsify.warm_start_steps:
             self._warm_start(reporter)
+        name = self.score_name
         if self.teacher is not None and self.teacher_top1 is None:
-            self.teacher_top1 = self.evaluate(self.teacher)
-            self.metrics.write("teacher", top1=self.teacher_top1)
-            reporter.message(f"teacher top-1 {self.teacher_top1:.2f}%")
+            scores = self.evaluate_metrics(self.teacher)
+            self.teacher_top1 = scores[name]  # the main score (mIoU for segmentation), as checkpoints keep it
+            self.metrics.write("teacher", **scores)
+            reporter.message(f"teacher {_describe(scores)}")
         try:
             while self.step < self.total_steps:
                 self._epoch(reporter)
@@ -306,10 +339,10 @@ class Trainer:
                 self._hook.remove()
                 self._hook = None
         ratios = self.apply_learned_ratios()
-        top1 = self.evaluate(self.student)
+        scores = self.evaluate_metrics(self.student)
         result = {
-            "top1": top1,
-            "teacher_top1": self.teacher_top1,
+            **scores,
+            f"teacher_{name}": self.teacher_top1,
             "steps": self.step,
             "keep_ratios": [s.keep_ratio for s in _selectors(self.student)],
             "learned": ratios is not None,
@@ -317,7 +350,8 @@ class Trainer:
         if ratios is not None:
             result["flops_estimate"] = float(self.compute.ratio(torch.tensor(ratios)))
         self.metrics.write("final", **result)
-        reporter.message(f"final top-1 {top1:.2f}% " + (f"(teacher {self.teacher_top1:.2f}%)" if self.teacher else ""))
+        teacher = f"(teacher {self.teacher_top1:.2f}%)" if self.teacher else ""
+        reporter.message(f"final {_describe(scores)} {teacher}")
         self.save("last.pt")
         return result
 
@@ -405,7 +439,10 @@ class Trainer:
     def _evaluate_epoch(self, epoch: int, reporter: ProgressReporter) -> None:
         kept = [s.keep_ratio for s in _selectors(self.student)]
         ratios = self.apply_learned_ratios()
-        top1 = self.evaluate(self.student)
-        self.best_top1 = top1 if self.best_top1 is None else max(self.best_top1, top1)
-        self.metrics.write("eval", step=self.step, epoch=epoch, top1=top1, keep_ratios=ratios or kept)
-        reporter.message(f"epoch {epoch}: top-1 {top1:.2f}% (teacher {self.teacher_top1}) keep ratios {ratios or kept}")
+        scores = self.evaluate_metrics(self.student)
+        score = scores[self.score_name]
+        self.best_top1 = score if self.best_top1 is None else max(self.best_top1, score)
+        self.metrics.write("eval", step=self.step, epoch=epoch, **scores, keep_ratios=ratios or kept)
+        reporter.message(
+            f"epoch {epoch}: {_describe(scores)} (teacher {self.teacher_top1}) keep ratios {ratios or kept}"
+        )
