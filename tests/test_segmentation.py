@@ -231,3 +231,23 @@ def test_tiny_sparse_segmentation_finetune(tmp_path):
     assert evals and {"miou", "pixel_acc"} <= set(evals[0])
     train = [r for r in lines if r["kind"] == "train"]
     assert all({"ce", "ratio", "distill"} <= set(r) for r in train) and train[-1]["distill"] > 0
+
+
+def test_a_sparsified_segmenter_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    model = tokenprune.create_model("convnext_atto", task_head="fpn", num_classes=5, in_chans=1).eval()
+    x = torch.randn(2, 1, 64, 64)
+    sparse = tokenprune.sparsify(model, 0.7, example_inputs=x[:1]).eval()
+    loaded = tokenprune.load(tokenprune.save(sparse, tmp_path / "seg.safetensors")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), sparse(x))
+
+
+def test_a_three_block_stage_gets_as_many_keep_ratios_as_locations(tmp_path):
+    model = tokenprune.create_model(
+        "convnext_atto", task_head="fpn", num_classes=5, in_chans=1, depths=(1, 1, 3, 1), dims=(16, 32, 64, 96)
+    ).eval()
+    sparse = tokenprune.sparsify(model, 0.7, example_inputs=torch.randn(1, 1, 64, 64))
+    config = tokenprune.config_of(sparse)
+    assert config.locations == [1, 2] and len(config.keep_ratios) == 2
+    tokenprune.load(tokenprune.save(sparse, tmp_path / "seg.safetensors"))

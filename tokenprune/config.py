@@ -26,7 +26,8 @@ def default_locations(depth: int, kind: str = "token") -> list[int]:
     """Chain indices of the blocks a predictor precedes (docs/design.md §1.1: D/4, D/2, 3D/4 -> [3, 6, 9] of 12)."""
     if kind == "spatial":
         # docs/design.md §1.2: ConvNeXt-T uses blocks 1, 2, 3 of its 9-block stage; deeper stages 3, 6, 9 (of 27).
-        return [1, 2, 3] if depth < 12 else [depth // 9, 2 * depth // 9, 3 * depth // 9]
+        locations = [1, 2, 3] if depth < 12 else [depth // 9, 2 * depth // 9, 3 * depth // 9]
+        return [loc for loc in locations if loc < depth]  # a chain of 2 or 3 blocks gets fewer stages
     locations = sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3)})
     return [loc for loc in locations if loc < depth]
 

@@ -125,13 +125,9 @@ def check_source(source: Any, where: str) -> dict[str, Any] | None:
 
 
 def _construct(library: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
-    if library == "timm":
-        import timm
+    from ..models import _build  # the one constructor, also for `task_head` models (a segmenter on a backbone)
 
-        return timm.create_model(name, pretrained=False, **kwargs)
-    import torchvision
-
-    return torchvision.models.get_model(name, weights=None, **kwargs)
+    return _build(library, name, False, kwargs)
 
 
 def build_meta(source: dict[str, Any]) -> nn.Module | None:
