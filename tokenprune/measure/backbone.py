@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
-__all__ = ["find_backbone"]
+__all__ = ["find_backbone", "eval_forward"]
 
 
 def _ancestors(chain: Sequence[str]) -> list[str]:
@@ -57,6 +57,13 @@ def _called_on_image_hooks(model: nn.Module, candidates: list[str], inputs: torc
                 found.add(name)
 
         handles.append(module.register_forward_pre_hook(hook))
+    eval_forward(model, inputs, handles)
+    return found
+
+
+def eval_forward(model: nn.Module, inputs: torch.Tensor, handles: list) -> None:
+    """One eval-mode forward without gradients for what the `handles`' hooks record; then the hooks are removed and
+    every module's training flag is restored."""
     training = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -67,7 +74,6 @@ def _called_on_image_hooks(model: nn.Module, candidates: list[str], inputs: torc
             handle.remove()
         for module, mode in training.items():
             module.training = mode
-    return found
 
 
 def find_backbone(model: nn.Module, chain: Sequence[str], inputs: torch.Tensor) -> str | None:

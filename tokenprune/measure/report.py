@@ -53,7 +53,7 @@ from torch import nn
 
 from ..nn.scorer import SCORES_MODULE
 from ..outputs import output_names
-from .backbone import find_backbone
+from .backbone import eval_forward, find_backbone
 from .flops import PREDICTOR_MARK, profile_flops, sparsify_config
 from .speed import compare, describe_device
 
@@ -130,16 +130,7 @@ def stage_tokens(model: nn.Module, inputs: torch.Tensor) -> dict[str, int | None
         module.register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, _token_count(out)))
         for name, module in _selectors(model)
     ]
-    training = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.inference_mode():
-            model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in training.items():
-            module.training = mode
+    eval_forward(model, inputs, handles)
     return seen
 
 
