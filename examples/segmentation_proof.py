@@ -48,7 +48,7 @@ def _common(args: argparse.Namespace) -> list[str]:
     common = [f"run.threads={args.threads}", f"data.scenes={args.scenes}", f"data.val_scenes={args.val_scenes}"]
     if args.data_root:
         common.append(f"data.root={args.data_root}")
-    return common
+    return common + list(args.set or [])
 
 
 def run_stage(stage: str, args: argparse.Namespace) -> dict:
@@ -114,7 +114,7 @@ def random_location_scores(student: torch.nn.Module, dataset, num_classes: int) 
     predictors = [s.predictor for s in stages]
     try:
         for s in stages:
-            s.predictor = RandomLocationScores(s.channel)
+            s.predictor = RandomLocationScores(getattr(s, "channel", -1))  # token stages (ViT route): channels last
         return scores(student, dataset, num_classes)
     finally:
         for s, predictor in zip(stages, predictors, strict=True):
@@ -257,6 +257,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--speed-batch", type=int, default=64)
+    parser.add_argument(
+        "--set", action="append", metavar="KEY=VALUE",
+        help="recipe override for every stage, e.g. the ViT route: --set model.name=vit_tiny_patch16_224 "
+        "--set 'model.kwargs={...}' --set loss.kind=token",
+    )  # fmt: skip
     parser.add_argument("--speed-repeats", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
