@@ -214,3 +214,9 @@ def test_fuzz_404_mutations_each_give_a_checkpoint_error(saved: Path, tmp_path: 
     # Positive control: the payload does run code when plainly unpickled, so the marker would have shown it.
     pickle.loads(pickle.dumps(payload))
     assert marker.exists()
+
+
+def test_a_file_from_before_the_scorer_field_loads_with_learned_predictors(saved: Path, tmp_path: Path):
+    older = _write(saved, tmp_path / "older.safetensors", config={"scorer": None})
+    assert "scorer" not in json.loads(read_metadata(older)["config"])
+    assert tokenprune.config_of(tokenprune.load(older)).scorer == "predictor"
