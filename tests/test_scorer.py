@@ -181,3 +181,9 @@ def test_refusals_name_the_reason():
         assert "predictor, attention" in str(e)
     else:
         raise AssertionError("a bad scorer was accepted")
+
+
+def test_onnx_export_of_the_attention_scorer_matches_pytorch(tmp_path):
+    _, sparse = _pair("deit_small_patch16_224")
+    result = tokenprune.export(sparse, tmp_path / "m.onnx", format="onnx")
+    assert result["max_abs_diff"] < 1e-4
