@@ -32,6 +32,7 @@ WORKS = [
     _e("convnext_atto"),  # spatial
     _e("swin_tiny_patch4_window7_224", img_size=112, depths=(1, 1, 4, 1)),  # spatial, window attention
     _e("repvit_m0_9"),  # spatial, two per-location branches: the MLP is chosen
+    _e("crossvit_tiny_240"),  # two token streams; the head that combines them reads a refilled token set
 ]
 
 REFUSED = {
@@ -39,7 +40,7 @@ REFUSED = {
     "resnet18": _e("resnet18"),  # no per-location tail
     "pvt_v2_b0": _e("pvt_v2_b0"),  # a conv over the token grid inside the block
     "mixer_s16_224": _e("mixer_s16_224"),  # token-mixing MLP
-    "crossvit_tiny_240": _e("crossvit_tiny_240"),  # two token streams attend to each other
+    "xcit_nano_12_p16_224": _e("xcit_nano_12_p16_224"),  # normalisation over tokens (cross-covariance attention)
 }
 
 
