@@ -188,6 +188,10 @@ def report(args: argparse.Namespace) -> dict:
             "scorer": config.scorer,
             "steps": _steps(out / name / "metrics.jsonl") if path is not None else 0,
             "random_selection_top1": random_selection_top1(student, data.val) if config.scorer == "predictor" else None,
+            # for the untrained row: the same keep counts, random tokens, also untrained (the scorer's control)
+            "random_untrained_top1": random_selection_top1(_student(teacher, None, "predictor"), data.val)
+            if path is None
+            else None,
             "gmacs": flops.gmacs,
             "flops_vs_teacher": flops.gmacs / dense_gmacs,
             "keep_ratios": [s.keep_ratio for s in tokenprune.selectors(student)],
@@ -229,7 +233,7 @@ def _markdown(results: dict, args: argparse.Namespace) -> str:
         if name in results:
             r = results[name]
             ratios = ", ".join(f"{k:.3f}" for k in r["keep_ratios"])
-            random = "-" if r["random_selection_top1"] is None else f"{r['random_selection_top1']:.2f}"
+            random = next((f"{r[k]:.2f}" for k in ("random_selection_top1", "random_untrained_top1") if r.get(k)), "-")
             lines.append(
                 f"| {label} ({r['steps']} steps) | {r['top1']:.2f} | {random} | {r['gmacs']:.4f} | "
                 f"{r['flops_vs_teacher']:.3f} | {ratios} | "
