@@ -3,15 +3,15 @@
 
 Random weights. Each pair is timed in one process with interleaved runs (`tokenprune.measure.speed.compare`); the
 speed-up is the median over pairs of dense time / sparse time. Compilation (inductor, the default backend) happens in
-the warm-up runs and is not timed; on CPU it takes minutes per model.
+the warm-up runs and is not timed (on this CPU both models, dense and sparse, compile in about a minute).
 
     python examples/bench_compile.py --batch 16 --threads 2           # CPU, DeiT-S and ConvNeXt-T
     python examples/bench_compile.py --device cuda --batch 128
 
-Results (2026-12-02, `--batch 16 --threads 2 --repeats 5`, CPU AMD EPYC with 2 cores shared with other jobs, whose
-load changed between runs, hence the spread): speed-up of sparse over dense (median of interleaved pairs)
-    DeiT-S      eager 1.35x, compiled 1.29x
-    ConvNeXt-T  eager 1.07x, compiled 0.89x (first run); eager 1.04x, compiled 1.16x (second run)
+Results (2026-12-02, `--batch 16 --threads 2 --repeats 10`, CPU AMD EPYC, 2 cores, idle machine, two runs):
+speed-up of sparse over dense (median of interleaved pairs)
+    DeiT-S      eager 1.54x / 1.58x, compiled 1.53x / 1.52x
+    ConvNeXt-T  eager 1.15x / 1.16x, compiled 1.19x / 1.20x
 """
 
 from __future__ import annotations
