@@ -22,12 +22,13 @@ Peak memory:
     python examples/bench_train_step.py --batch-size 8 --threads 2            # CPU, DeiT-S and ConvNeXt-T
     python examples/bench_train_step.py --device cuda --amp bf16               # recipes' batch sizes (128)
 
-Results (2026-12-02, `--batch-size 8 --threads 2 --repeats 7`, random weights, CPU AMD EPYC with 2 cores shared with
-other jobs: single pairs ranged 0.8x-4x, so the time medians are rough; the memory figures are deterministic):
-    DeiT-S      time 1.24x (cpu 1.24x), peak memory 773 vs 716 MiB = 1.08x
-    ConvNeXt-T  time 1.09x (cpu 1.10x), peak memory 1349 vs 1218 MiB = 1.11x
-Before the fused masked attention (explicit [B, H, N, N] softmax kept for the backward), DeiT-S, `--repeats 3`:
-time 1.70x, peak memory 1033 vs 716 MiB = 1.44x. Not yet measured: the recipes' batch 128, and a GPU.
+Results (2026-12-02, `--batch-size 128 --threads 2 --repeats 5`, one model per run, random weights, CPU AMD EPYC,
+2 cores, idle machine):
+    DeiT-S      time 1.14x (cpu 1.15x; pairs 1.07-1.18x), peak memory 8406 vs 7618 MiB = 1.10x
+    ConvNeXt-T  time 1.16x (cpu 1.14x; pairs 1.12-1.18x), peak memory 15527 vs 13755 MiB = 1.13x
+Earlier, `--batch-size 8 --repeats 7` on a loaded machine: DeiT-S 1.24x / 1.08x, ConvNeXt-T 1.09x / 1.11x; before the
+fused masked attention (explicit [B, H, N, N] softmax kept for the backward), DeiT-S time 1.70x, memory 1.44x.
+Not yet measured: a GPU.
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ Run it in the background::
 
     nohup python examples/segmentation_proof.py --out runs/seg > runs/seg.log 2>&1 &
 
+The plain-ViT route (dropped tokens re-filled, docs/design.md §2.7) runs the same stages with ``--set`` overrides
+(the README has the command); the report's bounds — every location kept, one kept per stage — show how much the
+choice of locations can be worth on the task.
+
 Needs ``apt-get install dataset-fashion-mnist`` (or ``--data-root`` pointing at the IDX .gz files).
 """
 
