@@ -45,7 +45,7 @@ LOCATIONS = [3, 6, 9]
 
 
 def _common(args: argparse.Namespace) -> list[str]:
-    common = [f"run.threads={args.threads}", f"model.kwargs.embed_dim={args.width}"]
+    common = [f"run.threads={args.threads}", f"model.kwargs.embed_dim={args.width}", f"run.seed={args.seed}"]
     if args.data_root:
         common.append(f"data.root={args.data_root}")
     if args.train_subset:
@@ -252,6 +252,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=96, help="embedding width (3 heads)")
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     parser.add_argument("--train-subset", type=int, default=None, help="train on the first N images only")
+    parser.add_argument(
+        "--seed", type=int, default=0,
+        help="run.seed of every stage (initialisation, data order, augmentation, Gumbel noise); the test set is fixed",
+    )  # fmt: skip
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--speed-batch", type=int, default=128)
     parser.add_argument("--speed-repeats", type=int, default=10)
