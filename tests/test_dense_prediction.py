@@ -96,6 +96,19 @@ def dense(name: str) -> nn.Module:
     return _DENSE[name]
 
 
+def teacher_map(name: str, state, x: torch.Tensor) -> torch.Tensor:
+    """The dense model's output of the block the sparse model's state names as its chain output (what is distilled)."""
+    maps = {}
+    block = dense(name).get_submodule(state.chain_output)
+    handle = block.register_forward_hook(lambda _m, _i, out: maps.setdefault("map", out))
+    try:
+        with torch.no_grad():
+            dense(name)(x)
+    finally:
+        handle.remove()
+    return maps["map"]
+
+
 def sparse(name: str) -> nn.Module:
     if name not in _SPARSE:
         torch.manual_seed(1)
@@ -180,18 +193,7 @@ def test_sparsity_state(name):
     with torch.no_grad():
         model(x)
     state = tokenprune.sparsity_state(model)
-    maps = {}
-    handle = (
-        dense(name)
-        .get_submodule(state.chain_output)
-        .register_forward_hook(lambda _m, _i, out: maps.setdefault("teacher", out))
-    )
-    try:
-        with torch.no_grad():
-            dense(name)(x)
-    finally:
-        handle.remove()
-    assert state.final_tokens.shape == maps["teacher"].shape
+    assert state.final_tokens.shape == teacher_map(name, state, x).shape
     assert len(state.decisions) == 3 and all(d.shape[0] == 2 for d in state.decisions)
     assert all(torch.all(b <= a) for a, b in zip(state.decisions, state.decisions[1:]))
 
@@ -329,17 +331,7 @@ def test_loss_accepts_feature_maps_without_logits():
     model = copy.deepcopy(sparse(name)).train()
     out = model(images(2))
     state = tokenprune.sparsity_state(model)
-    teacher = {}
-    handle = (
-        dense(name)
-        .get_submodule(state.chain_output)
-        .register_forward_hook(lambda _m, _i, o: teacher.setdefault("map", o))
-    )
-    try:
-        with torch.no_grad():
-            dense(name)(images(2))
-    finally:
-        handle.remove()
+    teacher = {"map": teacher_map(name, state, images(2))}
     loss = SparsificationLoss(LossWeights.for_kind("spatial", ce=0.0, kl=0.0))
     result = loss(out, None, state, teacher_features=teacher["map"])
     assert torch.isfinite(result.total) and result.parts["ce"] == 0 and result.parts["distill"] > 0
