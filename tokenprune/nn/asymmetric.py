@@ -9,6 +9,8 @@ Maps come in any layout; a layout is described by `channel` (the channel dim) an
 dims in row-major order: (2, 3) for [B, C, H, W], (1, 2) for [B, H, W, C], (1,) for [B, H*W, C]). Locations are
 numbered row-major, as the stages' [B, H*W, 1] masks number them. Gathered execution works on channels-last rows
 [B, L, C] (contiguous per location, what LayerNorm and Linear read best) and returns the full map as a view of them.
+It reads the locations it needs straight from the map in the map's own layout, so a [B, C, H, W] map is never copied
+whole into rows: only the k gathered locations are (docs/design.md §2.4).
 
 Three executions, chosen by what the stage passed:
   * dense (`mask` and `keep` None): the slow path's output as is.
@@ -43,6 +45,19 @@ def _along_rows(index: torch.Tensor, channels: int) -> torch.Tensor:
     return index.unsqueeze(-1).expand(-1, -1, channels)
 
 
+def _gather_rows(x: torch.Tensor, index: torch.Tensor, channel: int, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Locations `index` [B, k] of map `x` as contiguous rows [B, k, C], read in `x`'s own layout.
+
+    `_rows(x)` followed by a gather would first copy the whole map into channels-last rows when `x` is
+    channels-first; gathering along the flattened spatial dim copies only the k locations asked for.
+    """
+    flat = x.flatten(spatial[0], spatial[-1])  # [B, L, C] or [B, C, L]; a view for maps contiguous in their layout
+    if channel < spatial[0]:
+        where = index.unsqueeze(1).expand(-1, flat.shape[1], -1)
+        return flat.gather(2, where).transpose(1, 2).contiguous()
+    return flat.gather(1, _along_rows(index, flat.shape[-1]))
+
+
 def gather_locations(
     x: torch.Tensor, keep: torch.Tensor | None, channel: int, spatial: tuple[int, ...]
 ) -> torch.Tensor:
@@ -59,8 +74,7 @@ def gather_locations(
     """
     if keep is None:
         return x
-    rows = _rows(x, channel)
-    kept = rows.gather(1, _along_rows(keep, rows.shape[-1]))
+    kept = _gather_rows(x, keep, channel, spatial)
     return _map(kept, (keep.shape[1],) + (1,) * (len(spatial) - 1), channel)  # W' = 1: k rows of one location
 
 
@@ -140,6 +154,6 @@ class AsymmetricPath(nn.Module):
         )
         out.scatter_(1, _along_rows(keep, out.shape[-1]), kept)
         if drop is not None and drop.shape[1] > 0:
-            where = _along_rows(drop, out.shape[-1])
-            out.scatter_(1, where, self.fast(_rows(entry, self.channel).gather(1, where)).to(out.dtype))
+            fast = self.fast(_gather_rows(entry, drop, self.channel, self.spatial))
+            out.scatter_(1, _along_rows(drop, out.shape[-1]), fast.to(out.dtype))
         return _map(out, tuple(entry.shape[d] for d in self.spatial), self.channel)
