@@ -62,3 +62,20 @@ def test_bad_counts_raise() -> None:
 
 def test_describe_device() -> None:
     assert describe_device("cpu").startswith("cpu")
+
+
+def test_input_follows_the_model_dtype() -> None:
+    seen: list[torch.dtype] = []
+    model = tiny().to(torch.bfloat16)
+    model.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+    measure_throughput(model, INPUT, 2, warmup=0, repeats=1)
+    assert seen == [torch.bfloat16]
+    with pytest.raises(TokenPruneError, match="different dtypes"):
+        compare(tiny(), tiny().to(torch.bfloat16), INPUT, 2, warmup=0, repeats=1, latency=False)
+
+
+def test_compile_modes() -> None:
+    with pytest.raises(TokenPruneError, match="modes"):
+        measure_throughput(tiny(), INPUT, 2, warmup=0, repeats=1, compile="fastest")
+    result = measure_throughput(tiny(), INPUT, 2, warmup=1, repeats=1, compile="max-autotune-no-cudagraphs")
+    assert result["compile"] == "max-autotune-no-cudagraphs" and result["images_per_s"] > 0

@@ -1,7 +1,8 @@
 """Throughput and latency of eval forward passes, and a side-by-side dense/sparse comparison.
 
 Timings are wall-clock medians of several runs, in eval mode under `torch.inference_mode`, with CUDA synchronised
-around each run. Machine noise (other processes, frequency scaling) shifts absolute figures, so `compare` times the
+around each run. The input has the dtype of the model's parameters (convert a copy with ``.to(torch.bfloat16)`` to
+time bf16 inference). Machine noise (other processes, frequency scaling) shifts absolute figures, so `compare` times the
 two models in the same process with interleaved runs, which is what a speed-up should be computed from.
 """
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from ..errors import TokenPruneError
 
-__all__ = ["measure_throughput", "measure_latency", "compare", "describe_device"]
+__all__ = ["measure_throughput", "measure_latency", "compare", "describe_device", "COMPILE_MODES"]
 
 
 def describe_device(device: str | torch.device) -> str:
@@ -51,15 +52,44 @@ def _prepared(model: nn.Module, device: torch.device) -> Iterator[None]:
             module.training = mode
 
 
-def _runner(model: nn.Module, compile: bool) -> Callable[[torch.Tensor], Any]:
-    if not compile:
+#: `torch.compile` modes a measurement accepts (``compile=True`` is "default").
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile_mode(compile: bool | str) -> str | None:
+    """The `torch.compile` mode that `compile` asks for, or None for eager execution."""
+    if compile is False or compile is None:
+        return None
+    mode = "default" if compile is True else compile
+    if mode not in COMPILE_MODES:
+        raise TokenPruneError(f"compile={compile!r}: use True, False or one of the modes {COMPILE_MODES}.")
+    return mode
+
+
+def _runner(model: nn.Module, compile: bool | str) -> Callable[[torch.Tensor], Any]:
+    mode = _compile_mode(compile)
+    if mode is None:
         return model
     try:
-        return torch.compile(model)
+        return torch.compile(model, mode=mode)
     except Exception as e:  # compile backends fail in many ways (no compiler, unsupported op)
         raise TokenPruneError(
             f"torch.compile failed for {type(model).__name__}: {e}; measure with compile=False."
         ) from e
+
+
+def _input_dtype(models: Sequence[nn.Module]) -> torch.dtype:
+    """The floating dtype of the models' parameters (float32 when they have none); models must agree."""
+    dtypes = set()
+    for model in models:
+        first = next((p for p in model.parameters() if p.is_floating_point()), None)
+        dtypes.add(first.dtype if first is not None else torch.float32)
+    if len(dtypes) > 1:
+        raise TokenPruneError(
+            f"the models to compare have parameters of different dtypes {sorted(map(str, dtypes))}; convert both "
+            "to one dtype (e.g. .to(torch.bfloat16)) before measuring."
+        )
+    return dtypes.pop()
 
 
 def _sync(device: torch.device) -> None:
@@ -90,12 +120,12 @@ def _measure(
     warmup: int,
     repeats: int,
     device: str | torch.device,
-    compile: bool,
+    compile: bool | str,
 ) -> list[list[float]]:
     """Seconds per run for each model; runs interleaved model by model so noise hits all of them alike."""
     _check_counts(batch_size, warmup, repeats)
     device = torch.device(device)
-    x = torch.randn(batch_size, *input_size, device=device)
+    x = torch.randn(batch_size, *input_size, device=device, dtype=_input_dtype(models))
     times: list[list[float]] = [[] for _ in models]
     with contextlib.ExitStack() as stack:
         for model in models:
@@ -111,7 +141,7 @@ def _measure(
     return times
 
 
-def _summary(seconds: list[float], batch_size: int, device: str | torch.device, compile: bool) -> dict[str, Any]:
+def _summary(seconds: list[float], batch_size: int, device: str | torch.device, compile: bool | str) -> dict[str, Any]:
     median = statistics.median(seconds)
     return {
         "images_per_s": batch_size / median,
@@ -132,7 +162,7 @@ def measure_throughput(
     warmup: int = 3,
     repeats: int = 10,
     device: str | torch.device = "cpu",
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> dict[str, Any]:
     """Images per second of `model`'s eval forward at `batch_size`.
 
@@ -143,7 +173,8 @@ def measure_throughput(
         warmup: untimed passes first (allocator, caches, cuDNN autotuning, compilation).
         repeats: timed passes; the result is their median.
         device: where to run ("cpu", "cuda", "cuda:1").
-        compile: run through `torch.compile`.
+        compile: run through `torch.compile`: True (mode "default") or a mode name from `COMPILE_MODES`
+            ("reduce-overhead" replays CUDA graphs: what batch-1 latency on a GPU needs).
 
     Returns:
         ``{"images_per_s", "latency_ms" (median per batch), "runs_ms", "batch_size", "threads", "device",
@@ -160,7 +191,7 @@ def measure_latency(
     warmup: int = 3,
     repeats: int = 20,
     device: str | torch.device = "cpu",
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> dict[str, Any]:
     """Median milliseconds of one eval forward at batch 1. Same arguments and result keys as `measure_throughput`."""
     return measure_throughput(model, input_size, 1, warmup=warmup, repeats=repeats, device=device, compile=compile)
@@ -175,7 +206,7 @@ def compare(
     warmup: int = 3,
     repeats: int = 10,
     device: str | torch.device = "cpu",
-    compile: bool = False,
+    compile: bool | str = False,
     latency: bool = True,
 ) -> dict[str, Any]:
     """Measure `dense` and `sparse` side by side, runs interleaved (dense, sparse, dense, sparse, ...).
@@ -188,7 +219,7 @@ def compare(
         warmup: untimed passes of each model before timing.
         repeats: timed passes of each model; medians are reported.
         device: where to run.
-        compile: run both through `torch.compile`.
+        compile: run both through `torch.compile` (True or a mode name, as in `measure_throughput`).
         latency: also measure batch-1 latency (interleaved as well).
 
     Returns:
