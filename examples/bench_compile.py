@@ -1,14 +1,16 @@
 """`torch.compile` and sparsification together: eval throughput of dense vs sparse, eager and compiled, side by side
 (issue #14 item 1: compiled sparse vs compiled dense should keep at least the eager speed-up).
 
-Random weights. Each pair is timed in one process with interleaved runs (`tokenprune.measure.speed.compare`); the
-speed-up is the median over pairs of dense time / sparse time. Compilation (inductor, the default backend) happens in
-the warm-up runs and is not timed (on this CPU both models, dense and sparse, compile in about a minute).
+Random weights. The four models (dense, sparse, dense compiled, sparse compiled) are timed in one process, runs
+interleaved round by round (`tokenprune.measure.speed.time_interleaved`); each speed-up is the median over rounds of
+one model's time / the other's, which cancels slow drifts of the machine. Compilation (inductor, the default backend)
+happens in the warm-up rounds and is not timed (on this CPU both models compile in about a minute).
 
-    python examples/bench_compile.py --batch 16 --threads 2           # CPU, DeiT-S and ConvNeXt-T
+    python examples/bench_compile.py --batch 16 --threads 2 --repeats 25       # CPU, DeiT-S and ConvNeXt-T
     python examples/bench_compile.py --device cuda --batch 128
 
-Results (2026-12-02, `--batch 16 --threads 2 --repeats 10`, CPU AMD EPYC, 2 cores, idle machine, two runs):
+Results (2026-12-02, `--batch 16 --threads 2 --repeats 10`, CPU AMD EPYC, 2 cores, idle machine, two runs, eager and
+compiled pairs timed one after the other):
 speed-up of sparse over dense (median of interleaved pairs)
     DeiT-S      eager 1.54x / 1.58x, compiled 1.53x / 1.52x
     ConvNeXt-T  eager 1.15x / 1.16x, compiled 1.19x / 1.20x
@@ -17,13 +19,14 @@ speed-up of sparse over dense (median of interleaved pairs)
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 
 import timm
 import torch
 
 import tokenprune
-from tokenprune.measure.speed import compare, describe_device
+from tokenprune.measure.speed import describe_device, time_interleaved
 
 NAMES = {"deit_small_patch16_224": "DeiT-S", "convnext_tiny": "ConvNeXt-T"}
 
@@ -33,7 +36,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(NAMES), help="timm model names")
     parser.add_argument("--ratio", type=float, default=0.7, help="base keep ratio rho")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=25, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs (the first one compiles)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -46,27 +49,24 @@ def main() -> None:
         f"rho {args.ratio}, torch {torch.__version__}"
     )
     header = (
-        f"{'model':<12}{'img/s dense':>12}{'img/s sparse':>13}{'eager x':>9}"
-        f"{'img/s dense c':>14}{'img/s sparse c':>15}{'compiled x':>11}"
+        f"{'model':<12}{'img/s dense':>12}{'img/s sparse':>13}{'eager x':>9}{'img/s dense c':>14}"
+        f"{'img/s sparse c':>15}{'compiled x':>11}{'compile gain dense':>19}{'sparse':>8}"
     )
     rows = []
     for name in args.models:
         torch.manual_seed(0)
         dense = timm.create_model(name).eval()
         sparse = tokenprune.sparsify(dense, args.ratio, example_inputs=torch.randn(2, 3, 224, 224)).eval()
-        runs = {}
-        for compiled in (False, True):
-            torch._dynamo.reset()
-            runs[compiled] = compare(
-                dense, sparse, (3, 224, 224), args.batch,
-                warmup=args.warmup, repeats=args.repeats, device=args.device, compile=compiled, latency=False,
-            )  # fmt: skip
-        eager, comp = runs[False], runs[True]
+        torch._dynamo.reset()
+        t = time_interleaved(
+            [dense, sparse, dense, sparse], (3, 224, 224), args.batch,
+            warmup=args.warmup, repeats=args.repeats, device=args.device, compile=[False, False, True, True],
+        )  # fmt: skip
+        rate = [args.batch / statistics.median(runs) for runs in t]
+        ratio = [[statistics.median(x / y for x, y in zip(a, b)) for b in t] for a in t]  # [a][b]: time a / time b
         rows.append(
-            f"{NAMES.get(name, name):<12}{eager['dense']['images_per_s']:>12.1f}"
-            f"{eager['sparse']['images_per_s']:>13.1f}{eager['paired_speedup']:>8.2f}x"
-            f"{comp['dense']['images_per_s']:>14.1f}"
-            f"{comp['sparse']['images_per_s']:>15.1f}{comp['paired_speedup']:>10.2f}x"
+            f"{NAMES.get(name, name):<12}{rate[0]:>12.1f}{rate[1]:>13.1f}{ratio[0][1]:>8.2f}x{rate[2]:>14.1f}"
+            f"{rate[3]:>15.1f}{ratio[2][3]:>10.2f}x{ratio[0][2]:>18.3f}x{ratio[1][3]:>7.3f}x"
         )
         print(rows[-1], flush=True)
     print("\n" + header + "\n" + "\n".join(rows))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tokenprune.errors import TokenPruneError
-from tokenprune.measure.speed import compare, describe_device, measure_latency, measure_throughput
+from tokenprune.measure.speed import compare, describe_device, measure_latency, measure_throughput, time_interleaved
 
 INPUT = (3, 8, 8)
 
@@ -79,3 +79,11 @@ def test_compile_modes() -> None:
         measure_throughput(tiny(), INPUT, 2, warmup=0, repeats=1, compile="fastest")
     result = measure_throughput(tiny(), INPUT, 2, warmup=1, repeats=1, compile="max-autotune-no-cudagraphs")
     assert result["compile"] == "max-autotune-no-cudagraphs" and result["images_per_s"] > 0
+
+
+def test_time_interleaved_compiles_per_model() -> None:
+    model = tiny()
+    times = time_interleaved([model, model], INPUT, 2, warmup=1, repeats=2, compile=[False, True])
+    assert [len(t) for t in times] == [2, 2] and all(s > 0 for t in times for s in t)
+    with pytest.raises(TokenPruneError, match="one per model"):
+        time_interleaved([model, model], INPUT, 2, repeats=1, compile=[True])

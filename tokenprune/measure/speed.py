@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import TokenPruneError
 
-__all__ = ["measure_throughput", "measure_latency", "compare", "describe_device", "COMPILE_MODES"]
+__all__ = ["measure_throughput", "measure_latency", "compare", "describe_device", "time_interleaved", "COMPILE_MODES"]
 
 
 def describe_device(device: str | torch.device) -> str:
@@ -113,24 +113,38 @@ def _check_counts(batch_size: int, warmup: int, repeats: int) -> None:
         )
 
 
-def _measure(
+def time_interleaved(
     models: Sequence[nn.Module],
     input_size: Sequence[int],
     batch_size: int,
-    warmup: int,
-    repeats: int,
-    device: str | torch.device,
-    compile: bool | str,
+    *,
+    warmup: int = 3,
+    repeats: int = 10,
+    device: str | torch.device = "cpu",
+    compile: bool | str | Sequence[bool | str] = False,
 ) -> list[list[float]]:
-    """Seconds per run for each model; runs interleaved model by model so noise hits all of them alike."""
+    """Seconds per run of each model, runs interleaved model by model so machine noise hits all of them alike.
+
+    Args:
+        models: the models, timed in this order in every round (the same module may appear twice, e.g. once eager
+            and once compiled).
+        input_size, batch_size, warmup, repeats, device: as in `measure_throughput`.
+        compile: one setting for all models (as in `measure_throughput`) or one per model.
+
+    Returns:
+        One list of `repeats` timings (seconds) per model; entry j of each list comes from the same round.
+    """
     _check_counts(batch_size, warmup, repeats)
+    modes = list(compile) if isinstance(compile, (list, tuple)) else [compile] * len(models)
+    if len(modes) != len(models):
+        raise TokenPruneError(f"compile has {len(modes)} settings for {len(models)} models; give one per model.")
     device = torch.device(device)
     x = torch.randn(batch_size, *input_size, device=device, dtype=_input_dtype(models))
     times: list[list[float]] = [[] for _ in models]
     with contextlib.ExitStack() as stack:
         for model in models:
             stack.enter_context(_prepared(model, device))
-        runners = [_runner(m, compile) for m in models]
+        runners = [_runner(m, mode) for m, mode in zip(models, modes)]
         with torch.inference_mode():
             for _ in range(warmup):
                 for fn in runners:
@@ -180,7 +194,9 @@ def measure_throughput(
         ``{"images_per_s", "latency_ms" (median per batch), "runs_ms", "batch_size", "threads", "device",
         "compile"}``.
     """
-    (times,) = _measure([model], input_size, batch_size, warmup, repeats, device, compile)
+    (times,) = time_interleaved(
+        [model], input_size, batch_size, warmup=warmup, repeats=repeats, device=device, compile=compile
+    )
     return _summary(times, batch_size, device, compile)
 
 
@@ -228,7 +244,9 @@ def compare(
         "latency_speedup": dense/sparse batch-1 latency or None}``; ``dense``/``sparse`` hold the
         `measure_throughput` keys plus ``"batch1_latency_ms"`` (None without `latency`).
     """
-    dense_t, sparse_t = _measure([dense, sparse], input_size, batch_size, warmup, repeats, device, compile)
+    dense_t, sparse_t = time_interleaved(
+        [dense, sparse], input_size, batch_size, warmup=warmup, repeats=repeats, device=device, compile=compile
+    )
     result = {
         "dense": _summary(dense_t, batch_size, device, compile),
         "sparse": _summary(sparse_t, batch_size, device, compile),
@@ -241,7 +259,9 @@ def compare(
     for key in ("dense", "sparse"):
         result[key]["batch1_latency_ms"] = None
     if latency:
-        dense_l, sparse_l = _measure([dense, sparse], input_size, 1, warmup, repeats, device, compile)
+        dense_l, sparse_l = time_interleaved(
+            [dense, sparse], input_size, 1, warmup=warmup, repeats=repeats, device=device, compile=compile
+        )
         result["dense"]["batch1_latency_ms"] = statistics.median(dense_l) * 1e3
         result["sparse"]["batch1_latency_ms"] = statistics.median(sparse_l) * 1e3
         result["latency_speedup"] = result["dense"]["batch1_latency_ms"] / result["sparse"]["batch1_latency_ms"]
