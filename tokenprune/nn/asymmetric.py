@@ -41,21 +41,18 @@ def _map(rows: torch.Tensor, sizes: tuple[int, ...], channel: int) -> torch.Tens
     return rows.view(rows.shape[0], *sizes, rows.shape[-1]).movedim(-1, channel)
 
 
-def _along_rows(index: torch.Tensor, channels: int) -> torch.Tensor:
-    return index.unsqueeze(-1).expand(-1, -1, channels)
-
-
 def _gather_rows(x: torch.Tensor, index: torch.Tensor, channel: int, spatial: tuple[int, ...]) -> torch.Tensor:
     """Locations `index` [B, k] of map `x` as contiguous rows [B, k, C], read in `x`'s own layout.
 
     `_rows(x)` followed by a gather would first copy the whole map into channels-last rows when `x` is
-    channels-first; gathering along the flattened spatial dim copies only the k locations asked for.
+    channels-first; indexing the flattened spatial dim copies only the k locations asked for (and on a CPU, advanced
+    indexing copies rows about twice as fast as `gather` with an index expanded over the channels).
     """
     flat = x.flatten(spatial[0], spatial[-1])  # [B, L, C] or [B, C, L]; a view for maps contiguous in their layout
+    batch = torch.arange(flat.shape[0], device=flat.device).unsqueeze(1)
     if channel < spatial[0]:
-        where = index.unsqueeze(1).expand(-1, flat.shape[1], -1)
-        return flat.gather(2, where).transpose(1, 2).contiguous()
-    return flat.gather(1, _along_rows(index, flat.shape[-1]))
+        return flat[batch, :, index]  # advanced indices first: [B, k, C]
+    return flat[batch, index]
 
 
 def gather_locations(
@@ -152,8 +149,8 @@ class AsymmetricPath(nn.Module):
         out = kept.new_empty(
             entry.shape[0], entry.numel() // (entry.shape[0] * entry.shape[self.channel]), kept.shape[-1]
         )
-        out.scatter_(1, _along_rows(keep, out.shape[-1]), kept)
+        batch = torch.arange(out.shape[0], device=out.device).unsqueeze(1)
+        out[batch, keep] = kept  # index_put: the locations are distinct, so no accumulation order to worry about
         if drop is not None and drop.shape[1] > 0:
-            fast = self.fast(_gather_rows(entry, drop, self.channel, self.spatial))
-            out.scatter_(1, _along_rows(drop, out.shape[-1]), fast.to(out.dtype))
+            out[batch, drop] = self.fast(_gather_rows(entry, drop, self.channel, self.spatial)).to(out.dtype)
         return _map(out, tuple(entry.shape[d] for d in self.spatial), self.channel)
