@@ -9,16 +9,19 @@ happens in the warm-up rounds and is not timed (on this CPU both models compile 
     python examples/bench_compile.py --batch 16 --threads 2 --repeats 25       # CPU, DeiT-S and ConvNeXt-T
     python examples/bench_compile.py --device cuda --batch 128
 
-Results (2026-12-02, `--batch 16 --threads 2 --repeats 10`, CPU AMD EPYC, 2 cores, idle machine, two runs, eager and
-compiled pairs timed one after the other):
-speed-up of sparse over dense (median of interleaved pairs)
-    DeiT-S      eager 1.54x / 1.58x, compiled 1.53x / 1.52x
-    ConvNeXt-T  eager 1.15x / 1.16x, compiled 1.19x / 1.20x
+Results (2026-12-02, `--batch 16 --threads 2 --repeats 25`, CPU AMD EPYC, 2 cores, idle machine):
+                eager x   compiled x   compile gain dense / sparse
+    DeiT-S      1.54x     1.52x        1.043x / 1.034x      (a DeiT-S-only run: 1.55x, 1.53x, 1.066x / 1.073x)
+    ConvNeXt-T  1.21x     1.20x        1.205x / 1.194x
+With glibc told to keep large blocks (MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184
+MALLOC_TOP_PAD_=1073741824 before the command; the README says why): DeiT-S 1.51x / 1.52x (two runs alike),
+ConvNeXt-T 1.18x / 1.21x.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 
@@ -27,6 +30,19 @@ import torch
 
 import tokenprune
 from tokenprune.measure.speed import describe_device, time_interleaved
+
+
+def page_faults(model: torch.nn.Module, batch: int, runs: int = 5) -> int:
+    """Minor page faults per forward (fresh memory the kernel maps in): what an allocator that returns large blocks
+    to the system costs on every call."""
+    x = torch.randn(batch, 3, 224, 224)
+    with torch.inference_mode():
+        model(x)
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(runs):
+            model(x)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) // runs
+
 
 NAMES = {"deit_small_patch16_224": "DeiT-S", "convnext_tiny": "ConvNeXt-T"}
 
@@ -69,6 +85,9 @@ def main() -> None:
             f"{rate[3]:>15.1f}{ratio[2][3]:>10.2f}x{ratio[0][2]:>18.3f}x{ratio[1][3]:>7.3f}x"
         )
         print(rows[-1], flush=True)
+        if args.device == "cpu":  # the compiled models are in dynamo's cache: no second compilation
+            faults = [page_faults(m, args.batch) for m in (dense, sparse, torch.compile(dense), torch.compile(sparse))]
+            print("  minor page faults per forward (dense, sparse, dense compiled, sparse compiled):", faults)
     print("\n" + header + "\n" + "\n".join(rows))
 
 
