@@ -9,6 +9,9 @@ self-attention, nn.MultiheadAttention.
 
 from __future__ import annotations
 
+import copy
+
+import pytest
 import timm
 import torch
 import torchvision
@@ -30,10 +33,25 @@ MODELS = {
 }
 
 
+_PAIRS: dict[str, tuple[tuple[torch.nn.Module, torch.nn.Module], torch.Tensor]] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_pairs():
+    yield
+    _PAIRS.clear()
+
+
 def _pair(name):
-    torch.manual_seed(0)
-    dense = timm.create_model(name, **MODELS[name]).eval()
-    return dense, tokenprune.sparsify(dense, 0.7, scorer="attention").eval()
+    """(dense, sparse) as built from seed 0: a copy of one build per model (tests change them), with the random
+    state a fresh build leaves, so what a test draws next does not depend on which test built it first."""
+    if name not in _PAIRS:
+        torch.manual_seed(0)
+        dense = timm.create_model(name, **MODELS[name]).eval()
+        _PAIRS[name] = (dense, tokenprune.sparsify(dense, 0.7, scorer="attention").eval()), torch.get_rng_state()
+    pair, rng = _PAIRS[name]
+    torch.set_rng_state(rng)
+    return copy.deepcopy(pair)
 
 
 def _x(sparse, batch=3):

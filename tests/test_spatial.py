@@ -30,6 +30,14 @@ _DENSE: dict[str, nn.Module] = {}
 _SPARSE: dict[str, nn.Module] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_models():
+    """The models are shared by this module's tests only: release them (and their graphs) when it ends."""
+    yield
+    _DENSE.clear()
+    _SPARSE.clear()
+
+
 def dense(name: str) -> nn.Module:
     if name not in _DENSE:
         torch.manual_seed(0)
