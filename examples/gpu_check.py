@@ -14,8 +14,8 @@ Stages (run the ones named on the command line, in order; default: eager profile
   train     the DeiT-S (bf16) and ConvNeXt-T (fp16 + gradient scaler) recipes, 24 steps on synthetic data: AMP
             fine-tuning runs (finite losses, keep fractions reaching their targets).
 
-    python examples/gpu_check.py eager profile         # a few minutes on an H100
-    python examples/gpu_check.py compiled              # ~8 min, mostly compilation: run it on its own
+    python examples/gpu_check.py eager profile         # not yet run on a GPU: guessed at a few minutes
+    python examples/gpu_check.py compiled              # guessed ~8 min, mostly compilation: run it on its own
     python examples/gpu_check.py eager --models deit_small_patch16_224 --repeats 30
     python examples/gpu_check.py eager --device cpu --models deit_tiny_patch16_224 --batch 4 --repeats 2   # smoke
 
