@@ -107,7 +107,7 @@ def sparsify(
     applied = apply_plan(target, the_plan)
     sparse = applied.model
     try:
-        self_check(sparse, the_plan.chain, the_plan.locations, example, name)
+        self_check(sparse, the_plan.chain, the_plan.locations, example, name, dense=None if inplace else model)
     except TokenPruneError:
         applied.rollback()
         target.train(training)

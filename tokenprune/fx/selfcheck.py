@@ -1,28 +1,65 @@
-"""The pass checks its own output (docs/design.md §2.5): masked ≡ pruned, and keep-all ≡ the original.
+"""The pass checks its own output (docs/design.md §2.6): masked ≡ pruned, and keep-all ≡ the original.
 
 Run on the example input in eval mode, after the plan is applied and before `sparsify` returns:
 
-1. pruned execution (tokens gathered) and masked execution (tokens kept, attention masked) with the same top-k
-   decisions must give the same outputs: training then optimises the model that is deployed;
-2. with every keep ratio at 1.0 the sparsified model must give the original model's outputs: the rewrite of the
-   blocks and the head changed nothing but the pruning.
+1. pruned execution (tokens gathered) and masked execution (tokens kept, attention masked) must take the same
+   decisions and give the same outputs, block by block and at the output: training then optimises the model that is
+   deployed;
+2. with every keep ratio at 1.0 the sparsified model must give the original model's outputs, and each rewritten
+   block the original block's: the rewrite of the blocks and the head changed nothing but the pruning.
 
-A mismatch beyond float tolerance is an `UnsupportedModelError` that names the first block whose kept tokens differ
-(or the head). Cost: three forwards of the sparsified model at the example's batch (two by default).
+Small scales must not hide a wrong rewrite. Layer scales (1e-5, 1e-6 at init) and the fast path's scale make every
+residual update tiny next to the stream, so a comparison relative to the stream (or the output) cannot see a block
+whose update is wrong; a zero-initialised relative position bias cannot show which positions were gathered for it.
+Both properties hold for any weights, so the check runs with weights that show errors (`check_weights`): every
+*branch scale* — a parameter that only multiplies a value element-wise, found in the rewritten graphs
+(`branch_scales`) — at 1, and every all-zero parameter filled with small random values; all restored bitwise
+afterwards. Each block is compared by its residual update f(x) = block(x) - x, relative to that update's own size.
+Keep-all ≡ the original is also checked with the model's own weights on the output.
+
+When the original model accepts a second input size (1.5x; `dense` given), masked ≡ pruned and keep-all ≡ the
+original are checked there too, on one image.
+
+Tolerances follow the precision of the model's parameters: relative 3·sqrt(eps), absolute 0.3·sqrt(eps) of the
+compared value's scale (fp32: 1e-3 and 1e-4); a non-finite value in any comparison is a failure. A mismatch is an
+`UnsupportedModelError` naming what differs (a stage's decisions, the first block, or the head).
 """
 
 from __future__ import annotations
 
+import math
+import operator
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TokenPruneError, UnsupportedModelError
+from ..nn.asymmetric import FastPath
 from ..nn.recorder import selectors
 from .discovery import Chain
 
-__all__ = ["self_check", "max_difference"]
+__all__ = ["self_check", "max_difference", "branch_scales", "check_weights", "check_values", "tolerances"]
 
-_RTOL, _ATOL = 1e-3, 1e-4
+#: Element-wise products: a parameter all of whose uses are one of these (through view-like ops) is a branch scale.
+_MULTIPLY = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+#: Ops that leave a per-channel parameter a per-channel factor (broadcast shapes, dtype, device).
+_VIEWS = {torch.reshape, torch.unsqueeze, "reshape", "view", "unsqueeze", "to", "type_as", "expand", "expand_as"}
+
+
+def tolerances(dtype: torch.dtype) -> tuple[float, float, float]:
+    """(rtol, atol, eps) for values computed in `dtype`: the two executions must agree to half the digits."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+    return 3.0 * math.sqrt(eps), 0.3 * math.sqrt(eps), eps
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The coarsest floating dtype among the model's parameters (fp32 when there is none)."""
+    dtypes = {p.dtype for p in model.parameters() if p.dtype.is_floating_point} or {torch.float32}
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
 def _tensors(value: object) -> list[torch.Tensor]:
@@ -35,83 +72,386 @@ def _tensors(value: object) -> list[torch.Tensor]:
     return []
 
 
+def _coarser(*tensors: torch.Tensor) -> torch.dtype:
+    floats = [t.dtype for t in tensors if t.dtype.is_floating_point] or [torch.float32]
+    return max(floats, key=lambda d: torch.finfo(d).eps)
+
+
 def max_difference(a: object, b: object) -> float | None:
-    """Largest difference between two outputs relative to tolerance (<= 1 means equal); None if shapes differ."""
+    """Largest difference between two outputs relative to tolerance (<= 1 means equal); None if shapes differ.
+
+    The tolerance is that of the coarser dtype of each pair (`tolerances`): relative to each element of `b`, plus
+    absolute relative to the largest magnitude of either tensor. A non-finite value in either gives infinity.
+    """
     ta, tb = _tensors(a), _tensors(b)
     if len(ta) != len(tb) or any(x.shape != y.shape for x, y in zip(ta, tb)):
         return None
     worst = 0.0
     for x, y in zip(ta, tb):
+        if not x.numel():
+            continue
+        rtol, atol, _ = tolerances(_coarser(x, y))
         x, y = x.detach().float(), y.detach().float()
-        scale = max(1.0, float(y.abs().max())) if y.numel() else 1.0
-        err = ((x - y).abs() / (_ATOL * scale + _RTOL * y.abs())).max() if x.numel() else torch.tensor(0.0)
-        worst = max(worst, float(err))
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+            return math.inf
+        scale = torch.maximum(x.abs().max(), y.abs().max()).clamp_min(torch.finfo(torch.float32).tiny)
+        worst = max(worst, float(((x - y).abs() / (atol * scale + rtol * y.abs())).max()))
     return worst
 
 
-def _run(model: nn.Module, example: torch.Tensor, execution: str, hooks: list[str]) -> tuple[object, dict]:
-    for sel in selectors(model):
-        sel.execution = execution
-    seen: dict[str, torch.Tensor] = {}
-    # A block that also returns attention scores for the next stage (scorer "attention") returns (tokens, scores).
-    handles = [
-        model.get_submodule(n).register_forward_hook(
-            lambda m, a, o, n=n: seen.__setitem__(n, o[0] if isinstance(o, tuple) else o)
-        )
-        for n in hooks
-    ]
+def _update_difference(x_a: torch.Tensor, y_a: torch.Tensor, x_b: torch.Tensor, y_b: torch.Tensor) -> float:
+    """Largest difference of two residual updates y - x relative to tolerance (<= 1 means equal).
+
+    Relative to update b's own size (not the stream's), plus the rounding of the stream values themselves, so a
+    block whose update is tiny next to its input is still compared at the update's scale.
+    """
+    rtol, atol, eps = tolerances(_coarser(x_a, y_a, x_b, y_b))
+    x_a, y_a, x_b, y_b = (t.detach().float() for t in (x_a, y_a, x_b, y_b))
+    if not all(torch.isfinite(t).all() for t in (x_a, y_a, x_b, y_b)):
+        return math.inf
+    if not y_b.numel():
+        return 0.0
+    u_a, u_b = y_a - x_a, y_b - x_b
+    rounding = 4 * eps * (x_b.abs() + y_b.abs())
+    tol = (atol * u_b.abs().max() + rtol * u_b.abs() + rounding).clamp_min(torch.finfo(torch.float32).tiny)
+    return float(((u_a - u_b).abs() / tol).max())
+
+
+# ---------------------------------------------------------------- branch scales
+
+
+def _param(gm: fx.GraphModule, target: str) -> nn.Parameter | None:
+    try:
+        value = gm.get_parameter(target)
+    except AttributeError:
+        return None
+    return value
+
+
+def _only_multiplies(node: fx.Node) -> bool:
+    """Every use of `node`, followed through view-like ops, multiplies another value element-wise."""
+    if not node.users:
+        return False
+    for user in node.users:
+        op = user.target
+        if op in _VIEWS and user.args and user.args[0] is node:
+            if not _only_multiplies(user):
+                return False
+        elif op in _MULTIPLY and len(user.args) == 2 and not user.kwargs:
+            other = user.args[1] if user.args[0] is node else user.args[0]
+            if not isinstance(other, fx.Node) or other is node:
+                return False
+        else:
+            return False
+    return True
+
+
+def branch_scales(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters that only scale a value per channel: layer scales (timm `LayerScale.gamma`, ConvNeXt `gamma`, CaiT
+    `gamma_1/2`, torchvision `layer_scale`, MetaFormer `Scale`) and the fast path's scale.
+
+    Found structurally in the model's graphs (the sparsified model and its rewritten blocks): a parameter with at
+    most one dimension larger than 1 whose every use is an element-wise product with another value. A product is
+    exact under any value of the factor, so the self-check may set them to 1. `FastPath.gamma` is tokenprune's own
+    layer scale (its module is not traced into any graph).
+    """
+    found: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        if isinstance(module, FastPath):
+            found[id(module.gamma)] = module.gamma
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op != "get_attr":
+                continue
+            p = _param(module, node.target)
+            if p is None or not p.dtype.is_floating_point or sum(s > 1 for s in p.shape) > 1:
+                continue
+            if _only_multiplies(node):
+                found[id(p)] = p
+    return list(found.values())
+
+
+#: Spread of the values that all-zero parameters take during the check (timm's trunc_normal init std).
+_ZERO_STD = 0.02
+
+
+def check_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameter name -> the value it takes during the check: branch scales 1, all-zero parameters N(0, 0.02).
+
+    Masked ≡ pruned and keep-all ≡ the original hold for any weights, so the check may choose weights that show
+    errors: a layer scale at 1e-6 hides its block's update, and a zero-initialised table (a relative position bias)
+    hides which positions were gathered for it. The values are deterministic (a fixed generator seed) and keyed by
+    name, so the original model (which has the same names) gets the same ones.
+    """
+    scales = {id(p) for p in branch_scales(model)}
+    generator = torch.Generator().manual_seed(0)
+    values: dict[str, torch.Tensor] = {}
+    seen: dict[int, torch.Tensor] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            values[name] = seen[id(p)]
+        elif id(p) in scales:
+            values[name] = seen[id(p)] = torch.ones_like(p)
+        elif p.dtype.is_floating_point and p.numel() and not p.any():
+            noise = torch.randn(p.shape, generator=generator) * _ZERO_STD
+            values[name] = seen[id(p)] = noise.to(device=p.device, dtype=p.dtype)
+    return values
+
+
+@contextmanager
+def check_values(module: nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Give `module`'s parameters named in `values` those values for the duration; restored bitwise afterwards, also
+    when the body raises."""
+    params = {id(p): (p, values[n]) for n, p in module.named_parameters(remove_duplicate=False) if n in values}
+    saved = [(p, p.detach().clone()) for p, _ in params.values()]
     try:
         with torch.no_grad():
-            return model(example), seen
+            for p, value in params.values():
+                p.copy_(value)
+        yield
     finally:
-        for h in handles:
-            h.remove()
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
 
 
-def _first_divergence(chain: Chain, locations: list[int], pruned: dict, masked: dict, model: nn.Module) -> str:
-    """The first later block whose kept tokens differ between the executions (token chains), else "the head"."""
-    if chain.kind != "token":
-        for name in chain.names[locations[0] :]:
-            d = max_difference(masked.get(name), pruned.get(name))
-            if d is None or d > 1:
-                return f"block {name}"
-        return "the head"
-    stages = selectors(model)
-    prefix = stages[0].prefix_tokens
-    position = None
+# ---------------------------------------------------------------- running
+
+
+class _Run:
+    """One forward of the sparsified model in an execution mode, with each hooked block's (input, output)."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, execution: str, hooks: list[str]) -> None:
+        stages = selectors(model)
+        for sel in stages:
+            sel.execution = execution
+        self.blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def record(name):
+            # A block that also returns attention scores for the next stage (scorer "attention"): (tokens, scores).
+            def hook(module, args, out):
+                self.blocks[name] = (args[0], out[0] if isinstance(out, tuple) else out)
+
+            return hook
+
+        handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in hooks]
+        try:
+            with torch.no_grad():
+                self.output = model(example)
+        finally:
+            for h in handles:
+                h.remove()
+        self.index = [sel.last_index for sel in stages]  # pruned: each stage's kept positions among its input
+        self.decision = [sel.last_decision for sel in stages]  # masked: each stage's mask over the first stage's
+
+
+def _positions(chain: Chain, locations: list[int], index: list, prefix: int, batch: int) -> dict[int, torch.Tensor]:
+    """Chain index -> positions [B, n] (prefix included) of the pruned run's tokens among the masked run's."""
     stage_at = {loc: s for s, loc in enumerate(locations)}
-    for i, name in enumerate(chain.names):
+    positions, position = {}, None
+    for i in range(len(chain.calls)):
         if i in stage_at:
-            idx = stages[stage_at[i]].last_index
+            idx = index[stage_at[i]]
             position = idx if position is None else position.gather(1, idx)
-        if position is None or name not in pruned:
+        if position is not None:
+            head = torch.arange(prefix, device=position.device).expand(batch, -1)
+            positions[i] = torch.cat([head, position + prefix], dim=1)
+    return positions
+
+
+def _kept(t: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    if positions is None:
+        return t
+    return t.gather(1, positions.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def _decisions_differ(chain: Chain, pruned: _Run, masked: _Run, prefix: int) -> int | None:
+    """The first stage whose decisions differ between the runs (a later stage that saw other values), else None."""
+    if chain.kind == "spatial":
+        pairs = list(zip(pruned.decision, masked.decision))
+    else:
+        pairs, position = [], None
+        for idx, decision in zip(pruned.index, masked.decision):
+            position = idx if position is None else position.gather(1, idx)
+            pairs.append((torch.zeros_like(decision).scatter(1, position.unsqueeze(-1), 1.0), decision))
+    for s, (a, b) in enumerate(pairs):
+        if a is None or b is None or a.shape != b.shape or not torch.equal(a, b):
+            return s
+    return None
+
+
+def _first_block(
+    chain: Chain, locations: list[int], pruned: _Run, masked: _Run, prefix: int, batch: int
+) -> tuple[str, float]:
+    """The first hooked block whose update differs between masked and pruned execution, and by how much."""
+    positions = _positions(chain, locations, pruned.index, prefix, batch) if chain.kind == "token" else {}
+    for i, name in enumerate(chain.names):
+        if name not in pruned.blocks or name not in masked.blocks:
             continue
-        full = masked[name]
-        index = torch.cat([torch.arange(prefix).expand(full.shape[0], -1), position + prefix], dim=1)
-        kept = full.gather(1, index.unsqueeze(-1).expand(-1, -1, full.shape[-1]))
-        d = max_difference(kept, pruned[name])
+        (x_p, y_p), (x_m, y_m) = pruned.blocks[name], masked.blocks[name]
+        at = positions.get(i)
+        x_m, y_m = _kept(x_m, at), _kept(y_m, at)
+        if x_m.shape != x_p.shape or y_m.shape != y_p.shape:
+            return name, math.inf
+        d = _update_difference(x_m, y_m, x_p, y_p)
+        if d > 1:
+            return name, d
+    return "", 0.0
+
+
+def _fail(name: str, what: str, size: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{name}: self-check failed: {what}{size}. tokenprune refuses it rather than train "
+        "one model and deploy another (or return a model that differs from yours)."
+    )
+
+
+def _how_much(d: float | None) -> str:
+    return "shapes differ" if d is None else ("non-finite values" if math.isinf(d) else f"{d:.3g}x tolerance")
+
+
+def _check_masked_vs_pruned(
+    model: nn.Module,
+    chain: Chain,
+    locations: list[int],
+    example: torch.Tensor,
+    name: str,
+    prefix: int,
+    size: str,
+    dtype: torch.dtype,
+) -> None:
+    hooks = [n for n in chain.names if isinstance(model.get_submodule(n), fx.GraphModule)]
+    pruned = _Run(model, example, "pruned", hooks)
+    masked = _Run(model, example, "masked", hooks)
+    stage = _decisions_differ(chain, pruned, masked, prefix)
+    if stage is not None:
+        raise _fail(
+            name,
+            f"stage {stage} kept other {'tokens' if chain.kind == 'token' else 'locations'} in masked execution "
+            "(training) than in pruned execution (inference) for the same input: it read values that differ "
+            "between the two",
+            size,
+        )
+    block, d_block = _first_block(chain, locations, pruned, masked, prefix, example.shape[0])
+    d = max_difference(_lower(masked.output, dtype), _lower(pruned.output, dtype))
+    if block or d is None or d > 1:
+        where = f"block {block}" if block else "the head"
+        how = _how_much(d_block if block else d)
+        raise _fail(
+            name,
+            f"masked execution (training) and pruned execution (inference) give different outputs for the same "
+            f"decisions ({how}), first in {where} (checked with branch scales at 1 and zero parameters filled)",
+            size,
+        )
+
+
+def _check_blocks_keep_all(model: nn.Module, chain: Chain, example: torch.Tensor, name: str) -> None:
+    """With every keep ratio at 1, each rewritten block gives what the original block gives on the same input."""
+    rewritten = {i: n for i, n in enumerate(chain.names) if isinstance(model.get_submodule(n), fx.GraphModule)}
+    run = _Run(model, example, "pruned", list(rewritten.values()))
+    for i, block in rewritten.items():
+        call = chain.calls[i]
+        if block not in run.blocks or call.module is model.get_submodule(block):
+            continue
+        x, y = run.blocks[block]
+        with torch.no_grad():
+            original = call.module(x, *call.args[1:], **call.kwargs)
+        original = original[0] if isinstance(original, tuple) else original
+        d = _update_difference(x, y, x, original) if y.shape == original.shape else None
         if d is None or d > 1:
-            return f"block {name}"
-    return "the head"
+            raise _fail(
+                name,
+                f"with every keep ratio at 1.0 the rewritten block {block} does not reproduce the original block "
+                f"({_how_much(d)}; checked with branch scales at 1 and zero parameters filled)",
+                "",
+            )
 
 
-def self_check(model: nn.Module, chain: Chain, locations: list[int], example: torch.Tensor, name: str) -> None:
+def _lower(value: object, dtype: torch.dtype) -> list[torch.Tensor]:
+    """`value`'s tensors at the model's precision where that is coarser (an output cast up to fp32 compares at it)."""
+    coarse = torch.finfo(dtype).eps
+    return [
+        t.to(dtype) if t.dtype.is_floating_point and coarse > torch.finfo(t.dtype).eps else t for t in _tensors(value)
+    ]
+
+
+def _second_size(example: torch.Tensor) -> tuple[int, int] | None:
+    """1.5x the example's height and width, rounded to the largest power of two (up to 32) dividing each."""
+    if example.dim() != 4:
+        return None
+
+    def grow(n: int) -> int:
+        step = math.gcd(n, 32)
+        return max(step, round(1.5 * n / step) * step)
+
+    return grow(example.shape[2]), grow(example.shape[3])
+
+
+def _check_example(example: torch.Tensor, name: str) -> None:
+    if not isinstance(example, torch.Tensor) or example.dim() == 0 or example.shape[0] == 0:
+        shape = list(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__
+        raise UnsupportedModelError(
+            f"{name}: the example input {shape} has no images; the self-check needs at least one. Pass "
+            "example_inputs with batch >= 1 (or leave it out for a random batch)."
+        )
+    if example.is_floating_point() and not torch.isfinite(example).all():
+        raise UnsupportedModelError(
+            f"{name}: the example input holds NaN or infinite values, so no comparison on it can show that the "
+            "rewrite is exact. Pass finite example_inputs (or leave it out for a random batch)."
+        )
+
+
+def self_check(
+    model: nn.Module,
+    chain: Chain,
+    locations: list[int],
+    example: torch.Tensor,
+    name: str,
+    dense: nn.Module | None = None,
+) -> None:
     """Raise `UnsupportedModelError` unless masked ≡ pruned and keep-all ≡ the original on `example` (eval mode).
 
-    The model's stages are left as they were (execution mode, keep ratios, training flag, nothing recorded).
+    Args:
+        model: the sparsified model.
+        chain: its chain, with the original blocks and the original's output on `example` (`chain.reference`).
+        locations: chain indices of the stages.
+        example: the input the chain was found with.
+        name: the model's name, for messages.
+        dense: the original model, unchanged, or None (`inplace=True`): with it the check also runs at a second input
+            size that the original accepts.
+
+    The model's stages and parameters are left as they were (execution mode, keep ratios, training flag, branch
+    scales bitwise, nothing recorded).
     """
+    _check_example(example, name)
     stages = selectors(model)
     saved = [(s.execution, s.keep_ratio) for s in stages]
     training = model.training
     model.eval()
-    hooks = chain.names[locations[0] :]
+    prefix = stages[0].prefix_tokens if stages else 0
+    dtype = _model_dtype(model)
+    weights = check_weights(model)
     try:
         try:
-            pruned, pruned_blocks = _run(model, example, "pruned", hooks)
-            masked, masked_blocks = _run(model, example, "masked", hooks)
-            for s in stages:
-                s.keep_ratio = 1.0
-            keep_all, _ = _run(model, example, "pruned", [])
+            with check_values(model, weights):
+                _check_masked_vs_pruned(model, chain, locations, example, name, prefix, "", dtype)
+                for s in stages:
+                    s.keep_ratio = 1.0
+                _check_blocks_keep_all(model, chain, example, name)
+            keep_all = _Run(model, example, "pruned", []).output
+            d = max_difference(_lower(keep_all, dtype), _lower(chain.reference, dtype))
+            if d is None or d > 1:
+                raise _fail(
+                    name,
+                    "with every keep ratio at 1.0 the rewritten model does not reproduce the original "
+                    f"({_how_much(d)})",
+                    "",
+                )
+            for s, (_, ratio) in zip(stages, saved):
+                s.keep_ratio = ratio
+            if dense is not None:
+                _check_second_size(model, dense, chain, locations, example, name, prefix, dtype, weights)
         except TokenPruneError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever the rewritten graph raises, the user gets a reason
@@ -119,20 +459,6 @@ def self_check(model: nn.Module, chain: Chain, locations: list[int], example: to
                 f"{name}: the sparsified model fails on the example input ({type(e).__name__}: "
                 f"{str(e).splitlines()[0] if str(e) else ''}); tokenprune refuses it rather than return a broken model."
             ) from e
-        d = max_difference(masked, pruned)
-        if d is None or d > 1:
-            where = _first_divergence(chain, locations, pruned_blocks, masked_blocks, model)
-            raise UnsupportedModelError(
-                f"{name}: self-check failed: masked execution (training) and pruned execution (inference) give "
-                f"different outputs for the same decisions ({'shapes differ' if d is None else f'{d:.3g}x tolerance'}"
-                f"), first in {where}. tokenprune refuses rather than train one model and deploy another."
-            )
-        d = max_difference(keep_all, chain.reference)
-        if d is None or d > 1:
-            raise UnsupportedModelError(
-                f"{name}: self-check failed: with every keep ratio at 1.0 the rewritten model does not reproduce the "
-                f"original ({'shapes differ' if d is None else f'{d:.3g}x tolerance'}); tokenprune refuses it."
-            )
     finally:
         for s, (execution, ratio) in zip(stages, saved):
             s.execution, s.keep_ratio = execution, ratio
@@ -140,3 +466,59 @@ def self_check(model: nn.Module, chain: Chain, locations: list[int], example: to
             for attr in getattr(m, "_transient", ()):
                 setattr(m, attr, None)
         model.train(training)
+
+
+def _check_second_size(
+    model: nn.Module,
+    dense: nn.Module,
+    chain: Chain,
+    locations: list[int],
+    example: torch.Tensor,
+    name: str,
+    prefix: int,
+    dtype: torch.dtype,
+    weights: dict[str, torch.Tensor],
+) -> None:
+    """Masked ≡ pruned and keep-all ≡ the original at 1.5x the example's size, if the original model runs there."""
+    size = _second_size(example)
+    if size is None or size == tuple(example.shape[2:]):
+        return
+    image = F.interpolate(example[:1].float(), size=size, mode="bilinear", align_corners=False).to(example.dtype)
+    dense_training = dense.training
+    dense.eval()
+    try:
+        with check_values(model, weights), check_values(dense, weights):
+            try:
+                with torch.no_grad():
+                    reference = dense(image)
+            except Exception:  # noqa: BLE001 - the original does not take this size: nothing to compare
+                return
+            where = f" at input size {list(image.shape[1:])}"
+            try:
+                _check_masked_vs_pruned(model, chain, locations, image, name, prefix, where, dtype)
+                stages = selectors(model)
+                ratios = [s.keep_ratio for s in stages]
+                for s in stages:
+                    s.keep_ratio = 1.0
+                keep_all = _Run(model, image, "pruned", []).output
+                for s, r in zip(stages, ratios):
+                    s.keep_ratio = r
+            except TokenPruneError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the original runs at this size; the sparsified model must too
+                raise UnsupportedModelError(
+                    f"{name}: self-check failed: the original model runs at input size {list(image.shape[1:])} but "
+                    f"the sparsified one fails there ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                    "; a shape taken from the example input may be frozen into the rewrite. tokenprune refuses it "
+                    "rather than return a model that breaks on other sizes."
+                ) from e
+            d = max_difference(_lower(keep_all, dtype), _lower(reference, dtype))
+            if d is None or d > 1:
+                raise _fail(
+                    name,
+                    "with every keep ratio at 1.0 the rewritten model does not reproduce the original "
+                    f"({_how_much(d)}; checked with branch scales at 1 and zero parameters filled)",
+                    where,
+                )
+    finally:
+        dense.train(dense_training)
