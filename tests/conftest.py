@@ -29,20 +29,22 @@ _FASHION_MNIST_FILES = (
 
 
 def pytest_collection_modifyitems(config, items):
-    """Skip tests marked `fashion_mnist` (they read the installed dataset) when its files are absent, saying why.
+    """Markers that follow from others: tests that start several processes are `slow`; tests marked `fashion_mnist`
+    (they read the installed dataset) are skipped, with the reason, when its files are absent.
 
     `.ci/run` installs the Debian package `dataset-fashion-mnist`; a fresh machine without it still passes the suite.
     The root is read from `tokenprune.train.data` at collection, so a run can point it elsewhere.
     """
     root = Path(_data.FASHION_MNIST_ROOT)
     missing = [name for name in _FASHION_MNIST_FILES if not (root / name).is_file()]
-    if not missing:
-        return
-    skip = pytest.mark.skip(
-        reason=f"Fashion-MNIST is not installed ({root / missing[0]} is missing; apt-get install dataset-fashion-mnist)"
-    )
+    skip = None
+    if missing:
+        reason = f"Fashion-MNIST is not installed ({root / missing[0]} is missing; install dataset-fashion-mnist)"
+        skip = pytest.mark.skip(reason=reason)
     for item in items:
-        if item.get_closest_marker("fashion_mnist"):
+        if item.get_closest_marker("distributed"):
+            item.add_marker(pytest.mark.slow)
+        if skip and item.get_closest_marker("fashion_mnist"):
             item.add_marker(skip)
 
 
@@ -94,6 +96,15 @@ def pytest_runtest_setup(item):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_fixture_setup(fixturedef, request):
+    """Seed before every module- or session-wide fixture too: they are set up before `_seed` runs, after whichever
+    tests the worker ran before (under pytest-xdist that order differs from run to run), so a random model they build
+    would otherwise differ between runs."""
+    if fixturedef.scope != "function":
+        torch.manual_seed(0)
 
 
 @pytest.fixture(autouse=True)
