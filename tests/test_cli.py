@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import tokenprune
 from tokenprune.cli import EXIT_ERROR, EXIT_GATE, app
-from tokenprune.gates import eval_dataset
+from tokenprune.cli.gates import eval_dataset
 from tokenprune.io import load_original
 
 MODEL = "deit_tiny_patch16_224"
@@ -302,3 +302,20 @@ def test_features_only_is_refused_for_torchvision_and_files(converted: Path, tmp
     assert result.exit_code == 2 and "create_feature_extractor" in result.stderr
     result = run("report", converted / "model.safetensors", "--features-only", "--flops-only")
     assert result.exit_code == 2 and "--features-only" in result.stderr
+
+
+def test_report_on_a_file_names_every_model_option_it_would_ignore(converted: Path):
+    args = ["--ratio", "0.5", "-k", "num_classes=3", "--seed", "3", "--scorer", "attention", "--flops-only"]
+    result = run("report", converted / "model.safetensors", *args)
+    assert result.exit_code == EXIT_ERROR
+    assert "--ratio, --model-kwarg, --seed, --scorer apply to model names" in result.stderr
+
+
+def test_convert_and_report_take_the_same_model_and_measurement_options():
+    from typer.main import get_command
+
+    commands = get_command(app).commands
+    convert = {p.name: p.default for p in commands["convert"].params if p.name not in ("model", "out")}
+    report = {p.name: p.default for p in commands["report"].params if p.name not in ("model", "json_path")}
+    report.pop("markdown_path")
+    assert convert == report and {"ratio", "seed", "eval_data", "min_speedup"} <= set(convert)

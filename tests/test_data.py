@@ -12,7 +12,6 @@ import torch
 
 from tokenprune.errors import DataError
 from tokenprune.train.data import (
-    FASHION_MNIST_ROOT,
     FashionMNIST,
     ResumableSampler,
     SeededDataset,
@@ -62,7 +61,7 @@ def test_fashion_mnist_malformed(tmp_path):
         FashionMNIST(tmp_path, "train")
 
 
-@pytest.mark.skipif(not Path(FASHION_MNIST_ROOT, "t10k-labels-idx1-ubyte.gz").is_file(), reason="dataset not installed")
+@pytest.mark.fashion_mnist
 def test_installed_fashion_mnist():
     bundle = build_datasets(DataSection(source="fashion_mnist"), img_size=28, in_chans=1)
     assert len(bundle.train) == 60000 and len(bundle.val) == 10000 and bundle.num_classes == 10

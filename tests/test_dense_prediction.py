@@ -353,7 +353,7 @@ def test_loss_accepts_feature_maps_without_logits():
 def test_top1_gate_refuses_models_without_logits(name):
     from torch.utils.data import TensorDataset
 
-    from tokenprune.gates import evaluate_accuracy
+    from tokenprune.cli.gates import evaluate_accuracy
 
     data = TensorDataset(images(2), torch.zeros(2, dtype=torch.long))
     # a [B, K, H, W] segmentation map would give a silently wrong argmax(-1); a list has none

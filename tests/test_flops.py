@@ -171,8 +171,6 @@ def test_torchvision_vit_b_16() -> None:
 
 
 def _sparse(name: str, ratio: float) -> nn.Module:
-    if not hasattr(tokenprune, "sparsify"):
-        pytest.skip("tokenprune.sparsify is not available yet")
     return tokenprune.sparsify(timm.create_model(name, pretrained=False).eval(), ratio=ratio)
 
 
@@ -228,8 +226,6 @@ def test_sparse_timm_matches_published(name: str, dim: int, published: float) ->
 def test_sparse_torchvision_vit_b_16_exact() -> None:
     # nn.MultiheadAttention's fused path on pruned sequences: same arithmetic as DeiT-B
     torchvision = pytest.importorskip("torchvision")
-    if not hasattr(tokenprune, "sparsify"):
-        pytest.skip("tokenprune.sparsify is not available yet")
     model = tokenprune.sparsify(torchvision.models.vit_b_16().eval(), ratio=0.7)
     report = profile_flops(model, torch.randn(1, 3, 224, 224))
     assert report.uncounted_ops == {}

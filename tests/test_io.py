@@ -194,13 +194,3 @@ def test_version_1_files_without_digest_still_load(tmp_path: Path):
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         assert torch.equal(tokenprune.load(tmp_path / "v1.safetensors")(x), sparse(x))
-
-
-def test_the_old_module_still_imports_with_a_deprecation_warning(monkeypatch):
-    import importlib
-    import sys
-
-    monkeypatch.delitem(sys.modules, "tokenprune.checkpoint_io", raising=False)
-    with pytest.warns(DeprecationWarning, match="tokenprune.io"):
-        old = importlib.import_module("tokenprune.checkpoint_io")
-    assert old.save is tokenprune.save and old.read_weights is tokenprune.read_weights

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import statistics
+import time
 
 import pytest
 import timm
@@ -67,18 +69,43 @@ def test_dense_vs_dense_flops_only() -> None:
     check_renderings(report)
 
 
-def test_dense_vs_dense_timed() -> None:
+def _timed(model: nn.Module, pause: float) -> list[tuple[int, float]]:
+    """Make every forward of `model` take `pause` seconds longer (a sleep), and time each forward from inside it:
+    (batch, seconds) per call, the clock started by a pre-hook and stopped after the pause."""
+    calls: list[tuple[int, float]] = []
+    start = [0.0]
+    model.register_forward_pre_hook(lambda *_: start.__setitem__(0, time.perf_counter()))
+
+    def stop(_module, args, _output) -> None:
+        time.sleep(pause)
+        calls.append((args[0].shape[0], time.perf_counter() - start[0]))
+
+    model.register_forward_hook(stop)
+    return calls
+
+
+def test_timed_report_agrees_with_the_pair_timed_here() -> None:
     dense = tiny_vit()
-    report = build_report("tiny", dense, dense, INPUT, batch_size=2, warmup=0, repeats=1)
+    sparse = tokenprune.sparsify(dense, ratio=0.7).eval()
+    # dense pauses 40 ms, sparse 10 ms: the pair's speed-up is well above 1 whatever the tiny models' own speed
+    dense_calls, sparse_calls = _timed(dense, 0.04), _timed(sparse, 0.01)
+    report = build_report("tiny", dense, sparse, INPUT, batch_size=2, warmup=1, repeats=5)
     check_schema(report)
-    assert report["speedup"] > 0 and report["dense"]["throughput"] > 0 and report["sparse"]["latency_ms"] > 0
+    # the last 5 forwards at batch 2 are the timed throughput runs; their durations as the models saw them
+    dense_s, sparse_s = (
+        statistics.median([t for b, t in calls if b == 2][-5:]) for calls in (dense_calls, sparse_calls)
+    )
+    # the report's clock also runs around the call (microseconds; more under load): generous tolerances
+    assert report["speedup"] == pytest.approx(dense_s / sparse_s, rel=0.2)
+    assert report["dense"]["throughput"] == pytest.approx(2 / dense_s, rel=0.2)
+    assert report["sparse"]["throughput"] == pytest.approx(2 / sparse_s, rel=0.2)
+    assert report["sparse"]["latency_ms"] > 10 and report["dense"]["latency_ms"] > 40  # batch 1 pays the pauses too
+    assert report["speedup"] > 1.2
     assert report["threads"] == torch.get_num_threads()
     check_renderings(report)
 
 
 def test_sparse_report() -> None:
-    if not hasattr(tokenprune, "sparsify"):
-        pytest.skip("tokenprune.sparsify is not available yet")
     dense = tiny_vit()
     sparse = tokenprune.sparsify(dense, ratio=0.7)
     report = build_report("tiny", dense, sparse, INPUT, batch_size=2, warmup=0, repeats=1)

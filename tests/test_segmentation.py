@@ -167,9 +167,10 @@ def test_scenes_are_deterministic_and_labelled_by_ink():
     assert image.shape == (1, 40, 40) and target.shape == (40, 40) and target.dtype == torch.int64
 
 
-def test_scene_source_from_the_recipe_uses_both_splits():
+def test_scene_source_from_the_recipe_uses_both_splits(fashion_mnist_like):
     recipe = load_recipe(None, ["task=segmentation", "data.source=fashion_mnist_scenes", "data.scenes=7",
-                                "data.val_scenes=3", "data.scene_items=[2,4]"])  # fmt: skip
+                                "data.val_scenes=3", "data.scene_items=[2,4]",
+                                f"data.root={fashion_mnist_like}"])  # fmt: skip
     bundle = build_datasets(recipe.data, img_size=48, in_chans=1)
     assert (len(bundle.train), len(bundle.val), bundle.num_classes, bundle.task) == (7, 3, 11, "segmentation")
     x, y = bundle.val[0]
@@ -212,12 +213,12 @@ def test_task_must_match_the_data_source(tmp_path):
 
 
 # -- the harness end to end ----------------------------------------------------------------------------------------
-def test_tiny_sparse_segmentation_finetune(tmp_path):
+def test_tiny_sparse_segmentation_finetune(tmp_path, fashion_mnist_like):
     kwargs = json.dumps({**TINY_KWARGS, "num_classes": 11})
     common = ["task=segmentation", "model.name=convnext_atto", "model.task_head=fpn", f"model.kwargs={kwargs}",
               "data.source=fashion_mnist_scenes", "data.img_size=64", "data.scenes=16", "data.val_scenes=8",
               "data.workers=0", "optim.batch_size=8", "optim.epochs=2", "optim.warmup_epochs=0", "run.device=cpu",
-              "run.threads=1", "run.log_every=1"]  # fmt: skip
+              "run.threads=1", "run.log_every=1", f"data.root={fashion_mnist_like}"]  # fmt: skip
     teacher = finetune(None, overrides=[*common, "sparsify.enabled=false", f"run.output_dir={tmp_path / 't'}"])
     overrides = [*common, f"model.checkpoint={tmp_path / 't' / 'final.pt'}", "loss.kind=spatial", "loss.kl=0",
                  f"run.output_dir={tmp_path / 's'}"]  # fmt: skip

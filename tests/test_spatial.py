@@ -250,7 +250,8 @@ def test_branch_ending_in_spatial_op_is_refused():
 
 def test_deep_stage_uses_locations_3_6_9():
     torch.manual_seed(0)
-    model = timm.create_model("convnext_small").eval()  # third stage of 27 blocks
+    # convnext_small's depths (3, 3, 27, 3), narrow: the stage length decides the locations, not the width
+    model = timm.create_model("convnext_small", dims=(8, 16, 32, 64)).eval()
     result = tokenprune.sparsify(model, 0.7, example_inputs=torch.randn(1, 3, 64, 64))
     assert tokenprune.config_of(result).locations == [3, 6, 9]
     with torch.no_grad():

@@ -1,6 +1,10 @@
-"""Timing helpers return sane structures; no timed assertions (timings belong in benchmark scripts)."""
+"""Timing helpers return sane structures and the times of what they run, checked against timing done here, on models
+whose forward sleeps a known time (machine load hardly changes a sleep; no assertion on the speed of real models)."""
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import pytest
 import torch
@@ -27,8 +31,10 @@ def test_throughput_structure_and_restores_mode() -> None:
 
 
 def test_latency_is_batch_one() -> None:
-    result = measure_latency(tiny(), INPUT, warmup=0, repeats=2)
-    assert result["batch_size"] == 1 and result["latency_ms"] > 0 and len(result["runs_ms"]) == 2
+    model = Sleeper(3.0)
+    result = measure_latency(model, INPUT, warmup=0, repeats=3)
+    assert result["batch_size"] == 1 and [b for b, _ in model.calls] == [1, 1, 1]
+    assert result["runs_ms"] == pytest.approx([t * 1e3 for _, t in model.calls], rel=0.25)
 
 
 def test_compare_interleaves_and_reports_speedup() -> None:
@@ -45,12 +51,41 @@ def test_compare_interleaves_and_reports_speedup() -> None:
 
     result = compare(Tagged("d"), Tagged("s"), INPUT, 2, warmup=1, repeats=2, latency=False)
     assert calls == ["d", "s"] * 3  # warm-up and timed runs alternate dense, sparse
-    assert result["speedup"] == pytest.approx(result["sparse"]["images_per_s"] / result["dense"]["images_per_s"])
-    assert result["paired_speedup"] > 0
     assert result["latency_speedup"] is None and result["dense"]["batch1_latency_ms"] is None
 
-    result = compare(tiny(), tiny(), INPUT, 2, warmup=0, repeats=1)
-    assert result["dense"]["batch1_latency_ms"] > 0 and result["latency_speedup"] > 0
+
+class Sleeper(nn.Module):
+    """Sleeps `ms_per_image` per image of the batch, and writes down how long each call took, timed from inside."""
+
+    def __init__(self, ms_per_image: float) -> None:
+        super().__init__()
+        self.seconds_per_image, self.calls = ms_per_image / 1e3, []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        time.sleep(self.seconds_per_image * x.shape[0])
+        self.calls.append((x.shape[0], time.perf_counter() - start))
+        return x.flatten(1)[:, :5]
+
+
+def _median_seconds(model: Sleeper, batch: int, timed: int) -> float:
+    """Median duration of the last `timed` calls at `batch` images, as the model itself saw them."""
+    return statistics.median([t for b, t in model.calls if b == batch][-timed:])
+
+
+def test_compare_reports_the_times_timed_inside_the_models() -> None:
+    dense, sparse = Sleeper(4.0), Sleeper(1.0)  # 16 ms and 4 ms per batch of 4: a 4x speed-up by construction
+    result = compare(dense, sparse, INPUT, 4, warmup=1, repeats=5)
+    d4, s4 = _median_seconds(dense, 4, 5), _median_seconds(sparse, 4, 5)
+    d1, s1 = _median_seconds(dense, 1, 5), _median_seconds(sparse, 1, 5)
+    # the helpers' clock also runs around the call (a few microseconds; more under load): generous tolerances
+    assert result["dense"]["images_per_s"] == pytest.approx(4 / d4, rel=0.25)
+    assert result["sparse"]["latency_ms"] == pytest.approx(s4 * 1e3, rel=0.25)
+    assert result["speedup"] == pytest.approx(d4 / s4, rel=0.3)
+    assert result["paired_speedup"] == pytest.approx(d4 / s4, rel=0.3)
+    assert result["dense"]["batch1_latency_ms"] == pytest.approx(d1 * 1e3, rel=0.25)
+    assert result["latency_speedup"] == pytest.approx(d1 / s1, rel=0.3)
+    assert 2.0 < result["speedup"] < 4.5  # and near the 4x the sleeps give
 
 
 def test_bad_counts_raise() -> None:
@@ -74,16 +109,41 @@ def test_input_follows_the_model_dtype() -> None:
         compare(tiny(), tiny().to(torch.bfloat16), INPUT, 2, warmup=0, repeats=1, latency=False)
 
 
-def test_compile_modes() -> None:
+@pytest.fixture
+def compiled(monkeypatch) -> list[tuple[nn.Module, str]]:
+    """(model, mode) of each `torch.compile` call the timing helpers make; the model runs eagerly (a real compile is
+    `test_a_real_compile_runs`)."""
+    calls: list[tuple[nn.Module, str]] = []
+
+    def fake_compile(model, mode=None, **kwargs):
+        calls.append((model, mode))
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    return calls
+
+
+def test_compile_modes(compiled) -> None:
     with pytest.raises(TokenPruneError, match="modes"):
         measure_throughput(tiny(), INPUT, 2, warmup=0, repeats=1, compile="fastest")
-    result = measure_throughput(tiny(), INPUT, 2, warmup=1, repeats=1, compile="max-autotune-no-cudagraphs")
+    model = tiny()
+    result = measure_throughput(model, INPUT, 2, warmup=1, repeats=1, compile="max-autotune-no-cudagraphs")
     assert result["compile"] == "max-autotune-no-cudagraphs" and result["images_per_s"] > 0
+    measure_throughput(model, INPUT, 2, warmup=0, repeats=1, compile=True)
+    assert compiled == [(model, "max-autotune-no-cudagraphs"), (model, "default")]
 
 
-def test_time_interleaved_compiles_per_model() -> None:
+def test_time_interleaved_compiles_per_model(compiled) -> None:
+    eager, other = tiny(), tiny()
+    times = time_interleaved([eager, other], INPUT, 2, warmup=1, repeats=2, compile=[False, True])
+    assert [len(t) for t in times] == [2, 2] and all(s > 0 for t in times for s in t)
+    assert compiled == [(other, "default")]
+    with pytest.raises(TokenPruneError, match="one per model"):
+        time_interleaved([eager, eager], INPUT, 2, repeats=1, compile=[True])
+
+
+@pytest.mark.slow
+def test_a_real_compile_runs() -> None:
     model = tiny()
     times = time_interleaved([model, model], INPUT, 2, warmup=1, repeats=2, compile=[False, True])
     assert [len(t) for t in times] == [2, 2] and all(s > 0 for t in times for s in t)
-    with pytest.raises(TokenPruneError, match="one per model"):
-        time_interleaved([model, model], INPUT, 2, repeats=1, compile=[True])

@@ -14,7 +14,6 @@ from typer.testing import CliRunner
 
 import tokenprune
 from tokenprune.cli import EXIT_ERROR, app
-from tokenprune.train.data import FASHION_MNIST_ROOT
 from tokenprune.visualize import GAP, LABEL_HEIGHT, SHADE, SHADE_ALPHA, patch_grid
 
 SMALL_VIT = {"depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 4}  # stages before blocks 1, 2, 3
@@ -150,7 +149,7 @@ def test_command_fails_cleanly_on_bad_images(saved_model, tmp_path):
     assert code == EXIT_ERROR and "not an image Pillow can read" in text and "Traceback" not in text
 
 
-@pytest.mark.skipif(not Path(FASHION_MNIST_ROOT, "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset not installed")
+@pytest.mark.fashion_mnist
 def test_fashion_mnist_example_says_when_its_student_is_untrained(tmp_path, monkeypatch, capsys):
     script = Path(__file__).resolve().parents[1] / "examples" / "visualize_kept.py"
     out = tmp_path / "kept.png"

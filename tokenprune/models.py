@@ -230,7 +230,7 @@ def create_model(
                 ) from None
         raise ConfigError(f"cannot create {library} model {name!r} with {kwargs}: {error}") from None
     if checkpoint is not None:
-        from .io import load_weights
+        from .io.weights import load_weights
 
         load_weights(model, checkpoint)
     model.tokenprune_source = source

@@ -181,7 +181,7 @@ def _read_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tenso
 
 
 def _load_model(model: str, ratio: float, pretrained: bool) -> nn.Module:
-    from .checkpoint_io import load
+    from .io import load
     from .models import create_model
     from .sparsify import sparsify
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,11 +67,10 @@ def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
-        if package == "tokenprune":  # a source checkout that is not pip-installed
-            import tokenprune
-
-            return getattr(tokenprune, "__version__", None)
-        return None
+        # A source checkout that is not pip-installed: the package this module belongs to is loaded before it, so its
+        # version is read from there rather than imported (the package imports `measure`: an import would be a cycle).
+        root = sys.modules.get(__name__.partition(".")[0])
+        return getattr(root, "__version__", None) if package == root.__name__ else None
 
 
 def _versions() -> dict[str, str | None]:

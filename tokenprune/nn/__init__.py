@@ -1,9 +1,10 @@
 """Modules and functions that the graph rewrite inserts. They know nothing of torch.fx."""
 
-from .masked import fused_masked_attention, masked_attention, masked_mha, masked_sdpa, masked_softmax, masked_token_mean
+from .masked import fused_masked_attention, masked_attention, masked_mha, masked_sdpa, masked_softmax
 from .predictor import TokenPredictor
 from .recorder import SparsityRecorder
 from .select import TokenSelector
+from .tokenops import masked_token_mean
 
 __all__ = [
     "TokenPredictor",

@@ -1,4 +1,4 @@
-"""Attention and pooling restricted to kept tokens (docs/design.md §1.1).
+"""Attention restricted to kept tokens (docs/design.md §1.1); means over kept tokens are in `tokenops`.
 
 In train mode tokens are not removed; instead every later block masks attention so dropped tokens stop influencing
 the others:  A_ij = exp(a_ij) G_ij / sum_k exp(a_ik) G_ik,  G_ij = D_j for i != j and G_ii = 1.
@@ -30,8 +30,6 @@ __all__ = [
     "fused_masked_attention",
     "masked_sdpa",
     "masked_mha",
-    "masked_token_mean",
-    "index_policy",
 ]
 
 
@@ -261,19 +259,3 @@ def supports_masked_mha(mha: nn.MultiheadAttention) -> str | None:
     if mha.bias_k is not None or mha.add_zero_attn:
         return "it adds bias_k/bias_v or zero attention"
     return None
-
-
-def masked_token_mean(
-    x: torch.Tensor, policy: torch.Tensor | None, dim: int = 1, keepdim: bool = False
-) -> torch.Tensor:
-    """Mean over the token dimension of kept tokens only (heads that average tokens, docs/design.md §1.1)."""
-    if policy is None:
-        return x.mean(dim=dim, keepdim=keepdim)
-    weight = policy.to(x.dtype)
-    total = (x * weight).sum(dim=dim, keepdim=keepdim)
-    return total / weight.sum(dim=dim, keepdim=keepdim).clamp_min(1.0)
-
-
-def index_policy(policy: torch.Tensor | None, index) -> torch.Tensor | None:
-    """Index a keep policy as its tokens were indexed (e.g. `x[:, 1:]` drops the class token from pooling)."""
-    return None if policy is None else policy[index]

@@ -6,11 +6,23 @@ import functools
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 import typer
 
-from .errors import ConfigError, TokenPruneError
+from ..errors import ConfigError, TokenPruneError
+from ._options import (
+    MEASURE_OPTIONS,
+    MODEL_OPTIONS,
+    JsonOut,
+    MarkdownOut,
+    Pretrained,
+    given,
+    parse_model_kwargs,
+    parse_numbers,
+    with_options,
+)
 
 __all__ = ["app", "main", "EXIT_OK", "EXIT_ERROR", "EXIT_GATE"]
 
@@ -53,127 +65,29 @@ def _handles_errors(command):
     return wrapper
 
 
-# ---- parsing option values --------------------------------------------------------------------------------------
-
-
-def _numbers(text: str | None, kind: type, option: str) -> list | None:
-    if text is None:
-        return None
-    try:
-        return [kind(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise ConfigError(
-            f"{option} {text!r}: give comma-separated numbers, e.g. {'3,6,9' if kind is int else '0.7,0.49'}."
-        ) from None
-
-
-def _model_kwargs(items: list[str] | None) -> dict[str, Any]:
-    import yaml
-
-    kwargs = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.isidentifier():
-            raise ConfigError(f"--model-kwarg {item!r}: write KEY=VALUE, e.g. num_classes=10 or img_size=[64,64].")
-        kwargs[key] = yaml.safe_load(value)
-    return kwargs
-
-
-# ---- shared options ---------------------------------------------------------------------------------------------
-
-Ratio = Annotated[float | None, typer.Option("--ratio", "-r", help="Base keep ratio rho in (0, 1] (default 0.7).")]
-Locations = Annotated[
-    str | None,
-    typer.Option(help="Comma-separated block indices the stages precede, e.g. 3,6,9 (default D/4, D/2, 3D/4)."),
-]
-KeepRatios = Annotated[
-    str | None,
-    typer.Option(help="Comma-separated per-stage keep ratios, e.g. 0.7,0.49,0.343 (overrides --ratio's schedule)."),
-]
-InputSize = Annotated[
-    str | None,
-    typer.Option(help="H, H,W or C,H,W; the model is built for it (timm img_size, in_chans; default: its own)."),
-]
-Checkpoint = Annotated[
-    Path | None, typer.Option(help="Dense weights (.safetensors, .pth/.pt/.bin; pickles read weights-only).")
-]
-Pretrained = Annotated[bool, typer.Option(help="Download the library's pretrained weights (needs internet).")]
-ModelKwargs = Annotated[
-    list[str] | None,
-    typer.Option("--model-kwarg", "-k", help="Constructor keyword KEY=VALUE (repeatable), e.g. -k num_classes=10."),
-]
-Scorer = Annotated[
-    str,
-    typer.Option(
-        help="How stages rank tokens: 'predictor' (learned; needs fine-tuning) or 'attention' (from the model's own "
-        "attention, no training; token models)."
-    ),
-]
-FeaturesOnly = Annotated[
-    bool,
-    typer.Option(
-        "--features-only",
-        help="Build the timm model with features_only=True: it returns its feature maps (dense prediction "
-        "backbones); every map is kept whole and the file records the keyword.",
-    ),
-]
-BatchSize = Annotated[int, typer.Option(help="Batch of the throughput measurement.")]
-FlopsOnly = Annotated[bool, typer.Option(help="Count FLOPs and parameters only; skip timing.")]
-Repeats = Annotated[int, typer.Option(help="Timed passes per model (medians are reported).")]
-Warmup = Annotated[int, typer.Option(help="Untimed passes per model before timing.")]
-Device = Annotated[str, typer.Option(help="Where timings and evaluation run, e.g. cpu or cuda.")]
-Seed = Annotated[int, typer.Option(help="Seed of random initialisation (weights without a checkpoint, predictors).")]
-MinFlops = Annotated[
-    float | None,
-    typer.Option(help="Gate: fail (exit 3) unless the FLOPs reduction is at least this fraction, e.g. 0.3."),
-]
-MinSpeedup = Annotated[
-    float | None, typer.Option(help="Gate: fail (exit 3) unless sparse/dense throughput is at least this, e.g. 1.2.")
-]
-MaxDrop = Annotated[
-    float | None,
-    typer.Option(
-        help="Gate: fail (exit 3) if top-1 drops by more than this many percentage points (needs --eval-data)."
-    ),
-]
-EvalData = Annotated[
-    str | None,
-    typer.Option(help="ImageFolder root (<class>/<image>, or its val/) or 'fashion-mnist', to measure top-1."),
-]
-EvalLimit = Annotated[int | None, typer.Option(help="Evaluate only the first N images.")]
-EvalBatch = Annotated[int, typer.Option(help="Batch size of the evaluation.")]
-JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON to this file.")]
-MarkdownOut = Annotated[Path | None, typer.Option("--markdown", help="Write the report as Markdown to this file.")]
-
-
 # ---- checking, showing and gating --------------------------------------------------------------------------------
 
 
-def _build(
-    name: str, *, checkpoint, pretrained, input_size, model_kwargs, ratio, locations, keep_ratios, seed,
-    scorer="predictor", features_only=False,
-):  # fmt: skip
+def _build(name: str, o: SimpleNamespace):
     """Parse the model options and run the pipeline's build step: (dense, sparse)."""
-    from .inputs import parse_input_size
+    from ..inputs import parse_input_size
     from .pipeline import build
 
     return build(
-        name, ratio=ratio, locations=_numbers(locations, int, "--locations"),
-        keep_ratios=_numbers(keep_ratios, float, "--keep-ratios"), checkpoint=checkpoint, pretrained=pretrained,
-        input_size=parse_input_size(input_size), model_kwargs=_model_kwargs(model_kwargs), seed=seed, scorer=scorer,
-        features_only=features_only,
+        name, ratio=o.ratio, locations=parse_numbers(o.locations, int, "--locations"),
+        keep_ratios=parse_numbers(o.keep_ratios, float, "--keep-ratios"), checkpoint=o.checkpoint,
+        pretrained=o.pretrained, input_size=parse_input_size(o.input_size),
+        model_kwargs=parse_model_kwargs(o.model_kwarg), seed=o.seed, scorer=o.scorer, features_only=o.features_only,
     )  # fmt: skip
 
 
-def _check_numbers(batch_size: int, warmup: int, repeats: int, eval_batch_size: int, eval_limit: int | None) -> None:
-    if (
-        batch_size < 1
-        or repeats < 1
-        or warmup < 0
-        or eval_batch_size < 1
-        or (eval_limit is not None and eval_limit < 1)
-    ):
+def _gates(o: SimpleNamespace):
+    """The gates the measurement options ask for, after checking the numbers (before any model is built)."""
+    from .gates import Gates
+
+    if o.batch_size < 1 or o.repeats < 1 or o.warmup < 0 or o.eval_batch_size < 1 or (o.eval_limit or 1) < 1:
         raise ConfigError("--batch-size, --repeats, --eval-batch-size and --eval-limit must be >= 1, --warmup >= 0.")
+    return Gates(o.min_flops_reduction, o.min_speedup, o.max_accuracy_drop)
 
 
 def _write(path: Path | None, text: str) -> None:
@@ -182,13 +96,21 @@ def _write(path: Path | None, text: str) -> None:
         path.write_text(text)
 
 
-def _show_and_gate(report: dict[str, Any], gates, json_path: Path | None, markdown_path: Path | None) -> None:
-    """Write the files, print the table, then apply the gates (files are written first so CI can upload them)."""
+def _measure_and_gate(
+    name: str, dense, sparse, o: SimpleNamespace, gates, json_path: Path | None, markdown_path: Path | None
+) -> None:
+    """Measure the pair, write the files, print the table, then apply the gates (files first, so CI can upload
+    them)."""
     from rich.console import Console
 
-    from .measure import render_table
-    from .pipeline import gate, markdown
+    from ..measure import render_table
+    from .pipeline import gate, markdown, measure
 
+    report = measure(
+        name, dense, sparse, gates=gates, flops_only=o.flops_only, batch_size=o.batch_size, warmup=o.warmup,
+        repeats=o.repeats, device=o.device, eval_data=o.eval_data, eval_limit=o.eval_limit,
+        eval_batch_size=o.eval_batch_size,
+    )  # fmt: skip
     _write(json_path, json.dumps(report, indent=2) + "\n")
     _write(markdown_path, markdown(report))
     console = Console()
@@ -212,88 +134,40 @@ def _show_and_gate(report: dict[str, Any], gates, json_path: Path | None, markdo
 
 @app.command()
 @_handles_errors
+@with_options(MODEL_OPTIONS, MEASURE_OPTIONS)
 def convert(
     model: Annotated[
         str, typer.Argument(help="timm or torchvision model name, e.g. deit_small_patch16_224, vit_b_16.")
     ],
     out: Annotated[Path, typer.Option(help="Output folder: model.safetensors, report.json, report.md.")],
-    checkpoint: Checkpoint = None,
-    pretrained: Pretrained = False,
-    ratio: Ratio = None,
-    locations: Locations = None,
-    keep_ratios: KeepRatios = None,
-    input_size: InputSize = None,
-    model_kwarg: ModelKwargs = None,
-    features_only: FeaturesOnly = False,
-    batch_size: BatchSize = 32,
-    flops_only: FlopsOnly = False,
-    warmup: Warmup = 3,
-    repeats: Repeats = 10,
-    device: Device = "cpu",
-    seed: Seed = 0,
-    scorer: Scorer = "predictor",
-    min_flops_reduction: MinFlops = None,
-    min_speedup: MinSpeedup = None,
-    max_accuracy_drop: MaxDrop = None,
-    eval_data: EvalData = None,
-    eval_limit: EvalLimit = None,
-    eval_batch_size: EvalBatch = 64,
+    *,
+    options: SimpleNamespace,
 ) -> None:
     """Sparsify a timm/torchvision model; save it with its dense-vs-sparse report.
 
     Writes OUT/model.safetensors (tokenprune.load, `tokenprune export`), OUT/report.json and OUT/report.md, prints
     the report table, then applies the gates (exit 3 when one fails; the files are written first).
     """
-    from .gates import Gates
-    from .io import save
+    from ..io import save
     from .pipeline import MODEL_FILE
-    from .pipeline import measure as measure_pair
 
-    gates = Gates(min_flops_reduction, min_speedup, max_accuracy_drop)
-    _check_numbers(batch_size, warmup, repeats, eval_batch_size, eval_limit)
-    dense, sparse = _build(
-        model, checkpoint=checkpoint, pretrained=pretrained, input_size=input_size, model_kwargs=model_kwarg,
-        ratio=ratio, locations=locations, keep_ratios=keep_ratios, seed=seed, scorer=scorer,
-        features_only=features_only,
-    )  # fmt: skip
-    saved = save(sparse, out / MODEL_FILE)
-    report = measure_pair(
-        model, dense, sparse, gates=gates, flops_only=flops_only, batch_size=batch_size, warmup=warmup,
-        repeats=repeats, device=device, eval_data=eval_data, eval_limit=eval_limit, eval_batch_size=eval_batch_size,
-    )  # fmt: skip
-    typer.echo(f"saved {saved}")
-    _show_and_gate(report, gates, out / "report.json", out / "report.md")
+    gates = _gates(options)
+    dense, sparse = _build(model, options)
+    typer.echo(f"saved {save(sparse, out / MODEL_FILE)}")
+    _measure_and_gate(model, dense, sparse, options, gates, out / "report.json", out / "report.md")
 
 
 @app.command()
 @_handles_errors
+@with_options(MODEL_OPTIONS, MEASURE_OPTIONS)
 def report(
     model: Annotated[
         str, typer.Argument(help="A model name (sparsified on the fly) or a file written by convert/save.")
     ],
-    ratio: Ratio = None,
-    locations: Locations = None,
-    keep_ratios: KeepRatios = None,
-    input_size: InputSize = None,
-    checkpoint: Checkpoint = None,
-    pretrained: Pretrained = False,
-    model_kwarg: ModelKwargs = None,
-    features_only: FeaturesOnly = False,
-    batch_size: BatchSize = 32,
-    flops_only: FlopsOnly = False,
-    warmup: Warmup = 3,
-    repeats: Repeats = 10,
-    device: Device = "cpu",
-    seed: Seed = 0,
-    scorer: Scorer = "predictor",
     json_path: JsonOut = None,
     markdown_path: MarkdownOut = None,
-    min_flops_reduction: MinFlops = None,
-    min_speedup: MinSpeedup = None,
-    max_accuracy_drop: MaxDrop = None,
-    eval_data: EvalData = None,
-    eval_limit: EvalLimit = None,
-    eval_batch_size: EvalBatch = 64,
+    *,
+    options: SimpleNamespace,
 ) -> None:
     """Compare a dense model with its sparse version: GFLOPs, throughput, latency, top-1.
 
@@ -302,26 +176,12 @@ def report(
     multiply-adds per image, per stage; throughput at --batch-size, latency at batch 1; top-1 with --eval-data.
     Prints a table, writes --json/--markdown, then applies the gates (exit 3 when one fails).
     """
-    from .gates import Gates
     from .pipeline import load_pair
-    from .pipeline import measure as measure_pair
 
-    gates = Gates(min_flops_reduction, min_speedup, max_accuracy_drop)
-    _check_numbers(batch_size, warmup, repeats, eval_batch_size, eval_limit)
+    gates = _gates(options)
     path = Path(model)
     if path.suffix in (".safetensors", ".pth", ".pt", ".bin") or path.exists():
-        given = {
-            "--ratio": ratio,
-            "--locations": locations,
-            "--keep-ratios": keep_ratios,
-            "--input-size": input_size,
-            "--checkpoint": checkpoint,
-            "--model-kwarg": model_kwarg,
-            "--pretrained": pretrained or None,
-            "--scorer": scorer if scorer != "predictor" else None,
-            "--features-only": features_only or None,
-        }
-        extra = [k for k, v in given.items() if v is not None]
+        extra = given(options, MODEL_OPTIONS)
         if extra:
             raise ConfigError(
                 f"{', '.join(extra)} apply to model names; {path} keeps the configuration it was saved with."
@@ -329,16 +189,8 @@ def report(
         name, dense, sparse = load_pair(path)
     else:
         name = model
-        dense, sparse = _build(
-            model, checkpoint=checkpoint, pretrained=pretrained, input_size=input_size, model_kwargs=model_kwarg,
-            ratio=ratio, locations=locations, keep_ratios=keep_ratios, seed=seed, scorer=scorer,
-            features_only=features_only,
-        )  # fmt: skip
-    result = measure_pair(
-        name, dense, sparse, gates=gates, flops_only=flops_only, batch_size=batch_size, warmup=warmup,
-        repeats=repeats, device=device, eval_data=eval_data, eval_limit=eval_limit, eval_batch_size=eval_batch_size,
-    )  # fmt: skip
-    _show_and_gate(result, gates, json_path, markdown_path)
+        dense, sparse = _build(model, options)
+    _measure_and_gate(name, dense, sparse, options, gates, json_path, markdown_path)
 
 
 @app.command()
@@ -365,9 +217,9 @@ def export(
     sparsified at: the keep counts k = floor(rho * tokens) and the positional embeddings are fixed at export.
     ONNX: input "images" [B, C, H, W] float32, output "logits"; torch-export: a .pt2 for torch.export.load.
     """
-    from .export import FORMATS
-    from .export import export as export_model
-    from .io import load
+    from ..export import FORMATS
+    from ..export import export as export_model
+    from ..io import load
     from .pipeline import model_file
 
     if format not in FORMATS:
@@ -404,7 +256,7 @@ def finetune(
     """
     import os
 
-    from .train import finetune as run_finetune
+    from ..train import finetune as run_finetune
 
     bad = [a for a in ctx.args if "=" not in a]
     if bad:
@@ -413,9 +265,9 @@ def finetune(
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if save_path is not None:
-        from .io import save
-        from .models import resolve_library
-        from .sparsify import config_of
+        from ..io import save
+        from ..models import resolve_library
+        from ..sparsify import config_of
 
         spec, source = result.recipe.model, None
         if config_of(result.model).source is None:  # the recipe says how its model was built, in either library
@@ -445,11 +297,11 @@ def visualize(
     Spatial models (ConvNeXt, Swin) show where the slow path runs after each stage. Images are resized to the
     model's input size; a name is sparsified with random weights unless --pretrained.
     """
-    from .visualize import visualize_files
+    from ..visualize import visualize_files
 
     written = visualize_files(
         model, images, out, ratio=ratio, pretrained=pretrained,
-        mean=_numbers(mean, float, "--mean"), std=_numbers(std, float, "--std"),
+        mean=parse_numbers(mean, float, "--mean"), std=parse_numbers(std, float, "--std"),
     )  # fmt: skip
     for path in written:
         typer.echo(f"wrote {path}")
@@ -457,7 +309,7 @@ def visualize(
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from .. import __version__
 
         typer.echo(f"tokenprune {__version__}")
         raise typer.Exit()

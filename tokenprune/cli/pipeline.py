@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from ..inputs import geometry_kwargs
 from .gates import Gates, accuracy_entry, check_gates
-from .inputs import geometry_kwargs
 
 __all__ = ["MODEL_FILE", "create_dense", "build", "model_file", "load_pair", "measure", "gate", "markdown"]
 
@@ -32,7 +32,7 @@ def create_dense(
     Raises:
         ConfigError: unknown name or keywords. CheckpointError: unreadable or unfitting checkpoint.
     """
-    from .models import create_model, resolve_library
+    from ..models import create_model, resolve_library
 
     kwargs = dict(kwargs or {})
     library = resolve_library(name)
@@ -80,8 +80,8 @@ def build(
         ConfigError: `features_only` for a torchvision name (torchvision builds feature extractors with
             ``create_feature_extractor`` in Python; there is no name for them).
     """
-    from .models import resolve_library
-    from .sparsify import sparsify
+    from ..models import resolve_library
+    from ..sparsify import sparsify
 
     if features_only:
         if resolve_library(name) != "timm":
@@ -119,8 +119,8 @@ def load_pair(path: str | os.PathLike[str]) -> tuple[str, nn.Module, nn.Module]:
     Raises:
         CheckpointError: as `tokenprune.load`.
     """
-    from .io import load, load_original
-    from .sparsify import config_of
+    from ..io import load, load_original
+    from ..sparsify import config_of
 
     path = model_file(path)
     sparse, dense = load(path), load_original(path)
@@ -147,8 +147,8 @@ def measure(
     Raises:
         ConfigError: gates that need what was not asked for (timings, evaluation data).
     """
-    from .measure import build_report
-    from .sparsify import config_of
+    from ..measure import build_report
+    from ..sparsify import config_of
 
     gates = gates or Gates(None, None, None)
     config = config_of(sparse)
@@ -174,7 +174,7 @@ def gate(report: dict[str, Any], gates: Gates) -> list[str]:
 
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown, with the top-1 line when measured."""
-    from .measure import to_markdown
+    from ..measure import to_markdown
 
     text = to_markdown(report)
     acc = report.get("accuracy")

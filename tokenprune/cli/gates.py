@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .errors import ConfigError, DataError
+from ..errors import ConfigError, DataError
 
 __all__ = ["Gates", "check_gates", "eval_dataset", "evaluate_accuracy", "accuracy_entry", "FASHION_MNIST"]
 
@@ -101,10 +101,9 @@ def check_gates(report: dict[str, Any], gates: Gates) -> list[str]:
 
 def _imagefolder(root: Path, input_size: tuple[int, int, int], model: nn.Module) -> Dataset:
     from timm.data import create_transform, resolve_data_config
-    from torchvision.datasets import ImageFolder
 
-    # reason: a dataset root with train/ and val/ (the fine-tuning layout) is evaluated on val/.
-    folder = root / "val" if (root / "val").is_dir() else root
+    from ..train.data import _imagefolder as image_folder  # the one ImageFolder loader, with its errors
+
     cfg = resolve_data_config({"input_size": tuple(input_size)}, model=model)
     transform = create_transform(
         cfg["input_size"], is_training=False, mean=cfg["mean"], std=cfg["std"],
@@ -114,10 +113,10 @@ def _imagefolder(root: Path, input_size: tuple[int, int, int], model: nn.Module)
         from torchvision import transforms
 
         transform = transforms.Compose([transforms.Grayscale(), transform])
-    try:
-        return ImageFolder(str(folder), transform=transform)
-    except (FileNotFoundError, RuntimeError, OSError) as e:
-        raise DataError(f"evaluation folder {folder} is unusable ({e}); it must hold <class>/<image> files.") from None
+    # reason: a dataset root with train/ and val/ (the fine-tuning layout) is evaluated on val/.
+    if (root / "val").is_dir():
+        return image_folder(root, "val", transform)
+    return image_folder(root.parent, root.name, transform)
 
 
 def eval_dataset(spec: str | os.PathLike[str], input_size: tuple[int, int, int], model: nn.Module) -> Dataset:
@@ -133,7 +132,7 @@ def eval_dataset(spec: str | os.PathLike[str], input_size: tuple[int, int, int],
         DataError: a missing or malformed dataset.
     """
     if str(spec).lower() in (FASHION_MNIST, "fashion_mnist"):
-        from .train.data import FASHION_MNIST_ROOT, FashionMNIST
+        from ..train.data import FASHION_MNIST_ROOT, FashionMNIST
 
         if input_size[0] != 1 or input_size[1] != input_size[2]:
             raise ConfigError(
@@ -164,7 +163,7 @@ def evaluate_accuracy(
             logits = model(images.to(device))
             if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
                 # reason: argmax over the last dim of a feature map or a dense prediction would be silently wrong
-                from .outputs import named_outputs
+                from ..outputs import named_outputs
 
                 found = ", ".join(f"{n} {list(t.shape)}" for n, t in named_outputs(logits, "the model"))
                 raise ConfigError(
