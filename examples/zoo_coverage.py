@@ -1,4 +1,4 @@
-"""Coverage of the vision zoo: sparsify one small model per family (random weights) and check it.
+"""Coverage of the vision zoo: sparsify one small model per family (random weights) and check it (`zoo_harness.py`).
 
 Each model runs in its own process (a hang or crash there cannot stop the run). Writes a JSON line per model and the
 table docs/zoo.md. Outcomes: works (with its MACs ratio), refused (the reason), and the three that must never
@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _worker(entry, flops, queue):
     import torch
-
-    from tokenprune.coverage import check_model
+    from zoo_harness import check_model  # this folder: the script's own directory is on sys.path
 
     torch.set_num_threads(1)
     queue.put(check_model(entry, flops=flops).to_dict())
@@ -88,7 +87,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokenprune.coverage import ZOO
+    from zoo_harness import ZOO
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated families or model names")

@@ -1,15 +1,33 @@
-"""A representative slice of the zoo (`tokenprune.coverage`), small configurations, within the CI budget.
+"""A representative slice of the zoo (`examples/zoo_harness.py`), small configurations, within the CI budget.
 
-Each model is checked independently of the self-check inside `sparsify`: masked == pruned, keep-all == original,
-a gradient to every predictor, fewer fvcore multiply-adds than dense. The models the pass must refuse are refused
+Each model is checked independently of the self-check inside `sparsify`: masked == pruned, keep-all == original
+(with the model's own layer scales and with them at 1), a gradient to every predictor, fewer fvcore multiply-adds
+than dense. The models the pass must refuse are refused
 with a reason, never a crash, a wrong model or a costlier one. `python examples/zoo_coverage.py` runs the full zoo.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 
-from tokenprune.coverage import ZooEntry, check_model
+
+def _harness():
+    """The zoo harness lives beside the zoo script, outside the package; load it from there by path."""
+    path = Path(__file__).resolve().parent.parent / "examples" / "zoo_harness.py"
+    spec = importlib.util.spec_from_file_location("zoo_harness", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # reason: dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+harness = _harness()
+ZooEntry, check_model = harness.ZooEntry, harness.check_model
 
 
 def _e(name: str, library: str = "timm", **kwargs) -> ZooEntry:
@@ -56,3 +74,35 @@ def test_refused_with_a_reason(name):
     result = check_model(REFUSED[name], flops=False)
     assert result.outcome == "refused", (result.outcome, result.reason)
     assert name in result.reason and len(result.reason) > 60
+
+
+def test_the_harness_sees_through_small_layer_scales(monkeypatch):
+    """Self-check off, attention masks removed from CaiT (layer scale 1e-5): the harness reports "wrong" — only its
+    pass with the layer scales at 1 can see it (with the model's own scales the outputs agree within tolerance)."""
+    import importlib
+
+    import torch.fx as fx
+
+    from tokenprune.nn import masked, tokenops
+
+    sparsify_module = importlib.import_module("tokenprune.sparsify")  # reason: the package exports the function
+    real = sparsify_module.apply_plan
+
+    def unmasked(target, plan):
+        applied = real(target, plan)
+        plain = {
+            masked.masked_softmax: lambda s, policy, dim=-1: s.softmax(dim),
+            tokenops.zero_dropped: lambda x, p, d: x,
+        }
+        for gm in [m for m in applied.model.modules() if isinstance(m, fx.GraphModule)]:
+            for node in gm.graph.nodes:
+                node.target = plain.get(node.target, node.target) if node.op == "call_function" else node.target
+            gm.recompile()
+        return applied
+
+    monkeypatch.setattr(sparsify_module, "apply_plan", unmasked)
+    monkeypatch.setattr(sparsify_module, "self_check", lambda *args, **kwargs: None)
+    result = check_model(_e("cait_xxs24_224", img_size=64, depth=4), flops=False)
+    assert result.outcome == "wrong" and result.masked_vs_pruned > 1, (result.outcome, result.reason)
+    monkeypatch.setattr(harness, "unit_layer_scales", lambda *models: contextlib.nullcontext())
+    assert check_model(_e("cait_xxs24_224", img_size=64, depth=4), flops=False).outcome == "works"
