@@ -273,6 +273,7 @@ def test_finetune_saves_a_loadable_model(tmp_path: Path):
     assert tokenprune.config_of(tokenprune.load(tmp_path / "m.safetensors")).source["name"] == MODEL
 
 
+@pytest.mark.slow
 def test_convert_features_only_saves_a_feature_extractor(tmp_path: Path):
     out = tmp_path / "features"
     result = run("convert", "convnext_atto", "--features-only", "--input-size", "64", "--out", out, "--flops-only")

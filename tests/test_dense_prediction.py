@@ -301,6 +301,7 @@ def test_wrapper_round_trip_with_model(tmp_path):
 # ---- export --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["timm_convnext_atto_features", "dict_wrapper"])
 def test_onnx_export_names_and_checks_every_output(name, tmp_path):
     ort = pytest.importorskip("onnxruntime")
@@ -321,6 +322,7 @@ def test_onnx_export_names_and_checks_every_output(name, tmp_path):
         torch.testing.assert_close(torch.from_numpy(value), reference, atol=1e-4, rtol=1e-3, msg=f"output {n}")
 
 
+@pytest.mark.slow
 def test_torch_export_multi_output(tmp_path):
     from tokenprune.export import export
 

@@ -30,6 +30,7 @@ def cli(*args) -> object:
     return result
 
 
+@pytest.mark.slow
 def test_onnx_round_trip_with_dynamic_batch(saved: Path, tmp_path: Path):
     ort = pytest.importorskip("onnxruntime")
     out = tmp_path / "model.onnx"
@@ -49,6 +50,7 @@ def test_onnx_round_trip_with_dynamic_batch(saved: Path, tmp_path: Path):
         session.run(None, {"images": torch.randn(1, 3, 48, 48).numpy()})
 
 
+@pytest.mark.slow
 def test_torch_export_round_trip(saved: Path, tmp_path: Path):
     out = tmp_path / "model.pt2"
     result = cli("export", saved, "--format", "torch-export", "--out", out)

@@ -202,7 +202,10 @@ def test_dense_deit_small_exact() -> None:
 #   DeiT-B: backbone 11.065 G (published 11.4: -2.9%), predictors 0.411 G, total 11.476 G (+0.7%).
 # The published DeiT-S figure seems to leave the predictors out and the DeiT-B one to include them; both our
 # backbone-only part and our total (predictors included) land within 4% of the published figure, so both are asserted.
-SPARSE = [("deit_small_patch16_224", 384, 2.9), ("deit_base_patch16_224", 768, 11.4)]
+SPARSE = [
+    ("deit_small_patch16_224", 384, 2.9),
+    pytest.param("deit_base_patch16_224", 768, 11.4, marks=pytest.mark.slow),
+]
 
 
 @pytest.mark.parametrize("name,dim,published", SPARSE)
@@ -223,6 +226,7 @@ def test_sparse_timm_matches_published(name: str, dim: int, published: float) ->
     assert blocks == [12 * n * dim * dim + 2 * n * n * dim for n in SPARSE_TOKENS]
 
 
+@pytest.mark.slow
 def test_sparse_torchvision_vit_b_16_exact() -> None:
     # nn.MultiheadAttention's fused path on pruned sequences: same arithmetic as DeiT-B
     torchvision = pytest.importorskip("torchvision")

@@ -5,9 +5,12 @@ import runpy
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "gpu_check.py"
 
 
+@pytest.mark.slow
 def test_eager_and_profile_stages_run_and_save(tmp_path, monkeypatch):
     argv = ["eager", "profile", "--device", "cpu", "--models", "deit_tiny_patch16_224", "--precisions", "fp32", "bf16"]
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), *argv, "--batch", "2", "--repeats", "1", "--warmup", "0"])

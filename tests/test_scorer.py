@@ -201,6 +201,7 @@ def test_refusals_name_the_reason():
         raise AssertionError("a bad scorer was accepted")
 
 
+@pytest.mark.slow
 def test_onnx_export_of_the_attention_scorer_matches_pytorch(tmp_path):
     _, sparse = _pair("deit_small_patch16_224")
     result = tokenprune.export(sparse, tmp_path / "m.onnx", format="onnx")

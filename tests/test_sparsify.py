@@ -36,7 +36,13 @@ def _randomize_head(model: nn.Module) -> nn.Module:
     return model
 
 
-@pytest.fixture(scope="module", params=list(MODELS))
+# ViT-B sized models (86M parameters): the full run checks them; `-m "not slow"` keeps the smaller three.
+BASE_SIZED = {"vit_base_patch16_224", "torchvision_vit_b_16"}
+
+
+@pytest.fixture(
+    scope="module", params=[pytest.param(n, marks=pytest.mark.slow) if n in BASE_SIZED else n for n in MODELS]
+)
 def pair(request):
     """(name, dense model, sparse model at rho = 0.7), both in eval mode."""
     make, _ = MODELS[request.param]

@@ -197,6 +197,7 @@ def test_backbone_trains_at_its_scale_without_a_teacher(tmp_path):
     assert sum(len(g["params"]) for name, g in groups.items() if name.startswith("new")) == inserted
 
 
+@pytest.mark.slow
 def test_torchvision_recipe(tmp_path):
     # The harness builds models with tokenprune.create_model, so torchvision names work as timm ones do.
     overrides = [

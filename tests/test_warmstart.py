@@ -20,6 +20,7 @@ def _batches(n=4, batch=8, seed=0):
     return [(torch.randn(batch, 3, 32, 32, generator=g), torch.zeros(batch, dtype=torch.long)) for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_warm_start_teaches_the_predictors_the_attention_ranking_and_leaves_the_backbone():
     torch.manual_seed(0)
     teacher = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=4, depth=4).eval()
