@@ -189,6 +189,20 @@ def refill_skipped(model) -> int:
     return _swap_calls(model, {real: skipped})
 
 
+def stage_unmasked(model) -> int:
+    """Later stages in masked execution ignore the previous stages' decisions (their predictor reads dropped tokens,
+    and their top-k may pick them again)."""
+    from tokenprune.nn.spatial_predictor import SpatialSelector
+
+    def token(sel, real):
+        return lambda x, policy, index, initial_tokens, score=None: real(x, None, index, initial_tokens, score)
+
+    def spatial(sel, real):
+        return lambda x, mask, keep: real(x, None, keep)
+
+    return _wrap_modules(model, TokenSelector, token) + _wrap_modules(model, SpatialSelector, spatial)
+
+
 CORRUPTIONS = {
     "mask_removed": mask_removed,
     "head_unmasked": head_unmasked,
@@ -196,6 +210,7 @@ CORRUPTIONS = {
     "wrong_locations": wrong_locations,
     "wrong_positions": wrong_positions,
     "refill_skipped": refill_skipped,
+    "stage_unmasked": stage_unmasked,
 }
 
 #: Which corruption applies to which model (it edits something there).
@@ -206,6 +221,7 @@ APPLIES = {
     "wrong_locations": SPATIAL,
     "wrong_positions": ["eva02", "beit"],
     "refill_skipped": ["vit_features"],
+    "stage_unmasked": TOKEN + SPATIAL,
 }
 CASES = [(m, c) for c, models in APPLIES.items() for m in models]
 
