@@ -28,7 +28,7 @@ from ..sparsify import find_config as config_of
 from .checkpoint import load_checkpoint
 from .data import DataBundle, make_loader
 from .distributed import DistInfo, all_reduce_sum
-from .logging import MetricsWriter, ProgressReporter
+from .runlog import MetricsWriter, ProgressReporter
 from .losses import LossOutput, LossWeights, SparsificationLoss
 from .metrics import confusion_matrix, segmentation_scores
 from .optim import build_optimizer, original_parameter_names, param_groups, warmup_cosine

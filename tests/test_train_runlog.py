@@ -12,7 +12,7 @@ import torch
 
 from tokenprune.errors import CheckpointError
 from tokenprune.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from tokenprune.train.logging import MetricsWriter, ProgressReporter
+from tokenprune.train.runlog import MetricsWriter, ProgressReporter
 
 
 def test_plain_lines_when_not_a_terminal():
