@@ -28,13 +28,13 @@ from ..sparsify import find_config as config_of
 from .checkpoint import load_checkpoint
 from .data import DataBundle, make_loader
 from .distributed import DistInfo, all_reduce_sum
-from .runlog import MetricsWriter, ProgressReporter
 from .losses import LossOutput, LossWeights, SparsificationLoss
 from .metrics import confusion_matrix, segmentation_scores
 from .optim import build_optimizer, original_parameter_names, param_groups, warmup_cosine
 from .ratios import ComputeModel, LearnedKeepRatios, budget_penalty
 from .recipe import Recipe
 from .resume import find_resume, restore_state, save_state
+from .runlog import MetricsWriter, ProgressReporter
 
 __all__ = ["Trainer", "config_of"]
 
