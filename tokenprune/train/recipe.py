@@ -375,10 +375,15 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
 def save_recipe(recipe: Recipe, path: str | os.PathLike[str]) -> None:
     """Write the resolved recipe as YAML (atomically, so a crash never leaves half a file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write the recipe to {path}: {e.strerror or e}; check run.output_dir.") from None
 
 
 def describe_recipe() -> list[dict[str, str]]:
