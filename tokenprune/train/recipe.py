@@ -203,7 +203,12 @@ class RunSection:
     seed: int = key(
         0, "Base seed; each process adds its rank for model randomness (Gumbel noise, dropout).", ge=0, le=(1 << 31) - 1
     )
-    device: str = key("auto", "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'.", pattern=r"auto|cpu|cuda(:\d+)?")
+    device: str = key(
+        "auto",
+        "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'.",
+        pattern=r"auto|cpu|cuda(:\d+)?",
+        words="one of 'auto', 'cpu', 'cuda', 'cuda:N'",
+    )
     amp: bool = key(True, "Mixed precision on CUDA (ignored on CPU).")
     amp_dtype: str = key(
         "bfloat16", "'bfloat16' or 'float16' (the latter with a gradient scaler).", choices=("bfloat16", "float16")

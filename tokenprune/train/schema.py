@@ -38,6 +38,7 @@ class Rule:
         choices: the allowed values (strings), or a function returning them (for lists owned elsewhere).
         pattern: a regular expression the whole string must match (when `choices` cannot list them all).
         length: the exact length of a list.
+        words: how to say the allowed values in messages, where the pattern would be cryptic.
     """
 
     doc: str
@@ -48,9 +49,12 @@ class Rule:
     choices: tuple[Any, ...] | Callable[[], tuple[Any, ...]] | None = None
     pattern: str | None = None
     length: int | None = None
+    words: str | None = None
 
     def allowed(self) -> str:
         """The allowed values in words, e.g. ``> 0``, ``in (0, 1]``, ``one of 'a', 'b'``."""
+        if self.words is not None:
+            return self.words
         parts = []
         if self.choices is not None:
             choices = self.choices() if callable(self.choices) else self.choices
