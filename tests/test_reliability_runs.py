@@ -251,3 +251,12 @@ def test_resume_on_other_data_is_refused_but_moved_data_is_fine(tmp_path, monkey
     moved = tmp_path / "moved"
     first.rename(moved)
     assert _run(tmp_path, "run", *IMAGES, f"data.root={moved}").metrics["steps"] == 2
+
+
+def test_an_image_that_fails_in_a_worker_is_named_in_one_line(tmp_path):
+    root = _folder(tmp_path / "data")
+    bad = root / "train" / "a" / "5.png"
+    bad.write_bytes(bad.read_bytes()[:80])  # the header is intact: only decoding finds it
+    with pytest.raises(DataError) as info:
+        _run(tmp_path, "w", *IMAGES, f"data.root={root}", "data.workers=1")
+    assert str(info.value).startswith(f"image {bad} cannot be read") and "\n" not in str(info.value)

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, Subset
 
 from ..errors import DataError
 
-__all__ = ["read_image", "check_image_files", "check_same_classes", "fingerprint"]
+__all__ = ["read_image", "check_image_files", "check_same_classes", "fingerprint", "batches"]
 
 _HINT = "remove or replace it (data.check_images=full finds every such file before training)"
 
@@ -35,6 +35,21 @@ def read_image(path: str) -> Any:
             return Image.open(f).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"image {path} cannot be read ({type(e).__name__}: {e}); {_HINT}.") from None
+
+
+def batches(loader: Any):
+    """Iterate `loader`; a `DataError` raised in a worker process is re-raised with its own one-line message.
+
+    (A DataLoader worker's exception comes back with the worker's traceback folded into its message.)
+    """
+    try:
+        yield from loader
+    except DataError as e:
+        text = str(e)
+        if "Original Traceback" not in text:
+            raise
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        raise DataError(last.split("DataError: ", 1)[-1]) from None
 
 
 def check_image_files(paths: list[str], mode: str) -> None:

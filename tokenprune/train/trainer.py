@@ -28,7 +28,7 @@ from ..errors import ConfigError, DataError, TokenPruneError, TrainingError
 from ..sparsify import find_config as config_of
 from .checkpoint import load_checkpoint, remove_stale_temps, save_checkpoint
 from .data import DataBundle, make_loader
-from .datacheck import fingerprint
+from .datacheck import batches, fingerprint
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .losses import LossOutput, LossWeights, SparsificationLoss
 from .metrics import confusion_matrix, segmentation_scores
@@ -300,7 +300,7 @@ class Trainer:
         size = (self.num_classes, self.num_classes) if segmentation else (2,)
         counts = torch.zeros(size, dtype=torch.float64, device=self.device)
         self.val_loader.sampler.set_epoch(0)
-        for x, y in self.val_loader:
+        for x, y in batches(self.val_loader):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = model(x)
@@ -456,7 +456,7 @@ class Trainer:
         window: dict[str, float] = defaultdict(float)
         count, images, tick = 0, 0, time.perf_counter()
         bad = torch.zeros((), device=self.device)
-        for x, y in self.train_loader:
+        for x, y in batches(self.train_loader):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             sync = (micro + 1) % self.accum == 0
             no_sync = self.model.no_sync() if (self.info.enabled and not sync) else nullcontext()
