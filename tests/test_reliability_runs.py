@@ -260,3 +260,60 @@ def test_an_image_that_fails_in_a_worker_is_named_in_one_line(tmp_path):
     with pytest.raises(DataError) as info:
         _run(tmp_path, "w", *IMAGES, f"data.root={root}", "data.workers=1")
     assert str(info.value).startswith(f"image {bad} cannot be read") and "\n" not in str(info.value)
+
+
+# -- real signals: a separate process is killed at a phase, then the run is resumed here ------------------------
+_KILLER = """
+import json, os, signal, sys
+import tokenprune.train.checkpoint as C
+from tokenprune.train import finetune
+from tokenprune.train.trainer import Trainer
+
+phase, sig, overrides = sys.argv[1], getattr(signal, sys.argv[2]), json.loads(sys.argv[3])
+kill = lambda: os.kill(os.getpid(), sig)
+if phase == "final evaluation":
+    evaluate = Trainer.evaluate_metrics
+    def patched(self, model):
+        if self.step == self.total_steps and model is self.student:
+            kill()
+        return evaluate(self, model)
+    Trainer.evaluate_metrics = patched
+else:  # the write of a checkpoint file: half of it is on disk when the signal comes
+    name, save = phase.split()[-1], C.torch.save
+    def patched(obj, f, *a, **k):
+        if os.path.basename(f.name).startswith("." + name) and (name != "last.pt" or obj["step"] == 4):
+            f.write(b"half a checkpoint"); f.flush(); kill()
+        return save(obj, f, *a, **k)
+    C.torch.save = patched
+finetune(None, overrides=overrides)
+"""
+
+
+@pytest.mark.parametrize(
+    "phase, sig",
+    [("final evaluation", "SIGINT"), ("writing final.pt", "SIGKILL"), ("writing last.pt", "SIGKILL")],
+)
+def test_killed_at_a_phase_then_resumed_equals_uninterrupted(tmp_path, uninterrupted, phase, sig):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    full_dir, full_metrics = uninterrupted
+    out = tmp_path / "killed"
+    overrides = json.dumps([*TINY, f"run.output_dir={out}"])
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLER, phase, sig, overrides],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == -getattr(signal, sig), proc.stderr[-2000:]
+    assert not (out / "final.pt").exists()
+    if sig == "SIGKILL":
+        assert list(out.glob(".*.pt.*.tmp")), "a killed write leaves its temporary file"
+    step = load_checkpoint(out / "last.pt")["step"]
+    assert step == (3 if phase == "writing last.pt" else 6)  # the file before the killed write, intact
+    resumed = _run(tmp_path, "killed")
+    assert resumed.metrics == full_metrics
+    assert _same_weights(full_dir / "final.pt", out / "final.pt")
+    assert not list(out.glob(".*.tmp"))
