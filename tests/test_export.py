@@ -82,3 +82,27 @@ def test_unknown_format_and_missing_file(saved: Path, tmp_path: Path):
     assert result.exit_code == EXIT_ERROR and "torch-export" in result.stderr
     result = cli("export", tmp_path / "none.safetensors", "--out", tmp_path / "m.onnx")
     assert result.exit_code == EXIT_ERROR and "does not exist" in result.stderr
+
+
+def _program(model: torch.nn.Module, path: Path) -> Path:
+    torch.export.save(torch.export.export(model, (torch.randn(2, 4),)), str(path))
+    return path
+
+
+def test_verification_counts_non_finite_outputs_as_failures(tmp_path: Path):
+    from tokenprune.errors import TokenPruneError
+    from tokenprune.export import verify_export
+
+    torch.manual_seed(0)
+    finite = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    poisoned = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        poisoned[0].weight.fill_(float("nan"))
+    x = torch.randn(2, 4)
+    nan_file = _program(poisoned, tmp_path / "nan.pt2")
+    assert verify_export(finite, nan_file, "torch-export", x) == float("inf")  # not 0.0
+    with pytest.raises(TokenPruneError, match="differs from PyTorch by inf"):
+        verify_export(finite, nan_file, "torch-export", x, raise_above_tolerance=True)
+    with pytest.raises(TokenPruneError, match="PyTorch's own output .* NaN or infinite"):
+        verify_export(poisoned, _program(finite, tmp_path / "ok.pt2"), "torch-export", x)
+    assert verify_export(finite, _program(finite, tmp_path / "same.pt2"), "torch-export", x) < 1e-6

@@ -220,3 +220,46 @@ def test_a_file_from_before_the_scorer_field_loads_with_learned_predictors(saved
     older = _write(saved, tmp_path / "older.safetensors", config={"scorer": None})
     assert "scorer" not in json.loads(read_metadata(older)["config"])
     assert tokenprune.config_of(tokenprune.load(older)).scorer == "predictor"
+
+
+def test_unknown_header_fields_are_refused(saved: Path, tmp_path: Path):
+    with pytest.raises(CheckpointError, match=r"refused header field 'comment': unknown field"):
+        tokenprune.load(_write(saved, tmp_path / "extra.safetensors", meta={"comment": "hello"}))
+
+
+def test_a_tensor_of_the_wrong_kind_is_refused(saved: Path, tmp_path: Path):
+    tensors = load_file(str(saved))
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name].to(torch.int32)
+    metadata = dict(read_metadata(saved))
+    metadata["digest"] = _digest(metadata, tensors)
+    save_file(tensors, str(tmp_path / "int.safetensors"), metadata=metadata)
+    with pytest.raises(CheckpointError, match=rf"1 tensors have a dtype .*{name} torch.int32 vs torch.float32"):
+        tokenprune.load(tmp_path / "int.safetensors")
+    tensors[name] = tensors[name].to(torch.float16)  # another precision of the same kind loads (half-saved models)
+    metadata["digest"] = _digest(metadata, tensors)
+    save_file(tensors, str(tmp_path / "half.safetensors"), metadata=metadata)
+    assert tokenprune.load(tmp_path / "half.safetensors").state_dict()[name].dtype == torch.float32
+
+
+def test_load_with_model_leaves_the_callers_model_as_it_was(saved: Path):
+    torch.manual_seed(1)
+    mine = tokenprune.create_model("test_vit", **KWARGS).train()
+    before = {k: v.clone() for k, v in mine.state_dict().items()}
+    modes = [m.training for m in mine.modules()]
+    loaded = tokenprune.load(saved, model=mine)
+    assert [m.training for m in mine.modules()] == modes  # still in training mode, every submodule
+    after = mine.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert not tokenprune.selectors(mine) and tokenprune.selectors(loaded)
+    assert not loaded.training
+
+
+def test_numpy_ratios_save_as_plain_floats_and_load_back(tmp_path: Path):
+    np = pytest.importorskip("numpy")
+    dense = tokenprune.create_model("test_vit", **KWARGS).eval()
+    sparse = tokenprune.sparsify(dense, np.float32(0.75), example_inputs=torch.randn(1, 3, 32, 32))
+    path = tokenprune.save(sparse, tmp_path / "np.safetensors")
+    config = tokenprune.config_of(tokenprune.load(path))
+    assert type(config.ratio) is float and config.ratio == pytest.approx(0.75)
+    assert all(type(r) is float for r in config.keep_ratios)

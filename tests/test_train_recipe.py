@@ -75,3 +75,9 @@ def test_save_roundtrip(tmp_path):
     again = load_recipe(tmp_path / "out" / "recipe.yaml")
     assert again == recipe
     assert yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())["optim"]["epochs"] == 3
+
+
+def test_save_recipe_into_an_unusable_folder_names_it(tmp_path):
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(ConfigError, match=r"cannot write the recipe to \S+file/recipe\.yaml"):
+        save_recipe(Recipe(), tmp_path / "file" / "recipe.yaml")

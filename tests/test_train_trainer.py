@@ -90,7 +90,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         return out, kept
 
     monkeypatch.setattr(Trainer, "_forward_loss", poisoned)
-    with pytest.raises(TrainingError, match=r"non-finite loss at step 4.*last\.pt is intact"):
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 4.*finite weights is \S+last\.pt \(step 3\)"):
         _run(tmp_path, "nan")
     ckpt = load_checkpoint(tmp_path / "nan" / "last.pt")
     assert ckpt["step"] == 3
@@ -148,16 +148,18 @@ def test_finetune_given_student_and_teacher(tmp_path):
         finetune(model=student, overrides=[*overrides, f"run.output_dir={tmp_path / 'b'}"])
 
 
-def test_resume_auto_refuses_another_recipe_and_a_finished_run(tmp_path):
-    _run(tmp_path, "run", "optim.epochs=1")
+def test_resume_auto_refuses_another_recipe_and_reruns_of_a_finished_run_train_nothing(tmp_path):
+    first = _run(tmp_path, "run", "optim.epochs=1")
     recipe_yaml = (tmp_path / "run" / "recipe.yaml").read_text()
     with pytest.raises(ConfigError, match=r"different recipe \(optim.lr: 0.001 -> 0.005\).*run.resume=none"):
         _run(tmp_path, "run", "optim.epochs=1", "optim.lr=5e-3")
     assert (tmp_path / "run" / "recipe.yaml").read_text() == recipe_yaml  # refused before writing anything
-    with pytest.raises(ConfigError, match=r"already finished \(2 of 2 optimizer steps.*zero steps"):
-        _run(tmp_path, "run", "optim.epochs=1", "run.threads=2")  # operational keys may differ
-    again = _run(tmp_path, "run", "optim.epochs=1", "optim.lr=5e-3", "run.resume=none")
-    assert again.metrics["steps"] == 2
+    final = (tmp_path / "run" / "final.pt").stat().st_mtime_ns
+    again = _run(tmp_path, "run", "optim.epochs=1", "run.threads=2")  # operational keys may differ
+    assert again.metrics == first.metrics  # the finished run's result, read back: no step trained
+    assert (tmp_path / "run" / "final.pt").stat().st_mtime_ns == final
+    anew = _run(tmp_path, "run", "optim.epochs=1", "optim.lr=5e-3", "run.resume=none")
+    assert anew.metrics["steps"] == 2
 
 
 def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, code_payload):

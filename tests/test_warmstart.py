@@ -66,7 +66,7 @@ def test_harness_runs_the_warm_start_before_fine_tuning(tmp_path):
         (["sparsify.scorer=attention", "learned_ratios.enabled=true"], "no gradient"),
         (["sparsify.scorer=attention", "sparsify.warm_start_steps=10"], "there are none"),
         (["sparsify.warm_start_steps=-1"], ">= 0"),
-        (["sparsify.scorer=random"], "predictor, attention"),
+        (["sparsify.scorer=random"], "'predictor', 'attention'"),
     ],
 )
 def test_recipe_refuses_combinations_that_cannot_work(overrides, words):

@@ -71,8 +71,13 @@ class SparsifyConfig:
     scorer: str = "predictor"
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values: numbers as Python floats/ints whatever `sparsify` was given (NumPy, tensors)."""
         data = asdict(self)
-        data["input_size"] = list(self.input_size) if self.input_size else None
+        data["ratio"] = float(self.ratio)
+        data["keep_ratios"] = [float(r) for r in self.keep_ratios]
+        data["locations"] = [int(i) for i in self.locations]
+        data["prefix_tokens"] = int(self.prefix_tokens)
+        data["input_size"] = [int(v) for v in self.input_size] if self.input_size else None
         return data
 
     @classmethod

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import warnings
 from pathlib import Path
@@ -105,11 +106,11 @@ def verify_export(
 
     ONNX files run in onnxruntime (CPU); `torch.export` programs are loaded back with `torch.export.load`. Each
     output is compared with PyTorch's output of the same name, within 1e-4 + 1e-3 times that output's largest
-    magnitude.
+    magnitude. A non-finite value in the export's output where PyTorch's is finite is a difference of infinity.
 
     Raises:
-        TokenPruneError: the file returns other outputs or shapes than PyTorch, or (with `raise_above_tolerance`)
-            one output differs beyond its tolerance; the message names the output.
+        TokenPruneError: the file returns other outputs or shapes than PyTorch, PyTorch's output is not finite, or
+            (with `raise_above_tolerance`) one output differs beyond its tolerance; the message names the output.
     """
     with torch.inference_mode():
         reference = [(n, t.float().cpu()) for n, t in named_outputs(model.eval()(inputs), "the exported model")]
@@ -138,7 +139,14 @@ def verify_export(
             raise TokenPruneError(
                 f"exported {path} returns shape {list(got.shape)} for output {name}, PyTorch {list(expected.shape)}."
             )
+        if not bool(expected.isfinite().all()):
+            raise TokenPruneError(
+                f"cannot verify {path}: PyTorch's own output {name} holds NaN or infinite values for these inputs, "
+                "so no difference would mean anything; check the model's weights (a non-finite weight spreads)."
+            )
+        # reason: NaN compares false with everything, so max() and `d > tol` would call an all-NaN export exact.
         d = float((got.float() - expected).abs().max()) if got.numel() else 0.0
+        d = d if math.isfinite(d) else math.inf
         tol = _tolerance(expected)
         if raise_above_tolerance and d > tol:
             raise TokenPruneError(

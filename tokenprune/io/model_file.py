@@ -273,6 +273,13 @@ def _parse(path: Path) -> tuple[dict[str, Any] | None, SparsifyConfig, dict[str,
             f"{FORMAT_VERSION}. Upgrade tokenprune, or re-create the file: {SAVE_HINT}."
         )
     version = int(version)
+    unknown = sorted(k for k in meta if k not in (*_FIELDS, "digest"))
+    if unknown:
+        raise _bad(
+            path,
+            str(unknown[0])[:40],
+            f"unknown field (this tokenprune writes and reads only {', '.join((*_FIELDS, 'digest'))})",
+        )
     if version >= 2:
         for key in ("digest", "tokenprune"):
             if not isinstance(meta.get(key), str) or not 0 < len(meta[key]) <= 128:
@@ -281,6 +288,23 @@ def _parse(path: Path) -> tuple[dict[str, Any] | None, SparsifyConfig, dict[str,
     config = _check_config(_json(meta, "config", path), path, version, source)
     config.source = source
     return source, config, meta
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "complex" if dtype.is_complex else "floating" if dtype.is_floating_point else str(dtype)
+
+
+def _check_dtypes(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path) -> None:
+    """A file's tensor must be of the architecture's kind (floating, an integer type, bool); precision may differ
+    (a model saved in half precision loads into the float32 architecture)."""
+    wrong = [
+        f"{k} {state[k].dtype} vs {v.dtype}" for k, v in expected.items() if _kind(state[k].dtype) != _kind(v.dtype)
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{path}: {len(wrong)} tensors have a dtype the architecture cannot hold (file vs model: "
+            f"{', '.join(wrong[:3])}); the file is damaged or was not written by tokenprune.save; {SAVE_HINT}."
+        )
 
 
 def _check_digest(path: Path, meta: dict[str, str], state: dict[str, torch.Tensor]) -> None:
@@ -388,7 +412,7 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.
     Args:
         path: a tokenprune ``.safetensors`` file.
         model: the dense architecture to use instead of the recorded one (required when the file records none,
-            e.g. your own module). It is not changed: the result is built from a copy.
+            e.g. your own module). It is not changed, not even its train/eval mode: the result is built from a copy.
 
     Returns:
         The sparsified model (a `torch.fx.GraphModule`) in eval mode, on CPU.
@@ -402,8 +426,12 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.
     state = _read_tensors(path)
     _check_digest(path, meta, state)
     dense = _dense(path, source, model, config.input_size)
-    sparse = _resparsify(dense, config, str(path), inplace=model is None)
-    check_fit(sparse.state_dict(), state, path, f"the sparsified {describe(path, source)}")
+    if model is not None:
+        dense = copy.deepcopy(model)  # the caller's model stays exactly as it was (its mode included)
+    sparse = _resparsify(dense, config, str(path))
+    expected = sparse.state_dict()
+    check_fit(expected, state, path, f"the sparsified {describe(path, source)}")
+    _check_dtypes(expected, state, path)
     sparse.load_state_dict(state, strict=True)
     return sparse.eval()
 

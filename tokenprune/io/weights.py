@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from .bounds import check_nesting, check_torch_zip
 
 __all__ = ["read_metadata", "read_weights", "load_weights", "check_fit", "require_file", "SAVE_HINT"]
 
@@ -72,7 +73,8 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     unpickling. Wrappers ``{"state_dict": ...}``, ``{"model": ...}`` and DDP's ``module.`` prefix are removed.
 
     Raises:
-        CheckpointError: missing, truncated or unreadable files, refused pickles, files without tensors.
+        CheckpointError: missing, truncated or unreadable files, refused pickles, files without tensors, files that
+            would allocate more than they hold (`tokenprune.io.bounds`).
     """
     path = Path(path)
     require_file(path)
@@ -86,6 +88,7 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             raise
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{path} could not be read as safetensors ({type(e).__name__}: {e}).") from None
+    check_torch_zip(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -99,6 +102,7 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             f"{path} is not a readable torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]}); it may be "
             "truncated or of another format."
         ) from None
+    check_nesting(state, path)
     return _tensor_dict(state, path)
 
 

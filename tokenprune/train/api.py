@@ -20,7 +20,6 @@ from torch import nn
 
 from ..errors import ConfigError, TokenPruneError
 from ..io import load_weights  # one reader of weight files: weights only, checked fit
-from .checkpoint import save_checkpoint
 from .data import DataBundle, build_datasets
 from .distributed import barrier, cleanup_distributed, init_distributed
 from .recipe import Recipe, load_recipe, save_recipe
@@ -177,19 +176,7 @@ def finetune(
         if info.main:
             save_recipe(recipe, out / "recipe.yaml")
         barrier(info)
-        metrics = trainer.fit()
-        config = config_of(model)
-        if info.main:
-            save_checkpoint(
-                {
-                    "model": model.state_dict(),
-                    "sparsify_config": config.to_dict() if config else None,
-                    "recipe": recipe.to_dict(),
-                    "metrics": metrics,
-                },
-                out / "final.pt",
-            )
-        barrier(info)
+        metrics = trainer.fit()  # ends with the final phase: evaluation and final.pt
         return FinetuneResult(model.eval(), teacher, metrics, out, recipe)
     finally:
         cleanup_distributed(info)

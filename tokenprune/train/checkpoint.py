@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,17 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from ..io.bounds import check_nesting, check_torch_zip
 
-__all__ = ["FORMAT", "save_checkpoint", "load_checkpoint", "capture_rng", "restore_rng"]
+__all__ = [
+    "FORMAT",
+    "save_checkpoint",
+    "load_checkpoint",
+    "rotated",
+    "remove_stale_temps",
+    "capture_rng",
+    "restore_rng",
+]
 
 FORMAT = "tokenprune-train/2"  # 2: random states as tensors, read with weights_only=True
 
@@ -60,20 +70,63 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
-def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write `payload` to `path` atomically (temporary file, fsync, `os.replace`)."""
+def rotated(path: str | os.PathLike[str], keep: int) -> list[Path]:
+    """The files `save_checkpoint(..., keep=keep)` maintains, newest first: ``last.pt``, ``last.1.pt``, ..."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return [path, *(path.with_name(f"{path.stem}.{i}{path.suffix}") for i in range(1, keep))]
+
+
+def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files an interrupted `save_checkpoint`/`save_recipe` left in `folder`; return them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.is_file() and (p.name.startswith(".") and p.name.endswith(".tmp"))]
+    stale += [p for p in folder.glob("*.yaml.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def _write_error(path: Path, e: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"cannot write checkpoint {path}: {e.strerror or e} (errno {e.errno}). The previous checkpoint there, if any, "
+        "is intact; free space or fix the folder's permissions, then rerun to resume."
+    )
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike[str], *, keep: int = 1) -> Path:
+    """Write `payload` to `path` atomically (temporary file, fsync, `os.replace`), keeping `keep` generations.
+
+    With ``keep > 1`` the previous file becomes ``<stem>.1<suffix>`` (and so on up to ``keep - 1``) by hard link
+    before the new one replaces it, so at every instant `path` names a complete checkpoint.
+
+    Raises:
+        CheckpointError: the file cannot be written (full disk, read-only folder, ...); the previous one is intact.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save({"format": FORMAT, **payload}, f)
             f.flush()
             os.fsync(f.fileno())
+        files = rotated(path, keep)
+        for older, newer in zip(files[:0:-1], files[-2::-1]):  # last.1 -> last.2 first, last -> last.1 last
+            if newer == path and newer.exists():
+                older.unlink(missing_ok=True)
+                try:
+                    os.link(newer, older)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(newer, older)
+            elif newer.exists():
+                os.replace(newer, older)
         os.replace(tmp, path)
+    except OSError as e:
+        raise _write_error(path, e) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -81,11 +134,13 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     """Read a checkpoint written by `save_checkpoint`.
 
     Raises:
-        CheckpointError: if the file is missing, truncated, or not a tokenprune training checkpoint.
+        CheckpointError: if the file is missing, truncated, or not a tokenprune training checkpoint, or if it would
+            make the reader allocate more than it holds (compressed entries, structures shared many times over).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass run.resume=<path to last.pt> or start anew.")
+    check_torch_zip(path)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -100,4 +155,5 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {e}).") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a tokenprune training checkpoint (expected format {FORMAT}).")
+    check_nesting(data, path)
     return data

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import DataError
+from .datacheck import check_image_files, check_same_classes, read_image
 
 __all__ = [
     "FASHION_MNIST_ROOT",
@@ -230,7 +231,7 @@ def _imagefolder(root: Path, split: str, transform) -> Dataset:
             f"(set data.train_split / data.val_split if your folders are named differently)."
         )
     try:
-        return ImageFolder(str(folder), transform=transform)
+        return ImageFolder(str(folder), transform=transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"image folder {folder} is unusable: {e}") from None
 
@@ -295,6 +296,7 @@ def build_datasets(data, *, img_size: int, in_chans: int, seed: int = 0, model=N
         val_tf = create_transform(cfg["input_size"], is_training=False, crop_pct=cfg["crop_pct"], **common)
         root = Path(data.root)
         train, val = _imagefolder(root, data.train_split, train_tf), _imagefolder(root, data.val_split, val_tf)
+        check_same_classes(train.classes, val.classes, root)
         bundle = DataBundle(train, val, len(train.classes), in_chans)
     else:
         raise DataError(
@@ -307,6 +309,11 @@ def build_datasets(data, *, img_size: int, in_chans: int, seed: int = 0, model=N
         bundle.val = torch.utils.data.Subset(bundle.val, range(min(data.val_subset, len(bundle.val))))
     if len(bundle.train) == 0 or len(bundle.val) == 0:
         raise DataError(f"dataset {source} at {data.root} is empty; check data.root and the split folders.")
+    if source == "imagefolder":  # every file the run will read opens, before the teacher's evaluation
+        for split in (bundle.train, bundle.val):
+            base = split.dataset if isinstance(split, torch.utils.data.Subset) else split
+            indices = split.indices if isinstance(split, torch.utils.data.Subset) else range(len(base))
+            check_image_files([base.samples[i][0] for i in indices], getattr(data, "check_images", "header"))
     return bundle
 
 

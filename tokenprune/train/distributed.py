@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
+
 __all__ = ["DistInfo", "init_distributed", "cleanup_distributed", "all_reduce_sum", "all_gather_objects", "barrier"]
 
 
@@ -41,12 +43,29 @@ def init_distributed(device: str = "auto") -> DistInfo:
     """Join the torchrun process group if the environment describes one, and choose this process's device.
 
     Args:
-        device: "auto" (CUDA if available), "cpu" or "cuda".
+        device: "auto" (CUDA if available), "cpu", "cuda" or "cuda:N" (one process).
+
+    Raises:
+        ConfigError: an unknown device, or CUDA asked for where there is none.
     """
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ConfigError(f"run.device={device!r} is unknown; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError(f"run.device={device!r} but CUDA is not available here; use run.device=cpu or auto.")
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise ConfigError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (as torchrun sets them).") from None
+    if device.startswith("cuda:"):
+        local = int(device.split(":")[1]) if world == 1 else local
+    if use_cuda and local >= torch.cuda.device_count():
+        raise ConfigError(
+            f"run.device={device!r} (local rank {local}) names a GPU this machine does not have "
+            f"({torch.cuda.device_count()} visible)."
+        )
     dev = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)

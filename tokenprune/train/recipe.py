@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from .schema import MAX_RECIPE_BYTES, check_value, describe, key, rule_of, safe_yaml
 
 TASKS = ("classification", "segmentation")
 
@@ -33,213 +34,196 @@ __all__ = [
     "load_recipe",
     "apply_overrides",
     "save_recipe",
+    "describe_recipe",
 ]
+
+
+def _scorers() -> tuple[str, ...]:
+    from ..nn.select import SCORERS
+
+    return SCORERS
 
 
 @dataclass
 class ModelSection:
-    """The teacher (the original model) and how to build it.
+    """The teacher (the original model) and how to build it."""
 
-    Attributes:
-        name: timm or torchvision model name, e.g. ``deit_small_patch16_224`` or ``vit_b_16``.
-        pretrained: load the library's pretrained weights (needs them cached or reachable).
-        checkpoint: path to teacher weights (a state dict, a safetensors file, or a harness checkpoint).
-        kwargs: constructor keywords (timm: img_size, in_chans, embed_dim, depth, ...; torchvision: image_size...).
-        library: "timm" or "torchvision" when a name exists in both (``None``: timm first, then torchvision).
-        task_head: ``None`` builds the library's model as is (a classifier); ``"fpn"`` builds a segmentation model
-            on the timm backbone `name` (``features_only=True`` + torchvision's FeaturePyramidNetwork + a 1x1
-            classifier, `tokenprune.models.segmenter`); ``kwargs`` then needs ``num_classes`` and may set
-            ``fpn_channels``, the rest go to the backbone.
-    """
-
-    name: str = "vit_tiny_patch16_224"
-    pretrained: bool = False
-    checkpoint: str | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    library: str | None = None
-    task_head: str | None = None
+    name: str = key(
+        "vit_tiny_patch16_224", "timm or torchvision model name, e.g. deit_small_patch16_224, vit_b_16.", pattern=r".+"
+    )
+    pretrained: bool = key(False, "Load the library's pretrained weights (needs them cached or reachable).")
+    checkpoint: str | None = key(None, "Teacher weights: a state dict, a safetensors file or a harness checkpoint.")
+    kwargs: dict[str, Any] = key(
+        doc="Constructor keywords (timm: img_size, in_chans, embed_dim, depth, ...; torchvision: image_size, ...); "
+        "with task_head: fpn also num_classes and fpn_channels.",
+        factory=dict,
+    )
+    library: str | None = key(
+        None, "'timm' or 'torchvision' when a name exists in both (null: timm first).", choices=("timm", "torchvision")
+    )
+    task_head: str | None = key(
+        None,
+        "null builds the library's classifier; 'fpn' a segmentation model on the timm backbone `name` "
+        "(features_only + FeaturePyramidNetwork + 1x1 classifier, tokenprune.models.segmenter).",
+        choices=("fpn",),
+    )
 
 
 @dataclass
 class SparsifySection:
-    """Arguments of `tokenprune.sparsify` (docs/design.md §1.1: rho = 0.7 before blocks 3, 6, 9).
+    """Arguments of `tokenprune.sparsify` (docs/design.md §1.1: rho = 0.7 before blocks 3, 6, 9)."""
 
-    ``enabled: false`` trains the model itself, densely and without a teacher (e.g. to make a teacher).
-
-    Attributes:
-        scorer: "predictor" (learned predictors, DynamicViT) or "attention" (training-free attention scores; a
-            fine-tuning run then trains the backbone only).
-        warm_start_steps: before fine-tuning, train the learned predictors this many steps to reproduce the attention
-            scorer's decisions, backbone frozen (`warmstart.py`); 0 = off.
-        warm_start_lr: the warm start's learning rate (AdamW on the predictors).
-    """
-
-    enabled: bool = True
-    ratio: float = 0.7
-    locations: list[int] | None = None
-    keep_ratios: list[float] | None = None
-    scorer: str = "predictor"
-    warm_start_steps: int = 0
-    warm_start_lr: float = 1e-3
+    enabled: bool = key(True, "Sparsify; false trains the model itself, densely and without a teacher.")
+    ratio: float = key(0.7, "The base keep ratio rho.", gt=0, le=1)
+    locations: list[int] | None = key(
+        None, "Chain indices of the blocks a predictor precedes (null: the default).", ge=0
+    )
+    keep_ratios: list[float] | None = key(None, "Per-stage keep ratios (null: rho^s).", gt=0, le=1)
+    scorer: str = key(
+        "predictor",
+        "'predictor' (learned, DynamicViT) or 'attention' (training-free; fine-tuning then trains the backbone only).",
+        choices=_scorers,
+    )
+    warm_start_steps: int = key(
+        0,
+        "Train the predictors this many steps to imitate the attention scorer before "
+        "fine-tuning, backbone frozen (warmstart.py); 0 = off.",
+        ge=0,
+    )
+    warm_start_lr: float = key(1e-3, "The warm start's learning rate (AdamW on the predictors).", gt=0)
 
 
 @dataclass
 class LearnedRatiosSection:
-    """Learn per-stage keep ratios under one compute budget instead of fixing rho^s (see `ratios.py`).
+    """Learn per-stage keep ratios under one compute budget instead of fixing rho^s (see `ratios.py`)."""
 
-    Attributes:
-        enabled: turn the mode on.
-        target_flops: the chain's compute as a fraction of dense (e.g. 0.6).
-        budget_weight: weight of the squared relative budget error.
-        lr: learning rate of the ratio parameters (AdamW, no weight decay).
-        mlp_ratio: deprecated and ignored: the cost model is now measured on the model with fvcore.
-    """
-
-    enabled: bool = False
-    target_flops: float = 0.6
-    budget_weight: float = 20.0
-    lr: float = 1e-2
-    mlp_ratio: float = 4.0
+    enabled: bool = key(False, "Turn the mode on.")
+    target_flops: float = key(0.6, "The chain's compute as a fraction of dense.", gt=0, le=1)
+    budget_weight: float = key(20.0, "Weight of the squared relative budget error.", ge=0)
+    lr: float = key(1e-2, "Learning rate of the ratio parameters (AdamW, no weight decay).", gt=0)
+    mlp_ratio: float = key(4.0, "Deprecated and ignored: the cost model is measured on the model with fvcore.", gt=0)
 
 
 @dataclass
 class LossSection:
-    """Loss weights (docs/design.md §3.1). ``None`` means the kind's paper default.
+    """Loss weights (docs/design.md §3.1). ``None`` means the kind's paper default."""
 
-    Attributes:
-        kind: "auto" (from the sparsified model's config), "token" or "spatial".
-        ce: cross-entropy weight.
-        ratio: keep-ratio loss weight (token 2.0, spatial 10.0).
-        kl: KL(teacher || student) weight on the logits.
-        distill: token (KL over channels) or feature-map (MSE) distillation weight.
-        distill_type: "auto" (KL for token, MSE for spatial), "kl" or "mse".
-        temperature: softmax temperature of the logit KL.
-    """
-
-    kind: str = "auto"
-    ce: float = 1.0
-    ratio: float | None = None
-    kl: float = 0.5
-    distill: float = 0.5
-    distill_type: str = "auto"
-    temperature: float = 1.0
+    kind: str = key(
+        "auto",
+        "'auto' (from the sparsified model's config), 'token' or 'spatial'.",
+        choices=("auto", "token", "spatial"),
+    )
+    ce: float = key(1.0, "Cross-entropy weight.", ge=0)
+    ratio: float | None = key(None, "Keep-ratio loss weight (null: token 2.0, spatial 10.0).", ge=0)
+    kl: float = key(0.5, "KL(teacher || student) weight on the logits.", ge=0)
+    distill: float = key(0.5, "Token (KL over channels) or feature-map (MSE) distillation weight.", ge=0)
+    distill_type: str = key(
+        "auto", "'auto' (KL for token, MSE for spatial), 'kl' or 'mse'.", choices=("auto", "kl", "mse")
+    )
+    temperature: float = key(1.0, "Softmax temperature of the logit KL.", gt=0)
 
 
 @dataclass
 class DataSection:
-    """Where images come from.
+    """Where images come from."""
 
-    Attributes:
-        source: classification: "imagefolder" (root/train, root/val), "fashion_mnist" (IDX files) or
-            "synthetic"; segmentation: "segfolder" (root/<split>/images + root/<split>/masks) or
-            "fashion_mnist_scenes" (Fashion-MNIST items composed into canvases; see `train/segdata.py`).
-        root: dataset folder; for fashion_mnist the default Debian install path when ``None``.
-        train_split: sub-folder of the training images (imagefolder).
-        val_split: sub-folder of the validation images (imagefolder).
-        img_size: input resolution; ``None`` takes it from the model. Segmentation: the crop size (segfolder) or
-            the canvas size (fashion_mnist_scenes).
-        num_classes: classes of the synthetic and segfolder sources (others infer it); a segfolder mask value at
-            or above it that is not ``ignore_index`` is a `DataError`.
-        synthetic_size: images per split of the synthetic source.
-        train_subset: use only the first N training images (quick runs); ``None`` for all.
-        val_subset: use only the first N validation images; ``None`` for all.
-        workers: DataLoader worker processes.
-        augment: keyword arguments for ``timm.data.create_transform`` in training (auto_augment, re_prob, ...);
-            segmentation sources take ``hflip`` (probability, applied to image and mask together).
-        ignore_index: segmentation label of pixels that count in neither loss nor metrics.
-        reduce_zero_label: segfolder: label 0 means "unlabelled" (ADE20K's convention): it becomes ignore_index
-            and every other label moves down by one.
-        scenes: fashion_mnist_scenes: number of training canvases (from the training split).
-        val_scenes: fashion_mnist_scenes: number of test canvases (from the test split).
-        scene_items: fashion_mnist_scenes: [min, max] items per canvas.
-        ink_threshold: fashion_mnist_scenes: an item pixel above this (0-255) is the item's class, else
-            background (class 0).
-    """
-
-    source: str = "imagefolder"
-    root: str | None = None
-    train_split: str = "train"
-    val_split: str = "val"
-    img_size: int | None = None
-    num_classes: int = 10
-    synthetic_size: int = 64
-    train_subset: int | None = None
-    val_subset: int | None = None
-    workers: int = 4
-    augment: dict[str, Any] = field(default_factory=dict)
-    ignore_index: int = 255
-    reduce_zero_label: bool = False
-    scenes: int = 8000
-    val_scenes: int = 2000
-    scene_items: list[int] = field(default_factory=lambda: [2, 4])
-    ink_threshold: int = 50
+    source: str = key(
+        "imagefolder",
+        "Classification: 'imagefolder' (root/train, root/val), 'fashion_mnist' (IDX files) or "
+        "'synthetic'; segmentation: 'segfolder' (root/<split>/images + masks) or 'fashion_mnist_scenes'.",
+        choices=("imagefolder", "fashion_mnist", "synthetic", "segfolder", "fashion_mnist_scenes"),
+    )
+    root: str | None = key(None, "Dataset folder; for fashion_mnist the Debian install path when null.")
+    train_split: str = key("train", "Sub-folder of the training images (imagefolder, segfolder).", pattern=r".+")
+    val_split: str = key("val", "Sub-folder of the validation images (imagefolder, segfolder).", pattern=r".+")
+    img_size: int | None = key(
+        None, "Input resolution (null: from the model); segmentation: crop or canvas size.", ge=1, le=16384
+    )
+    num_classes: int = key(10, "Classes of the synthetic and segfolder sources (others infer it).", ge=1, le=1 << 20)
+    synthetic_size: int = key(64, "Images per split of the synthetic source.", ge=1, le=1 << 24)
+    train_subset: int | None = key(None, "Use only the first N training images (null: all).", ge=1)
+    val_subset: int | None = key(None, "Use only the first N validation images (null: all).", ge=1)
+    workers: int = key(4, "DataLoader worker processes.", ge=0, le=1024)
+    augment: dict[str, Any] = key(
+        doc="Keywords of timm.data.create_transform in training (auto_augment, re_prob, "
+        "...); segmentation sources take hflip.",
+        factory=dict,
+    )
+    check_images: str = key(
+        "header",
+        "Before training, open every image file: 'header' (format and size), 'full' "
+        "(decode every pixel; slow on large sets) or 'off'.",
+        choices=("off", "header", "full"),
+    )
+    ignore_index: int = key(
+        255, "Segmentation label of pixels that count in neither loss nor metrics.", ge=-(1 << 31), le=(1 << 31) - 1
+    )
+    reduce_zero_label: bool = key(
+        False,
+        "segfolder: label 0 is 'unlabelled' (ADE20K); it becomes ignore_index and every other label moves down by one.",
+    )
+    scenes: int = key(8000, "fashion_mnist_scenes: training canvases.", ge=1, le=1 << 24)
+    val_scenes: int = key(2000, "fashion_mnist_scenes: test canvases.", ge=1, le=1 << 24)
+    scene_items: list[int] = key(
+        doc="fashion_mnist_scenes: [min, max] items per canvas.", factory=lambda: [2, 4], ge=1, le=64, length=2
+    )
+    ink_threshold: int = key(
+        50, "fashion_mnist_scenes: an item pixel above this (0-255) is the item's class.", ge=0, le=255
+    )
 
 
 @dataclass
 class OptimSection:
-    """Optimisation (docs/design.md §3.2: lr 1e-3 for new modules, backbone scaled by 0.01, 5 warm-up epochs, cosine).
+    """Optimisation (docs/design.md §3.2: lr 1e-3 for new modules, backbone x 0.01, 5 warm-up epochs, cosine)."""
 
-    Attributes:
-        epochs: training epochs.
-        max_steps: stop after this many optimizer steps (smoke tests, time-boxed runs); ``None`` for no limit.
-        batch_size: images per process per forward (the micro-batch).
-        global_batch_size: if set, gradient accumulation is derived so that
-            batch_size * world_size * accum_steps equals it; otherwise ``accum_steps`` is used.
-        accum_steps: micro-batches per optimizer step.
-        lr: learning rate of the new modules (predictors, anything named ``tokenprune_``).
-        backbone_lr_scale: the backbone's learning rate is ``lr * backbone_lr_scale``.
-        weight_decay: AdamW weight decay (not applied to biases and norms).
-        betas: AdamW betas.
-        warmup_epochs: linear warm-up length (fractions allowed).
-        warmup_lr: learning rate of the new-module group at step 0 (other groups scaled alike).
-        min_lr: cosine floor of the new-module group (other groups scaled alike).
-        clip_grad: max gradient norm; ``None`` for no clipping.
-    """
-
-    epochs: float = 30
-    max_steps: int | None = None
-    batch_size: int = 128
-    global_batch_size: int | None = None
-    accum_steps: int = 1
-    lr: float = 1e-3
-    backbone_lr_scale: float = 0.01
-    weight_decay: float = 0.05
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_epochs: float = 5
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
-    clip_grad: float | None = None
+    epochs: float = key(30, "Training epochs (fractions allowed).", gt=0)
+    max_steps: int | None = key(None, "Stop after this many optimizer steps (null: no limit).", ge=1)
+    batch_size: int = key(128, "Images per process per forward (the micro-batch).", ge=1, le=1 << 20)
+    global_batch_size: int | None = key(
+        None, "If set, gradient accumulation is derived so that batch_size x processes x accum_steps equals it.", ge=1
+    )
+    accum_steps: int = key(1, "Micro-batches per optimizer step.", ge=1, le=1 << 16)
+    lr: float = key(1e-3, "Learning rate of the new modules (predictors, anything named tokenprune_).", gt=0)
+    backbone_lr_scale: float = key(0.01, "The backbone's learning rate is lr x backbone_lr_scale.", ge=0)
+    weight_decay: float = key(0.05, "AdamW weight decay (not applied to biases and norms).", ge=0)
+    betas: list[float] = key(doc="AdamW betas.", factory=lambda: [0.9, 0.999], ge=0, lt=1, length=2)
+    warmup_epochs: float = key(5, "Linear warm-up length in epochs (fractions allowed).", ge=0)
+    warmup_lr: float = key(1e-6, "Learning rate of the new-module group at step 0 (other groups scaled alike).", ge=0)
+    min_lr: float = key(1e-5, "Cosine floor of the new-module group (other groups scaled alike).", ge=0)
+    clip_grad: float | None = key(None, "Max gradient norm (null: no clipping).", gt=0)
 
 
 @dataclass
 class RunSection:
-    """Where and how the run executes.
+    """Where and how the run executes (docs/design.md §8: what a run guarantees)."""
 
-    Attributes:
-        output_dir: checkpoints, metrics.jsonl, recipe.yaml and the final model go here.
-        seed: base seed; each process adds its rank for model randomness (Gumbel noise, dropout).
-        device: "auto" (cuda if available), "cpu" or "cuda".
-        amp: mixed precision on CUDA (ignored on CPU).
-        amp_dtype: "bfloat16" or "float16" (the latter with a gradient scaler).
-        resume: ``True``/"auto" to resume from output_dir/last.pt when present, or a checkpoint path.
-        checkpoint_every: also checkpoint every N optimizer steps (0: only at epoch ends).
-        log_every: optimizer steps between progress log lines.
-        eval_every: epochs between evaluations (0 disables).
-        threads: torch intra-op threads on CPU (``None`` leaves torch's default).
-        find_unused_parameters: passed to DistributedDataParallel.
-    """
-
-    output_dir: str = "runs/finetune"
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    amp_dtype: str = "bfloat16"
-    resume: Any = "auto"
-    checkpoint_every: int = 0
-    log_every: int = 20
-    eval_every: int = 1
-    threads: int | None = None
-    find_unused_parameters: bool = False
+    output_dir: str = key(
+        "runs/finetune", "Checkpoints, metrics.jsonl, recipe.yaml and final.pt go here.", pattern=r".+"
+    )
+    seed: int = key(
+        0, "Base seed; each process adds its rank for model randomness (Gumbel noise, dropout).", ge=0, le=(1 << 31) - 1
+    )
+    device: str = key(
+        "auto",
+        "'auto' (cuda if available), 'cpu', 'cuda' or 'cuda:N'.",
+        pattern=r"auto|cpu|cuda(:\d+)?",
+        words="one of 'auto', 'cpu', 'cuda', 'cuda:N'",
+    )
+    amp: bool = key(True, "Mixed precision on CUDA (ignored on CPU).")
+    amp_dtype: str = key(
+        "bfloat16", "'bfloat16' or 'float16' (the latter with a gradient scaler).", choices=("bfloat16", "float16")
+    )
+    resume: Any = key(
+        "auto",
+        "true/'auto': continue from output_dir/last.pt when present; a path: continue from "
+        "that checkpoint; false/'none': start anew.",
+    )
+    checkpoint_every: int = key(0, "Also checkpoint every N optimizer steps (0: only at epoch ends).", ge=0)
+    keep_checkpoints: int = key(2, "Checkpoints kept: last.pt, last.1.pt, ... (all with finite weights).", ge=1, le=100)
+    log_every: int = key(20, "Optimizer steps between progress log lines.", ge=1)
+    eval_every: int = key(1, "Epochs between evaluations (0 disables).", ge=0)
+    threads: int | None = key(None, "Torch intra-op threads on CPU (null: torch's default).", ge=1, le=4096)
+    find_unused_parameters: bool = key(False, "Passed to DistributedDataParallel.")
 
 
 _SECTIONS = {
@@ -254,28 +238,6 @@ _SECTIONS = {
 
 # reason: these take free-form dictionaries whose keys are passed through to timm, so they are not validated here.
 _FREE_FORM = {("model", "kwargs"), ("data", "augment")}
-
-
-def _coerce(key: str, hint: str, value: Any, source: str) -> Any:
-    """Check a scalar against its field's type; accept numbers written as strings (YAML reads ``1e-3`` as one)."""
-    if value is None or not any(t in hint.split(" | ") for t in ("float", "int", "bool")):
-        return value
-    if "None" in hint and isinstance(value, str) and value.lower() in ("none", "null"):
-        return None
-    try:
-        if "bool" in hint.split(" | "):
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "false", "1", "0", "yes", "no"):
-                return str(value).lower() in ("true", "1", "yes")
-            raise ValueError
-        if "float" in hint.split(" | "):
-            return float(value)
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{source}: recipe key '{key}' should be {hint}, got {value!r}.") from None
 
 
 @dataclass
@@ -312,7 +274,7 @@ class Recipe:
         sections: dict[str, Any] = {}
         for name, value in data.items():
             if name == "task":
-                if value not in TASKS:
+                if not isinstance(value, str) or value not in TASKS:
                     raise ConfigError(f"{source}: task={value!r} is unknown; use one of {', '.join(TASKS)}.")
                 sections["task"] = value
                 continue
@@ -324,26 +286,27 @@ class Recipe:
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: section {name!r} must be a mapping, got {value!r}.")
             known = {f.name for f in dataclasses.fields(_SECTIONS[name])}
-            for key in value:
-                if key not in known:
+            for k in value:
+                if k not in known:
                     listed = ", ".join(sorted(known))
-                    raise ConfigError(f"{source}: unknown recipe key '{name}.{key}'; known keys of {name!r}: {listed}.")
-            hints = {f.name: str(f.type) for f in dataclasses.fields(_SECTIONS[name])}
-            value = {k: _coerce(f"{name}.{k}", hints[k], v, source) for k, v in value.items()}
+                    raise ConfigError(f"{source}: unknown recipe key '{name}.{k}'; known keys of {name!r}: {listed}.")
+            fields = {f.name: f for f in dataclasses.fields(_SECTIONS[name])}
+            value = {
+                k: check_value(f"{name}.{k}", str(fields[k].type), rule_of(fields[k]), v, source)
+                for k, v in value.items()
+            }
             sections[name] = _SECTIONS[name](**value)
         recipe = cls(**sections)
-        _check_scorer(recipe, source)
+        _check_together(recipe, source)
         return recipe
 
 
-def _check_scorer(recipe: Recipe, source: str) -> None:
-    from ..nn.select import SCORERS
-
+def _check_together(recipe: Recipe, source: str) -> None:
+    """Rules between keys (each key's own type and range are checked by the schema)."""
     sp = recipe.sparsify
-    if sp.scorer not in SCORERS:
-        raise ConfigError(f"{source}: sparsify.scorer={sp.scorer!r}; choose one of {', '.join(SCORERS)}.")
-    if sp.warm_start_steps < 0:
-        raise ConfigError(f"{source}: sparsify.warm_start_steps={sp.warm_start_steps} must be >= 0 (0 = off).")
+    low, high = recipe.data.scene_items
+    if low > high:
+        raise ConfigError(f"{source}: data.scene_items={[low, high]} must be [min, max] with min <= max.")
     if sp.scorer == "attention" and recipe.learned_ratios.enabled:
         raise ConfigError(
             f"{source}: learned keep ratios are learned through the predictors' decisions; the attention scorer's "
@@ -367,20 +330,20 @@ def load_recipe(path: str | os.PathLike[str] | None = None, overrides: list[str]
         The validated recipe.
 
     Raises:
-        ConfigError: if the file is missing or not valid YAML, or a key is unknown.
+        ConfigError: if the file is missing, not valid YAML or uses aliases, a key is unknown or a value is not
+            allowed (each key's type and range: `describe_recipe`).
     """
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         source = str(path)
         try:
-            text = Path(path).read_text()
+            if Path(path).stat().st_size > MAX_RECIPE_BYTES:
+                raise ConfigError(f"recipe {path} is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a few KB.")
+            text = Path(path).read_text(errors="replace")
         except OSError as e:
             raise ConfigError(f"cannot read recipe {path}: {e.strerror}; pass an existing YAML file.") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from None
+        data = safe_yaml(text, f"recipe {path}") or {}
     recipe = Recipe.from_dict(data, source=source)
     return apply_overrides(recipe, overrides or [])
 
@@ -392,10 +355,8 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value, e.g. optim.lr=5e-4.")
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
+        # text that is not YAML (e.g. a path with a colon) is taken as the string it is
+        value = safe_yaml(raw, f"override {key}", text_if_invalid=True) if raw != "" else None
         parts = key.strip().split(".")
         if parts == ["task"]:
             data["task"] = value
@@ -419,7 +380,24 @@ def apply_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
 def save_recipe(recipe: Recipe, path: str | os.PathLike[str]) -> None:
     """Write the resolved recipe as YAML (atomically, so a crash never leaves half a file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        os.replace(tmp, path)
+    except OSError as e:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write the recipe to {path}: {e.strerror or e}; check run.output_dir.") from None
+
+
+def describe_recipe() -> list[dict[str, str]]:
+    """Every recipe key with its type, allowed values, default and doc (the schema the validator uses)."""
+    task = {
+        "key": "task",
+        "type": "str",
+        "allowed": "one of " + ", ".join(map(repr, TASKS)),
+        "default": "'classification'",
+        "doc": "Classification (top-1) or segmentation (per-pixel labels, mIoU; docs/design.md §3.5).",
+    }
+    return [task, *describe(_SECTIONS)]

@@ -9,6 +9,7 @@ and which checkpoint a run may continue from, is `resume.py`'s business.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 import warnings
@@ -23,18 +24,19 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import ConfigError, DataError, TrainingError
+from ..errors import ConfigError, DataError, TokenPruneError, TrainingError
 from ..sparsify import find_config as config_of
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, remove_stale_temps, save_checkpoint
 from .data import DataBundle, make_loader
-from .distributed import DistInfo, all_reduce_sum
-from .logging import MetricsWriter, ProgressReporter
+from .datacheck import batches, fingerprint
+from .distributed import DistInfo, all_reduce_sum, barrier
 from .losses import LossOutput, LossWeights, SparsificationLoss
 from .metrics import confusion_matrix, segmentation_scores
 from .optim import build_optimizer, original_parameter_names, param_groups, warmup_cosine
 from .ratios import ComputeModel, LearnedKeepRatios, budget_penalty
 from .recipe import Recipe
-from .resume import find_resume, restore_state, save_state
+from .resume import check_checkpoint, find_resume, last_good_hint, recipe_differences, restore_state, save_state
+from .runlog import MetricsWriter, ProgressReporter
 
 __all__ = ["Trainer", "config_of"]
 
@@ -54,6 +56,24 @@ def _state(model: nn.Module):
     from ..state import sparsity_state
 
     return sparsity_state(model)
+
+
+def check_output_dir(out: Path) -> None:
+    """Create `out` and check a file can be written there, before any training.
+
+    Raises:
+        ConfigError: naming the folder and the system's reason (read-only, a file in the way, no space, ...).
+    """
+    probe = out / f".write-test.{os.getpid()}.tmp"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"tokenprune")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"run.output_dir={out} is not a writable folder ({e.strerror or e}); choose another run.output_dir or "
+            "fix its permissions."
+        ) from None
 
 
 class Trainer:
@@ -150,8 +170,14 @@ class Trainer:
                 self.student, device_ids=ids, find_unused_parameters=run.find_unused_parameters
             )
         self.step, self.teacher_top1, self.best_top1 = 0, None, None
-        # Refuse a foreign or finished run in output_dir now, before anything is written there.
-        self._resume = find_resume(recipe, self.total_steps, map_location=self.device)
+        self.last_good: tuple[Path, int] | None = None  # (checkpoint, step) written or resumed by this run
+        self._saved_step: int | None = None
+        self.data_fingerprint = fingerprint(data)
+        # Refuse a foreign run, other data or an unusable output_dir now, before anything is written there.
+        self._resume = find_resume(recipe, self.total_steps, map_location=self.device, data=self.data_fingerprint)
+        if info.main:
+            check_output_dir(self.out)
+            remove_stale_temps(self.out)
         self.metrics = MetricsWriter(self.out / "metrics.jsonl" if info.main else None)
 
     # -- set-up ---------------------------------------------------------------------------------------------------
@@ -211,11 +237,15 @@ class Trainer:
 
     def save(self, name: str = "last.pt") -> Path:
         """Checkpoint the run (all ranks must call: random states are gathered; rank 0 writes)."""
-        return save_state(self, name)
+        path = save_state(self, name)
+        self._saved_step = self.step
+        return path
 
     def resume(self, path: str | Path) -> None:
         """Restore everything the checkpoint at `path` holds, so training continues exactly."""
-        restore_state(self, load_checkpoint(path, map_location=self.device))
+        ckpt = load_checkpoint(path, map_location=self.device)
+        check_checkpoint(ckpt, Path(path))
+        restore_state(self, ckpt, Path(path))
 
     # -- one step -------------------------------------------------------------------------------------------------
     def _autocast(self):
@@ -270,7 +300,7 @@ class Trainer:
         size = (self.num_classes, self.num_classes) if segmentation else (2,)
         counts = torch.zeros(size, dtype=torch.float64, device=self.device)
         self.val_loader.sampler.set_epoch(0)
-        for x, y in self.val_loader:
+        for x, y in batches(self.val_loader):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._autocast():
                 logits = model(x)
@@ -310,27 +340,27 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train to `total_steps` (resuming when asked), evaluate, and return the final metrics."""
+        """Train to `total_steps` (resuming when asked), then do the final phase (`finish`); return its metrics."""
         resumed, self._resume = self._resume, None  # (path, checkpoint) that __init__ accepted, or None
         if resumed is not None:
-            restore_state(self, resumed[1])
+            restore_state(self, resumed[1], resumed[0])
+            self._saved_step = self.step
         else:
             seed = self.recipe.run.seed + self.info.rank
             torch.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed)
         reporter = ProgressReporter(self.total_steps, enabled=self.info.main)
-        if resumed is not None:
-            reporter.message(f"resumed from {resumed[0]} at step {self.step}/{self.total_steps}")
-        if resumed is None and self.sparsified and self.recipe.sparsify.warm_start_steps:
-            self._warm_start(reporter)
-        name = self.score_name
-        if self.teacher is not None and self.teacher_top1 is None:
-            scores = self.evaluate_metrics(self.teacher)
-            self.teacher_top1 = scores[name]  # the main score (mIoU for segmentation), as checkpoints keep it
-            self.metrics.write("teacher", **scores)
-            reporter.message(f"teacher {_describe(scores)}")
         try:
+            if resumed is not None:
+                reporter.message(f"resumed from {resumed[0]} at step {self.step}/{self.total_steps}")
+            if resumed is None and self.sparsified and self.recipe.sparsify.warm_start_steps:
+                self._warm_start(reporter)
+            if self.teacher is not None and self.teacher_top1 is None:
+                scores = self.evaluate_metrics(self.teacher)
+                self.teacher_top1 = scores[self.score_name]  # the main score (mIoU for segmentation)
+                self.metrics.write("teacher", **scores)
+                reporter.message(f"teacher {_describe(scores)}")
             while self.step < self.total_steps:
                 self._epoch(reporter)
         finally:
@@ -338,8 +368,38 @@ class Trainer:
             if self._hook is not None:
                 self._hook.remove()
                 self._hook = None
+        if self._saved_step != self.step:
+            self.save("last.pt")  # training is complete on disk before the final phase starts
+        return self.finish(reporter)
+
+    def _finished(self) -> dict[str, Any] | None:
+        """The metrics of this run's `final.pt` when it is complete (same recipe, same step), else ``None``."""
+        path = self.out / "final.pt"
+        if not path.is_file():
+            return None
+        try:
+            final = load_checkpoint(path, map_location="cpu")
+        except TokenPruneError:
+            return None  # unreadable: the final phase is redone from last.pt and rewrites it
+        same = final.get("step") == self.step and not recipe_differences(
+            final.get("recipe") or {}, self.recipe.to_dict()
+        )
+        return final.get("metrics") if same and isinstance(final.get("metrics"), dict) else None
+
+    def finish(self, reporter: ProgressReporter | None = None) -> dict[str, Any]:
+        """The final phase, resumable as a step of its own: learned ratios applied, the final evaluation, `final.pt`.
+
+        Run after training reached `total_steps` (and `last.pt` holds that state). When `final.pt` already holds
+        this run's result (an earlier call completed), its metrics are returned without evaluating again.
+        """
         ratios = self.apply_learned_ratios()
+        done = self._finished()
+        if done is not None:
+            if reporter is not None:
+                reporter.message(f"the run had already finished at step {self.step}; its result is in final.pt")
+            return done
         scores = self.evaluate_metrics(self.student)
+        name = self.score_name
         result = {
             **scores,
             f"teacher_{name}": self.teacher_top1,
@@ -349,10 +409,21 @@ class Trainer:
         }
         if ratios is not None:
             result["flops_estimate"] = float(self.compute.ratio(torch.tensor(ratios)))
-        self.metrics.write("final", **result)
-        teacher = f"(teacher {self.teacher_top1:.2f}%)" if self.teacher else ""
-        reporter.message(f"final {_describe(scores)} {teacher}")
-        self.save("last.pt")
+        if self.info.main:
+            config = self.config
+            payload = {
+                "model": self.student.state_dict(),
+                "sparsify_config": config.to_dict() if config else None,
+                "recipe": self.recipe.to_dict(),
+                "metrics": result,
+                "step": self.step,
+            }
+            save_checkpoint(payload, self.out / "final.pt")
+        barrier(self.info)
+        self.metrics.write("final", **result)  # after final.pt: a "final" record means the file is there
+        if reporter is not None:
+            teacher = f"(teacher {self.teacher_top1:.2f}%)" if self.teacher else ""
+            reporter.message(f"final {_describe(scores)} {teacher}")
         return result
 
     def _warm_start(self, reporter: ProgressReporter) -> None:
@@ -385,7 +456,7 @@ class Trainer:
         window: dict[str, float] = defaultdict(float)
         count, images, tick = 0, 0, time.perf_counter()
         bad = torch.zeros((), device=self.device)
-        for x, y in self.train_loader:
+        for x, y in batches(self.train_loader):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             sync = (micro + 1) % self.accum == 0
             no_sync = self.model.no_sync() if (self.info.enabled and not sync) else nullcontext()
@@ -408,12 +479,10 @@ class Trainer:
                 continue
             if float(all_reduce_sum(bad, self.info)) > 0:
                 self.optimizer.zero_grad(set_to_none=True)
-                last = self.out / "last.pt"
                 raise TrainingError(
                     f"non-finite loss at step {self.step + 1} (epoch {epoch}): "
-                    f"{ {k: round(float(v.detach()), 4) for k, v in out.parts.items()} }. The last good checkpoint "
-                    f"{last if last.is_file() else '(none written yet)'} is intact; lower optim.lr, set run.amp=false "
-                    f"or check the data, then resume with run.resume={last}."
+                    f"{ {k: round(float(v.detach()), 4) for k, v in out.parts.items()} }. {last_good_hint(self)}; "
+                    "lower optim.lr, set optim.clip_grad or run.amp=false, or check the data first."
                 )
             self._optimizer_step()
             self.step += 1

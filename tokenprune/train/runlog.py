@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import TrainingError
+
 __all__ = ["MetricsWriter", "ProgressReporter", "format_parts"]
 
 
@@ -21,14 +23,23 @@ class MetricsWriter:
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path is not None else None
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise TrainingError(f"cannot create {self.path.parent}: {e.strerror or e}.") from None
 
     def write(self, kind: str, **fields: Any) -> None:
         if self.path is None:
             return
         record = {"kind": kind, "time": round(time.time(), 3), **fields}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, default=float) + "\n")
+        except OSError as e:
+            raise TrainingError(
+                f"cannot append to {self.path}: {e.strerror or e}; free space or fix the folder's permissions, then "
+                "rerun to resume from the last checkpoint."
+            ) from None
 
 
 def format_parts(values: dict[str, float]) -> str:

@@ -12,7 +12,7 @@ import torch
 
 from tokenprune.errors import CheckpointError
 from tokenprune.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from tokenprune.train.logging import MetricsWriter, ProgressReporter
+from tokenprune.train.runlog import MetricsWriter, ProgressReporter
 
 
 def test_plain_lines_when_not_a_terminal():
@@ -69,3 +69,15 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path, code_payload):
     with pytest.raises(CheckpointError, match="refused to read checkpoint .*last.pt"):
         load_checkpoint(tmp_path / "last.pt")
     assert not marker.exists()
+
+
+def test_an_unwritable_metrics_file_is_a_training_error_naming_it(tmp_path):
+    from tokenprune.errors import TrainingError
+
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(TrainingError, match=r"cannot create \S+file"):
+        MetricsWriter(tmp_path / "file" / "metrics.jsonl")
+    writer = MetricsWriter(tmp_path / "m.jsonl")
+    (tmp_path / "m.jsonl").mkdir()  # a folder where the file should be
+    with pytest.raises(TrainingError, match=r"cannot append to \S+m\.jsonl"):
+        writer.write("train", step=1)
