@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import spatial_rules as S
+from . import token_mixers as M
 from . import token_rules as T
 
 __all__ = ["Rule", "RULES", "MODULE_CALL", "lookup"]
@@ -118,17 +119,17 @@ RULES: tuple[Rule, ...] = (
     Rule("split", _methods("unbind", "chunk", "split", "tensor_split"), "parts of a dim other than tokens",
          reads=("dim",), token=T.split),
     Rule("reduction", _methods("mean", "sum") + _functions(torch.mean, torch.sum),
-         "over tokens: a mean/sum over kept tokens only", reads=("dim",), token=T.reduction),
+         "over tokens: a mean/sum over kept tokens only", reads=("dim",), token=M.reduction),
     Rule("softmax", _methods("softmax") + _functions(F.softmax, torch.softmax) + _modules(nn.Softmax),
-         "over token keys (the last dim): masked attention weights", reads=("dim",), token=T.softmax),
+         "over token keys (the last dim): masked attention weights", reads=("dim",), token=M.softmax),
     Rule("matmul", _functions(operator.matmul, torch.matmul, torch.bmm) + _methods("matmul", "bmm"),
          "contracts token axes of the same tokens only, over kept tokens", reads=("operand layouts",),
-         token=T.matmul),
+         token=M.matmul),
     Rule("sdpa", _functions(F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention),
          "self-attention (or attention over token keys), masked", reads=("attn_mask", "is_causal", "enable_gqa"),
-         token=T.sdpa),
+         token=M.sdpa),
     Rule("mha", _modules(nn.MultiheadAttention), "self-attention mha(x, x, x), masked",
-         reads=("query", "key", "value", "masks"), token=T.mha),
+         reads=("query", "key", "value", "masks"), token=M.mha),
 )  # fmt: skip
 
 #: Modules the trace keeps as one call that are not torch.nn's (drop path, stochastic depth; anything untraceable):
