@@ -320,6 +320,8 @@ def cat(values: Values, node: fx.Node) -> Effect:
     tensors = arg(node, 0, "tensors")
     rank = len(_shape(node))
     dim = _dim(arg(node, 1, "dim", 0), rank)
+    if isinstance(tensors, fx.Node):
+        return _parts_put_back(values, node, tensors, dim, "concatenates")
     infos = [values.tokens(a) for a in tensors]
     if any(values.has_tokens(a) and i is None for a, i in zip(tensors, infos)):
         raise Refused("concatenates token values it cannot follow")
@@ -364,10 +366,28 @@ def _canonical_cat(node: fx.Node, parts: list) -> TokenSet:
     return TokenSet(sum(c for _, c in parts), prefix, ("cat", node, tuple(parts)))
 
 
+def _parts_put_back(values: Values, node: fx.Node, parts: fx.Node, dim: int, verb: str) -> Effect:
+    """cat/stack of one value holding several parts (`torch.cat(x.chunk(2, -1), -1)`): every part carries the same
+    tokens on the same axes (a split of another dim), so they are put back token-wise unless along a token axis."""
+    infos = values.info.get(parts)
+    if not isinstance(infos, tuple) or not infos or any(not isinstance(i, Tokens) for i in infos):
+        raise Refused(f"{verb} the parts of {parts.name}, which do not all carry tokens")
+    t = infos[0]
+    if any(i != t for i in infos):
+        raise Refused(f"{verb} parts of {parts.name} that carry tokens on different axes")
+    if verb == "stacks":
+        return Effect(Tokens(tuple(d + (d >= dim) for d in t.axes), t.tset))
+    if dim in t.axes:
+        raise Refused(f"{verb} the parts of {parts.name} along the token axis")
+    return Effect(Tokens(t.axes, t.tset))
+
+
 def stack(values: Values, node: fx.Node) -> Effect:
     tensors = arg(node, 0, "tensors")
     rank = len(_shape(node))
     dim = _dim(arg(node, 1, "dim", 0), rank)
+    if isinstance(tensors, fx.Node):
+        return _parts_put_back(values, node, tensors, dim, "stacks")
     found = []
     for a in tensors:
         t = values.tokens(a)
