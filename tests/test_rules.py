@@ -456,6 +456,7 @@ SPATIAL_CASES = [
     Case("unary", _f(F.relu), lambda m, y: _first(m.down(F.relu(m.up(m.norm(_last(y))))))),
     Case("unary", _m("contiguous"), lambda m, y: _first(m.mlp(_last(y))).contiguous()),
     Case("binary", _f(operator.mul), lambda m, y: _first(m.mlp(_last(y)) * m.c)),  # a layer scale, per channel
+    Case("binary", _f(operator.truediv), lambda m, y: _first(m.mlp(_last(y)) / 2.0)),  # a number operand
     Case("binary", _f(operator.mul), lambda m, y: _first(m.mlp(_last(y))) * m.pos[0, :HW, :HW],
          refused="no slow path"),  # fmt: skip
     Case("linear", _mod(nn.Linear), lambda m, y: _first(m.mlp(_last(y)))),

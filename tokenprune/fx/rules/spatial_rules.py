@@ -54,17 +54,12 @@ def binary(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout
         return None
     rank = len(node_shape(node))
     others = [a for a in (*node.args, *node.kwargs.values()) if a is not data]
-    ok = all(not depends_on(o, {block.x}) and _per_channel(o, rank, layout[0]) for o in others if _is_operand(o))
+    nodes = [o for o in others if isinstance(o, fx.Node)]
+    ok = all(not depends_on(o, {block.x}) and _per_channel(o, rank, layout[0]) for o in nodes)
     return layout if ok else None
 
 
-def _is_operand(a: object) -> bool:
-    return isinstance(a, (fx.Node, int, float))
-
-
-def _per_channel(other: object, rank: int, channel: int) -> bool:
-    if not isinstance(other, fx.Node):
-        return True
+def _per_channel(other: fx.Node, rank: int, channel: int) -> bool:
     shape = node_shape(other)
     if shape is None or len(shape) > rank:
         return False
