@@ -60,7 +60,10 @@ class FlowPlan:
 
 
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    """How the node is called: "call_module 'mlp.fc1' (Linear)", "attribute 'mT'", "call_method 'softmax'"."""
     op, target = key(node, gm)
+    if op == "call_module":
+        return f"call_module {node.target!r} ({target.__name__})"
     name = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
     return f"{'attribute' if op == 'getattr' else op} {name!r}"
 

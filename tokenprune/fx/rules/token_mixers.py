@@ -152,7 +152,7 @@ def mha(values: Values, node: fx.Node) -> Effect:
         why = why or "it is not called as self-attention mha(x, x, x) without masks"
     t = values.tokens(query)
     if why is not None or t is None or t.axes != (1,):
-        raise Refused(f"(nn.MultiheadAttention) cannot be masked: {why or 'tokens not on dim 1'}")
+        raise Refused(f"cannot be masked: {why or 'tokens not on dim 1'}")
     rewrite = Rewrite(masked_mha, (("get_attr", node.target), query, key, value, Policy(t.tset)), node.kwargs,
                       f"{node.target}: self-attention masked", "mha")  # fmt: skip
     return Effect((Tokens((1,), t.tset), None), rewrite)

@@ -427,7 +427,7 @@ def module_call(values: Values, node: fx.Node) -> Effect:
     m = values.module(node)
     reason = scaler_refusal(m, example_like(node.args[0]))
     if reason is not None:
-        raise Refused(f"({type(m).__name__}) is kept as one call and is not known to act per token: it {reason}")
+        raise Refused(f"is kept as one call and is not known to act per token: it {reason}")
     return per_sample_scaler(values, node)
 
 
