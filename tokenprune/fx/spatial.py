@@ -3,11 +3,13 @@
 The structural rule that finds a block's slow path, with no class names:
 
 1. Trace the block and find its residual adds: adds whose two operands both depend on the block's input.
-2. From the branch operand walk back over *per-location* layers: channel norms (LayerNorm over the last dim,
-   BatchNorm), Linear and 1x1 convolutions, element-wise activations, dropout, constant scales (layer scale), stochastic
-   depth, permutes, as long as each has one input that depends on the block's input and nothing outside the run
-   reads it. The walk stops at the op where spatial mixing ends (ConvNeXt's depthwise 7x7 conv) or at the residual
-   stream itself (Swin's MLP residual, norm2 -> mlp -> add). That maximal run is the slow path.
+2. From the branch operand walk back over ops with a spatial rule in the op-rule table (`fx/rules/`), as long as
+   each has one input that depends on the block's input and nothing outside the run reads it; then forward, each
+   rule reads its op's arguments and gives the map's layout after it, or None where it mixes locations (LayerNorm
+   over the channel dim alone, Linear with channels last, BatchNorm and 1x1 convs channels first, per-channel
+   constants such as a layer scale, permutes, stochastic depth). The run starts after the last op that mixes
+   locations (ConvNeXt's depthwise 7x7 conv) or at the residual stream itself (Swin's MLP residual, norm2 -> mlp ->
+   add). That maximal run is the slow path.
 3. Accept it when it holds a Linear/1x1 conv (there is compute to save), maps its input's shape to the same shape in
    the same layout (a C -> C fast path can stand in for it), and is the only such run in the block.
 
@@ -15,7 +17,8 @@ ResNet's bottleneck fails rule 3: the run after its 3x3 conv maps 256 to 1024 ch
 3x3 conv (the spatial mixing sits *inside* the branch) would still run everywhere; it gets UnsupportedModelError.
 
 Stochastic depth and similar modules whose traced graph depends on the training flag stay calls (leaves), so
-fine-tuning keeps them while the rewrite runs in eval mode.
+fine-tuning keeps them while the rewrite runs in eval mode; the table accepts such a call only where its own traced
+code proves it per location (`fx/rules/scaler.py`, `spatial_rules.module_call`).
 """
 
 from __future__ import annotations
@@ -32,27 +35,17 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import UnsupportedModelError
 from ..nn.asymmetric import AsymmetricPath, gather_locations
 from ..nn.spatial_predictor import SpatialRecorder, SpatialSelector
+from . import rules
 from ._graph import block_inputs, chain_nodes, node_shape
 from .discovery import Call, Chain, depends_on
 from .plan import RECORDER, Plan
-from .tracing import call_leaf, trace, training_dependent
+from .tracing import call_leaf, trace
 
 __all__ = ["SlowPath", "find_slow_path", "plan_spatial", "BLOCK_INPUTS"]
 
 #: Names of the block inputs the rewrite adds: a stage's mask (masked execution), kept and dropped locations (gathered).
 BLOCK_INPUTS = ("tokenprune_mask", "tokenprune_keep", "tokenprune_drop")
 
-# reason: element-wise modules; per-location whatever the layout.
-_ELEMENTWISE_MODULES = (
-    nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
-    nn.Mish, nn.Softplus, nn.Identity, nn.Dropout,
-)  # fmt: skip
-_ELEMENTWISE_FUNCTIONS = {
-    F.gelu, F.relu, F.relu6, F.silu, F.hardswish, F.dropout, F.mish, torch.relu, torch.sigmoid, torch.tanh,
-}  # fmt: skip
-_ELEMENTWISE_METHODS = {"gelu", "relu", "sigmoid", "tanh", "contiguous", "float", "to", "type_as"}
-_BINARY_FUNCTIONS = {operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add}
-_BINARY_METHODS = {"mul", "mul_", "add", "add_", "sub", "div"}
 _RESIDUAL_ADDS = {operator.add, operator.iadd, torch.add}
 
 
@@ -72,73 +65,12 @@ def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def _is_1x1(conv: nn.Conv2d) -> bool:
-    return conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
-
-
-def _per_location_kind(gm: fx.GraphModule, node: fx.Node, identity_leaves: set[int]) -> bool:
-    """Whether `node` is an op that *can* act per location (the layout is checked afterwards)."""
-    m = _module(gm, node)
-    if m is not None:
-        return (
-            isinstance(m, (nn.Linear, nn.LayerNorm, nn.BatchNorm1d, nn.BatchNorm2d, *_ELEMENTWISE_MODULES))
-            or (isinstance(m, nn.Conv2d) and _is_1x1(m))
-            or id(m) in identity_leaves
-        )
-    if node.op == "call_function":
-        return node.target in _ELEMENTWISE_FUNCTIONS | _BINARY_FUNCTIONS | {F.layer_norm, F.linear, torch.permute}
-    if node.op == "call_method":
-        return node.target in _ELEMENTWISE_METHODS | _BINARY_METHODS | {"permute"}
-    return False
-
-
-def _permutation(node: fx.Node) -> list[int]:
-    dims = node.kwargs.get("dims", node.args[1:] if node.op == "call_method" else node.args[1])
-    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-        dims = dims[0]
-    return [int(d) for d in dims]
-
-
-def _broadcasts_per_channel(other: object, rank: int, channel: int) -> bool:
-    """A constant operand is per location when it is 1 along every dim but the channel one."""
-    if not isinstance(other, fx.Node):
-        return isinstance(other, (int, float))
-    shape = node_shape(other)
-    if shape is None or len(shape) > rank:
-        return False
-    padded = (1,) * (rank - len(shape)) + shape
-    return all(size == 1 for d, size in enumerate(padded) if d != channel)
-
-
-def _layout_after(gm: fx.GraphModule, node: fx.Node, data: fx.Node, layout: tuple[int, tuple[int, ...]], x: fx.Node):
-    """The (channel, spatial) layout of `node`'s output given its data input's, or None if it mixes locations."""
-    channel, spatial = layout
-    shape_in, shape_out = node_shape(data), node_shape(node)
-    if shape_in is None or shape_out is None or len(shape_in) != len(shape_out):
+def _spatial_rule(gm: fx.GraphModule, node: fx.Node):
+    """The table's spatial rule for `node` (`fx/rules/`), or None: no rule, or one that never acts per location."""
+    if node.op not in ("call_function", "call_method", "call_module"):
         return None
-    rank, last = len(shape_in), len(shape_in) - 1
-    if (node.op, node.target) in (("call_method", "permute"), ("call_function", torch.permute)):
-        dims = _permutation(node)
-        return dims.index(channel), tuple(dims.index(s) for s in spatial)
-    if any(shape_in[d] != shape_out[d] for d in (0, *spatial)):
-        return None
-    m = _module(gm, node)
-    if isinstance(m, (nn.Linear, nn.LayerNorm)) or node.target in (F.linear, F.layer_norm):
-        if node.target is F.layer_norm:
-            normalized = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
-            normalized = (normalized,) if isinstance(normalized, int) else tuple(normalized)
-            if len(normalized) != 1:
-                return None
-        if isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1:
-            return None
-        return layout if channel == last else None
-    if isinstance(m, (nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)):
-        return layout if channel == 1 and (rank == 4 or not isinstance(m, nn.Conv2d)) else None
-    if node.target in _BINARY_FUNCTIONS or node.target in _BINARY_METHODS:
-        others = [a for a in (*node.args, *node.kwargs.values()) if a is not data]
-        ok = all(not depends_on(o, {x}) and _broadcasts_per_channel(o, rank, channel) for o in others)
-        return layout if ok and shape_in == shape_out else None
-    return layout if shape_in == shape_out else None
+    rule = rules.lookup(gm, node)
+    return rule.spatial if rule is not None else None
 
 
 def _entry_layout(shape: tuple[int, ...], chain: Chain) -> tuple[int, tuple[int, ...]] | None:
@@ -153,11 +85,11 @@ def _entry_layout(shape: tuple[int, ...], chain: Chain) -> tuple[int, tuple[int,
     return None
 
 
-def _walk_back(gm: fx.GraphModule, exit_: fx.Node, x: fx.Node, identity_leaves: set[int]) -> tuple[fx.Node, list]:
-    """The maximal run of per-location-capable nodes ending at `exit_`, and the node feeding it."""
+def _walk_back(gm: fx.GraphModule, exit_: fx.Node, x: fx.Node) -> tuple[fx.Node, list]:
+    """The maximal run of nodes with a spatial rule ending at `exit_`, and the node feeding it."""
     run: list[fx.Node] = []
     node = exit_
-    while node.op != "placeholder" and _per_location_kind(gm, node, identity_leaves):
+    while _spatial_rule(gm, node) is not None:
         if run and any(u not in run for u in node.users):
             break  # its value is also read outside the branch (the residual stream itself)
         data = [a for a in node.all_input_nodes if depends_on(a, {x})]
@@ -168,6 +100,31 @@ def _walk_back(gm: fx.GraphModule, exit_: fx.Node, x: fx.Node, identity_leaves: 
     return node, run[::-1]
 
 
+def _per_location(
+    gm: fx.GraphModule, entry: fx.Node, run: list[fx.Node], x: fx.Node, chain: Chain
+) -> tuple[fx.Node, list[fx.Node]]:
+    """The run without its front up to the last node that mixes locations (a rule answering None for the layout it
+    gets: ConvNeXt's depthwise 7x7 conv, which has a conv rule but is not 1x1), and the node feeding what is left."""
+    block, start = rules.Block(gm, x), 0
+    while start < len(run):
+        feed = entry if start == 0 else run[start - 1]
+        shape = node_shape(feed)
+        current = _entry_layout(shape, chain) if shape else None
+        if current is None:
+            break
+        data, mixing = feed, None
+        for i in range(start, len(run)):
+            current = _spatial_rule(gm, run[i])(block, run[i], data, current)
+            if current is None:
+                mixing = i
+                break
+            data = run[i]
+        if mixing is None:
+            break
+        start = mixing + 1
+    return (entry if start == 0 else run[start - 1]), run[start:]
+
+
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     m = _module(gm, node)
     if isinstance(m, nn.Conv2d):
@@ -175,7 +132,7 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     return f"{node.target if node.op == 'call_module' else node.name}"
 
 
-def find_slow_path(gm: fx.GraphModule, chain: Chain, identity_leaves: set[int], where: str) -> SlowPath:
+def find_slow_path(gm: fx.GraphModule, chain: Chain, where: str) -> SlowPath:
     """Find the slow path of a traced, shape-propagated block by the structural rule of this module's docstring.
 
     Raises:
@@ -194,7 +151,9 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, identity_leaves: set[int], 
         for branch in operands:
             if len(branch.users) != 1:
                 continue
-            entry, run = _walk_back(gm, branch, x, identity_leaves)
+            entry, run = _per_location(gm, *_walk_back(gm, branch, x), x, chain)
+            if not run:
+                continue
             params = [n for n in run if isinstance(_module(gm, n), (nn.Linear, nn.Conv2d)) or n.target is F.linear]
             if not params:
                 continue
@@ -208,9 +167,9 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, identity_leaves: set[int], 
                     "so the pointwise layers before it would run on every location anyway"
                 )
                 continue
-            current, data = layout, entry
+            current, data, block = layout, entry, rules.Block(gm, x)
             for node in run:
-                current = _layout_after(gm, node, data, current, x)
+                current = _spatial_rule(gm, node)(block, node, data, current)
                 if current is None:
                     break
                 data = node
@@ -240,27 +199,8 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, identity_leaves: set[int], 
     )
 
 
-def _identity_in_eval(gm: fx.GraphModule, leaves: list[nn.Module], device: torch.device) -> set[int]:
-    """Leaves that return their input unchanged in eval mode (per sample in training, so the masked execution that
-    training uses is exact, and absent in the gathered eval execution)."""
-    found = set()
-    for node in gm.graph.nodes:
-        m = _module(gm, node)
-        if m is None or not any(m is leaf for leaf in leaves) or node_shape(node) is None:
-            continue
-        if len(node.args) != 1 or node.kwargs:
-            continue  # reason: called with more than the map (window partition with its size): not an identity
-        meta = node.args[0].meta["tensor_meta"]
-        probe = torch.randn(meta.shape, dtype=meta.dtype, device=device)
-        with torch.no_grad():
-            if torch.equal(m.eval()(probe), probe):
-                found.add(id(m))
-    return found
-
-
 def _asymmetric_block(call: Call, node: fx.Node, chain: Chain, where: str) -> tuple[fx.GraphModule, SlowPath]:
     """Trace one block and route its slow path through an `AsymmetricPath` (gather before, mix/scatter after)."""
-    leaves = training_dependent(call.module, where)  # trace keeps them as calls; the slow-path search needs them
     concrete, runtime = block_inputs(call, node, where)
     if runtime:
         raise UnsupportedModelError(
@@ -269,7 +209,7 @@ def _asymmetric_block(call: Call, node: fx.Node, chain: Chain, where: str) -> tu
         )
     gm = trace(call.module, concrete_args=concrete, name=where)
     ShapeProp(gm).propagate(*call.args[:1])
-    path = find_slow_path(gm, chain, _identity_in_eval(gm, leaves, call.args[0].device), where)
+    path = find_slow_path(gm, chain, where)
     graph = gm.graph
     last = next(n for n in graph.nodes if n.op == "placeholder")
     inputs = []

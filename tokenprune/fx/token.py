@@ -21,7 +21,7 @@ from . import tokenflow
 from ._graph import block_inputs, chain_nodes, node_shape, recorded_inputs
 from .discovery import Call, Chain, depends_on, prefix_token_count
 from .plan import RECORDER, Plan
-from .tracing import call_leaf, trace, training_dependent
+from .tracing import call_leaf, trace
 
 __all__ = ["plan_tokens", "BLOCK_INPUTS"]
 
@@ -49,8 +49,7 @@ def _block(
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     ShapeProp(gm).propagate(call.args[0], *recorded_inputs(call, [p.target for p in placeholders[1:]]))
     root = tokenflow.TokenSet(tokens, prefix, ("root",))
-    leaves = {id(m) for m in training_dependent(call.module, where)}
-    flow, outputs = tokenflow.analyse(gm, {placeholders[0]: tokenflow.Tokens((1,), root)}, where, leaves)
+    flow, outputs = tokenflow.analyse(gm, {placeholders[0]: tokenflow.Tokens((1,), root)}, where)
     if len(outputs) != 1 or outputs[0] is None or outputs[0].axes != (1,) or outputs[0].tset is not root:
         raise UnsupportedModelError(f"{where}: the block does not return its tokens as [B, N, C]; cannot sparsify it.")
     graph, last = gm.graph, placeholders[-1]
@@ -101,6 +100,22 @@ def _return_scores(
     output.args = ((output.args[0], score),)
     graph.lint()
     gm.recompile()
+
+
+def _head_needs_every_token(refusal: tokenflow.Refusal | None, outputs: list) -> str | None:
+    """Why the head must read the whole token set (refill, docs/design.md §2.7), or None when the rules keep it exact
+    on the kept tokens.
+
+    The rule: the head reads every token when its analysis refused a node (it reshapes tokens into a map, or uses an
+    op no rule keeps exact on kept tokens: run unchanged on the refilled set, it computes what the original does), or
+    when the model returns values that carry tokens (their shape must not change).
+    """
+    if refusal is not None:
+        kind = "an op without a rule" if refusal.no_rule else "an op that needs every token"
+        return f"{kind} at {refusal.node}: {refusal.op} {refusal.reason}"
+    if any(o is not None for o in outputs):
+        return "the model returns tokens"
+    return None
 
 
 def plan_tokens(
@@ -197,11 +212,8 @@ def plan_tokens(
     recorded.meta = dict(last.meta)
 
     head = tokenflow.TokenSet(tokens, prefix, ("root",))
-    try:
-        flow, outputs = tokenflow.analyse(gm, {recorded: tokenflow.Tokens((1,), head)}, f"{name} head")
-        why = "returns tokens" if any(o is not None for o in outputs) else None
-    except UnsupportedModelError as e:
-        why = str(e).split(". tokenprune follows")[0].removeprefix(f"{name} head: ")
+    flow, outputs, refusal = tokenflow.follow(gm, {recorded: tokenflow.Tokens((1,), head)})
+    why = _head_needs_every_token(refusal, outputs)
     if why is None:
         tokenflow.apply(gm, flow, {head: (policy, index, recorded)})
         plan.notes += [f"head: {n}" for n in flow.notes]

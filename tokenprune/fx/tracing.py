@@ -196,7 +196,10 @@ def _is_plain(value: object) -> bool:
 
 def training_dependent(root: nn.Module, name: str) -> list[nn.Module]:
     """Parameter-free modules whose traced graph changes with the training flag (drop path, stochastic depth, patch
-    dropout). They stay calls: tracing through them would freeze them in the mode the model was traced in."""
+    dropout), and those that cannot be traced on their own. They stay calls: tracing through them would freeze them
+    in the mode the model was traced in (or fail). A call is opaque: the rule table (`fx/rules/`) accepts one after
+    the first stage only where the module's own traced code proves it acts per token (a per-sample scaler, or for
+    the spatial walk a per-location run); anything else, an untraceable module included, is refused."""
     leaves = []
     for m in root.modules():
         if m is root or next(m.children(), None) is not None or next(m.parameters(recurse=False), None) is not None:
@@ -208,7 +211,7 @@ def training_dependent(root: nn.Module, name: str) -> list[nn.Module]:
             for mode in (True, False):
                 graph = _Tracer().trace(m.train(mode), concrete_args=forward_defaults(m) or None)
                 codes.append(graph.python_code("self").src)
-        except Exception:  # reason: a module we cannot trace on its own is safest kept as one call
+        except Exception:  # reason: untraceable on its own: kept as one call, which the rule table then refuses
             codes = ["untraceable", "so keep it a call"]
         finally:
             m.train(was)

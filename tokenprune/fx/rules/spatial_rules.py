@@ -1,0 +1,166 @@
+"""Spatial rules: does a node act on each location separately, and what does it do to the map's layout?
+
+Each function takes the walk's `Block` (the traced block and its input), the node, its data input and that input's
+layout (channel dim, spatial dims), and returns the output's layout, or None when the node mixes locations (or
+changes what a C -> C fast path could stand in for). The table (`rules/table.py`) says which op each one serves.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .._graph import node_shape
+from ..discovery import depends_on
+from .token_rules import arg
+
+__all__ = ["Block", "Layout"]
+
+Layout = tuple[int, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class Block:
+    gm: fx.GraphModule
+    x: fx.Node  # the block's input
+
+    def module(self, node: fx.Node) -> nn.Module:
+        return self.gm.get_submodule(node.target)
+
+
+def _locations_kept(node: fx.Node, data: fx.Node, layout: Layout) -> tuple[int, int] | None:
+    """(rank, last dim) when the batch and spatial dims pass unchanged, else None."""
+    shape_in, shape_out = node_shape(data), node_shape(node)
+    if shape_in is None or shape_out is None or len(shape_in) != len(shape_out):
+        return None
+    if any(shape_in[d] != shape_out[d] for d in (0, *layout[1])):
+        return None
+    return len(shape_in), len(shape_in) - 1
+
+
+def same_shape(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout | None:
+    """Element-wise on its one data input: per location when the shape is unchanged."""
+    return layout if node_shape(node) == node_shape(data) and _locations_kept(node, data, layout) else None
+
+
+def binary(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout | None:
+    """x op c: per location when every other operand is a number or a constant that is 1 off the channel dim."""
+    if same_shape(block, node, data, layout) is None:
+        return None
+    rank = len(node_shape(node))
+    others = [a for a in (*node.args, *node.kwargs.values()) if a is not data]
+    nodes = [o for o in others if isinstance(o, fx.Node)]
+    ok = all(not depends_on(o, {block.x}) and _per_channel(o, rank, layout[0]) for o in nodes)
+    return layout if ok else None
+
+
+def _per_channel(other: fx.Node, rank: int, channel: int) -> bool:
+    shape = node_shape(other)
+    if shape is None or len(shape) > rank:
+        return False
+    padded = (1,) * (rank - len(shape)) + shape
+    return all(size == 1 for d, size in enumerate(padded) if d != channel)
+
+
+def over_last(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout | None:
+    """Linear: per location when the channels are the last dim."""
+    kept = _locations_kept(node, data, layout)
+    return layout if kept and layout[0] == kept[1] else None
+
+
+def layer_norm(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout | None:
+    """LayerNorm over `normalized_shape`: per location when that is the last dim alone and holds the channels."""
+    if node.op == "call_module":
+        count = len(block.module(node).normalized_shape)
+    else:
+        shape = arg(node, 1, "normalized_shape")
+        count = 1 if isinstance(shape, int) else len(shape)
+    return over_last(block, node, data, layout) if count == 1 else None
+
+
+def normalize(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout | None:
+    """F.normalize over `dim` (default 1): per location when `dim` is the channel dim."""
+    kept = _locations_kept(node, data, layout)
+    return layout if kept and arg(node, 2, "dim", 1) % (kept[1] + 1) == layout[0] else None
+
+
+def channels_first(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout | None:
+    """BatchNorm: per location (per-channel statistics and affine) when the channels are dim 1."""
+    kept = _locations_kept(node, data, layout)
+    return layout if kept and layout[0] == 1 else None
+
+
+def conv_1x1(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout | None:
+    """Conv2d: per location only as a 1x1, stride 1, unpadded conv on a channels-first map."""
+    conv = block.module(node)
+    one = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid")
+    kept = _locations_kept(node, data, layout)
+    return layout if one and kept and kept[0] == 4 and layout[0] == 1 else None
+
+
+def permute(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout | None:
+    """Moves the channel and spatial dims; the layout follows."""
+    dims = node.kwargs.get("dims", node.args[1:] if node.op == "call_method" else node.args[1])
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = dims[0]
+    dims = [int(d) % len(dims) for d in dims]
+    channel, spatial = layout
+    return dims.index(channel), tuple(dims.index(s) for s in spatial)
+
+
+def module_call(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout | None:
+    """A module kept as one call (timm's `BatchNormAct2d`, drop path): per location when it is a proven per-sample
+    scaler (`rules/scaler.py`), or when its own traced code, in training and evaluation mode, is a run of ops whose
+    rules act per location and give the map back in its layout."""
+    from .scaler import scaler_refusal
+    from .token_rules import Refused, example_like
+
+    if len(node.args) != 1 or node.kwargs:
+        return None  # reason: called with more than the map (window partition with its size)
+    try:
+        example = example_like(data)
+    except Refused:
+        return None
+    m = block.module(node)
+    if scaler_refusal(m, example) is None or all(_own_code_keeps(m, mode, example, layout) for mode in (False, True)):
+        return same_shape(block, node, data, layout)
+    return None
+
+
+def _own_code_keeps(module: nn.Module, mode: bool, example: torch.Tensor, layout: Layout) -> bool:
+    """Whether `module`'s traced code in `mode` maps a map of `layout` to the same layout, every op per location."""
+    from ..tracing import _Tracer, forward_defaults  # reason: tracing imports nothing of the rules; avoid a cycle
+    from .table import lookup
+
+    copy_ = copy.deepcopy(module).train(mode)  # reason: running the training code updates running statistics
+    try:
+        graph = _Tracer().trace(copy_, concrete_args=forward_defaults(copy_) or None)
+        gm = fx.GraphModule(copy_, graph)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            ShapeProp(gm).propagate(example)
+    except Exception:  # reason: torch.fx raises many types; a module that cannot be traced proves nothing
+        return False
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    inner, layouts = Block(gm, x), {x: layout}
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            out = n.args[0]
+            return isinstance(out, fx.Node) and layouts.get(out) == layout
+        inputs = [a for a in n.all_input_nodes if a in layouts]
+        if not inputs or n.op not in ("call_function", "call_method", "call_module"):
+            continue
+        rule = lookup(gm, n)
+        if rule is not None and rule.name == "metadata":
+            continue  # reason: a shape read, not the map (the asserts on x.ndim)
+        if rule is None or rule.spatial is None or len(inputs) != 1:
+            return False
+        after = rule.spatial(inner, n, inputs[0], layouts[inputs[0]])
+        if after is None:
+            return False
+        layouts[n] = after
+    return False
