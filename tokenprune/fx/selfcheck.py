@@ -406,6 +406,9 @@ def _check_blocks_keep_all(model: nn.Module, chain: Chain, example: torch.Tensor
         if block not in run.blocks or call.module is model.get_submodule(block):
             continue
         x, y = run.blocks[block]
+        # The original block is no longer in the model: `model.eval()` did not reach its own flag (its children are
+        # shared, and `self_check` puts their flags back when it ends).
+        call.module.eval()
         with torch.no_grad():
             original = call.module(x, *call.args[1:], **call.kwargs)
         original = original[0] if isinstance(original, tuple) else original
