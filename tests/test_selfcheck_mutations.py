@@ -126,7 +126,6 @@ def head_unmasked(model) -> int:
         tokenops.masked_token_sum,
         tokenops.masked_cross_attention,
         tokenops.masked_cross_softmax,
-        masked.masked_token_mean,
     )
     return _swap_calls(model, {f: _without_policy(f) for f in fns})
 

@@ -4,7 +4,8 @@ Run on the example input in eval mode, after the plan is applied and before `spa
 
 1. pruned execution (tokens gathered) and masked execution (tokens kept, attention masked) must take the same
    decisions and give the same outputs, block by block and at the output: training then optimises the model that is
-   deployed;
+   deployed. Decisions may differ only between tokens whose scores tie to within rounding; the masked run then goes
+   on with the pruned run's decisions, so the values stay comparable;
 2. with every keep ratio at 1.0 the sparsified model must give the original model's outputs, and each rewritten
    block the original block's: the rewrite of the blocks and the head changed nothing but the pruning.
 
@@ -406,6 +407,9 @@ def _check_blocks_keep_all(model: nn.Module, chain: Chain, example: torch.Tensor
         if block not in run.blocks or call.module is model.get_submodule(block):
             continue
         x, y = run.blocks[block]
+        # The original block is no longer in the model: `model.eval()` did not reach its own flag (its children are
+        # shared, and `self_check` puts their flags back when it ends).
+        call.module.eval()
         with torch.no_grad():
             original = call.module(x, *call.args[1:], **call.kwargs)
         original = original[0] if isinstance(original, tuple) else original
