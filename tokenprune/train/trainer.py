@@ -350,6 +350,7 @@ class Trainer:
             torch.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed)
+        trained_already = resumed is not None and self.step >= self.total_steps
         reporter = ProgressReporter(self.total_steps, enabled=self.info.main)
         try:
             if resumed is not None:
@@ -370,7 +371,8 @@ class Trainer:
                 self._hook = None
         if self._saved_step != self.step:
             self.save("last.pt")  # training is complete on disk before the final phase starts
-        return self.finish(reporter)
+        # Only a run that resumed at its last step may find its result already written (by an earlier call).
+        return self.finish(reporter, reuse=trained_already)
 
     def _finished(self) -> dict[str, Any] | None:
         """The metrics of this run's `final.pt` when it is complete (same recipe, same step), else ``None``."""
@@ -381,19 +383,22 @@ class Trainer:
             final = load_checkpoint(path, map_location="cpu")
         except TokenPruneError:
             return None  # unreadable: the final phase is redone from last.pt and rewrites it
-        same = final.get("step") == self.step and not recipe_differences(
-            final.get("recipe") or {}, self.recipe.to_dict()
+        same = (
+            final.get("step") == self.step
+            and final.get("data") == self.data_fingerprint
+            and not recipe_differences(final.get("recipe") or {}, self.recipe.to_dict())
         )
         return final.get("metrics") if same and isinstance(final.get("metrics"), dict) else None
 
-    def finish(self, reporter: ProgressReporter | None = None) -> dict[str, Any]:
+    def finish(self, reporter: ProgressReporter | None = None, *, reuse: bool = False) -> dict[str, Any]:
         """The final phase, resumable as a step of its own: learned ratios applied, the final evaluation, `final.pt`.
 
         Run after training reached `total_steps` (and `last.pt` holds that state). When `final.pt` already holds
-        this run's result (an earlier call completed), its metrics are returned without evaluating again.
+        this run's result (an earlier call completed; only with `reuse`, i.e. when this process trained nothing),
+        its metrics are returned without evaluating again.
         """
         ratios = self.apply_learned_ratios()
-        done = self._finished()
+        done = self._finished() if reuse else None
         if done is not None:
             if reporter is not None:
                 reporter.message(f"the run had already finished at step {self.step}; its result is in final.pt")
@@ -417,6 +422,7 @@ class Trainer:
                 "recipe": self.recipe.to_dict(),
                 "metrics": result,
                 "step": self.step,
+                "data": self.data_fingerprint,
             }
             save_checkpoint(payload, self.out / "final.pt")
         barrier(self.info)
