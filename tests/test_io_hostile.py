@@ -294,3 +294,24 @@ def test_any_config_field_value_loads_or_is_refused_naming_it(saved: Path, tmp_p
     assert key != "extra", "an unknown field was ignored instead of refused"
     assert config.to_dict()[key] == value, "a field was loaded but not used as written"
     assert all(0 < r <= 1 and type(r) is float for r in config.keep_ratios)
+
+
+def test_save_failures_are_checkpoint_errors_and_keep_the_old_file(saved: Path, tmp_path: Path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    model = tokenprune.load(saved)
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(CheckpointError, match=r"cannot write \S+file/m\.safetensors"):
+        tokenprune.save(model, tmp_path / "file" / "m.safetensors")
+    target = tokenprune.save(model, tmp_path / "m.safetensors")
+    before = target.read_bytes()
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        tokenprune.save(model, target)
+    assert target.read_bytes() == before and not list(tmp_path.glob("*.tmp"))

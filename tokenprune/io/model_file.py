@@ -119,6 +119,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, source: dict[str, An
     Raises:
         ConfigError: a given or recorded source that a loader would refuse (see `tokenprune.io.source`).
         TokenPruneError: when `model` is not sparsified.
+        CheckpointError: the file cannot be written (full disk, read-only folder, a file in the way).
     """
     from safetensors.torch import save_file
 
@@ -155,10 +156,18 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, source: dict[str, An
         "config": json.dumps(data),
     }
     metadata["digest"] = _digest(metadata, state)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write {path}: {e.strerror or e}; free space or choose another path (nothing was replaced)."
+        ) from None
+    finally:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
     return path
 
 
