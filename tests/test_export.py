@@ -106,3 +106,12 @@ def test_verification_counts_non_finite_outputs_as_failures(tmp_path: Path):
     with pytest.raises(TokenPruneError, match="PyTorch's own output .* NaN or infinite"):
         verify_export(poisoned, _program(finite, tmp_path / "ok.pt2"), "torch-export", x)
     assert verify_export(finite, _program(finite, tmp_path / "same.pt2"), "torch-export", x) < 1e-6
+
+
+def test_an_unwritable_output_is_a_tokenprune_error(saved: Path, tmp_path: Path):
+    from tokenprune.errors import TokenPruneError
+    from tokenprune.export import export
+
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(TokenPruneError, match=r"cannot create the folder of \S+file/m\.pt2"):
+        export(tokenprune.load(saved), tmp_path / "file" / "m.pt2", format="torch-export")

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import tokenprune
+from tokenprune.config import SparsifyConfig
 from tokenprune.errors import CheckpointError
 from tokenprune.io import read_metadata
 from tokenprune.io.model_file import _digest
@@ -263,3 +266,52 @@ def test_numpy_ratios_save_as_plain_floats_and_load_back(tmp_path: Path):
     config = tokenprune.config_of(tokenprune.load(path))
     assert type(config.ratio) is float and config.ratio == pytest.approx(0.75)
     assert all(type(r) is float for r in config.keep_ratios)
+
+
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.one_of(st.integers(-3, 40), st.floats(-1, 2), st.text(max_size=2)), max_size=5),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from([*SparsifyConfig.__dataclass_fields__, "extra"]), value=_JUNK)
+def test_any_config_field_value_loads_or_is_refused_naming_it(saved: Path, tmp_path: Path, key: str, value):
+    assume(value is not None or key == "source")  # _write takes None as "remove the field" (tested elsewhere)
+    path = _write(saved, tmp_path / "h.safetensors", **({"source": value} if key == "source" else {}),
+                  config=None if key == "source" else {key: value})  # fmt: skip
+    try:
+        model = tokenprune.load(path)
+    except CheckpointError as e:
+        assert "config" in str(e) or "source" in str(e) or "does not fit" in str(e), str(e)
+        return
+    config = tokenprune.config_of(model)
+    assert key != "extra", "an unknown field was ignored instead of refused"
+    assert config.to_dict()[key] == value, "a field was loaded but not used as written"
+    assert all(0 < r <= 1 and type(r) is float for r in config.keep_ratios)
+
+
+def test_save_failures_are_checkpoint_errors_and_keep_the_old_file(saved: Path, tmp_path: Path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    model = tokenprune.load(saved)
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(CheckpointError, match=r"cannot write \S+file/m\.safetensors"):
+        tokenprune.save(model, tmp_path / "file" / "m.safetensors")
+    target = tokenprune.save(model, tmp_path / "m.safetensors")
+    before = target.read_bytes()
+
+    def full(*_, **__):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        tokenprune.save(model, target)
+    assert target.read_bytes() == before and not list(tmp_path.glob("*.tmp"))

@@ -317,3 +317,13 @@ def test_killed_at_a_phase_then_resumed_equals_uninterrupted(tmp_path, uninterru
     assert resumed.metrics == full_metrics
     assert _same_weights(full_dir / "final.pt", out / "final.pt")
     assert not list(out.glob(".*.tmp"))
+
+
+def test_a_fresh_run_over_a_finished_one_writes_its_own_result(tmp_path):
+    _run(tmp_path, "twice", "optim.epochs=1")
+    out = tmp_path / "twice"
+    first = out.joinpath("final.pt").stat().st_mtime_ns
+    _run(tmp_path, "twice", "optim.epochs=1", "run.resume=none")  # trains anew: never the old final.pt's result
+    assert out.joinpath("final.pt").stat().st_mtime_ns != first
+    kinds = [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("final") == 2 and kinds.count("teacher") == 2

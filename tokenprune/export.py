@@ -192,7 +192,10 @@ def export(
     model = model.eval()
     example = torch.randn(batch_size, *size)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TokenPruneError(f"cannot create the folder of {path}: {e.strerror or e}; choose another --out.") from None
     try:
         with warnings.catch_warnings():
             # reason: stages record their last decisions as attributes (for sparsity_state); an exported graph has
@@ -201,6 +204,8 @@ def export(
             _write(model, example, path, format, dynamic_batch)
     except TokenPruneError:
         raise
+    except OSError as e:  # a full disk or an unwritable file: not the model's fault
+        raise TokenPruneError(f"cannot write {path}: {e.strerror or e}; free space or choose another --out.") from None
     except Exception as e:  # noqa: BLE001 - exporters raise many types
         raise UnsupportedModelError(
             f"{format} export failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); try "

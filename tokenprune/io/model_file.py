@@ -119,6 +119,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, source: dict[str, An
     Raises:
         ConfigError: a given or recorded source that a loader would refuse (see `tokenprune.io.source`).
         TokenPruneError: when `model` is not sparsified.
+        CheckpointError: the file cannot be written (full disk, read-only folder, a file in the way).
     """
     from safetensors.torch import save_file
 
@@ -155,10 +156,18 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, source: dict[str, An
         "config": json.dumps(data),
     }
     metadata["digest"] = _digest(metadata, state)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot write {path}: {e.strerror or e}; free space or choose another path (nothing was replaced)."
+        ) from None
+    finally:
+        if tmp.parent.is_dir():
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -377,7 +386,10 @@ def _dense(path: Path, source: dict[str, Any] | None, model: nn.Module | None, s
         raise CheckpointError(f"{path}: cannot rebuild its architecture: {e}") from None
 
 
-def _resparsify(dense: nn.Module, config: SparsifyConfig, what: str, *, inplace: bool = True) -> nn.Module:
+def _resparsify(
+    dense: nn.Module, config: SparsifyConfig, what: str, *, inplace: bool = True, recorded: tuple[str, ...] = ()
+) -> nn.Module:
+    """`dense` sparsified again with `config`; the fields named in `recorded` (present in the file) must agree."""
     from ..sparsify import config_of, sparsify
 
     try:
@@ -400,8 +412,18 @@ def _resparsify(dense: nn.Module, config: SparsifyConfig, what: str, *, inplace:
             f"{what}: the recorded configuration cannot be applied again ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''})."
         ) from None
-    config_of(sparse).learned = config.learned
-    config_of(sparse).source = config.source
+    rebuilt = config_of(sparse)
+    # reason: these fields are derived again by sparsify; a file that says otherwise describes another model.
+    for key in ("kind", "chain", "prefix_tokens"):
+        if key in recorded and getattr(rebuilt, key) != getattr(config, key):
+            raise CheckpointError(
+                f"{what}: refused header field 'config.{key}': the file records {str(getattr(config, key))[:80]}, "
+                f"the architecture gives {str(getattr(rebuilt, key))[:80]}, so the file does not fit it (a model= of "
+                "another architecture, or a damaged or edited file)."
+            )
+    rebuilt.learned = config.learned
+    rebuilt.source = config.source
+    rebuilt.model_name = config.model_name if config.model_name is not None else rebuilt.model_name
     return sparse
 
 
@@ -428,7 +450,8 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.
     dense = _dense(path, source, model, config.input_size)
     if model is not None:
         dense = copy.deepcopy(model)  # the caller's model stays exactly as it was (its mode included)
-    sparse = _resparsify(dense, config, str(path))
+    recorded = ("kind", "chain", "prefix_tokens") if int(meta["format_version"]) >= 2 else ()  # version 1: absent
+    sparse = _resparsify(dense, config, str(path), recorded=recorded)
     expected = sparse.state_dict()
     check_fit(expected, state, path, f"the sparsified {describe(path, source)}")
     _check_dtypes(expected, state, path)

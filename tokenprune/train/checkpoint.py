@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..io.bounds import check_nesting, check_torch_zip
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "load_checkpoint",
     "rotated",
     "remove_stale_temps",
+    "check_output_dir",
     "capture_rng",
     "restore_rng",
 ]
@@ -86,6 +87,24 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
+
+
+def check_output_dir(out: Path) -> None:
+    """Create `out` and check a file can be written there, before any training.
+
+    Raises:
+        ConfigError: naming the folder and the system's reason (read-only, a file in the way, no space, ...).
+    """
+    probe = out / f".write-test.{os.getpid()}.tmp"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"tokenprune")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(
+            f"run.output_dir={out} is not a writable folder ({e.strerror or e}); choose another run.output_dir or "
+            "fix its permissions."
+        ) from None
 
 
 def _write_error(path: Path, e: OSError) -> CheckpointError:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import CheckpointError, ConfigError, TokenPruneError, TrainingError
 from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from .distributed import all_gather_objects, barrier
 from .recipe import Recipe
@@ -36,6 +36,7 @@ __all__ = [
     "find_resume",
     "save_state",
     "restore_state",
+    "stored_result",
 ]
 
 #: Recipe keys that may change between an interrupted run and its continuation (they do not change the result).
@@ -225,6 +226,23 @@ def _payload(trainer: Trainer) -> dict[str, Any]:
         "sparsify_config": config.to_dict() if config is not None else None,
         "data": trainer.data_fingerprint,
     }
+
+
+def stored_result(trainer: Trainer) -> dict[str, Any] | None:
+    """The metrics in the run's `final.pt` when it is this run's result (same recipe, step and data), else ``None``."""
+    path = trainer.out / "final.pt"
+    if not path.is_file():
+        return None
+    try:
+        final = load_checkpoint(path, map_location="cpu")
+    except TokenPruneError:
+        return None  # unreadable: the final phase is redone from last.pt and rewrites it
+    same = (
+        final.get("step") == trainer.step
+        and final.get("data") == trainer.data_fingerprint
+        and not recipe_differences(final.get("recipe") or {}, trainer.recipe.to_dict())
+    )
+    return final.get("metrics") if same and isinstance(final.get("metrics"), dict) else None
 
 
 def save_state(trainer: Trainer, name: str = "last.pt") -> Path:

@@ -9,7 +9,6 @@ and which checkpoint a run may continue from, is `resume.py`'s business.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 import warnings
@@ -24,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import ConfigError, DataError, TokenPruneError, TrainingError
+from ..errors import ConfigError, DataError, TrainingError
 from ..sparsify import find_config as config_of
-from .checkpoint import load_checkpoint, remove_stale_temps, save_checkpoint
+from .checkpoint import check_output_dir, load_checkpoint, remove_stale_temps, save_checkpoint
 from .data import DataBundle, make_loader
 from .datacheck import batches, fingerprint
 from .distributed import DistInfo, all_reduce_sum, barrier
@@ -35,7 +34,7 @@ from .metrics import confusion_matrix, segmentation_scores
 from .optim import build_optimizer, original_parameter_names, param_groups, warmup_cosine
 from .ratios import ComputeModel, LearnedKeepRatios, budget_penalty
 from .recipe import Recipe
-from .resume import check_checkpoint, find_resume, last_good_hint, recipe_differences, restore_state, save_state
+from .resume import check_checkpoint, find_resume, last_good_hint, restore_state, save_state, stored_result
 from .runlog import MetricsWriter, ProgressReporter
 
 __all__ = ["Trainer", "config_of"]
@@ -56,24 +55,6 @@ def _state(model: nn.Module):
     from ..state import sparsity_state
 
     return sparsity_state(model)
-
-
-def check_output_dir(out: Path) -> None:
-    """Create `out` and check a file can be written there, before any training.
-
-    Raises:
-        ConfigError: naming the folder and the system's reason (read-only, a file in the way, no space, ...).
-    """
-    probe = out / f".write-test.{os.getpid()}.tmp"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"tokenprune")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(
-            f"run.output_dir={out} is not a writable folder ({e.strerror or e}); choose another run.output_dir or "
-            "fix its permissions."
-        ) from None
 
 
 class Trainer:
@@ -350,6 +331,7 @@ class Trainer:
             torch.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed)
+        trained_already = resumed is not None and self.step >= self.total_steps
         reporter = ProgressReporter(self.total_steps, enabled=self.info.main)
         try:
             if resumed is not None:
@@ -370,30 +352,18 @@ class Trainer:
                 self._hook = None
         if self._saved_step != self.step:
             self.save("last.pt")  # training is complete on disk before the final phase starts
-        return self.finish(reporter)
+        # Only a run that resumed at its last step may find its result already written (by an earlier call).
+        return self.finish(reporter, reuse=trained_already)
 
-    def _finished(self) -> dict[str, Any] | None:
-        """The metrics of this run's `final.pt` when it is complete (same recipe, same step), else ``None``."""
-        path = self.out / "final.pt"
-        if not path.is_file():
-            return None
-        try:
-            final = load_checkpoint(path, map_location="cpu")
-        except TokenPruneError:
-            return None  # unreadable: the final phase is redone from last.pt and rewrites it
-        same = final.get("step") == self.step and not recipe_differences(
-            final.get("recipe") or {}, self.recipe.to_dict()
-        )
-        return final.get("metrics") if same and isinstance(final.get("metrics"), dict) else None
-
-    def finish(self, reporter: ProgressReporter | None = None) -> dict[str, Any]:
+    def finish(self, reporter: ProgressReporter | None = None, *, reuse: bool = False) -> dict[str, Any]:
         """The final phase, resumable as a step of its own: learned ratios applied, the final evaluation, `final.pt`.
 
         Run after training reached `total_steps` (and `last.pt` holds that state). When `final.pt` already holds
-        this run's result (an earlier call completed), its metrics are returned without evaluating again.
+        this run's result (an earlier call completed; only with `reuse`, i.e. when this process trained nothing),
+        its metrics are returned without evaluating again.
         """
         ratios = self.apply_learned_ratios()
-        done = self._finished()
+        done = stored_result(self) if reuse else None
         if done is not None:
             if reporter is not None:
                 reporter.message(f"the run had already finished at step {self.step}; its result is in final.pt")
@@ -417,6 +387,7 @@ class Trainer:
                 "recipe": self.recipe.to_dict(),
                 "metrics": result,
                 "step": self.step,
+                "data": self.data_fingerprint,
             }
             save_checkpoint(payload, self.out / "final.pt")
         barrier(self.info)
