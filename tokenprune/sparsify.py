@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -15,12 +16,12 @@ from .errors import ConfigError, TokenPruneError, UnsupportedModelError
 from .fx.discovery import Chain, find_chain
 from .fx.plan import Plan, apply_plan, build_plan
 from .fx.selfcheck import self_check
-from .fx.tracing import example_input, model_name
+from .fx.tracing import example_input, kept_training_flags, model_name
 from .io.source import timm_feature_kwargs
 from .nn.recorder import find_recorder, selectors
 from .nn.select import EXECUTIONS, SCORERS
 
-__all__ = ["sparsify", "plan", "set_execution", "config_of", "find_config"]
+__all__ = ["sparsify", "plan", "set_execution", "config_of", "find_config", "refuse_wrappers"]
 
 
 def _check_locations(locations: Sequence[int] | None, depth: int, kind: str, name: str) -> list[int]:
@@ -100,40 +101,83 @@ def sparsify(
         ConfigError: for a bad ratio, locations or keep ratios.
         UnsupportedModelError: when the model can't be traced, has no chain, or can't be rewritten exactly.
     """
+    refuse_wrappers(model)
     name = model_name(model)
     target = model if inplace else copy.deepcopy(model)
-    training = target.training
-    the_plan, example = _analyse(target, ratio, locations, keep_ratios, example_inputs, name, scorer)
-    applied = apply_plan(target, the_plan)
-    sparse = applied.model
+    originals = {id(m) for m in target.modules()}
+    held = contextlib.ExitStack()
+    flags = held.enter_context(kept_training_flags(target))  # every submodule's flag, put back whatever happens
+    applied = None
     try:
+        the_plan, example = _analyse(target, ratio, locations, keep_ratios, example_inputs, name, scorer)
+        applied = apply_plan(target, the_plan)
+        sparse = applied.model
         self_check(sparse, the_plan.chain, the_plan.locations, example, name)
-    except TokenPruneError:
-        applied.rollback()
-        target.train(training)
+        chain = the_plan.chain
+        find_recorder(sparse).config = SparsifyConfig(
+            ratio=ratio,
+            locations=the_plan.locations,
+            keep_ratios=the_plan.keep_ratios,
+            kind=chain.kind,
+            chain=chain.names,
+            prefix_tokens=the_plan.prefix,
+            model_name=name,
+            input_size=tuple(example.shape[1:]),
+            source=getattr(model, "tokenprune_source", None),
+            scorer=scorer,
+        )
+        # reason: the GraphModule drops timm's feature_info; `save` needs it to record features_only (io/source.py).
+        find_recorder(sparse).dense_kwargs = timm_feature_kwargs(model)
+    except BaseException:
+        # Any failure, not only a refusal (a KeyboardInterrupt in the self-check included), leaves an inplace model as
+        # it was: its modules back in place; the flags follow on leaving `held`.
+        if applied is not None:
+            applied.rollback()
         raise
-    chain = the_plan.chain
-    find_recorder(sparse).config = SparsifyConfig(
-        ratio=ratio,
-        locations=the_plan.locations,
-        keep_ratios=the_plan.keep_ratios,
-        kind=chain.kind,
-        chain=chain.names,
-        prefix_tokens=the_plan.prefix,
-        model_name=name,
-        input_size=tuple(example.shape[1:]),
-        source=getattr(model, "tokenprune_source", None),
-        scorer=scorer,
+    finally:
+        held.close()
+    _inherit_flags(sparse, flags, originals)
+    return sparse
+
+
+def refuse_wrappers(model: object) -> None:
+    """Refuse a torch.compile, DataParallel or DDP wrapper before anything runs it.
+
+    Tracing and the discovery forward need the module itself: run through dynamo, the discovery hooks recompile on
+    every call (memory grows without bound), and the result would be the wrapper's, not the model's.
+
+    Raises:
+        UnsupportedModelError: naming the wrapper and what to pass instead.
+    """
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        inner, attr, then = model._orig_mod, "model._orig_mod", "torch.compile the sparsified model"
+    elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        inner, attr, then = model.module, "model.module", f"wrap the sparsified model in {type(model).__name__}"
+    else:
+        return
+    raise UnsupportedModelError(
+        f"{model_name(inner)}: got it wrapped in {type(model).__name__}; tokenprune rewrites the module itself, and "
+        f"running a wrapper to analyse it (compiling every hooked call, or scattering to devices) is refused. Pass "
+        f"{attr} instead, then {then}."
     )
-    # reason: the GraphModule drops timm's feature_info; `save` needs it to record features_only (io/source.py).
-    find_recorder(sparse).dense_kwargs = timm_feature_kwargs(model)
-    return sparse.train(training)
+
+
+def _inherit_flags(sparse: nn.Module, flags: dict[str, bool], originals: set[int]) -> None:
+    """Modules the pass created (stages, recorder, rewritten blocks, the GraphModule) take the training flag of the
+    module they stand for or sit in, by qualified name; the user's own modules kept theirs (`kept_training_flags`)."""
+    for qualified, module in sparse.named_modules():
+        if id(module) in originals:
+            continue
+        owner = qualified
+        while owner not in flags:
+            owner = owner.rpartition(".")[0]
+        module.training = flags[owner]
 
 
 def _analyse(
     model, ratio, locations, keep_ratios, example_inputs, name, scorer="predictor"
 ) -> tuple[Plan, torch.Tensor]:
-    """Check the options and build the plan; `model` is left unchanged (its training flag restored) on refusal."""
+    """Check the options and build the plan; `model` is left unchanged (every submodule's training flag restored)."""
     ratio = check_ratio(ratio)
     if scorer not in SCORERS:
         raise ConfigError(f"{name}: scorer={scorer!r}; choose one of {', '.join(SCORERS)}.")
@@ -141,33 +185,31 @@ def _analyse(
         raise UnsupportedModelError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}.")
     if any(True for _ in selectors(model)):
         raise UnsupportedModelError(f"{name} is already sparsified; sparsify the original model instead.")
-    training = model.training
-    model.eval()
-    try:
-        example = example_input(model, example_inputs)
-        chain = find_chain(model, example)
-        if chain is None:
+    with kept_training_flags(model):
+        model.eval()
+        try:
+            example = example_input(model, example_inputs)
+            chain = find_chain(model, example)
+            if chain is None:
+                raise UnsupportedModelError(
+                    f"{name}: no chain of blocks mapping tokens [B, N, C] (or feature maps) to the same shape was "
+                    "found, so there is nothing to sparsify. Supported: ViT-style models and hierarchical models "
+                    "whose blocks end in a per-location MLP (timm, torchvision)."
+                )
+            locs = _check_locations(locations, len(chain.calls), chain.kind, name)
+            ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
+            the_plan = build_plan(model, chain, example, locs, ratios, name, scorer)
+            if chain.kind == "token":
+                _warn_tiny_keep(chain, the_plan.prefix, ratios, name)
+            return the_plan, example
+        except TokenPruneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a model tokenprune cannot analyse gets a reason, never a raw traceback
             raise UnsupportedModelError(
-                f"{name}: no chain of blocks mapping tokens [B, N, C] (or feature maps) to the same shape was found, "
-                "so there is nothing to sparsify. Supported: ViT-style models and hierarchical models whose blocks "
-                "end in a per-location MLP (timm, torchvision)."
-            )
-        locs = _check_locations(locations, len(chain.calls), chain.kind, name)
-        ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
-        the_plan = build_plan(model, chain, example, locs, ratios, name, scorer)
-        if chain.kind == "token":
-            _warn_tiny_keep(chain, the_plan.prefix, ratios, name)
-        return the_plan, example
-    except TokenPruneError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a model tokenprune cannot analyse gets a reason, never a raw traceback
-        raise UnsupportedModelError(
-            f"{name}: tokenprune could not analyse this model ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); it refuses it rather than guess. The cause is chained to "
-            "this error; please report it with the model's name."
-        ) from e
-    finally:
-        model.train(training)
+                f"{name}: tokenprune could not analyse this model ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); it refuses it rather than guess. The cause is chained "
+                "to this error; please report it with the model's name."
+            ) from e
 
 
 def plan(
@@ -184,6 +226,7 @@ def plan(
     Raises:
         ConfigError, UnsupportedModelError: as `sparsify` (the self-check, which needs the applied model, aside).
     """
+    refuse_wrappers(model)
     return _analyse(model, ratio, locations, keep_ratios, example_inputs, model_name(model), scorer)[0]
 
 
