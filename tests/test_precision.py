@@ -56,7 +56,12 @@ def test_same_decisions_with_low_precision_weights(pair, dtype):
     _, sparse = pair
     cast = sparse.to(dtype)
     try:
-        _assert_same_decisions(cast, torch.randn(16, 3, 96, 96, dtype=dtype))
+        x = torch.randn(16, 3, 96, 96, dtype=dtype)
+        _assert_same_decisions(cast, x)
+        for execution in ("masked", "pruned"):  # masked execution is not promoted to fp32 by its keep policy
+            tokenprune.set_execution(cast, execution)
+            with torch.no_grad():
+                assert cast(x).dtype == dtype, execution
     finally:
         sparse.float()
 

@@ -131,27 +131,40 @@ def test_inplace_refusal_after_the_self_check_ran_restores_the_model_exactly(kin
     _assert_unchanged(model, before)
 
 
-class _Counted(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model, self.calls = model, 0
+class _Tripwire(nn.Module):
+    """Raises if anything runs it: the refusal must come before any forward (under dynamo, one forward compiles)."""
 
     def forward(self, x):
-        self.calls += 1
-        return self.model(x)
+        raise AssertionError("the wrapped model ran")
 
 
 def test_compiled_model_is_refused_before_any_forward():
-    inner = _Counted(_model("deit").eval())
-    compiled = torch.compile(inner)
-    with pytest.raises(UnsupportedModelError, match=r"OptimizedModule.*model\._orig_mod"):
-        tokenprune.sparsify(compiled)
-    with pytest.raises(UnsupportedModelError, match=r"OptimizedModule.*model\._orig_mod"):
-        tokenprune.plan(compiled)
-    assert inner.calls == 0
+    compiled = torch.compile(_Tripwire())
+    compiled.forward = _Tripwire().forward  # not even dynamo may run: it compiles every hooked call (#21)
+    for entry_point in (tokenprune.sparsify, tokenprune.plan):
+        with pytest.raises(UnsupportedModelError, match=r"_Tripwire: .*OptimizedModule.*model\._orig_mod"):
+            entry_point(compiled, example_inputs=torch.randn(2, 3, 64, 64))
+
+
+def test_compiled_submodule_is_refused_naming_it():
+    model = _model("deit").eval()
+    model.blocks[1] = torch.compile(model.blocks[1])
+    with pytest.raises(UnsupportedModelError, match=r"model\.blocks\.1 is wrapped in OptimizedModule.*_orig_mod"):
+        tokenprune.sparsify(model)
 
 
 def test_data_parallel_is_refused_naming_the_model():
     wrapped = nn.DataParallel(_model("deit").eval())
     with pytest.raises(UnsupportedModelError, match=r"deit_tiny_patch16_224: .*DataParallel.*model\.module"):
         tokenprune.sparsify(wrapped)
+
+
+def test_tracing_keeps_every_flag():
+    """The pass traces each block in eval and in train mode; every submodule gets its own flag back."""
+    from tokenprune.fx.tracing import trace
+
+    model = _model("deit")
+    before = _flags(model)
+    trace(model.blocks[0])
+    trace(model)
+    assert _flags(model) == before

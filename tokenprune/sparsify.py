@@ -141,25 +141,29 @@ def sparsify(
 
 
 def refuse_wrappers(model: object) -> None:
-    """Refuse a torch.compile, DataParallel or DDP wrapper before anything runs it.
+    """Refuse a torch.compile, DataParallel or DDP wrapper, at the top or inside the model, before anything runs it.
 
-    Tracing and the discovery forward need the module itself: run through dynamo, the discovery hooks recompile on
-    every call (memory grows without bound), and the result would be the wrapper's, not the model's.
+    Tracing and the discovery forward need the modules themselves: run through dynamo, the discovery hooks are
+    compiled on every call (memory grows without bound, #21), and the rewrite would be of the wrapper, not the model.
 
     Raises:
-        UnsupportedModelError: naming the wrapper and what to pass instead.
+        UnsupportedModelError: naming the wrapper, where it sits, and what to pass instead.
     """
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        inner, attr, then = model._orig_mod, "model._orig_mod", "torch.compile the sparsified model"
-    elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        inner, attr, then = model.module, "model.module", f"wrap the sparsified model in {type(model).__name__}"
-    else:
+    if not isinstance(model, nn.Module):
         return
-    raise UnsupportedModelError(
-        f"{model_name(inner)}: got it wrapped in {type(model).__name__}; tokenprune rewrites the module itself, and "
-        f"running a wrapper to analyse it (compiling every hooked call, or scattering to devices) is refused. Pass "
-        f"{attr} instead, then {then}."
-    )
+    for where, module in model.named_modules():
+        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+            inner, attr, then = module._orig_mod, "_orig_mod", "torch.compile the sparsified model"
+        elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner, attr, then = module.module, "module", f"wrap the sparsified model in {type(module).__name__}"
+        else:
+            continue
+        what = f"model.{where}" if where else "model"
+        raise UnsupportedModelError(
+            f"{model_name(inner)}: {what} is wrapped in {type(module).__name__}; tokenprune rewrites the module "
+            f"itself and refuses to run a wrapper to analyse it (dynamo would compile every hooked call; a parallel "
+            f"wrapper scatters to devices). Pass {what}.{attr} in its place, then {then}."
+        )
 
 
 def _inherit_flags(sparse: nn.Module, flags: dict[str, bool], originals: set[int]) -> None:

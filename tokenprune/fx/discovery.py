@@ -9,6 +9,7 @@ no attribute names.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +55,7 @@ class Chain:
 def _record_calls(model: nn.Module, example: torch.Tensor) -> tuple[list[Call], object]:
     calls: list[Call] = []
     started: dict[int, int] = {}
-    counter = iter(range(1 << 30))
+    counter = itertools.count()
 
     def pre_hook(module, args):
         started[id(module)] = next(counter)

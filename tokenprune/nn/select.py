@@ -135,9 +135,7 @@ class TokenSelector(nn.Module):
             decision = decision * patch_policy
         self.last_decision, self.last_index = decision, None
         prefix = torch.ones_like(decision[:, :1]).expand(-1, p, -1)
-        # In the tokens' dtype: an fp32 policy multiplied into bf16 activations would promote masked execution to fp32
-        # where pruned execution stays in bf16. 0 and 1 are exact in every dtype; gradients pass the cast.
-        return x, torch.cat([prefix, decision], dim=1).to(x.dtype), None
+        return x, torch.cat([prefix, decision], dim=1), None
 
     @staticmethod
     def _topk_mask(score: torch.Tensor, policy: torch.Tensor | None, k: int) -> torch.Tensor:
