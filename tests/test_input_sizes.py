@@ -155,3 +155,36 @@ def test_shallow_stages_chain_is_blocks_not_layer_norms():
     as stage 2's blocks; the chain is the blocks."""
     plan = tokenprune.plan(_swin(depths=(1, 1, 2, 1), window_size=2, img_size=64))
     assert plan.chain.names == ["layers.2.blocks.0", "layers.2.blocks.1"]
+
+
+class _SpatialGridBlock(nn.Module):
+    """A [B, C, H, W] block that is also told the grid size as numbers; it scales its MLP by them."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.mix = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.up, self.act, self.down = nn.Conv2d(dim, 2 * dim, 1), nn.GELU(), nn.Conv2d(2 * dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        return x + self.down(self.act(self.up(self.mix(x)))) * (64.0 / (height * width)) ** 0.5
+
+
+class _SpatialGridNet(nn.Module):
+    def __init__(self, dim: int = 16, depth: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, stride=4)
+        self.blocks = nn.ModuleList(_SpatialGridBlock(dim) for _ in range(depth))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for blk in self.blocks:
+            x = blk(x, x.shape[2], x.shape[3])
+        return self.head(x.mean((2, 3)))
+
+
+def test_spatial_block_taking_grid_size_is_refused_not_frozen():
+    """The spatial rewrite takes blocks called with the map alone; a block told the grid size is refused by name
+    rather than rewritten with the example's size baked in."""
+    with pytest.raises(UnsupportedModelError, match=r"block blocks\.\d+: .*run-time input\(s\) 'height', 'width'"):
+        tokenprune.sparsify(_SpatialGridNet().eval(), example_inputs=torch.randn(2, 3, 32, 32))
