@@ -88,18 +88,22 @@ def sparsify(
         keep_ratios: per-stage fractions of the initial patch tokens, non-increasing; overrides `ratio`'s schedule.
         example_inputs: an input batch for shape discovery; default: random, sized from the model's config.
         inplace: build the result from `model`'s own modules and parameters instead of a deep copy (saves memory;
-            `model` then shares them and should not be used on its own afterwards).
+            `model` then shares them and should not be used on its own afterwards). If anything fails, `model` is
+            put back exactly as it was (the same modules, parameters, buffers and training flags).
         scorer: how stages rank tokens: "predictor" (learned, DynamicViT; needs fine-tuning) or "attention" (the
             attention the block before each stage pays from the class token, or receives on average; works without
             training, token models only).
 
     Returns:
         A `torch.fx.GraphModule` with the original weights under their original names plus the stages' weights;
-        `tokenprune.config_of(result)` gives its `SparsifyConfig`.
+        `tokenprune.config_of(result)` gives its `SparsifyConfig`. Its original submodules keep their training
+        flags (a frozen ``patch_embed.eval()`` stays in eval mode); the stages and rewritten blocks take the flag of
+        the module they stand for or sit in. It runs at any input size the original model takes.
 
     Raises:
         ConfigError: for a bad ratio, locations or keep ratios.
-        UnsupportedModelError: when the model can't be traced, has no chain, or can't be rewritten exactly.
+        UnsupportedModelError: when the model can't be traced, has no chain, or can't be rewritten exactly, or is
+            wrapped by torch.compile, DataParallel or DDP (pass the module inside).
     """
     refuse_wrappers(model)
     name = model_name(model)
