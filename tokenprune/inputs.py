@@ -39,29 +39,32 @@ def input_size(model: nn.Module) -> tuple[int, int, int] | None:
 
 
 def example_input(model: nn.Module, example_inputs: torch.Tensor | None = None, batch: int = 2) -> torch.Tensor:
-    """An input to trace shapes with: the caller's, else a random batch of `input_size(model)`.
+    """An input to trace shapes with: the caller's, else a random batch of `input_size(model)`; a floating-point
+    input is in the model's floating-point dtype (a bf16 model is analysed with a bf16 image; the caller's tensor is
+    converted, not changed).
 
     Raises:
         UnsupportedModelError: when `example_inputs` is not a tensor, or no size is known.
     """
     from .fx.tracing import model_name
 
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = param.dtype if param is not None else torch.get_default_dtype()
     if example_inputs is not None:
         if not isinstance(example_inputs, torch.Tensor):
             raise UnsupportedModelError(
                 f"{model_name(model)}: example_inputs must be one image tensor [B, C, H, W], "
                 f"got {type(example_inputs).__name__}."
             )
-        return example_inputs
+        return example_inputs.to(dtype) if example_inputs.is_floating_point() else example_inputs
     size = input_size(model)
     if size is None:
         raise UnsupportedModelError(
             f"{model_name(model)}: cannot tell the input size (no timm pretrained_cfg, no torchvision image_size); "
             "pass example_inputs=torch.randn(1, 3, H, W)."
         )
-    param = next(model.parameters(), None)
     device = param.device if param is not None else "cpu"
-    return torch.randn(batch, *size, device=device)
+    return torch.randn(batch, *size, device=device, dtype=dtype)
 
 
 def parse_input_size(text: str | None, option: str = "--input-size") -> tuple[int, int, int] | None:

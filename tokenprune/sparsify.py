@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -15,12 +16,12 @@ from .errors import ConfigError, TokenPruneError, UnsupportedModelError
 from .fx.discovery import Chain, find_chain
 from .fx.plan import Plan, apply_plan, build_plan
 from .fx.selfcheck import self_check
-from .fx.tracing import example_input, model_name
+from .fx.tracing import example_input, kept_training_flags, model_name
 from .io.source import timm_feature_kwargs
 from .nn.recorder import find_recorder, selectors
 from .nn.select import EXECUTIONS, SCORERS
 
-__all__ = ["sparsify", "plan", "set_execution", "config_of", "find_config"]
+__all__ = ["sparsify", "plan", "set_execution", "config_of", "find_config", "refuse_wrappers"]
 
 
 def _check_locations(locations: Sequence[int] | None, depth: int, kind: str, name: str) -> list[int]:
@@ -87,53 +88,104 @@ def sparsify(
         keep_ratios: per-stage fractions of the initial patch tokens, non-increasing; overrides `ratio`'s schedule.
         example_inputs: an input batch for shape discovery; default: random, sized from the model's config.
         inplace: build the result from `model`'s own modules and parameters instead of a deep copy (saves memory;
-            `model` then shares them and should not be used on its own afterwards).
+            `model` then shares them and should not be used on its own afterwards). If anything fails, `model` is
+            put back exactly as it was (the same modules, parameters, buffers and training flags).
         scorer: how stages rank tokens: "predictor" (learned, DynamicViT; needs fine-tuning) or "attention" (the
             attention the block before each stage pays from the class token, or receives on average; works without
             training, token models only).
 
     Returns:
         A `torch.fx.GraphModule` with the original weights under their original names plus the stages' weights;
-        `tokenprune.config_of(result)` gives its `SparsifyConfig`.
+        `tokenprune.config_of(result)` gives its `SparsifyConfig`. Its original submodules keep their training
+        flags (a frozen ``patch_embed.eval()`` stays in eval mode); the stages and rewritten blocks take the flag of
+        the module they stand for or sit in. It runs at any input size the original model takes.
 
     Raises:
         ConfigError: for a bad ratio, locations or keep ratios.
-        UnsupportedModelError: when the model can't be traced, has no chain, or can't be rewritten exactly.
+        UnsupportedModelError: when the model can't be traced, has no chain, or can't be rewritten exactly, or is
+            wrapped by torch.compile, DataParallel or DDP (pass the module inside).
     """
+    refuse_wrappers(model)
     name = model_name(model)
     target = model if inplace else copy.deepcopy(model)
-    training = target.training
-    the_plan, example = _analyse(target, ratio, locations, keep_ratios, example_inputs, name, scorer)
-    applied = apply_plan(target, the_plan)
-    sparse = applied.model
+    originals = {id(m) for m in target.modules()}
+    held = contextlib.ExitStack()
+    flags = held.enter_context(kept_training_flags(target))  # every submodule's flag, put back whatever happens
+    applied = None
     try:
+        the_plan, example = _analyse(target, ratio, locations, keep_ratios, example_inputs, name, scorer)
+        applied = apply_plan(target, the_plan)
+        sparse = applied.model
         self_check(sparse, the_plan.chain, the_plan.locations, example, name, dense=None if inplace else model)
-    except TokenPruneError:
-        applied.rollback()
-        target.train(training)
+        chain = the_plan.chain
+        find_recorder(sparse).config = SparsifyConfig(
+            ratio=ratio,
+            locations=the_plan.locations,
+            keep_ratios=the_plan.keep_ratios,
+            kind=chain.kind,
+            chain=chain.names,
+            prefix_tokens=the_plan.prefix,
+            model_name=name,
+            input_size=tuple(example.shape[1:]),
+            source=getattr(model, "tokenprune_source", None),
+            scorer=scorer,
+        )
+        # reason: the GraphModule drops timm's feature_info; `save` needs it to record features_only (io/source.py).
+        find_recorder(sparse).dense_kwargs = timm_feature_kwargs(model)
+    except BaseException:
+        # Any failure, not only a refusal (a KeyboardInterrupt in the self-check included), leaves an inplace model as
+        # it was: its modules back in place; the flags follow on leaving `held`.
+        if applied is not None:
+            applied.rollback()
         raise
-    chain = the_plan.chain
-    find_recorder(sparse).config = SparsifyConfig(
-        ratio=ratio,
-        locations=the_plan.locations,
-        keep_ratios=the_plan.keep_ratios,
-        kind=chain.kind,
-        chain=chain.names,
-        prefix_tokens=the_plan.prefix,
-        model_name=name,
-        input_size=tuple(example.shape[1:]),
-        source=getattr(model, "tokenprune_source", None),
-        scorer=scorer,
-    )
-    # reason: the GraphModule drops timm's feature_info; `save` needs it to record features_only (io/source.py).
-    find_recorder(sparse).dense_kwargs = timm_feature_kwargs(model)
-    return sparse.train(training)
+    finally:
+        held.close()
+    _inherit_flags(sparse, flags, originals)
+    return sparse
+
+
+def refuse_wrappers(model: object) -> None:
+    """Refuse a torch.compile, DataParallel or DDP wrapper, at the top or inside the model, before anything runs it.
+
+    Tracing and the discovery forward need the modules themselves: run through dynamo, the discovery hooks are
+    compiled on every call (memory grows without bound, #21), and the rewrite would be of the wrapper, not the model.
+
+    Raises:
+        UnsupportedModelError: naming the wrapper, where it sits, and what to pass instead.
+    """
+    if not isinstance(model, nn.Module):
+        return
+    for where, module in model.named_modules():
+        if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+            inner, attr, then = module._orig_mod, "_orig_mod", "torch.compile the sparsified model"
+        elif isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner, attr, then = module.module, "module", f"wrap the sparsified model in {type(module).__name__}"
+        else:
+            continue
+        what = f"model.{where}" if where else "model"
+        raise UnsupportedModelError(
+            f"{model_name(inner)}: {what} is wrapped in {type(module).__name__}; tokenprune rewrites the module "
+            f"itself and refuses to run a wrapper to analyse it (dynamo would compile every hooked call; a parallel "
+            f"wrapper scatters to devices). Pass {what}.{attr} in its place, then {then}."
+        )
+
+
+def _inherit_flags(sparse: nn.Module, flags: dict[str, bool], originals: set[int]) -> None:
+    """Modules the pass created (stages, recorder, rewritten blocks, the GraphModule) take the training flag of the
+    module they stand for or sit in, by qualified name; the user's own modules kept theirs (`kept_training_flags`)."""
+    for qualified, module in sparse.named_modules():
+        if id(module) in originals:
+            continue
+        owner = qualified
+        while owner not in flags:
+            owner = owner.rpartition(".")[0]
+        module.training = flags[owner]
 
 
 def _analyse(
     model, ratio, locations, keep_ratios, example_inputs, name, scorer="predictor"
 ) -> tuple[Plan, torch.Tensor]:
-    """Check the options and build the plan; `model` is left unchanged (its training flag restored) on refusal."""
+    """Check the options and build the plan; `model` is left unchanged (every submodule's training flag restored)."""
     ratio = check_ratio(ratio)
     if scorer not in SCORERS:
         raise ConfigError(f"{name}: scorer={scorer!r}; choose one of {', '.join(SCORERS)}.")
@@ -141,33 +193,31 @@ def _analyse(
         raise UnsupportedModelError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}.")
     if any(True for _ in selectors(model)):
         raise UnsupportedModelError(f"{name} is already sparsified; sparsify the original model instead.")
-    training = model.training
-    model.eval()
-    try:
-        example = example_input(model, example_inputs)
-        chain = find_chain(model, example)
-        if chain is None:
+    with kept_training_flags(model):
+        model.eval()
+        try:
+            example = example_input(model, example_inputs)
+            chain = find_chain(model, example)
+            if chain is None:
+                raise UnsupportedModelError(
+                    f"{name}: no chain of blocks mapping tokens [B, N, C] (or feature maps) to the same shape was "
+                    "found, so there is nothing to sparsify. Supported: ViT-style models and hierarchical models "
+                    "whose blocks end in a per-location MLP (timm, torchvision)."
+                )
+            locs = _check_locations(locations, len(chain.calls), chain.kind, name)
+            ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
+            the_plan = build_plan(model, chain, example, locs, ratios, name, scorer)
+            if chain.kind == "token":
+                _warn_tiny_keep(chain, the_plan.prefix, ratios, name)
+            return the_plan, example
+        except TokenPruneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a model tokenprune cannot analyse gets a reason, never a raw traceback
             raise UnsupportedModelError(
-                f"{name}: no chain of blocks mapping tokens [B, N, C] (or feature maps) to the same shape was found, "
-                "so there is nothing to sparsify. Supported: ViT-style models and hierarchical models whose blocks "
-                "end in a per-location MLP (timm, torchvision)."
-            )
-        locs = _check_locations(locations, len(chain.calls), chain.kind, name)
-        ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
-        the_plan = build_plan(model, chain, example, locs, ratios, name, scorer)
-        if chain.kind == "token":
-            _warn_tiny_keep(chain, the_plan.prefix, ratios, name)
-        return the_plan, example
-    except TokenPruneError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a model tokenprune cannot analyse gets a reason, never a raw traceback
-        raise UnsupportedModelError(
-            f"{name}: tokenprune could not analyse this model ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); it refuses it rather than guess. The cause is chained to "
-            "this error; please report it with the model's name."
-        ) from e
-    finally:
-        model.train(training)
+                f"{name}: tokenprune could not analyse this model ({type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}); it refuses it rather than guess. The cause is chained "
+                "to this error; please report it with the model's name."
+            ) from e
 
 
 def plan(
@@ -184,6 +234,7 @@ def plan(
     Raises:
         ConfigError, UnsupportedModelError: as `sparsify` (the self-check, which needs the applied model, aside).
     """
+    refuse_wrappers(model)
     return _analyse(model, ratio, locations, keep_ratios, example_inputs, model_name(model), scorer)[0]
 
 

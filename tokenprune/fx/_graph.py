@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 import torch.fx as fx
 from torch import nn
 
@@ -42,36 +41,31 @@ def chain_nodes(gm: fx.GraphModule, chain: Chain, name: str) -> list[fx.Node]:
 def block_inputs(call: Call, node: fx.Node, where: str) -> tuple[dict[str, object], dict[str, fx.Node]]:
     """Split a block's forward arguments after the first into constants of the trace and run-time inputs.
 
-    Constants are what the top-level graph passes as literals (or the defaults) and *shape values* — arguments that
-    the recorded call received as plain numbers (a feature map's size), taken as the example gives them. Run-time
-    inputs are tensors computed in the top-level graph (a rotary embedding); they stay inputs of the traced block.
+    Constants are what the top-level graph passes as literals (or the defaults). Everything the top-level graph
+    computes is a run-time input of the traced block: tensors (a rotary embedding) and *shape values* alike —
+    numbers read from the running input's shape (a feature map's (H, W)). A shape value taken as the example gave
+    it would be baked into the block, and the model silently wrong at any other input size (issue #20 item 5).
 
     Returns:
-        (concrete, runtime): argument name -> constant, and argument name -> the top-level node computing it.
+        (concrete, runtime): argument name -> constant, and argument name -> what the top-level graph passes (a node,
+        or a structure of nodes such as a tuple (H, W)).
 
     Raises:
         UnsupportedModelError: a required argument that the call does not pass.
     """
-    block = call.module
     params = [
         p
-        for p in inspect.signature(block.forward).parameters.values()
+        for p in inspect.signature(call.module.forward).parameters.values()
         if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]
     bound = dict(zip([p.name for p in params[1:]], node.args[1:], strict=False), **node.kwargs)
-    recorded = inspect.signature(block.forward).bind(*call.args, **call.kwargs).arguments
     concrete, runtime = {}, {}
     for p in params[1:]:
         if p.name in bound:
             value = bound[p.name]
             nodes: list[fx.Node] = []
             fx.node.map_arg(value, nodes.append)
-            if not nodes:
-                concrete[p.name] = value
-            elif isinstance(recorded.get(p.name), torch.Tensor):
-                runtime[p.name] = value
-            else:
-                concrete[p.name] = recorded.get(p.name)  # a shape value
+            (runtime if nodes else concrete)[p.name] = value
         elif p.default is inspect.Parameter.empty:
             raise UnsupportedModelError(f"{where}: the block is called without its argument {p.name!r}.")
         else:

@@ -1,13 +1,15 @@
 """Finding the chain of blocks to sparsify, and the prefix tokens. The one place that decides what a chain is.
 
 A *chain* is the longest run of calls to modules of one type, each mapping a tensor to one of the same shape, where
-each call's output is the next call's input. In a ViT that is the transformer blocks ([B, N, C] -> [B, N, C]); in
-ConvNeXt or Swin, the blocks of the longest stage ([B, C, H, W] or [B, H, W, C]). The rule is structural: no class
-names, no attribute names.
+each call's output is the next call's input; runs of composite modules (blocks) win over runs of single layers. In a
+ViT that is the transformer blocks ([B, N, C] -> [B, N, C]); in ConvNeXt or Swin, the blocks of the longest stage
+([B, C, H, W] or [B, H, W, C], told apart by which dims are the image's grid). The rule is structural: no class names,
+no attribute names.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -53,7 +55,7 @@ class Chain:
 def _record_calls(model: nn.Module, example: torch.Tensor) -> tuple[list[Call], object]:
     calls: list[Call] = []
     started: dict[int, int] = {}
-    counter = iter(range(1 << 30))
+    counter = itertools.count()
 
     def pre_hook(module, args):
         started[id(module)] = next(counter)
@@ -86,11 +88,40 @@ def _record_calls(model: nn.Module, example: torch.Tensor) -> tuple[list[Call], 
     return sorted(calls, key=lambda c: c.order), output
 
 
-def _layout(shape: torch.Size) -> str:
+def _downsampled(size: tuple[int, int], image: tuple[int, int]) -> bool:
+    """Whether a (h, w) grid is the image's (H, W) divided by one stride s (rounded either way, as convolutions and
+    padded patch embeddings round)."""
+    (h, w), (height, width) = size, image
+    return any(
+        h in (height // s, -(-height // s)) and w in (width // s, -(-width // s)) for s in range(1, max(image) + 1)
+    )
+
+
+def _layout(call: Call, image: tuple[int, int]) -> str:
+    """ "BNC" for tokens; for a map, the layout whose spatial dims are the image's grid at one stride.
+
+    A map [B, a, b, c] is [B, C, H, W] when (b, c) is the image grid at some stride and [B, H, W, C] when (a, b) is;
+    when both fit (a square image whose map has as many channels as rows), the block's first layer with a feature
+    count (LayerNorm, Linear, convolution) names the channel dim.
+    """
+    shape = tuple(call.output.shape)
     if len(shape) == 3:
         return "BNC"
-    # Square maps are the rule for the classifiers this serves; channels-last puts H == W in dims 1, 2.
-    return "BHWC" if shape[1] == shape[2] and shape[2] != shape[3] else "BCHW"
+    last, first = _downsampled(shape[1:3], image), _downsampled(shape[2:4], image)
+    if last != first:
+        return "BHWC" if last else "BCHW"
+    channels = next((c for m in call.module.modules() if (c := _features(m)) is not None), None)
+    return "BHWC" if channels == shape[3] and channels != shape[1] else "BCHW"
+
+
+def _features(module: nn.Module) -> int | None:
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[-1])
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels
+    return None
 
 
 def find_chain(model: nn.Module, example: torch.Tensor) -> Chain | None:
@@ -114,9 +145,15 @@ def find_chain(model: nn.Module, example: torch.Tensor) -> Chain | None:
         run = [c]
         while (s := successor(run[-1])) is not None:
             run.append(s)
-        if len(run) > len(best):
+        if _rank(run) > _rank(best):
             best = run
-    return Chain(best, _layout(best[0].output.shape), output) if len(best) >= 2 else None
+    return Chain(best, _layout(best[0], tuple(example.shape[-2:])), output) if len(best) >= 2 else None
+
+
+def _rank(run: list[Call]) -> tuple[bool, int]:
+    # reason: blocks are composite (modules with submodules); a run of single layers is not a chain of blocks, even
+    # when it is as long (Swin with depths (1, 1, 2, 1): patch_embed.norm -> layers.0.blocks.0.norm1 is a run of 2).
+    return (bool(run) and next(run[0].module.children(), None) is not None, len(run))
 
 
 # reason: torch.concat and torch.concatenate are aliases of torch.cat that models use too.
@@ -124,10 +161,12 @@ _CATS = {torch.cat, getattr(torch, "concat", torch.cat), getattr(torch, "concate
 SHAPE_ONLY = {("call_function", getattr), ("call_method", "size"), ("call_method", "dim")}
 
 
-def depends_on(node: fx.Node, roots: set[fx.Node]) -> bool:
-    """Whether `node`'s *value* depends on any of `roots` (reading only a shape does not count)."""
+def depends_on(node: fx.node.Argument, roots: set[fx.Node]) -> bool:
+    """Whether the *value* of `node` (a node, or an argument structure holding nodes such as a tuple (H, W)) depends
+    on any of `roots` (reading only a shape does not count)."""
     seen: set[fx.Node] = set()
-    stack = [node]
+    stack: list[fx.Node] = []
+    fx.node.map_arg(node, stack.append)
     while stack:
         n = stack.pop()
         if n in roots:

@@ -117,18 +117,22 @@ def apply_plan(model: nn.Module, plan: Plan) -> Applied:
     `sparse.blocks[3]` indexes and the state_dict holds every original weight under its original name.
     """
     applied = Applied(model=None)  # type: ignore[arg-type]
-    for qualified, module in plan.replace.items():
-        old = model.get_submodule(qualified)
-        set_submodule(model, qualified, module)
-        applied._undo.append(lambda q=qualified, m=old: set_submodule(model, q, m))
-    for attr, module in plan.add.items():
-        model.add_module(attr, module)
-        applied._undo.append(lambda a=attr: delattr(model, a))
-    gm = plan.graph_module
-    # Built from the traced copy, which also holds what the trace itself created (tensor constants); the model's own
-    # children (with the rewritten blocks installed) are then put back.
-    sparse = fx.GraphModule(gm, gm.graph, type(model).__name__)
-    for child_name, child in model.named_children():
-        setattr(sparse, child_name, child)
+    try:
+        for qualified, module in plan.replace.items():
+            old = model.get_submodule(qualified)
+            applied._undo.append(lambda q=qualified, m=old: set_submodule(model, q, m))
+            set_submodule(model, qualified, module)
+        for attr, module in plan.add.items():
+            applied._undo.append(lambda a=attr: delattr(model, a) if a in model._modules else None)
+            model.add_module(attr, module)
+        gm = plan.graph_module
+        # Built from the traced copy, which also holds what the trace itself created (tensor constants); the model's
+        # own children (with the rewritten blocks installed) are then put back.
+        sparse = fx.GraphModule(gm, gm.graph, type(model).__name__)
+        for child_name, child in model.named_children():
+            setattr(sparse, child_name, child)
+    except BaseException:
+        applied.rollback()  # a half-applied plan is never left behind
+        raise
     applied.model = sparse
     return applied

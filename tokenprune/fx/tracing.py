@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.fx as fx
@@ -21,6 +22,7 @@ __all__ = [
     "forward_defaults",
     "call_leaf",
     "training_dependent",
+    "kept_training_flags",
 ]
 
 
@@ -120,14 +122,26 @@ def trace(
     """
     name = name or model_name(module)
     leaves = [*leaves, *training_dependent(module, name)]
-    was = module.training
-    try:
+    with kept_training_flags(module):
         eval_gm = _trace_once(module.eval(), leaves=leaves, concrete_args=concrete_args, name=name)
         train_gm = _trace_once(module.train(), leaves=leaves, concrete_args=concrete_args, name=name)
-    finally:
-        module.train(was)
     _merge_modes(eval_gm, train_gm, name)
     return eval_gm
+
+
+@contextlib.contextmanager
+def kept_training_flags(module: nn.Module) -> Iterator[dict[str, bool]]:
+    """Restore every submodule's own training flag on exit, whatever happens inside.
+
+    `module.train(was)` would set one flag for all of them: a frozen ``patch_embed.eval()`` would come back in train
+    mode. Yields the flags by qualified name, as they were on entry.
+    """
+    held = [(name, m, m.training) for name, m in module.named_modules()]
+    try:
+        yield {name: was for name, _, was in held}
+    finally:
+        for _, m, was in held:
+            m.training = was
 
 
 class ModeValue(nn.Module):

@@ -3,9 +3,34 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TokenPredictor"]
+__all__ = ["TokenPredictor", "float32_scoring"]
+
+
+def float32_scoring(device: torch.device):
+    """The context scores are computed in: autocast off, so that every score is fp32 whatever the model runs in.
+
+    Masked and pruned execution run the same tokens through differently shaped computations; in bf16 or fp16 their
+    scores round differently and tie often, and the two would choose different tokens (issue #20 item 6).
+    """
+    return torch.autocast(device.type, enabled=False)
+
+
+def _run_float32(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """`layers(x)` in fp32, with fp32 copies of weights the model was cast away from (a bf16 model keeps fp32 scores;
+    for fp32 weights `.float()` is the weight itself, so training is unchanged)."""
+    for layer in layers:
+        if isinstance(layer, nn.Linear):
+            x = F.linear(x, layer.weight.float(), None if layer.bias is None else layer.bias.float())
+        elif isinstance(layer, nn.LayerNorm):
+            weight = None if layer.weight is None else layer.weight.float()
+            bias = None if layer.bias is None else layer.bias.float()
+            x = F.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
+        else:  # reason: GELU and LogSoftmax have no weights; on fp32 input they compute in fp32
+            x = layer(x)
+    return x
 
 
 class TokenPredictor(nn.Module):
@@ -39,12 +64,14 @@ class TokenPredictor(nn.Module):
             policy: [B, N, 1] keep mask of those tokens, or None when all are kept.
 
         Returns:
-            [B, N, 2] log-probabilities of (keep, drop).
+            [B, N, 2] fp32 log-probabilities of (keep, drop), computed in fp32 whatever the dtype of `x`, the weights
+            or an enclosing autocast.
         """
-        local, glob = self.embed(x).chunk(2, dim=-1)
-        if policy is None:
-            glob = glob.mean(dim=1, keepdim=True)
-        else:
-            weight = policy.to(glob.dtype)
-            glob = (glob * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1.0)
-        return self.score(torch.cat([local, glob.expand_as(local)], dim=-1))
+        with float32_scoring(x.device):
+            local, glob = _run_float32(self.embed, x.float()).chunk(2, dim=-1)
+            if policy is None:
+                glob = glob.mean(dim=1, keepdim=True)
+            else:
+                weight = policy.float()
+                glob = (glob * weight).sum(dim=1, keepdim=True) / weight.sum(dim=1, keepdim=True).clamp_min(1.0)
+            return _run_float32(self.score, torch.cat([local, glob.expand_as(local)], dim=-1))

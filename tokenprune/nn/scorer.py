@@ -10,6 +10,7 @@ predictor. The graph pass makes that block return one score per token besides it
 
 In masked execution dropped keys get no weight and dropped queries do not vote, so a token's score is the one pruned
 execution computes over the kept tokens. Scores carry no gradient: the decision is top-k in training and in eval.
+Scores are fp32 whatever the model's dtype or autocast (`float32_scoring`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import math
 import torch
 from torch import nn
 
+from .predictor import float32_scoring
+
 __all__ = ["attention_scores", "attention_weight_scores", "AttentionScores", "AttentionScorer", "SCORES_MODULE"]
 
 #: The attribute name of the `AttentionScores` module in a block that returns scores (reports find its cost there).
@@ -27,13 +30,14 @@ SCORES_MODULE = "tokenprune_scores"
 
 def _receive(weights: torch.Tensor, policy: torch.Tensor | None, prefix: int) -> torch.Tensor:
     """[B, H, Nq, N] attention weights -> [B, N]: the class row (prefix > 0) or the mean over kept queries."""
-    weights = weights.float().mean(dim=1)
-    if prefix:
-        return weights[:, 0]
-    if policy is None:
-        return weights.mean(dim=1)
-    vote = policy.to(weights.dtype)  # [B, N, 1]: dropped queries do not vote
-    return (weights * vote).sum(dim=1) / vote.sum(dim=1).clamp_min(1.0)
+    with float32_scoring(weights.device):
+        weights = weights.float().mean(dim=1)
+        if prefix:
+            return weights[:, 0]
+        if policy is None:
+            return weights.mean(dim=1)
+        vote = policy.float()  # [B, N, 1]: dropped queries do not vote
+        return (weights * vote).sum(dim=1) / vote.sum(dim=1).clamp_min(1.0)
 
 
 @torch.no_grad()
@@ -55,13 +59,14 @@ def attention_scores(
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     queries = q[..., :1, :] if prefix else q
-    logits = (queries.float() @ k.float().transpose(-2, -1)) * scale  # [B, H, 1 or N, N]
-    if attn_mask is not None:
-        mask = attn_mask[..., :1, :] if prefix and attn_mask.shape[-2] > 1 else attn_mask
-        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
-    if policy is not None:
-        logits = logits.masked_fill(policy[:, None, None, :, 0] == 0, float("-inf"))  # dropped keys
-    return _receive(logits.softmax(dim=-1), policy, prefix)
+    with float32_scoring(q.device):  # reason: under autocast the product below would be computed in bf16/fp16
+        logits = (queries.float() @ k.float().transpose(-2, -1)) * scale  # [B, H, 1 or N, N]
+        if attn_mask is not None:
+            mask = attn_mask[..., :1, :] if prefix and attn_mask.shape[-2] > 1 else attn_mask
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+        if policy is not None:
+            logits = logits.masked_fill(policy[:, None, None, :, 0] == 0, float("-inf"))  # dropped keys
+        return _receive(logits.softmax(dim=-1), policy, prefix)
 
 
 @torch.no_grad()

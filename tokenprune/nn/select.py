@@ -11,11 +11,34 @@ from torch import nn
 from .predictor import TokenPredictor
 from .scorer import AttentionScorer
 
-__all__ = ["TokenSelector", "EXECUTIONS", "SCORERS", "drop_transient"]
+__all__ = ["TokenSelector", "EXECUTIONS", "SCORERS", "drop_transient", "top_k", "positions"]
 
 EXECUTIONS = ("auto", "masked", "pruned")
 #: How a stage ranks tokens: a learned predictor (DynamicViT) or the attention of the block before it (no training).
 SCORERS = ("predictor", "attention")
+
+
+def top_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, N] bool: the k highest fp32 scores of each row, equal scores going to the lower position: the one rule
+    every stage's top-k follows, in masked and in pruned execution alike.
+
+    `topk` does not order ties, and ties are common (a bf16 model's scores, tokens dropped to -inf). The k-th value
+    is a threshold: everything above it is kept, and of the scores equal to it the first ones by position fill the
+    rest. Exact, and made of ops every backend and exporter has (a stable sort is not one of them). Pruned execution
+    keeps its tokens in position order, so "lower position" means the same tokens there as over the full sequence.
+    """
+    score = score.float()
+    k = min(k, score.shape[1])
+    threshold = score.topk(k, dim=1).values[:, -1:]
+    above, tied = score > threshold, score == threshold
+    return above | (tied & (tied.cumsum(dim=1) <= k - above.sum(dim=1, keepdim=True)))
+
+
+def positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """[B, count] positions of the True entries of each row of `mask` (`count` of them), in increasing order."""
+    n = mask.shape[1]
+    later_first = torch.where(mask, n - torch.arange(n, device=mask.device), 0)  # distinct per True entry
+    return later_first.topk(count, dim=1).indices
 
 
 def drop_transient(module: nn.Module) -> dict:
@@ -119,15 +142,14 @@ class TokenSelector(nn.Module):
         """The deterministic eval decision as a mask: top-k among the tokens still kept."""
         if policy is not None:
             score = score.masked_fill(policy[..., 0] == 0, float("-inf"))
-        index = score.topk(min(k, score.shape[1]), dim=1).indices
-        return torch.zeros_like(score).scatter(1, index, 1.0).unsqueeze(-1)
+        return top_k(score, k).to(score.dtype).unsqueeze(-1)
 
     def _gather(
         self, x: torch.Tensor, score: torch.Tensor, k: int, position: torch.Tensor | None
     ) -> tuple[torch.Tensor, None, torch.Tensor]:
         p = self.prefix_tokens
-        # Sorted indices keep the tokens in their spatial order: nothing depends on it, but it reads better.
-        index = score.topk(min(k, score.shape[1]), dim=1).indices.sort(dim=1).values
+        # In position order: the tie-break of the next stage reads positions (`top_k`), and it reads better.
+        index = positions(top_k(score, k), min(k, score.shape[1]))
         kept = x[:, p:].gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         self.last_index, self.last_decision = index, None
         if position is None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..state import SparsityState
 from .predictor import TokenPredictor
 from .recorder import SparsityRecorder
-from .select import TokenSelector
+from .select import TokenSelector, positions, top_k
 
 __all__ = ["SpatialPredictor", "SpatialSelector", "SpatialRecorder"]
 
@@ -110,9 +110,9 @@ class SpatialSelector(TokenSelector):
         """Top-k among the locations still kept, and the rest; both sorted (row-major order reads and scatters best)."""
         if previous is not None:
             score = score.masked_fill(previous[..., 0] == 0, float("-inf"))
-        order = score.argsort(dim=1, descending=True)
+        keep = top_k(score, k)
         k = min(k, score.shape[1])
-        return order[:, :k].sort(dim=1).values, order[:, k:].sort(dim=1).values
+        return positions(keep, k), positions(~keep, score.shape[1] - k)
 
 
 class SpatialRecorder(SparsityRecorder):
