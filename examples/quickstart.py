@@ -14,7 +14,7 @@ import argparse
 import torch
 from rich.console import Console
 
-from tokenprune import pipeline
+from tokenprune.cli import pipeline
 from tokenprune.measure import render_table
 
 
