@@ -43,6 +43,7 @@ from ..nn.asymmetric import FastPath
 from ..nn.recorder import selectors
 from ..nn.spatial_predictor import SpatialSelector
 from .discovery import Chain
+from .tracing import kept_training_flags
 
 __all__ = ["self_check", "max_difference", "branch_scales", "check_weights", "check_values", "tolerances"]
 
@@ -539,41 +540,38 @@ def _check_second_size(
     if size is None or size == tuple(example.shape[2:]):
         return
     image = F.interpolate(example[:1].float(), size=size, mode="bilinear", align_corners=False).to(example.dtype)
-    dense_training = dense.training
-    dense.eval()
-    try:
-        with check_values(model, weights), check_values(dense, weights):
-            try:
-                with torch.no_grad():
-                    reference = dense(image)
-            except Exception:  # noqa: BLE001 - the original does not take this size: nothing to compare
-                return
-            where = f" at input size {list(image.shape[1:])}"
-            try:
-                _check_masked_vs_pruned(model, chain, locations, image, name, prefix, where, dtype)
-                stages = selectors(model)
-                ratios = [s.keep_ratio for s in stages]
-                for s in stages:
-                    s.keep_ratio = 1.0
-                keep_all = _Run(model, image, "pruned", []).output
-                for s, r in zip(stages, ratios):
-                    s.keep_ratio = r
-            except TokenPruneError:
-                raise
-            except Exception as e:  # noqa: BLE001 - the original runs at this size; the sparsified model must too
-                raise UnsupportedModelError(
-                    f"{name}: self-check failed: the original model runs at input size {list(image.shape[1:])} but "
-                    f"the sparsified one fails there ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                    "; a shape taken from the example input may be frozen into the rewrite. tokenprune refuses it "
-                    "rather than return a model that breaks on other sizes."
-                ) from e
-            d = max_difference(_lower(keep_all, dtype), _lower(reference, dtype))
-            if d is None or d > 1:
-                raise _fail(
-                    name,
-                    "with every keep ratio at 1.0 the rewritten model does not reproduce the original "
-                    f"({_how_much(d)}; checked with branch scales at 1 and zero parameters filled)",
-                    where,
-                )
-    finally:
-        dense.train(dense_training)
+    # The original is the user's model: every submodule's own training flag is put back, not one flag for all.
+    with kept_training_flags(dense), check_values(model, weights), check_values(dense, weights):
+        dense.eval()
+        try:
+            with torch.no_grad():
+                reference = dense(image)
+        except Exception:  # noqa: BLE001 - the original does not take this size: nothing to compare
+            return
+        where = f" at input size {list(image.shape[1:])}"
+        try:
+            _check_masked_vs_pruned(model, chain, locations, image, name, prefix, where, dtype)
+            stages = selectors(model)
+            ratios = [s.keep_ratio for s in stages]
+            for s in stages:
+                s.keep_ratio = 1.0
+            keep_all = _Run(model, image, "pruned", []).output
+            for s, r in zip(stages, ratios):
+                s.keep_ratio = r
+        except TokenPruneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the original runs at this size; the sparsified model must too
+            raise UnsupportedModelError(
+                f"{name}: self-check failed: the original model runs at input size {list(image.shape[1:])} but "
+                f"the sparsified one fails there ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                "; a shape taken from the example input may be frozen into the rewrite. tokenprune refuses it "
+                "rather than return a model that breaks on other sizes."
+            ) from e
+        d = max_difference(_lower(keep_all, dtype), _lower(reference, dtype))
+        if d is None or d > 1:
+            raise _fail(
+                name,
+                "with every keep ratio at 1.0 the rewritten model does not reproduce the original "
+                f"({_how_much(d)}; checked with branch scales at 1 and zero parameters filled)",
+                where,
+            )
