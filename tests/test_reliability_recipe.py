@@ -3,6 +3,7 @@ naming the key and what it allows; YAML aliases are refused before they can expa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -135,3 +136,13 @@ def test_a_huge_recipe_is_refused_unread(tmp_path):
 def test_string_keys_take_numbers_and_paths():
     recipe = load_recipe(None, ["data.train_split=2017", "run.resume=/runs/a:b/last.pt", "run.device=cuda:1"])
     assert (recipe.data.train_split, recipe.run.resume, recipe.run.device) == ("2017", "/runs/a:b/last.pt", "cuda:1")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    key=st.one_of(st.sampled_from(sorted(FIELDS) + ["task", "model.kwargs.depth", "data.augment.hflip"]), st.text()),
+    raw=st.text(max_size=30),
+)
+def test_any_override_string_is_applied_or_refused_as_a_config_error(key, raw):
+    with contextlib.suppress(ConfigError):  # any other exception fails the test
+        load_recipe(None, [f"{key}={raw}"])

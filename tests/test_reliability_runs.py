@@ -3,12 +3,15 @@ and compared on resume, every failure a tokenprune error. A tiny sparsified ViT 
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tokenprune.errors import CheckpointError, ConfigError, DataError, TrainingError
 from tokenprune.train import checkpoint as checkpoint_module
@@ -327,3 +330,72 @@ def test_a_fresh_run_over_a_finished_one_writes_its_own_result(tmp_path):
     assert out.joinpath("final.pt").stat().st_mtime_ns != first
     kinds = [json.loads(line)["kind"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert kinds.count("final") == 2 and kinds.count("teacher") == 2
+
+
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+    st.lists(st.one_of(st.integers(-2, 2), st.floats(-1, 2)), max_size=4),
+    st.dictionaries(st.sampled_from(["torch", "python", "numpy", "state", "x"]), st.integers(), max_size=3),
+)
+
+
+@pytest.fixture(scope="module")
+def trainer(uninterrupted, tmp_path_factory):
+    """A Trainer of the TINY run (to restore fuzzed checkpoints into) and a valid checkpoint of it."""
+    import tokenprune
+    from tokenprune.train.api import _coerce_recipe, build_teacher
+    from tokenprune.train.data import build_datasets
+    from tokenprune.train.distributed import init_distributed
+
+    out = tmp_path_factory.mktemp("fuzz")
+    recipe = _coerce_recipe(None, [*TINY, f"run.output_dir={out}", "run.resume=none"])
+    teacher = build_teacher(recipe)
+    student = tokenprune.sparsify(teacher.eval(), locations=[1, 2, 3], example_inputs=torch.randn(1, 1, 16, 16))
+    data = build_datasets(recipe.data, img_size=16, in_chans=1, seed=0)
+    return Trainer(recipe, student, teacher, data, init_distributed("cpu")), load_checkpoint(
+        uninterrupted[0] / "last.pt"
+    )
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_a_fuzzed_checkpoint_resumes_or_is_refused_as_a_checkpoint_error(trainer, tmp_path, data):
+    trainer, valid = trainer
+    ckpt = copy.deepcopy({k: v for k, v in valid.items() if k != "format"})
+    path_keys = data.draw(
+        st.sampled_from(
+            [
+                ("step",),
+                ("keep_ratios",),
+                ("teacher_top1",),
+                ("rng",),
+                ("model",),
+                ("optimizer",),
+                ("scheduler",),
+                ("scaler",),
+                ("rng", 0, "torch"),
+                ("rng", 0, "python"),
+                ("rng", 0, "numpy", "keys"),
+                ("data",),
+                ("recipe",),
+            ]
+        )
+    )
+    node = ckpt
+    for k in path_keys[:-1]:
+        node = node[k]
+    node[path_keys[-1]] = data.draw(_JUNK)
+    path = tmp_path / "f" / "last.pt"
+    try:
+        save_checkpoint(ckpt, path)
+        trainer.resume(path)
+    except CheckpointError:
+        return
+    # accepted: what was restored is a state training can continue from
+    assert type(trainer.step) is int and trainer.step >= 0
+    assert all(0 < s.keep_ratio <= 1 for s in trainer.selectors())
+    assert all(v.isfinite().all() for v in trainer.student.state_dict().values() if v.is_floating_point())

@@ -13,7 +13,7 @@ from tokenprune.train.recipe import Recipe, apply_overrides, load_recipe, save_r
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.mark.parametrize("name", ["deit_small_imagenet", "convnext_tiny_imagenet", "fashion_mnist_cpu"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
 def test_shipped_recipes_load(name):
     recipe = load_recipe(RECIPES / f"{name}.yaml")
     assert recipe.optim.lr > 0

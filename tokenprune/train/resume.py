@@ -289,7 +289,7 @@ def restore_state(trainer: Trainer, ckpt: dict[str, Any], path: Path | None = No
         trainer.scaler.load_state_dict(ckpt["scaler"])
         rngs = ckpt["rng"]
         restore_rng(rngs[trainer.info.rank] if len(rngs) == trainer.info.world else rngs[0])
-    except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+    except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
         raise CheckpointError(
             f"checkpoint {path or '(given)'} does not fit this run ({type(e).__name__}: {str(e).splitlines()[0]}); "
             "it was written for another model or optimizer. Set run.resume=none to start anew."

@@ -219,13 +219,15 @@ def safe_yaml(text: str, source: str, *, text_if_invalid: bool = False) -> Any:
     """
     if len(text.encode("utf-8", "replace")) > MAX_RECIPE_BYTES:
         raise ConfigError(f"{source} is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a few KB of YAML.")
-    loader = _NoAliasLoader(text)
-    loader.name = source
+    loader = None
     try:
+        loader = _NoAliasLoader(text)  # reason: its reader already refuses control characters here
+        loader.name = source
         return loader.get_single_data()
     except yaml.YAMLError as e:
         if text_if_invalid:
             return text
         raise ConfigError(f"{source} is not valid YAML: {e}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
