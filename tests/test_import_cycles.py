@@ -11,59 +11,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1] / "tokenprune"
 PACKAGE = ROOT.name
-
-# The cycles left, each as the imports inside it, all closed by imports in modules other helpers are editing now:
-# - io.model_file -> tokenprune (`from .. import __version__`; the package imports io): every module the package
-#   imports joins the first cycle through it;
-# - io.model_file <-> io.weights, and io.source -> models -> io.weights -> io.model_file -> io.source (models loads
-#   weights with io.weights; io.source builds models with models._build);
-# - fx.plan <-> fx.token / fx.spatial (plan dispatches to the strategies, which import plan's types);
-# - fx.tracing <-> inputs.
-# Changing any import in a cycle makes `test_no_import_cycles` fail until this list is brought up to date; when it
-# is empty, delete it and the mark.
-REMAINING: list[list[str]] = [
-    [
-        "export -> sparsify",
-        "io -> io.model_file",
-        "io -> io.source",
-        "io -> io.weights",
-        "io.model_file -> io.source",
-        "io.model_file -> io.weights",
-        "io.model_file -> sparsify",
-        "io.model_file -> tokenprune",
-        "io.source -> models",
-        "io.weights -> io.model_file",
-        "measure -> measure.flops",
-        "measure -> measure.report",
-        "measure.flops -> sparsify",
-        "measure.report -> measure.flops",
-        "models -> io.weights",
-        "sparsify -> io.source",
-        "tokenprune -> export",
-        "tokenprune -> io",
-        "tokenprune -> measure",
-        "tokenprune -> models",
-        "tokenprune -> sparsify",
-        "tokenprune -> visualize",
-        "visualize -> io",
-        "visualize -> models",
-        "visualize -> sparsify",
-    ],
-    [
-        "fx.plan -> fx.spatial",
-        "fx.plan -> fx.token",
-        "fx.spatial -> fx.plan",
-        "fx.token -> fx.plan",
-    ],
-    [
-        "fx.tracing -> inputs",
-        "inputs -> fx.tracing",
-    ],
-]
 
 
 def _module_names() -> dict[str, Path]:
@@ -202,10 +151,5 @@ _graph = import_graph()
 _found = cycles(_graph)
 
 
-@pytest.mark.xfail(
-    condition=_found == sorted(sorted(c) for c in REMAINING),
-    strict=True,
-    reason="cycles in modules other helpers edit now; see REMAINING",
-)
 def test_no_import_cycles():
     assert not _found, "import cycles in tokenprune/:\n" + _describe(_found, _graph)

@@ -1,5 +1,6 @@
 """tokenprune: dynamic spatial sparsification (DynamicViT) for timm and torchvision models, as a graph plug-in."""
 
+from ._version import __version__ as __version__
 from .config import SparsifyConfig
 from .errors import CheckpointError, ConfigError, DataError, TokenPruneError, TrainingError, UnsupportedModelError
 from .export import export
@@ -10,8 +11,6 @@ from .nn.recorder import selectors
 from .sparsify import config_of, plan, set_execution, sparsify
 from .state import SparsityState, sparsity_state
 from .visualize import visualize
-
-__version__ = "0.1.0"
 
 __all__ = [
     "sparsify",

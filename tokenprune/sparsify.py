@@ -13,10 +13,12 @@ from torch import nn
 
 from .config import SparsifyConfig, check_ratio, default_keep_ratios, default_locations
 from .errors import ConfigError, TokenPruneError, UnsupportedModelError
+from .fx.analysis import build_plan
 from .fx.discovery import Chain, find_chain
-from .fx.plan import Plan, apply_plan, build_plan
+from .fx.plan import Plan, apply_plan
 from .fx.selfcheck import self_check
-from .fx.tracing import example_input, kept_training_flags, model_name
+from .fx.tracing import kept_training_flags, model_name
+from .inputs import example_input
 from .io.source import timm_feature_kwargs
 from .nn.recorder import find_recorder, selectors
 from .nn.select import EXECUTIONS, SCORERS

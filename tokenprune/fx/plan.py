@@ -1,7 +1,7 @@
-"""Plan, then apply: the one driver of the graph pass (docs/design.md §2).
+"""Plan, then apply (docs/design.md §2.6): the `Plan` that analysis produces and the step that installs it.
 
-`build_plan` analyses a model — chain, prefix tokens, every later block, the head — with the token or the spatial
-strategy, working only on traced copies; it is where every refusal happens. `apply_plan` installs the plan's new
+`fx/analysis.py::build_plan` analyses a model — chain, prefix tokens, every later block, the head — with the token or
+the spatial strategy, working only on traced copies; it is where every refusal happens. `apply_plan` installs the plan's new
 and rewritten modules into the model, logging each change so that `Applied.rollback` can put the model back exactly
 as it was (the self-check in `tokenprune.sparsify` may still refuse after applying).
 """
@@ -10,15 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import UnsupportedModelError
 from ._graph import set_submodule
 from .discovery import Chain
 
-__all__ = ["Plan", "Applied", "RECORDER", "build_plan", "apply_plan"]
+__all__ = ["Plan", "Applied", "RECORDER", "apply_plan"]
 
 RECORDER = "tokenprune_recorder"
 
@@ -75,39 +73,6 @@ class Applied:
         for fn in reversed(self._undo):
             fn()
         self._undo.clear()
-
-
-def build_plan(
-    model: nn.Module,
-    chain: Chain,
-    example: torch.Tensor,
-    locations: list[int],
-    keep_ratios: list[float],
-    name: str,
-    scorer: str = "predictor",
-) -> Plan:
-    """Analyse `model` into a `Plan` with the strategy its chain calls for. Changes nothing in `model`.
-
-    Raises:
-        UnsupportedModelError: the reason the model cannot be sparsified exactly, naming the block or node.
-    """
-    if chain.kind == "token":
-        from .token import plan_tokens
-
-        plan = plan_tokens(model, chain, example, locations, keep_ratios, name, scorer)
-    elif scorer != "predictor":
-        raise UnsupportedModelError(
-            f"{name}: scorer={scorer!r} ranks tokens by a ViT's attention; this model is sparsified spatially (slow "
-            "and fast paths over a feature map), where only learned predictors are available. Use scorer='predictor'."
-        )
-    else:
-        from .spatial import plan_spatial
-
-        plan = plan_spatial(model, chain, example, locations, keep_ratios, name)
-    for attr, child in plan.graph_module.named_children():
-        if not hasattr(model, attr):  # modules the trace itself added (e.g. the training-flag switch)
-            plan.add.setdefault(attr, child)
-    return plan
 
 
 def apply_plan(model: nn.Module, plan: Plan) -> Applied:

@@ -507,7 +507,10 @@ def self_check(
             for s, (_, ratio) in zip(stages, saved):
                 s.keep_ratio = ratio
             if dense is not None:
+                patches = [s.last_initial_patches for s in stages]  # what the example-size run saw, as before
                 _check_second_size(model, dense, chain, locations, example, name, prefix, dtype, weights)
+                for s, n in zip(stages, patches):
+                    s.last_initial_patches = n
         except TokenPruneError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever the rewritten graph raises, the user gets a reason

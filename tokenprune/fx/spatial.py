@@ -105,7 +105,7 @@ def _per_location(
 ) -> tuple[fx.Node, list[fx.Node]]:
     """The run without its front up to the last node that mixes locations (a rule answering None for the layout it
     gets: ConvNeXt's depthwise 7x7 conv, which has a conv rule but is not 1x1), and the node feeding what is left."""
-    block, start = rules.Block(gm, x), 0
+    block, start = rules.Block(gm, x, rules.lookup), 0
     while start < len(run):
         feed = entry if start == 0 else run[start - 1]
         shape = node_shape(feed)
@@ -167,7 +167,7 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, where: str) -> SlowPath:
                     "so the pointwise layers before it would run on every location anyway"
                 )
                 continue
-            current, data, block = layout, entry, rules.Block(gm, x)
+            current, data, block = layout, entry, rules.Block(gm, x, rules.lookup)
             for node in run:
                 current = _spatial_rule(gm, node)(block, node, data, current)
                 if current is None:

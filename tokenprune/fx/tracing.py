@@ -11,14 +11,12 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..inputs import example_input  # noqa: F401 - re-exported: input geometry lives in tokenprune.inputs
 
 __all__ = [
     "model_name",
     "trace",
     "ModeValue",
     "MODE_VALUE",
-    "example_input",
     "forward_defaults",
     "call_leaf",
     "training_dependent",

@@ -37,11 +37,10 @@ from ..errors import CheckpointError, ConfigError, TokenPruneError
 from ..nn.select import SCORERS
 from ..outputs import outputs_close
 from .source import build, build_meta, check_source, describe, infer_source, state_shapes
-from .weights import SAVE_HINT, check_fit, read_metadata
+from .weights import FORMAT, SAVE_HINT, check_fit, read_metadata
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "SourceWarning", "save", "load", "load_original"]
 
-FORMAT = "tokenprune"
 FORMAT_VERSION = 2
 _FIELDS = ("format", "format_version", "tokenprune", "source", "config")
 # reason: an example input of this size is allocated and run through the model before any weight is read.
@@ -123,7 +122,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, source: dict[str, An
     """
     from safetensors.torch import save_file
 
-    from .. import __version__
+    from .._version import __version__
     from ..sparsify import config_of
 
     config = config_of(model)

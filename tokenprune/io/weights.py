@@ -16,9 +16,11 @@ from torch import nn
 from ..errors import CheckpointError
 from .bounds import check_nesting, check_torch_zip
 
-__all__ = ["read_metadata", "read_weights", "load_weights", "check_fit", "require_file", "SAVE_HINT"]
+__all__ = ["FORMAT", "read_metadata", "read_weights", "load_weights", "check_fit", "require_file", "SAVE_HINT"]
 
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "module")
+#: The `format` header value of a sparsified model file (`io/model_file.py`).
+FORMAT = "tokenprune"
 SAVE_HINT = "create it with tokenprune.save(model, path) (or `tokenprune convert`)"
 
 
@@ -150,7 +152,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
         CheckpointError: unreadable file, or keys/shapes that do not fit the model.
     """
     from ..fx.tracing import model_name
-    from .model_file import FORMAT
 
     path = Path(path)
     if path.suffix == ".safetensors" and (read_metadata(path) or {}).get("format") == FORMAT:

@@ -248,7 +248,7 @@ def profile(model: nn.Module, inputs: torch.Tensor | None = None) -> FlopReport:
         The `FlopReport` (per-image multiply-adds in `gmacs`, predictors' share in `predictor_gmacs`).
     """
     if inputs is None:
-        from ..fx.tracing import example_input
+        from ..inputs import example_input
 
         config = sparsify_config(model)
         inputs = torch.randn(1, *config.input_size) if config else example_input(model, batch=1)

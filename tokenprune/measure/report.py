@@ -44,7 +44,6 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import re
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +51,7 @@ import torch
 from rich.table import Table
 from torch import nn
 
+from .._version import __version__
 from ..nn.scorer import SCORES_MODULE
 from ..outputs import output_names
 from .backbone import eval_forward, find_backbone
@@ -67,10 +67,8 @@ def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
-        # A source checkout that is not pip-installed: the package this module belongs to is loaded before it, so its
-        # version is read from there rather than imported (the package imports `measure`: an import would be a cycle).
-        root = sys.modules.get(__name__.partition(".")[0])
-        return getattr(root, "__version__", None) if package == root.__name__ else None
+        # A source checkout that is not pip-installed: tokenprune's own version is known without the metadata.
+        return __version__ if package == "tokenprune" else None
 
 
 def _versions() -> dict[str, str | None]:

@@ -8,6 +8,7 @@ changes what a C -> C fast path could stand in for). The table (`rules/table.py`
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,9 @@ Layout = tuple[int, tuple[int, ...]]
 class Block:
     gm: fx.GraphModule
     x: fx.Node  # the block's input
+    #: the rule table's lookup (`rules.lookup`), for rules that check a module's own code op by op; passed in by the
+    #: walker because the table imports these rules
+    lookup: Callable[[fx.GraphModule, fx.Node], object]
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.gm.get_submodule(node.target)
@@ -127,15 +131,16 @@ def module_call(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> L
     except Refused:
         return None
     m = block.module(node)
-    if scaler_refusal(m, example) is None or all(_own_code_keeps(m, mode, example, layout) for mode in (False, True)):
+    if scaler_refusal(m, example) is None or all(
+        _own_code_keeps(block, m, mode, example, layout) for mode in (False, True)
+    ):
         return same_shape(block, node, data, layout)
     return None
 
 
-def _own_code_keeps(module: nn.Module, mode: bool, example: torch.Tensor, layout: Layout) -> bool:
+def _own_code_keeps(block: Block, module: nn.Module, mode: bool, example: torch.Tensor, layout: Layout) -> bool:
     """Whether `module`'s traced code in `mode` maps a map of `layout` to the same layout, every op per location."""
     from ..tracing import _Tracer, forward_defaults  # reason: tracing imports nothing of the rules; avoid a cycle
-    from .table import lookup
 
     copy_ = copy.deepcopy(module).train(mode)  # reason: running the training code updates running statistics
     try:
@@ -146,7 +151,7 @@ def _own_code_keeps(module: nn.Module, mode: bool, example: torch.Tensor, layout
     except Exception:  # reason: torch.fx raises many types; a module that cannot be traced proves nothing
         return False
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    inner, layouts = Block(gm, x), {x: layout}
+    inner, layouts = Block(gm, x, block.lookup), {x: layout}
     for n in gm.graph.nodes:
         if n.op == "output":
             out = n.args[0]
@@ -154,7 +159,7 @@ def _own_code_keeps(module: nn.Module, mode: bool, example: torch.Tensor, layout
         inputs = [a for a in n.all_input_nodes if a in layouts]
         if not inputs or n.op not in ("call_function", "call_method", "call_module"):
             continue
-        rule = lookup(gm, n)
+        rule = block.lookup(gm, n)
         if rule is not None and rule.name == "metadata":
             continue  # reason: a shape read, not the map (the asserts on x.ndim)
         if rule is None or rule.spatial is None or len(inputs) != 1:
