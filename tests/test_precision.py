@@ -76,11 +76,14 @@ def test_low_precision_model_sparsifies_with_fp32_stages():
     _assert_same_decisions(sparse, torch.randn(8, 3, 96, 96, dtype=torch.bfloat16))
 
 
-def test_low_precision_token_model_is_analysed():
-    """The plan of a bf16 ViT is built (the example input is bf16). Its self-check tolerance is fp32's for now."""
-    dense = MODELS["deit"]().eval().to(torch.bfloat16)
-    plan = tokenprune.plan(dense)
-    assert plan.kind == "token" and len(plan.chain.calls) == 6
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_token_model_sparsifies(dtype):
+    """A bf16/fp16 ViT is analysed with an example in its dtype and passes the self-check (run on widened values)."""
+    dense = MODELS["deit"]().eval().to(dtype)
+    sparse = tokenprune.sparsify(dense, 0.7).eval()
+    assert all(p.dtype == dtype for n, p in sparse.named_parameters() if "tokenprune" not in n)
+    assert all(p.dtype == torch.float32 for s in tokenprune.selectors(sparse) for p in s.parameters())
+    _assert_same_decisions(sparse, torch.randn(8, 3, 96, 96, dtype=dtype))
 
 
 def test_predictor_scores_in_fp32_whatever_the_weights_and_autocast():

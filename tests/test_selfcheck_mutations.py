@@ -269,6 +269,35 @@ def test_corruption_is_refused(name, corruption, monkeypatch):
     assert "self-check failed" in str(result) or "fails on the example input" in str(result), str(result)
 
 
+#: Models checked again in bf16: the check then runs on widened fp32 values, and must see every corruption still.
+LOW_PRECISION = ["cait", "deit3", "eva02", "convnext", "swin"]
+LOW_CASES = [(m, c) for m, c in CASES if m in LOW_PRECISION]
+
+
+def _build_bf16(name):
+    model, example = _build(name)
+    return model.to(torch.bfloat16), (None if example is None else example.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("name", LOW_PRECISION)
+def test_control_is_accepted_in_bf16(name):
+    model, example = _build_bf16(name)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result, _ = _sparsify(model, example)
+    assert not isinstance(result, Exception), str(result)
+    assert all(p.dtype == torch.bfloat16 for n, p in result.named_parameters() if "tokenprune" not in n)
+    after = model.state_dict()  # the original was widened during the check and is back, bit for bit
+    assert all(torch.equal(after[k], v) and after[k].dtype == v.dtype for k, v in before.items())
+
+
+@pytest.mark.parametrize("name,corruption", LOW_CASES, ids=[f"{m}-{c}" for m, c in LOW_CASES])
+def test_corruption_is_refused_in_bf16(name, corruption, monkeypatch):
+    model, example = _build_bf16(name)
+    result, edits = _sparsify(model, example, monkeypatch, CORRUPTIONS[corruption])
+    assert edits > 0, f"{corruption} found nothing to corrupt in {name}"
+    assert isinstance(result, UnsupportedModelError), f"{corruption} in {name} (bf16) was accepted"
+
+
 def test_unit_scales_are_restored_bitwise_even_on_refusal(monkeypatch):
     """The check sets branch scales to 1; after a refusal (inplace) every parameter is as it was, bit for bit."""
     model, example = _build("deit3")

@@ -28,6 +28,7 @@ compared value's scale (fp32: 1e-3 and 1e-4); a non-finite value in any comparis
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from collections.abc import Iterator
@@ -217,6 +218,47 @@ def check_values(module: nn.Module, values: dict[str, torch.Tensor]) -> Iterator
         with torch.no_grad():
             for p, value in saved:
                 p.copy_(value)
+
+
+def _floats_like(value: object, dtype: torch.dtype) -> object:
+    """`value` with its floating-point tensors (in tuples, lists and dicts) in `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _floats_like(v, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_floats_like(v, dtype) for v in value)
+    return value
+
+
+@contextmanager
+def _in_fp32(modules: list[nn.Module]) -> Iterator[None]:
+    """Widen the floating-point parameters, buffers and tensor attributes of `modules` to fp32 for the duration;
+    the original tensors are put back afterwards (bitwise: they are the same objects), also when the body raises."""
+    params: dict[int, tuple[nn.Parameter, torch.Tensor]] = {}
+    slots: list[tuple[dict, str, torch.Tensor]] = []
+    for root in modules:
+        for m in root.modules():
+            for p in m._parameters.values():
+                if p is not None and p.is_floating_point() and p.dtype != torch.float32 and id(p) not in params:
+                    params[id(p)] = (p, p.data)
+            # Buffers, and tensors the trace stored as plain attributes (constants), widened in place of the slot.
+            plain = {k: v for k, v in vars(m).items() if type(v) is torch.Tensor}
+            for where, held in ((m._buffers, dict(m._buffers)), (m.__dict__, plain)):
+                for k, t in held.items():
+                    if t is not None and t.is_floating_point() and t.dtype != torch.float32:
+                        slots.append((where, k, t))
+    try:
+        for p, data in params.values():
+            p.data = data.float()
+        for where, k, t in slots:
+            where[k] = t.float()
+        yield
+    finally:
+        for p, data in params.values():
+            p.data = data
+        for where, k, t in slots:
+            where[k] = t
 
 
 # ---------------------------------------------------------------- running
@@ -412,7 +454,8 @@ def _check_blocks_keep_all(model: nn.Module, chain: Chain, example: torch.Tensor
         # shared, and `self_check` puts their flags back when it ends).
         call.module.eval()
         with torch.no_grad():
-            original = call.module(x, *call.args[1:], **call.kwargs)
+            args, kwargs = _floats_like((call.args[1:], call.kwargs), x.dtype)  # recorded in the model's dtype
+            original = call.module(x, *args, **kwargs)
         original = original[0] if isinstance(original, tuple) else original
         d = _update_difference(x, y, x, original) if y.shape == original.shape else None
         if d is None or d > 1:
@@ -487,14 +530,26 @@ def self_check(
     model.eval()
     prefix = stages[0].prefix_tokens if stages else 0
     dtype = _model_dtype(model)
-    weights = check_weights(model)
+    low = torch.finfo(dtype).eps > torch.finfo(torch.float32).eps  # bf16, fp16
+    # A bf16/fp16 model is checked on fp32 values (weights widened exactly, restored bitwise): the rewrite's
+    # structure is what masked ≡ pruned verifies, and in low precision the two executions (different kernels and
+    # lengths) would differ by rounding that grows with depth. Keep-all ≡ the original is checked in the model's own
+    # precision on the output: with every token kept, pruned execution runs the original's ops.
+    exact = torch.float32 if low else dtype
+
+    def widened():
+        return _in_fp32([model] if dense is None else [model, dense]) if low else contextlib.nullcontext()
+
+    wide = example.float() if low and example.is_floating_point() else example
     try:
         try:
-            with check_values(model, weights):
-                _check_masked_vs_pruned(model, chain, locations, example, name, prefix, "", dtype)
-                for s in stages:
-                    s.keep_ratio = 1.0
-                _check_blocks_keep_all(model, chain, example, name)
+            with widened():
+                weights = check_weights(model)
+                with check_values(model, weights):
+                    _check_masked_vs_pruned(model, chain, locations, wide, name, prefix, "", exact)
+                    for s in stages:
+                        s.keep_ratio = 1.0
+                    _check_blocks_keep_all(model, chain, wide, name)
             keep_all = _Run(model, example, "pruned", []).output
             d = max_difference(_lower(keep_all, dtype), _lower(chain.reference, dtype))
             if d is None or d > 1:
@@ -508,7 +563,9 @@ def self_check(
                 s.keep_ratio = ratio
             if dense is not None:
                 patches = [s.last_initial_patches for s in stages]  # what the example-size run saw, as before
-                _check_second_size(model, dense, chain, locations, example, name, prefix, dtype, weights)
+                with widened():
+                    weights = check_weights(model)
+                    _check_second_size(model, dense, chain, locations, wide, name, prefix, exact, weights)
                 for s, n in zip(stages, patches):
                     s.last_initial_patches = n
         except TokenPruneError:
