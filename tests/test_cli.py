@@ -260,6 +260,19 @@ def test_finetune_input_errors(tmp_path: Path):
     assert result.exit_code == EXIT_ERROR and "KEY=VALUE" in result.stderr
 
 
+def test_finetune_checks_its_output_paths_before_training(tmp_path: Path, monkeypatch):
+    """--save/--json that cannot be written fail at once (exit 2, naming the option), not after the run."""
+    import tokenprune.train as train
+
+    monkeypatch.setattr(train, "finetune", lambda *a, **k: pytest.fail("trained before checking the output paths"))
+    (tmp_path / "folder").mkdir()
+    result = run("finetune", "--save", tmp_path / "folder", "data.source=synthetic")
+    assert result.exit_code == EXIT_ERROR and "--save" in result.stderr and "folder" in result.stderr
+    (tmp_path / "file").write_text("in the way")
+    result = run("finetune", "--json", tmp_path / "file" / "metrics.json", "data.source=synthetic")
+    assert result.exit_code == EXIT_ERROR and "--json" in result.stderr
+
+
 @pytest.mark.slow
 def test_finetune_saves_a_loadable_model(tmp_path: Path):
     result = run(

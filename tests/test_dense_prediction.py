@@ -361,3 +361,10 @@ def test_top1_gate_refuses_models_without_logits(name):
     # a [B, K, H, W] segmentation map would give a silently wrong argmax(-1); a list has none
     with pytest.raises(ConfigError, match=r"logits \[B, K\]"):
         evaluate_accuracy(sparse(name), data, batch_size=2)
+
+
+def test_max_abs_diff_is_infinite_for_non_finite_outputs():
+    a = {"x": torch.zeros(2, 3), "y": torch.ones(4)}
+    assert max_abs_diff(a, {"x": torch.zeros(2, 3), "y": torch.ones(4) * 1.5}) == 0.5
+    assert max_abs_diff(a, {"x": torch.full((2, 3), float("nan")), "y": torch.ones(4)}) == float("inf")
+    assert max_abs_diff({"x": torch.full((2, 3), float("inf")), "y": torch.ones(4)}, a) == float("inf")

@@ -7,6 +7,7 @@ stable name in the order the model returns them (docs/design.md §5.4).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -57,7 +58,8 @@ def output_names(output: Any, what: str = "the model") -> list[str]:
 
 
 def max_abs_diff(a: Any, b: Any, what: str = "the model") -> float:
-    """Largest absolute difference between two outputs of the same structure and shapes.
+    """Largest absolute difference between two outputs of the same structure and shapes; inf if either holds a
+    non-finite value.
 
     Raises:
         TokenPruneError: when their names or shapes differ (the message names the first output that differs).
@@ -70,7 +72,10 @@ def max_abs_diff(a: Any, b: Any, what: str = "the model") -> float:
         if x.shape != y.shape:
             raise TokenPruneError(f"{what}: output {name} has shape {list(x.shape)} and {list(y.shape)}.")
         if x.numel():
-            diff = max(diff, float((x.detach().float().cpu() - y.detach().float().cpu()).abs().max()))
+            x, y = x.detach().float().cpu(), y.detach().float().cpu()
+            if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+                return math.inf  # a NaN compares as no difference under max(): non-finite is never "equal"
+            diff = max(diff, float((x - y).abs().max()))
     return diff
 
 

@@ -92,8 +92,26 @@ def _gates(o: SimpleNamespace):
 
 def _write(path: Path | None, text: str) -> None:
     if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        except OSError as e:
+            raise ConfigError(f"cannot write {path}: {e.strerror or e}; choose another path.") from None
+
+
+def _check_writable(path: Path | None, option: str) -> None:
+    """Before a long job: `path` can be created (its folder exists or can be made, nothing is in the way)."""
+    if path is None:
+        return
+    probe = path.parent / f".{path.name}.write-test.tmp"
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "it is a folder")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot be written ({e.strerror or e}); choose another path.") from None
 
 
 def _measure_and_gate(
@@ -261,6 +279,8 @@ def finetune(
     bad = [a for a in ctx.args if "=" not in a]
     if bad:
         raise ConfigError(f"unexpected arguments {bad}; overrides are KEY=VALUE, e.g. optim.epochs=1.")
+    _check_writable(save_path, "--save")  # before training: a run must not end unable to write its result
+    _check_writable(json_path, "--json")
     result = run_finetune(str(recipe) if recipe else None, overrides=list(ctx.args))
     if int(os.environ.get("RANK", "0")) != 0:
         return
