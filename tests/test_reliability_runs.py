@@ -273,6 +273,7 @@ from tokenprune.train import finetune
 from tokenprune.train.trainer import Trainer
 
 phase, sig, overrides = sys.argv[1], getattr(signal, sys.argv[2]), json.loads(sys.argv[3])
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (xdist workers ignore SIGINT)
 kill = lambda: os.kill(os.getpid(), sig)
 if phase == "final evaluation":
     evaluate = Trainer.evaluate_metrics
