@@ -35,6 +35,7 @@ def converted(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("given", ["folder", "file"])
+@pytest.mark.slow  # over 2 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_export_takes_what_convert_wrote_and_writes_beside_it(converted: Path, tmp_path: Path, given: str):
     folder = shutil.copytree(converted, tmp_path / "out")
     target = folder if given == "folder" else folder / "model.safetensors"

@@ -28,6 +28,7 @@ def _explain(model: torch.nn.Module, x: torch.Tensor):
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["pruned", "masked"])
+@pytest.mark.slow  # over 2 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_sparsified_model_traces_as_one_graph(sparse, train):
     model, x = sparse
     model.train(train)
@@ -36,6 +37,7 @@ def test_sparsified_model_traces_as_one_graph(sparse, train):
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1, reasons
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_compiled_pruned_model_matches_eager_and_records_its_state(sparse):
     """fullgraph compile (aot_eager): the same logits, and the stages' recorded decisions survive (the losses and
     `sparsity_state` read them)."""

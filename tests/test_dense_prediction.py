@@ -139,6 +139,7 @@ def shapes(output) -> list[tuple[str, tuple[int, ...]]]:
 
 
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow  # over 1.5 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_pruned_outputs_are_complete_and_differ_from_dense(name):
     model = copy.deepcopy(sparse(name)).eval()
     randomize_fast_paths(model)
@@ -279,6 +280,7 @@ def test_features_only_round_trip_records_features_only(name, tmp_path):
         assert max_abs_diff(original(x), dense(name)(x)) == 0.0
 
 
+@pytest.mark.slow  # over 1.5 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_out_indices_are_recorded(tmp_path):
     model = timm.create_model("convnext_atto", features_only=True, out_indices=(1, 3)).eval()
     path = tokenprune.save(tokenprune.sparsify(model, example_inputs=images(2)), tmp_path / "m.safetensors")

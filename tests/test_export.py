@@ -66,6 +66,7 @@ def test_torch_export_round_trip(saved: Path, tmp_path: Path):
         program(torch.randn(1, 3, 48, 48))
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_static_batch_export_from_python(saved: Path, tmp_path: Path):
     info = tokenprune.export(
         tokenprune.load(saved), tmp_path / "m.pt2", format="torch-export", dynamic_batch=False, batch_size=3

@@ -194,6 +194,7 @@ def _mutations(saved: Path, tmp_path: Path, payload) -> list[tuple[str, Path]]:
     return out
 
 
+@pytest.mark.slow  # over 1.5 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_fuzz_404_mutations_each_give_a_checkpoint_error(saved: Path, tmp_path: Path, code_payload):
     """404 mutations of a saved file, each a CheckpointError, never another exception, and no pickled code runs:
     60 truncations at random points, 80 header and 80 body random-byte changes, 19 fields removed (every header,
@@ -281,6 +282,7 @@ _JUNK = st.one_of(
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(key=st.sampled_from([*SparsifyConfig.__dataclass_fields__, "extra"]), value=_JUNK)
+@pytest.mark.slow  # over 1.5 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_any_config_field_value_loads_or_is_refused_naming_it(saved: Path, tmp_path: Path, key: str, value):
     assume(value is not None or key == "source")  # _write takes None as "remove the field" (tested elsewhere)
     path = _write(saved, tmp_path / "h.safetensors", **({"source": value} if key == "source" else {}),

@@ -293,6 +293,7 @@ finetune(None, overrides=overrides)
 """
 
 
+@pytest.mark.slow  # a subprocess per case, killed by a real signal
 @pytest.mark.parametrize(
     "phase, sig",
     [("final evaluation", "SIGINT"), ("writing final.pt", "SIGKILL"), ("writing last.pt", "SIGKILL")],
@@ -323,6 +324,7 @@ def test_killed_at_a_phase_then_resumed_equals_uninterrupted(tmp_path, uninterru
     assert not list(out.glob(".*.tmp"))
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_a_fresh_run_over_a_finished_one_writes_its_own_result(tmp_path):
     _run(tmp_path, "twice", "optim.epochs=1")
     out = tmp_path / "twice"
@@ -364,6 +366,7 @@ def trainer(uninterrupted, tmp_path_factory):
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
+@pytest.mark.slow  # over 2 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_a_fuzzed_checkpoint_resumes_or_is_refused_as_a_checkpoint_error(trainer, tmp_path, data):
     trainer, valid = trainer
     ckpt = copy.deepcopy({k: v for k, v in valid.items() if k != "format"})

@@ -29,6 +29,7 @@ def _expected(config, patches):
     return [config.prefix_tokens + max(1, math.floor(r * patches + 1e-6)) for r in config.keep_ratios]
 
 
+@pytest.mark.slow  # over 1.5 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_384_pixel_model():
     dense = timm.create_model("deit_tiny_patch16_224", img_size=384).eval()
     sparse = tokenprune.sparsify(dense, 0.7).eval()
@@ -39,6 +40,7 @@ def test_384_pixel_model():
     assert _entering(sparse, names, x) == _expected(config, 24 * 24)
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_dynamic_img_size_follows_each_input():
     dense = timm.create_model("deit_tiny_patch16_224", dynamic_img_size=True).eval()
     sparse = tokenprune.sparsify(dense, 0.7).eval()
@@ -92,6 +94,7 @@ def test_training_mode_is_kept():
     assert sparse.training and dense.training
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_drop_path_survives_the_rewrite():
     """Stochastic depth must stay a call: tracing through it would freeze it in eval behaviour for fine-tuning."""
     dense = timm.create_model("deit_tiny_patch16_224", drop_path_rate=0.2, img_size=64)  # 16 patches: the same blocks

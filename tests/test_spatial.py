@@ -66,6 +66,7 @@ def randomize_fast_paths(model: nn.Module) -> None:
 
 
 @pytest.mark.parametrize("name", MODELS)
+@pytest.mark.slow  # over 2 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_api_covers_spatial_stages(name):
     model = sparse(name)
     stages = tokenprune.selectors(model)
@@ -248,6 +249,7 @@ def test_branch_ending_in_spatial_op_is_refused():
         tokenprune.sparsify(model, example_inputs=torch.randn(1, 3, 32, 32))
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_deep_stage_uses_locations_3_6_9():
     torch.manual_seed(0)
     # convnext_small's depths (3, 3, 27, 3), narrow: the stage length decides the locations, not the width

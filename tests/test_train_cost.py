@@ -35,6 +35,7 @@ def test_cost_curve_fit_is_exact_on_a_quadratic():
 
 
 @pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.slow  # over 2 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_calibrated_estimate_equals_profile_on_tiny_models(name):
     arch, kwargs = TINY[name]
     size = kwargs.get("img_size", 64)

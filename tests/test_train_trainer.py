@@ -45,6 +45,7 @@ class _Crash(RuntimeError):
 
 
 @pytest.mark.parametrize("learned", [False, True])
+@pytest.mark.slow  # over 2 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch, learned):
     extra = ["learned_ratios.enabled=true", "learned_ratios.target_flops=0.7"] if learned else []
     full = _run(tmp_path, "full", *extra)

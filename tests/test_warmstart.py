@@ -42,6 +42,7 @@ def test_agreement_counts_the_guides_kept_tokens_the_predictor_also_keeps():
     assert _agreement(log_probs, guide, None) == 0.5  # predictor keeps tokens 0, 1; guide 0, 2
 
 
+@pytest.mark.slow  # over 2 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
 def test_harness_runs_the_warm_start_before_fine_tuning(tmp_path):
     common = ["data.source=synthetic", "data.synthetic_size=32", "data.num_classes=10", "data.workers=0",
               "optim.batch_size=8", "optim.epochs=1", "run.device=cpu", "run.threads=1",

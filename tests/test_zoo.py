@@ -62,6 +62,7 @@ REFUSED = {
 }
 
 
+@pytest.mark.slow  # one sparsify + independent checks per family: the full run covers it, the inner loop skips it
 @pytest.mark.parametrize("entry", WORKS, ids=lambda e: e.name)
 def test_works(entry):
     result = check_model(entry)
