@@ -1,9 +1,9 @@
 """Plan, then apply (docs/design.md §2.6): the `Plan` that analysis produces and the step that installs it.
 
 `fx/analysis.py::build_plan` analyses a model — chain, prefix tokens, every later block, the head — with the token or
-the spatial strategy, working only on traced copies; it is where every refusal happens. `apply_plan` installs the plan's new
-and rewritten modules into the model, logging each change so that `Applied.rollback` can put the model back exactly
-as it was (the self-check in `tokenprune.sparsify` may still refuse after applying).
+the spatial strategy, working only on traced copies; it is where every refusal happens. `apply_plan` installs the
+plan's new and rewritten modules into the model, logging each change so that `Applied.rollback` can put the model
+back exactly as it was (the self-check in `tokenprune.sparsify` may still refuse after applying).
 """
 
 from __future__ import annotations
