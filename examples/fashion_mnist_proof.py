@@ -36,8 +36,8 @@ from pathlib import Path
 import torch
 
 import tokenprune
+from tokenprune.measure.cost import ComputeModel
 from tokenprune.train import build_datasets, build_teacher, finetune, load_recipe, load_weights
-from tokenprune.train.ratios import ComputeModel
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fashion_mnist_cpu.yaml"
 KEEP = [0.7, 0.7**2, 0.7**3]

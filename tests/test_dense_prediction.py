@@ -3,7 +3,7 @@
 timm ``features_only=True`` (a list), torchvision ``create_feature_extractor`` (a dict) and a user's backbone + FPN
 + classifier wrapper (one full-size map) must keep every output complete and of the original's shape, masked and
 pruned must agree on the same decisions, and state, FLOPs (with the backbone/head split), compare, save/load,
-export and the losses must take their outputs (README, "Dense prediction backbones"; docs/design.md §5.4).
+export and the losses must take their outputs (README, "Dense prediction backbones"; docs/design.md §5.5).
 """
 
 from __future__ import annotations

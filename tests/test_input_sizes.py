@@ -6,6 +6,8 @@ keep-all ≡ the original, and masked ≡ pruned, at a second size and at a non-
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -70,6 +72,15 @@ def _run(model: nn.Module, x: torch.Tensor, execution: str | None = None) -> tor
         return model(x)
 
 
+def _keeping_all(sparse: nn.Module) -> nn.Module:
+    """A copy of `sparse` whose stages keep every token (sparsify itself refuses keep ratios of 1: costlier than
+    dense)."""
+    keep_all = copy.deepcopy(sparse)
+    for sel in tokenprune.selectors(keep_all):
+        sel.keep_ratio = 1.0
+    return keep_all
+
+
 def _assert_exact_at(dense: nn.Module, sparse: nn.Module, keep_all: nn.Module, size: tuple[int, int]) -> None:
     x = torch.randn(2, 3, *size)
     pruned, masked = _run(sparse, x, "pruned"), _run(sparse, x, "masked")
@@ -84,7 +95,7 @@ def test_block_taking_grid_size_is_exact_at_other_sizes(as_tuple):
     dense = _GridNet(as_tuple).eval()
     example = torch.randn(2, 3, 64, 64)
     sparse = tokenprune.sparsify(dense, 0.5, example_inputs=example).eval()
-    keep_all = tokenprune.sparsify(dense, 1.0, example_inputs=example).eval()
+    keep_all = _keeping_all(sparse)
     for size in [(64, 64), (96, 96), (64, 128)]:
         _assert_exact_at(dense, sparse, keep_all, size)
 
@@ -104,7 +115,7 @@ def test_vit_with_dynamic_size_is_exact_at_other_sizes():
         "vit_tiny_patch16_224", depth=4, embed_dim=64, num_heads=2, img_size=64, num_classes=10, dynamic_img_size=True
     ).eval()
     sparse = tokenprune.sparsify(dense, 0.5).eval()
-    keep_all = tokenprune.sparsify(dense, 1.0).eval()
+    keep_all = _keeping_all(sparse)
     for size in [(96, 96), (64, 128)]:
         _assert_exact_at(dense, sparse, keep_all, size)
 
@@ -120,7 +131,7 @@ def test_non_square_swin_is_channels_last_and_exact():
     plan = tokenprune.plan(dense)
     assert plan.chain.layout == "BHWC" and plan.chain.shape == (2, 4, 8, 96)
     sparse = tokenprune.sparsify(dense, keep_ratios=[0.6, 0.4]).eval()
-    keep_all = tokenprune.sparsify(dense, keep_ratios=[1.0, 1.0]).eval()
+    keep_all = _keeping_all(sparse)
     _assert_exact_at(dense, sparse, keep_all, (64, 128))
 
 
@@ -130,7 +141,7 @@ def test_non_square_convnext_is_exact_at_other_sizes():
     plan = tokenprune.plan(dense, example_inputs=example)
     assert plan.chain.layout == "BCHW" and plan.chain.shape == (2, 64, 4, 8)
     sparse = tokenprune.sparsify(dense, keep_ratios=[0.6, 0.4], example_inputs=example).eval()
-    keep_all = tokenprune.sparsify(dense, keep_ratios=[1.0, 1.0], example_inputs=example).eval()
+    keep_all = _keeping_all(sparse)
     for size in [(64, 128), (96, 64)]:
         _assert_exact_at(dense, sparse, keep_all, size)
 

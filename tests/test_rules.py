@@ -51,12 +51,18 @@ class Fn(nn.Module):
 
 
 class Block(nn.Module):
+    """The op under test (`f`) on a residual branch, then a per-token MLP (C -> 4C -> C): without it a block of
+    element-wise ops costs less than the predictors, and sparsify refuses a chain that pruning would not make
+    cheaper."""
+
     def __init__(self, make: Callable[[], nn.Module]) -> None:
         super().__init__()
         self.norm, self.f = nn.LayerNorm(C), make()
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C))
 
     def forward(self, x):
-        return x + self.f(self.norm(x))  # unit scale: no layer scale hides a difference
+        x = x + self.f(self.norm(x))  # unit scale: no layer scale hides a difference
+        return x + self.mlp(x)
 
 
 class TinyViT(nn.Module):

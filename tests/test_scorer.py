@@ -157,9 +157,12 @@ def test_cli_convert_scorer_attention_reports_it(tmp_path):
 
 
 class _MlpBlock(torch.nn.Module):
+    """A per-token MLP of a transformer's width (C -> 4C -> C): wide enough that pruning pays for the predictors."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.norm, self.fc = torch.nn.LayerNorm(32), torch.nn.Linear(32, 32)
+        self.norm = torch.nn.LayerNorm(32)
+        self.fc = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 32))
 
     def forward(self, x):
         return x + self.fc(self.norm(x))

@@ -160,7 +160,7 @@ def test_a_second_input_size_is_checked_when_the_original_accepts_it(make, secon
 def test_no_second_size_for_a_model_fixed_to_one(monkeypatch):
     seen = _sizes_seen(monkeypatch)
     tokenprune.sparsify(_deit3(), 0.7)
-    assert set(seen) == {(2, 3, 64, 64)}
+    assert {shape[2:] for shape in seen} == {(64, 64)}  # the cost model's forwards take one image of the example
 
 
 def test_a_model_that_breaks_at_another_size_is_refused(monkeypatch):

@@ -10,8 +10,8 @@ from torch import nn
 
 import tokenprune
 from tokenprune.errors import ConfigError
+from tokenprune.measure.cost import ComputeModel
 from tokenprune.measure.flops import profile_flops
-from tokenprune.train.cost import ComputeModel
 from tokenprune.train.optim import param_groups, warmup_cosine
 from tokenprune.train.ratios import LearnedKeepRatios, budget_penalty
 

@@ -41,7 +41,7 @@ _INLINE_LIMIT = 1.8e9  # protobuf caps a file at 2 GB; larger models keep their 
 def _input_size(model: nn.Module, input_size: tuple[int, ...] | None) -> tuple[int, int, int]:
     if input_size is not None:
         return tuple(int(v) for v in input_size)
-    from .sparsify import config_of
+    from .nn.recorder import config_of
 
     size = config_of(model).input_size
     if not size:

@@ -2,7 +2,7 @@
 
 Models that return several feature maps (timm ``features_only=True``, torchvision ``create_feature_extractor``, a
 backbone + FPN wrapper) are compared, exported and checked output by output; these helpers give every output a
-stable name in the order the model returns them (docs/design.md §5.4).
+stable name in the order the model returns them (docs/design.md §5.5).
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ from .fx.selfcheck import self_check
 from .fx.tracing import kept_training_flags, model_name
 from .inputs import example_input
 from .io.source import timm_feature_kwargs
-from .nn.recorder import find_recorder, selectors
+from .measure.cost import ComputeModel, refuse_costlier
+from .nn.recorder import config_of, find_config, find_recorder, selectors
 from .nn.select import EXECUTIONS, SCORERS
 
 __all__ = ["sparsify", "plan", "set_execution", "config_of", "find_config", "refuse_wrappers"]
@@ -118,7 +119,6 @@ def sparsify(
         the_plan, example = _analyse(target, ratio, locations, keep_ratios, example_inputs, name, scorer)
         applied = apply_plan(target, the_plan)
         sparse = applied.model
-        self_check(sparse, the_plan.chain, the_plan.locations, example, name, dense=None if inplace else model)
         chain = the_plan.chain
         find_recorder(sparse).config = SparsifyConfig(
             ratio=ratio,
@@ -132,6 +132,8 @@ def sparsify(
             source=getattr(model, "tokenprune_source", None),
             scorer=scorer,
         )
+        self_check(sparse, chain, the_plan.locations, example, name, dense=None if inplace else model)
+        refuse_costlier(ComputeModel.calibrate(sparse, example), the_plan.keep_ratios, chain.names, name)
         # reason: the GraphModule drops timm's feature_info; `save` needs it to record features_only (io/source.py).
         find_recorder(sparse).dense_kwargs = timm_feature_kwargs(model)
     except BaseException:
@@ -238,18 +240,6 @@ def plan(
     """
     refuse_wrappers(model)
     return _analyse(model, ratio, locations, keep_ratios, example_inputs, model_name(model), scorer)[0]
-
-
-def config_of(model: nn.Module) -> SparsifyConfig:
-    """The `SparsifyConfig` of a sparsified model, with keep ratios as the stages currently hold them."""
-    config = find_recorder(model).config
-    config.keep_ratios = [sel.keep_ratio for sel in selectors(model)]
-    return config
-
-
-def find_config(model: nn.Module) -> SparsifyConfig | None:
-    """`config_of(model)` for a sparsified model, None for any other (DDP wrappers are looked through)."""
-    return config_of(model) if selectors(model) else None
 
 
 def set_execution(model: nn.Module, execution: str) -> nn.Module:

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from .errors import ConfigError, DataError, TokenPruneError
-from .sparsify import find_config
+from .nn.recorder import find_config
 
 __all__ = ["visualize", "visualize_files", "patch_grid", "kept_masks", "SHADE", "SHADE_ALPHA", "GAP", "LABEL_HEIGHT"]
 
@@ -221,7 +221,7 @@ def visualize_files(
         DataError: a missing or unreadable image file.
         CheckpointError, ConfigError, UnsupportedModelError: from loading or creating the model.
     """
-    from .sparsify import config_of
+    from .nn.recorder import config_of
 
     paths = [Path(p) for p in images]
     if not paths:

@@ -287,7 +287,7 @@ def finetune(
     if save_path is not None:
         from ..io import save
         from ..models import resolve_library
-        from ..sparsify import config_of
+        from ..nn.recorder import config_of
 
         spec, source = result.recipe.model, None
         if config_of(result.model).source is None:  # the recipe says how its model was built, in either library

@@ -120,7 +120,7 @@ def load_pair(path: str | os.PathLike[str]) -> tuple[str, nn.Module, nn.Module]:
         CheckpointError: as `tokenprune.load`.
     """
     from ..io import load, load_original
-    from ..sparsify import config_of
+    from ..nn.recorder import config_of
 
     path = model_file(path)
     sparse, dense = load(path), load_original(path)
@@ -148,7 +148,7 @@ def measure(
         ConfigError: gates that need what was not asked for (timings, evaluation data).
     """
     from ..measure import build_report
-    from ..sparsify import config_of
+    from ..nn.recorder import config_of
 
     gates = gates or Gates(None, None, None)
     config = config_of(sparse)

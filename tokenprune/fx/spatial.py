@@ -262,7 +262,6 @@ def plan_spatial(
         if i >= locations[0]:
             where = f"{name} block {call.name}"
             block, path = _asymmetric_block(call, node, chain, where)
-            _check_saves(block, path, where)
             plan.replace[call.name] = block
             plan.notes.append(
                 f"block {call.name}: slow path {path.nodes[0].name} .. {path.exit.name} "
@@ -307,16 +306,3 @@ def _path_macs(block: nn.Module, path: SlowPath) -> int:
         elif isinstance(m, nn.Conv2d):
             total += m.in_channels * m.out_channels // m.groups
     return total
-
-
-def _check_saves(block: nn.Module, path: SlowPath, where: str) -> None:
-    """Refuse a block whose fast path (LayerNorm + Linear C -> C) costs as much as its slow path: pruning it would
-    make the model more expensive, not cheaper (RegNet's single 1x1 conv tail)."""
-    slow, fast = _path_macs(block, path), path.dim * path.dim
-    if slow <= fast:
-        raise UnsupportedModelError(
-            f"{where}: its slow path ({path.nodes[0].name} .. {path.exit.name}) costs {slow:,} multiply-adds per "
-            f"location and the fast path that would replace it {fast:,}; sparsifying it would not save compute, so "
-            "tokenprune refuses. Spatial sparsification pays off for blocks with a wide per-location MLP "
-            "(ConvNeXt, Swin: 8 C^2 per location)."
-        )

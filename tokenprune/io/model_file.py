@@ -123,7 +123,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, source: dict[str, An
     from safetensors.torch import save_file
 
     from .._version import __version__
-    from ..sparsify import config_of
+    from ..nn.recorder import config_of
 
     config = config_of(model)
     path = Path(path)

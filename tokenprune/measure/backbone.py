@@ -1,6 +1,6 @@
 """Which submodule of a model is its backbone, so that FLOPs can be shown for backbone and head separately.
 
-The rule (docs/design.md §5.4), structural and the same for dense and sparsified models: the backbone is the
+The rule (docs/design.md §5.5), structural and the same for dense and sparsified models: the backbone is the
 outermost proper submodule that contains every block of the sparsified chain *and* is called on the image itself.
 Everything else the model computes — an FPN, a segmentation or detection head, upsampling — is the head, and the
 inserted predictors count with the backbone (they are part of sparsifying it). When no such submodule exists (a

@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import TokenPruneError
-from ..sparsify import find_config as sparsify_config
+from ..nn.recorder import find_config as sparsify_config
 from ._fvcore import FlopCountAnalysis
 from ._handles import COUNTED_HANDLES, NEGLIGIBLE_OPS, Handle
 from .backbone import find_backbone

@@ -21,7 +21,7 @@ Report schema (``schema_version: 1``); every figure is per image, FLOPs are mult
       ],
       "predictor_gmacs": float,          # all predictors / scoring together (included in sparse.gmacs)
       "outputs": [str],                  # the model's outputs: ["logits"], a dict's keys, ["output0", ...]
-      "split": null | {                  # backbone/head split (docs/design.md §5.4); null: the whole model
+      "split": null | {                  # backbone/head split (docs/design.md §5.5); null: the whole model
         "backbone": str,                 #   is the backbone. The backbone's qualified module name
         "dense":  {"backbone_gmacs": float, "head_gmacs": float},
         "sparse": {"backbone_gmacs": float, "head_gmacs": float}   # predictors count with the backbone

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import SparsifyConfig
 from ..errors import TokenPruneError
 from .select import TokenSelector, drop_transient
 
@@ -104,6 +105,18 @@ def selectors(model: nn.Module) -> list[TokenSelector]:
 def model_state(model: nn.Module) -> SparsityState:
     """`SparsityState` of the last forward of `model`."""
     return find_recorder(model).state(selectors(model))
+
+
+def config_of(model: nn.Module) -> SparsifyConfig:
+    """The `SparsifyConfig` of a sparsified model, with keep ratios as the stages currently hold them."""
+    config = find_recorder(model).config
+    config.keep_ratios = [sel.keep_ratio for sel in selectors(model)]
+    return config
+
+
+def find_config(model: nn.Module) -> SparsifyConfig | None:
+    """`config_of(model)` for a sparsified model, None for any other (DDP wrappers are looked through)."""
+    return config_of(model) if selectors(model) else None
 
 
 def find_recorder(model: nn.Module) -> SparsityRecorder:

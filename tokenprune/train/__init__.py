@@ -10,10 +10,11 @@ or from the shell (also under ``torchrun --nproc_per_node N -m tokenprune.train 
     python -m tokenprune.train --recipe recipes/fashion_mnist_cpu.yaml optim.epochs=1
 """
 
+from ..measure.cost import ComputeModel
 from .api import FinetuneResult, build_teacher, cli_main, finetune, load_weights, run_recipe
 from .data import DataBundle, build_datasets
 from .losses import LossOutput, LossWeights, SparsificationLoss
-from .ratios import ComputeModel, LearnedKeepRatios, budget_penalty
+from .ratios import LearnedKeepRatios, budget_penalty
 from .recipe import Recipe, apply_overrides, load_recipe, save_recipe
 from .trainer import Trainer
 

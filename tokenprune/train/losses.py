@@ -259,7 +259,7 @@ class SparsificationLoss(nn.Module):
         elif isinstance(logits, Tensor):
             zero = logits.new_zeros((), dtype=torch.float32)
             parts = {"ce": classification_loss(logits, target), "ratio": zero, "kl": zero, "distill": zero}
-        else:  # several feature maps (dict/list/tuple), no logits: docs/design.md §5.4
+        else:  # several feature maps (dict/list/tuple), no logits: docs/design.md §5.5
             zero = _first_output(logits, w).new_zeros((), dtype=torch.float32)
             parts = {"ce": zero, "ratio": zero, "kl": zero, "distill": zero}
         if state is not None and w.ratio > 0:

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .cost import ComputeModel
+from ..measure.cost import ComputeModel
 
-__all__ = ["ComputeModel", "LearnedKeepRatios", "budget_penalty"]  # ComputeModel lives in cost.py
+__all__ = ["LearnedKeepRatios", "budget_penalty"]
 
 
 def budget_penalty(flops_ratio: Tensor, target: float) -> Tensor:

@@ -24,7 +24,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import ConfigError, DataError, TrainingError
-from ..sparsify import find_config as config_of
+from ..measure.cost import ComputeModel
+from ..nn.recorder import find_config as config_of
 from .checkpoint import check_output_dir, load_checkpoint, remove_stale_temps, save_checkpoint
 from .data import DataBundle, make_loader
 from .datacheck import batches, fingerprint
@@ -32,7 +33,7 @@ from .distributed import DistInfo, all_reduce_sum, barrier
 from .losses import LossOutput, LossWeights, SparsificationLoss
 from .metrics import confusion_matrix, segmentation_scores
 from .optim import build_optimizer, original_parameter_names, param_groups, warmup_cosine
-from .ratios import ComputeModel, LearnedKeepRatios, budget_penalty
+from .ratios import LearnedKeepRatios, budget_penalty
 from .recipe import Recipe
 from .resume import check_checkpoint, find_resume, last_good_hint, restore_state, save_state, stored_result
 from .runlog import MetricsWriter, ProgressReporter
