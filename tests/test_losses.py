@@ -91,7 +91,7 @@ def test_token_distillation_mse_and_empty_mask():
 
 def test_weights_defaults_per_kind_and_validation():
     token, spatial = LossWeights.for_kind("token"), LossWeights.for_kind("spatial")
-    assert (token.ce, token.ratio, token.kl, token.distill, token.distill_type) == (1.0, 2.0, 0.5, 0.5, "kl")
+    assert (token.ce, token.ratio, token.kl, token.distill, token.distill_type) == (1.0, 2.0, 0.5, 0.5, "mse")
     assert (spatial.ce, spatial.ratio, spatial.kl, spatial.distill_type) == (1.0, 10.0, 0.5, "mse")
     assert LossWeights.for_kind("token", ratio=5.0).ratio == 5.0
     with pytest.raises(ConfigError, match="kind"):

@@ -14,8 +14,10 @@ residual update tiny next to the stream, so a comparison relative to the stream 
 whose update is wrong; a zero-initialised relative position bias cannot show which positions were gathered for it.
 Both properties hold for any weights, so the check runs with weights that show errors (`check_weights`): every
 *branch scale* — a parameter that only multiplies a value element-wise, found in the rewritten graphs
-(`branch_scales`) — at 1, and every all-zero parameter filled with small random values; all restored bitwise
-afterwards. Each block is compared by its residual update f(x) = block(x) - x, relative to that update's own size.
+(`branch_scales`) — at 1, every all-zero parameter filled with small random values, and the predictors' weight
+matrices at unit gain (N(0, 1/fan_in)): at their official init (std 0.02, zero biases) their scores vary so little
+across tokens that every difference in decisions would pass as a near-tie. All are restored bitwise afterwards.
+Each block is compared by its residual update f(x) = block(x) - x, relative to that update's own size.
 Keep-all ≡ the original is also checked with the model's own weights on the output.
 
 When the original model accepts a second input size (1.5x; `dense` given), masked ≡ pruned and keep-all ≡ the
@@ -42,6 +44,7 @@ from torch import nn
 from ..errors import TokenPruneError, UnsupportedModelError
 from ..nn.asymmetric import FastPath
 from ..nn.recorder import selectors
+from ..nn.select import TokenSelector
 from ..nn.spatial_predictor import SpatialSelector
 from .discovery import Chain
 from .tracing import kept_training_flags
@@ -181,7 +184,8 @@ _ZERO_STD = 0.02
 
 
 def check_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameter name -> the value it takes during the check: branch scales 1, all-zero parameters N(0, 0.02).
+    """Parameter name -> the value it takes during the check: branch scales 1, all-zero parameters N(0, 0.02), the
+    predictors' weight matrices N(0, 1/fan_in).
 
     Masked ≡ pruned and keep-all ≡ the original hold for any weights, so the check may choose weights that show
     errors: a layer scale at 1e-6 hides its block's update, and a zero-initialised table (a relative position bias)
@@ -200,6 +204,13 @@ def check_weights(model: nn.Module) -> dict[str, torch.Tensor]:
         elif p.dtype.is_floating_point and p.numel() and not p.any():
             noise = torch.randn(p.shape, generator=generator) * _ZERO_STD
             values[name] = seen[id(p)] = noise.to(device=p.device, dtype=p.dtype)
+    for sel_name, sel in model.named_modules():
+        if not isinstance(sel, TokenSelector):
+            continue
+        for name, p in sel.named_parameters():
+            if p.dim() == 2:  # a Linear's weight [out, in]: unit gain, so scores spread across tokens
+                gain = torch.randn(p.shape, generator=generator) / math.sqrt(p.shape[1])
+                values[f"{sel_name}.{name}"] = gain.to(device=p.device, dtype=p.dtype)
     return values
 
 

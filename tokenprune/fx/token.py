@@ -9,6 +9,7 @@ import operator
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -210,6 +211,7 @@ def plan_tokens(
         recorded = graph.call_module(RECORDER, (last, policy))
     last.replace_all_uses_with(recorded, delete_user_cb=lambda user: user is not recorded)
     recorded.meta = dict(last.meta)
+    final_norm = _final_norm(model, recorded, chain.shape[-1])
 
     head = tokenflow.TokenSet(tokens, prefix, ("root",))
     flow, outputs, refusal = tokenflow.follow(gm, {recorded: tokenflow.Tokens((1,), head)})
@@ -227,6 +229,40 @@ def plan_tokens(
             full = call_leaf(graph, tokenops.refill, (canvas, recorded, policy, index))
         recorded.replace_all_uses_with(full, delete_user_cb=lambda user: user is not full)
         plan.notes.append(f"head: needs every token ({why}): it reads the full token set (refilled)")
+    if final_norm is not None:
+        node, recorder.final_norm = final_norm
+        with graph.inserting_after(node):
+            normed = graph.call_module(RECORDER, (node,), {"normed": True})
+        node.replace_all_uses_with(normed, delete_user_cb=lambda user: user is not normed)
+        normed.meta = dict(node.meta)
+        plan.notes.append(f"head: token distillation reads the tokens after the final norm {recorder.final_norm}")
     graph.lint()
     plan.graph_module = gm
     return plan
+
+
+def _final_norm(model: nn.Module, recorded: fx.Node, dim: int) -> tuple[fx.Node, str] | None:
+    """The node and name of the model's final norm, where it alone reads the chain's output and normalises each token
+    over its `dim` channels: an nn.LayerNorm or nn.RMSNorm of the model (subclasses included), kept as a call or
+    traced into `F.layer_norm` / `F.rms_norm` on its own weight (timm's LayerNorm). None otherwise: token distillation
+    then reads the chain's output."""
+    users = list(recorded.users)
+    if len(users) != 1 or users[0].args[:1] != (recorded,):
+        return None
+    node = users[0]
+    if node.op == "call_module":
+        name = str(node.target)
+    elif node.target in (F.layer_norm, F.rms_norm):
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr" or not str(weight.target).endswith(".weight"):
+            return None
+        name = str(weight.target).removesuffix(".weight")
+    else:
+        return None
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and tuple(module.normalized_shape) == (dim,):
+        return node, name
+    return None

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, UnsupportedModelError
 from ..fx.spatial import BLOCK_INPUTS
+from .backbone import eval_forward
 from .flops import profile_flops
 
 __all__ = ["CostCurve", "ComputeModel", "refuse_costlier"]
@@ -248,19 +249,14 @@ def _record_inputs(model: nn.Module, example: Tensor, modules: list[nn.Module], 
 
     seen: dict[int, tuple[tuple, dict]] = {}
     hooks = [m.register_forward_pre_hook(_recorder(seen, k), with_kwargs=True) for k, m in enumerate(modules)]
-    sels = selectors(model)
-    modes = {m: m.training for m in model.modules()}
-    kept = [(sel, sel.keep_ratio, sel.last_decision, sel.last_index, sel.last_initial_patches) for sel in sels]
+    kept = [
+        (sel, sel.keep_ratio, sel.last_decision, sel.last_index, sel.last_initial_patches) for sel in selectors(model)
+    ]
     try:
-        model.eval()
-        for sel in sels:
+        for sel, *_ in kept:
             sel.keep_ratio = keep
-        model(example)
+        eval_forward(model, example, hooks)
     finally:
-        for h in hooks:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
         for sel, r, d, i, n in kept:
             sel.keep_ratio, sel.last_decision, sel.last_index, sel.last_initial_patches = r, d, i, n
     return [seen[k] for k in range(len(modules))]

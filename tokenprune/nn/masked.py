@@ -19,6 +19,8 @@ Two implementations of masked attention give the same values and gradients:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -199,13 +201,15 @@ def masked_sdpa(
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: float | None = None,
+    softmax: Callable | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """Drop-in for `F.scaled_dot_product_attention` that also takes the keep policy.
 
     With a policy, `attn_mask` (additive, e.g. a relative position bias, or boolean, True = attend) is combined with
     the keep gate: A_ij = exp(a_ij + b_ij) G_ij / sum_k exp(a_ik + b_ik) G_ik (docs/design.md §2.3).
-    Attention dropout needs the weights, so it takes the explicit path; otherwise the fused one.
+    Attention dropout needs the weights, so it takes the explicit path; otherwise the fused one. `softmax` replaces
+    the masked softmax of the explicit path (cross-attention from queries that are not tokens: `tokenops`).
     """
     if policy is None:
         return F.scaled_dot_product_attention(
@@ -214,6 +218,8 @@ def masked_sdpa(
     if is_causal or kwargs.get("enable_gqa"):
         # The rewrite refuses such blocks; this guards direct calls.
         raise NotImplementedError("masked_sdpa does not combine the keep policy with is_causal or GQA")
+    if softmax is not None:
+        return masked_attention(q, k, v, policy, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p, softmax=softmax)
     if dropout_p > 0.0:
         return masked_attention(q, k, v, policy, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p)
     return fused_masked_attention(q, k, v, policy, attn_mask=attn_mask, scale=scale)

@@ -33,6 +33,18 @@ def _run_float32(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _official_init(module: nn.Module) -> None:
+    """The official code's initialisation (DynamicViT's `_init_weights`, applied to the whole model there): Linear
+    weights from a normal of std 0.02 truncated at +-2, zero biases; LayerNorms at weight 1, bias 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02, a=-2.0, b=2.0)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 class TokenPredictor(nn.Module):
     """Scores each token: (keep, drop) log-probabilities from a local and a global feature.
 
@@ -57,6 +69,7 @@ class TokenPredictor(nn.Module):
             nn.Linear(dim // 4, 2),
             nn.LogSoftmax(dim=-1),
         )
+        self.apply(_official_init)
 
     def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
         """Args:

@@ -36,6 +36,10 @@ class SparsityState:
             a teacher's tokens can be compared at the same positions.
         prefix_tokens: number of leading tokens that are never pruned.
         chain_output: qualified name of the chain's last block; hook the same name on the teacher to get its tokens.
+        final_norm: qualified name of the model's final norm when it is the only reader of the chain's output and
+            normalises each token on its own (a LayerNorm or RMSNorm over channels, as in ViT/DeiT); None otherwise.
+            Token distillation compares tokens after it, as the official DynamicViT code does (docs/design.md §3.1).
+        final_normed: `final_tokens` after `final_norm` (same positions), or None when there is no final norm.
     """
 
     decisions: list[torch.Tensor]
@@ -45,30 +49,39 @@ class SparsityState:
     final_index: torch.Tensor | None
     prefix_tokens: int
     chain_output: str
+    final_norm: str | None = None
+    final_normed: torch.Tensor | None = None
 
 
 class SparsityRecorder(nn.Module):
-    _transient = ("last_tokens", "last_policy")
+    _transient = ("last_tokens", "last_policy", "last_normed")
 
-    """Identity on the chain's output that remembers it (and its keep policy) for the losses.
+    """Identity on the chain's output that remembers it (and its keep policy) for the losses; called a second time
+    (``normed=True``) on the final norm's output where the model has one.
 
     Args:
         chain_output: qualified name of the chain's last block.
         prefix_tokens: number of leading tokens never pruned.
+        final_norm: qualified name of the per-token norm that alone reads the chain's output, or None.
     """
 
-    def __init__(self, chain_output: str, prefix_tokens: int) -> None:
+    def __init__(self, chain_output: str, prefix_tokens: int, final_norm: str | None = None) -> None:
         super().__init__()
         self.config = None  # the SparsifyConfig, set by sparsify: a submodule's attribute survives deepcopy
         self.chain_output = chain_output
         self.prefix_tokens = prefix_tokens
+        self.final_norm = final_norm
         self.last_tokens: torch.Tensor | None = None
         self.last_policy: torch.Tensor | None = None
+        self.last_normed: torch.Tensor | None = None
 
     __getstate__ = drop_transient
 
-    def forward(self, x: torch.Tensor, policy: torch.Tensor | None) -> torch.Tensor:
-        self.last_tokens, self.last_policy = x, policy
+    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None, normed: bool = False) -> torch.Tensor:
+        if normed:
+            self.last_normed = x
+        else:
+            self.last_tokens, self.last_policy, self.last_normed = x, policy, None
         return x
 
     def state(self, selectors: list[TokenSelector]) -> SparsityState:
@@ -94,7 +107,10 @@ class SparsityRecorder(nn.Module):
             index = torch.cat([prefix_index, position + p], dim=1)
             mask = torch.ones_like(x[..., :1])
         ratios = torch.tensor([sel.keep_ratio for sel in selectors])
-        return SparsityState(decisions, ratios, x, mask, index, p, self.chain_output)
+        normed = self.last_normed
+        if normed is not None and normed.shape[:2] != x.shape[:2]:
+            normed = None  # a head that needs every token refilled them before the norm (pruned execution)
+        return SparsityState(decisions, ratios, x, mask, index, p, self.chain_output, self.final_norm, normed)
 
 
 def selectors(model: nn.Module) -> list[TokenSelector]:

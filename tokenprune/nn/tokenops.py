@@ -20,9 +20,8 @@ Each takes the policy or index and falls back to the plain operation when it is 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .masked import gated_softmax, masked_attention
+from .masked import gated_softmax, masked_sdpa
 
 __all__ = [
     "slice_policy",
@@ -127,24 +126,10 @@ def masked_cross_softmax(scores: torch.Tensor, policy: torch.Tensor | None, dim:
 
 
 def masked_cross_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    policy: torch.Tensor | None,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    **kwargs,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor | None, *args, **kwargs
 ) -> torch.Tensor:
     """Drop-in for `F.scaled_dot_product_attention` whose keys and values are tokens and whose queries are not."""
-    if policy is None:
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs
-        )
-    return masked_attention(
-        q, k, v, policy, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p, softmax=masked_cross_softmax
-    )
+    return masked_sdpa(q, k, v, policy, *args, softmax=masked_cross_softmax, **kwargs)
 
 
 def _policy_like(x: torch.Tensor, policy: torch.Tensor, dim: int) -> torch.Tensor:

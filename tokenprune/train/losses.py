@@ -3,11 +3,13 @@
 Token models::
 
     L = ce * CE(y, p) + ratio * (1/S) sum_s mean_b (mean_i D_s - rho_s)^2
-        + kl * KL(p_teacher || p_student) + distill * token_KL
+        + kl * KL(p_teacher || p_student) + distill * token_MSE
 
-where token_KL compares, over channels, the student's final tokens with the teacher's at the positions the student
-kept (patch tokens only). Spatial models replace token_KL by the MSE between the final feature maps and weight the
-ratio term 10 instead of 2. Each part is returned separately so the trainer can log it.
+where token_MSE is the mean squared difference between the student's final tokens and the teacher's at the positions
+the student kept (patch tokens only), both after the model's final norm where it has one, as in the official
+DynamicViT code (`mse_token=True`). ``distill_type: kl`` compares them by a KL over channels instead (an option, not
+the paper's). Spatial models use the MSE between the final feature maps and weight the ratio term 10 instead of 2.
+Each part is returned separately so the trainer can log it.
 
 Segmentation (docs/design.md §3.5) replaces CE(y, p) by the per-pixel cross-entropy over labelled pixels (the
 ignore label, 255, counts nowhere) and the logit KL by a per-pixel KL averaged over pixels; the ratio and
@@ -32,6 +34,7 @@ __all__ = [
     "ratio_loss",
     "logit_distillation",
     "token_distillation",
+    "distillation_point",
     "feature_distillation",
     "classification_loss",
     "segmentation_loss",
@@ -40,7 +43,7 @@ __all__ = [
 
 # docs/design.md §3.1 (DeiT: lambda_r = 2; ConvNeXt/Swin: 10); CE 1.0 and KL 0.5 in both.
 _RATIO_DEFAULT = {"token": 2.0, "spatial": 10.0}
-_DISTILL_DEFAULT = {"token": "kl", "spatial": "mse"}
+_DISTILL_DEFAULT = {"token": "mse", "spatial": "mse"}
 
 
 @dataclass
@@ -53,7 +56,7 @@ class LossWeights:
         ratio: keep-ratio loss weight.
         kl: logit distillation weight, KL(teacher || student).
         distill: final-token (or feature-map) distillation weight.
-        distill_type: "kl" (over channels) or "mse".
+        distill_type: "mse" (the paper's) or "kl" (over channels; an option, not the paper's).
         temperature: logit-distillation temperature.
     """
 
@@ -62,7 +65,7 @@ class LossWeights:
     ratio: float = 2.0
     kl: float = 0.5
     distill: float = 0.5
-    distill_type: str = "kl"
+    distill_type: str = "mse"
     temperature: float = 1.0
 
     @classmethod
@@ -165,20 +168,25 @@ def logit_distillation(student: Tensor, teacher: Tensor, temperature: float = 1.
 def token_distillation(state: SparsityState, teacher_tokens: Tensor, kind: str = "kl") -> Tensor:
     """Compare the student's final tokens with the teacher's at the positions the student kept (patch tokens only).
 
+    Both are taken after the model's final norm where it has one (`state.final_norm`), else at the chain's output.
     Works in masked (train) execution, where the final tokens have the full length and a keep mask, and in pruned
     execution, where `state.final_index` says where each kept token came from.
 
     Args:
         state: the student's `SparsityState` of this forward.
-        teacher_tokens: the teacher's output of the block named `state.chain_output`, [B, N, C].
-        kind: "kl" (over channels, DeiT) or "mse" (LV-ViT).
+        teacher_tokens: the teacher's output of the module named `distillation_point(state)`, [B, N, C].
+        kind: "mse" (the official DynamicViT objective: mean squared error over the kept tokens' channels) or "kl"
+            (KL over channels; not the paper's).
 
     Returns:
         The mean over kept patch tokens (zero if none is kept).
     """
-    student = state.final_tokens
+    student = state.final_tokens if state.final_norm is None else state.final_normed
     if student is None or state.final_index is None:
-        raise ConfigError("the student recorded no final tokens; token distillation needs a token model.")
+        raise ConfigError(
+            "the student recorded no final tokens (after its final norm, where it has one); token distillation needs "
+            "a token model in masked (training) execution."
+        )
     index = state.final_index.long()
     teacher = torch.gather(teacher_tokens, 1, index.unsqueeze(-1).expand(-1, -1, teacher_tokens.shape[-1]))
     keep = index >= state.prefix_tokens
@@ -191,6 +199,12 @@ def token_distillation(state: SparsityState, teacher_tokens: Tensor, kind: str =
     if kind == "mse":
         return F.mse_loss(s, t)
     return F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="batchmean", log_target=True)
+
+
+def distillation_point(state: SparsityState) -> str:
+    """The module whose output on the teacher is compared with the student's: the final norm of a token model that has
+    one, else the chain's last block."""
+    return state.final_norm or state.chain_output
 
 
 def feature_distillation(student_map: Tensor, teacher_map: Tensor) -> Tensor:
@@ -248,7 +262,7 @@ class SparsificationLoss(nn.Module):
             target: labels [B] or soft targets [B, K].
             state: the student's `SparsityState` of this forward (``None`` for a dense model: CE and KL only).
             teacher_logits: the frozen teacher's output [B, K], needed when the KL weight is non-zero.
-            teacher_features: the teacher's output of the block named ``state.chain_output``.
+            teacher_features: the teacher's output of the module named ``distillation_point(state)``.
             keep_ratios: targets rho_s overriding ``state.keep_ratios`` (learned ratios pass their tensor here).
         """
         w = self.weights

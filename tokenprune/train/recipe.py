@@ -116,9 +116,11 @@ class LossSection:
     ce: float = key(1.0, "Cross-entropy weight.", ge=0)
     ratio: float | None = key(None, "Keep-ratio loss weight (null: token 2.0, spatial 10.0).", ge=0)
     kl: float = key(0.5, "KL(teacher || student) weight on the logits.", ge=0)
-    distill: float = key(0.5, "Token (KL over channels) or feature-map (MSE) distillation weight.", ge=0)
+    distill: float = key(0.5, "Final-token or feature-map distillation weight.", ge=0)
     distill_type: str = key(
-        "auto", "'auto' (KL for token, MSE for spatial), 'kl' or 'mse'.", choices=("auto", "kl", "mse")
+        "auto",
+        "'auto' (MSE, the paper's), 'mse' or 'kl' (over channels; not the paper's).",
+        choices=("auto", "kl", "mse"),
     )
     temperature: float = key(1.0, "Softmax temperature of the logit KL.", gt=0)
 
