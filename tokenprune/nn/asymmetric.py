@@ -85,7 +85,7 @@ class FastPath(nn.Module):
 
     def __init__(self, dim: int, init_scale: float = FAST_PATH_INIT) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)  # the official AdaConvNeXt's fast path
         self.proj = nn.Linear(dim, dim)
         self.gamma = nn.Parameter(torch.full((dim,), float(init_scale)))
 

@@ -38,6 +38,7 @@ class SpatialPredictor(TokenPredictor):
 
     def __init__(self, dim: int, channel: int) -> None:
         super().__init__(dim)
+        self.embed[0].eps = 1e-6  # the official spatial predictor's LayerNorm
         self.channel = channel
 
     def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
