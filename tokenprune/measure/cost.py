@@ -244,21 +244,25 @@ def refuse_costlier(compute: ComputeModel, keep_ratios: Sequence[float], chain: 
 
 def _record_inputs(model: nn.Module, example: Tensor, modules: list[nn.Module], keep: float) -> list:
     """The (args, kwargs) each of `modules` is called with in one eval forward with every stage keeping `keep` of
-    the patch tokens; the model's modes, keep ratios and last decisions are put back afterwards."""
+    the patch tokens. The model's modes, keep ratios and what its stages and recorder remember of the last forward
+    (`sparsity_state`) are put back afterwards."""
     from ..nn.recorder import selectors
 
     seen: dict[int, tuple[tuple, dict]] = {}
     hooks = [m.register_forward_pre_hook(_recorder(seen, k), with_kwargs=True) for k, m in enumerate(modules)]
-    kept = [
-        (sel, sel.keep_ratio, sel.last_decision, sel.last_index, sel.last_initial_patches) for sel in selectors(model)
+    remembered = [
+        (m, name, getattr(m, name))
+        for m in model.modules()
+        for name in (*getattr(m, "_transient", ()), "keep_ratio", "last_initial_patches")
+        if hasattr(m, name)
     ]
     try:
-        for sel, *_ in kept:
+        for sel in selectors(model):
             sel.keep_ratio = keep
         eval_forward(model, example, hooks)
     finally:
-        for sel, r, d, i, n in kept:
-            sel.keep_ratio, sel.last_decision, sel.last_index, sel.last_initial_patches = r, d, i, n
+        for m, name, value in remembered:
+            setattr(m, name, value)
     return [seen[k] for k in range(len(modules))]
 
 
