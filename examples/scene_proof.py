@@ -225,7 +225,7 @@ def report(args: argparse.Namespace) -> dict:
     from tokenprune.measure import compare, profile_flops
 
     out = Path(args.out)
-    recipe = _recipe(args)
+    recipe = _recipe(args, "data.val_subset=null")  # the report's own --test-images, not the per-epoch subset
     teacher = build_teacher(recipe).eval()
     data = build_datasets(recipe.data, img_size=112, in_chans=1, seed=recipe.run.seed)
     test = torch.utils.data.Subset(data.val, range(min(args.test_images, len(data.val))))
