@@ -26,12 +26,20 @@ so the same patch 8 and patch embedding see a g x g grid (position embeddings re
 timm does for a new resolution), with g chosen so that its GMACs are closest to the sparse student's. Larger patches
 instead would need a resampled patch-embedding kernel (FlexiViT), a larger change to the teacher than fewer tokens.
 
-Commands (each stage fits well under an hour of one CPU thread; the timings are in the README / the lead's notes)::
+Sizing (defaults: 30,000 training items, batch 64, 1 thread), measured through the harness on the shared 2-core
+machine with a load average of 2.5-4 from other jobs, 20-step runs: dense training 50-80 images/s, a student with
+its teacher's forward 30-38 (learned ratios 23-27, attention scorer and random tokens ~31), the static baseline at
+11x11 tokens ~105, the report's evaluations ~140. Per epoch that is ~6-10 min dense, ~13-17 min for a student
+(~20 with learned ratios), ~5 min static. Projected per stage: teacher (4 epochs) 25-40 min; student, attention,
+random 26-34 min each; learned ~40; warm ~40 (300 warm-start steps add ~6); control ~20; static ~10; each curve
+ratio ~40 (student + static); report ~40 (about 32 evaluations of the 10,000 test images). Two stages can run at
+once on two idle cores. Commands, one stage per invocation (each resumable)::
 
     python examples/scene_proof.py --out runs/scene --stages teacher
-    python examples/scene_proof.py --out runs/scene --stages students      # or one of them, e.g. --stages random
-    python examples/scene_proof.py --out runs/scene --stages curve
-    python examples/scene_proof.py --out runs/scene --stages report
+    python examples/scene_proof.py --out runs/scene --stages student       # then learned, attention, warm, random,
+                                                                          # control, static (or --stages students)
+    python examples/scene_proof.py --out runs/scene --stages curve --curve-ratios 0.5   # then 0.6, 0.8, 0.9
+    python examples/scene_proof.py --out runs/scene --stages report        # every ratio of the default list
 
 ``--smoke`` runs every stage on a few images with a tiny model (a check that the stages chain and resume).
 Needs ``apt-get install dataset-fashion-mnist`` (or ``--data-root`` pointing at the IDX .gz files).
