@@ -103,8 +103,9 @@ class RandomScores(torch.nn.Module):
 
 
 def with_random_tokens(student: torch.nn.Module, seed: int | None = None) -> torch.nn.Module:
-    for stage in tokenprune.selectors(student):
-        stage.predictor = RandomScores(seed)
+    """`student` with every stage's scorer replaced by `RandomScores` (seeded `seed` + stage, or the global one)."""
+    for s, stage in enumerate(tokenprune.selectors(student)):
+        stage.predictor = RandomScores(None if seed is None else seed + s)
     return student
 
 
@@ -157,17 +158,23 @@ def _run_dir(name: str, rho: float) -> str:
     return name if abs(rho - 0.7) < 1e-9 else f"curve/{name}_{rho:g}"
 
 
+def _static_dir(grid: int) -> str:
+    """One static run per token grid: keep ratios whose FLOPs are closest to the same grid share it."""
+    return f"static/{grid}x{grid}"
+
+
 def run(name: str, args: argparse.Namespace, rho: float = 0.7) -> dict:
     """Train one model (or return its stored metrics when its run is finished)."""
     out = Path(args.out)
     teacher_ckpt = out / "teacher" / "final.pt"
     epochs = f"optim.epochs={args.student_epochs}"
-    where = f"run.output_dir={out / _run_dir(name, rho)}"
+    folder = _static_dir(static_grid(args, rho)) if name == "static" else _run_dir(name, rho)
+    where = f"run.output_dir={out / folder}"
     if name == "teacher":
         overrides = ["sparsify.enabled=false", "model.checkpoint=null", f"optim.epochs={args.teacher_epochs}",
                      f"optim.lr={args.teacher_lr}", "optim.warmup_epochs=0.3", where]  # fmt: skip
         return finetune(RECIPE, overrides=_common(args) + overrides).metrics
-    optim = load_recipe(RECIPE).optim  # a dense run trains every parameter at optim.lr: use the backbone's
+    optim = load_recipe(RECIPE, _common(args)).optim  # a dense run trains every parameter at optim.lr: the backbone's
     dense_lr = f"optim.lr={optim.lr * optim.backbone_lr_scale:g}"
     sparse = [f"model.checkpoint={teacher_ckpt}", f"sparsify.ratio={rho}", epochs, where]
     if name == "control":
@@ -284,11 +291,12 @@ def report(args: argparse.Namespace) -> dict:
             if name in ("student", "learned", "warm"):  # the same student, its predictors replaced by chance
                 chance = evaluate(f"{name}_random_tokens@{rho:g}", path, 112, _loaded, teacher, path, True)
                 row[name]["random_tokens_top1"] = chance["top1"]
-        path = out / _run_dir("static", rho) / "final.pt"
+        grid = static_grid(args, rho)
+        path = out / _static_dir(grid) / "final.pt"
         if path.is_file():
             recipe_at = load_recipe(path.parent / "recipe.yaml", ["model.checkpoint=null"])
             size = recipe_at.model.kwargs["img_size"]
-            row["static"] = {**evaluate(f"static@{rho:g}", path, size, _dense, recipe_at, path),
+            row["static"] = {**evaluate(f"static@{grid}", path, size, _dense, recipe_at, path),
                              "tokens": (size // PATCH) ** 2, "steps": _steps(path.parent)}  # fmt: skip
         for r in row.values():
             r["flops_vs_teacher"] = r["gmacs"] / dense
@@ -333,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         args.width, args.batch_size, args.train_subset, args.val_subset, args.test_images = 32, 8, 32, 16, 16
-        args.teacher_epochs, args.student_epochs, args.warm_steps, args.speed_repeats = 1.0, 1.0, 2, 1
+        args.teacher_epochs, args.student_epochs, args.warm_steps = 1.0, 1.0, 2
+        args.speed_repeats = min(args.speed_repeats, 1)
         args.set = [*(args.set or []), "run.log_every=1", "run.checkpoint_every=0"]
     torch.set_num_threads(args.threads)
     stages = [s for stage in args.stages.split(",") for s in (STUDENTS if stage == "students" else [stage])]

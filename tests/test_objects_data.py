@@ -7,6 +7,8 @@ skipped, with the reason, when it is absent (tests/conftest.py).
 from __future__ import annotations
 
 import gzip
+import json
+import re
 import struct
 from pathlib import Path
 
@@ -231,3 +233,35 @@ def test_installed_clutter_alone_is_at_chance_and_the_probe_can_see_objects():
     chance_sd = (0.1 * 0.9 / len(test)) ** 0.5
     assert clutter < 0.1 + 4 * chance_sd, f"clutter-only probe {clutter:.3f}: the clutter carries the label"
     assert full > 0.1 + 6 * chance_sd, f"the same probe on whole images reaches only {full:.3f}"
+
+
+# -- the proof script ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_proof_stages_chain_and_a_rerun_skips_finished_work(tmp_path, idx_root, monkeypatch, capsys):
+    import runpy
+    import sys
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.syspath_prepend(str(examples))  # the proof imports scene_curve, as `python examples/...` allows
+    out = tmp_path / "proof"
+    argv = ["scene_proof.py", "--smoke", "--out", str(out), "--data-root", str(idx_root), "--curve-ratios", "0.5",
+            "--stages", "teacher,student,static,curve,report", "--speed-repeats", "0"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(examples / "scene_proof.py"), run_name="__main__")
+    first = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["curve"]) == {"0.5", "0.7"}
+    row = results["curve"]["0.7"]
+    assert {"student", "static", "attention_untrained", "random_untrained"} <= set(row)
+    assert row["student"]["flops_vs_teacher"] < 1 and row["static"]["tokens"] < 196
+    assert "learned predictors" in (out / "curve.md").read_text() and (out / "curve.png").stat().st_size > 0
+    finals = sorted(out.rglob("final.pt"))
+    stamps = [p.stat().st_mtime_ns for p in finals]
+    trained = re.compile(r"^step \d+ ", re.MULTILINE)  # the trainer's progress lines
+    assert trained.search(first) and len(finals) >= 4  # teacher, student, curve student, static grid(s)
+    runpy.run_path(str(examples / "scene_proof.py"), run_name="__main__")
+    again = capsys.readouterr().out
+    assert not trained.search(again) and "already finished" in again  # nothing is trained or evaluated again
+    assert [p.stat().st_mtime_ns for p in finals] == stamps and json.loads(
+        (out / "results.json").read_text()
+    ) == results
