@@ -120,12 +120,13 @@ def budget(args: argparse.Namespace, rho: float) -> float:
 
 
 def static_grid(args: argparse.Namespace, rho: float) -> int:
-    """The token grid g (input 8g px) whose dense GMACs are closest to the student's at `rho` (cached per width)."""
+    """The token grid g (input 8g px) whose dense GMACs are closest to the student's at `rho` (cached in the output
+    folder, per model width and overrides)."""
     from tokenprune.measure import profile_flops
 
     cache = Path(args.out) / "static_grids.json"
     grids = json.loads(cache.read_text()) if cache.is_file() else {}
-    key = f"{args.width}@{rho:g}"
+    key = json.dumps([args.width, *(args.set or []), rho])  # what changes the model's cost
     if key not in grids:
         recipe = _recipe(args, "model.checkpoint=null")
         teacher = build_teacher(recipe).eval()
