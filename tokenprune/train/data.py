@@ -260,6 +260,19 @@ def build_datasets(data, *, img_size: int, in_chans: int, seed: int = 0, model=N
         train = FashionMNIST(root, "train", img_size, data.augment)
         val = FashionMNIST(root, "test", img_size)
         bundle = DataBundle(train, val, 10, 1)
+    elif source == "fashion_mnist_objects":
+        from .objects import FashionMNISTObjects
+
+        root = Path(data.root or FASHION_MNIST_ROOT)
+        splits = {}
+        for split, offset in (("train", 0), ("test", 1)):
+            images, labels = (root / name for name in _FMNIST_FILES[split])
+            images, labels = _read_idx(images, 0x803, 3), _read_idx(labels, 0x801, 1)
+            splits[split] = FashionMNISTObjects(
+                images, labels, data.canvas, img_size, seed=seed * 2 + offset, object_size=data.object_size,
+                clutter=data.clutter, augment=data.augment if split == "train" else None,
+            )  # fmt: skip
+        bundle = DataBundle(splits["train"], splits["test"], 10, 1)
     elif source == "fashion_mnist_scenes":
         from .segdata import FashionMNISTScenes
 
@@ -300,8 +313,8 @@ def build_datasets(data, *, img_size: int, in_chans: int, seed: int = 0, model=N
         bundle = DataBundle(train, val, len(train.classes), in_chans)
     else:
         raise DataError(
-            f"data.source={source!r} is unknown; use 'imagefolder', 'fashion_mnist' or 'synthetic' (classification), "
-            "'segfolder' or 'fashion_mnist_scenes' (segmentation)."
+            f"data.source={source!r} is unknown; use 'imagefolder', 'fashion_mnist', 'fashion_mnist_objects' or "
+            "'synthetic' (classification), 'segfolder' or 'fashion_mnist_scenes' (segmentation)."
         )
     if data.train_subset:
         bundle.train = torch.utils.data.Subset(bundle.train, range(min(data.train_subset, len(bundle.train))))

@@ -131,9 +131,17 @@ class DataSection:
 
     source: str = key(
         "imagefolder",
-        "Classification: 'imagefolder' (root/train, root/val), 'fashion_mnist' (IDX files) or "
-        "'synthetic'; segmentation: 'segfolder' (root/<split>/images + masks) or 'fashion_mnist_scenes'.",
-        choices=("imagefolder", "fashion_mnist", "synthetic", "segfolder", "fashion_mnist_scenes"),
+        "Classification: 'imagefolder' (root/train, root/val), 'fashion_mnist' (IDX files), "
+        "'fashion_mnist_objects' (one item on a cluttered canvas) or 'synthetic'; segmentation: 'segfolder' "
+        "(root/<split>/images + masks) or 'fashion_mnist_scenes'.",
+        choices=(
+            "imagefolder",
+            "fashion_mnist",
+            "fashion_mnist_objects",
+            "synthetic",
+            "segfolder",
+            "fashion_mnist_scenes",
+        ),
     )
     root: str | None = key(None, "Dataset folder; for fashion_mnist the Debian install path when null.")
     train_split: str = key("train", "Sub-folder of the training images (imagefolder, segfolder).", pattern=r".+")
@@ -172,6 +180,17 @@ class DataSection:
     ink_threshold: int = key(
         50, "fashion_mnist_scenes: an item pixel above this (0-255) is the item's class.", ge=0, le=255
     )
+    canvas: int = key(
+        112, "fashion_mnist_objects: side of the generated canvas (resized to the model's input).", ge=1, le=4096
+    )
+    object_size: list[int] = key(
+        doc="fashion_mnist_objects: [min, max] side of the item on the canvas, px (max <= data.canvas).",
+        factory=lambda: [28, 56], ge=1, le=4096, length=2,
+    )  # fmt: skip
+    clutter: float = key(
+        0.5, "fashion_mnist_objects: peak intensity of the label-free clutter, a fraction of full ink (0: none).",
+        ge=0, le=1,
+    )  # fmt: skip
 
 
 @dataclass
