@@ -63,6 +63,19 @@ def _read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
+def read_fashion_mnist(root: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images [N, 28, 28] uint8 and labels [N] of one Fashion-MNIST split ("train" or "test") under `root`.
+
+    Raises:
+        DataError: if a file is missing, truncated or malformed, or images and labels disagree.
+    """
+    images, labels = (Path(root) / name for name in _FMNIST_FILES[split])
+    pixels, classes = _read_idx(images, 0x803, 3), _read_idx(labels, 0x801, 1)
+    if len(pixels) != len(classes):
+        raise DataError(f"{images} has {len(pixels)} images but {labels} {len(classes)} labels.")
+    return pixels, classes
+
+
 class FashionMNIST(Dataset):
     """Fashion-MNIST read from its gzipped IDX files, as normalised [1, S, S] tensors.
 
@@ -80,12 +93,7 @@ class FashionMNIST(Dataset):
     in_chans = 1
 
     def __init__(self, root: str | Path, split: str = "train", img_size: int = 28, augment: dict | None = None) -> None:
-        root = Path(root)
-        images, labels = (root / name for name in _FMNIST_FILES[split])
-        self.images = _read_idx(images, 0x803, 3)
-        self.labels = _read_idx(labels, 0x801, 1)
-        if len(self.images) != len(self.labels):
-            raise DataError(f"{images} has {len(self.images)} images but {labels} {len(self.labels)} labels.")
+        self.images, self.labels = read_fashion_mnist(root, split)
         self.img_size = img_size
         augment = dict(augment or {})
         self.hflip = float(augment.pop("hflip", 0.0))
@@ -266,8 +274,7 @@ def build_datasets(data, *, img_size: int, in_chans: int, seed: int = 0, model=N
         root = Path(data.root or FASHION_MNIST_ROOT)
         splits = {}
         for split, offset in (("train", 0), ("test", 1)):
-            images, labels = (root / name for name in _FMNIST_FILES[split])
-            images, labels = _read_idx(images, 0x803, 3), _read_idx(labels, 0x801, 1)
+            images, labels = read_fashion_mnist(root, split)
             splits[split] = FashionMNISTObjects(
                 images, labels, data.canvas, img_size, seed=seed * 2 + offset, object_size=data.object_size,
                 clutter=data.clutter, augment=data.augment if split == "train" else None,
@@ -279,8 +286,7 @@ def build_datasets(data, *, img_size: int, in_chans: int, seed: int = 0, model=N
         root = Path(data.root or FASHION_MNIST_ROOT)
         splits = {}
         for split, count, offset in (("train", data.scenes, 0), ("test", data.val_scenes, 1)):
-            images, labels = (root / name for name in _FMNIST_FILES[split])
-            images, labels = _read_idx(images, 0x803, 3), _read_idx(labels, 0x801, 1)
+            images, labels = read_fashion_mnist(root, split)
             splits[split] = FashionMNISTScenes(
                 images, labels, count, img_size, seed=seed * 2 + offset, items=data.scene_items,
                 threshold=data.ink_threshold, augment=data.augment if split == "train" else None,
