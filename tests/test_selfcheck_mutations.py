@@ -189,15 +189,25 @@ def refill_skipped(model) -> int:
 
 
 def stage_unmasked(model) -> int:
-    """Later stages in masked execution ignore the previous stages' decisions (their predictor reads dropped tokens,
-    and their top-k may pick them again)."""
+    """Later stages decide on another basis in one execution: token stages in masked execution ignore the previous
+    stages' decisions (their predictor reads dropped tokens, and their top-k may pick them again); independent
+    spatial stages (the official default) choose among the previous stage's kept locations in gathered execution."""
     from tokenprune.nn.spatial_predictor import SpatialSelector
 
     def token(sel, real):
         return lambda x, policy, index, initial_tokens, score=None: real(x, None, index, initial_tokens, score)
 
     def spatial(sel, real):
-        return lambda x, mask, keep: real(x, None, keep)
+        def forward(x, mask, keep):
+            if sel.nested:
+                return real(x, None, keep)
+            sel.nested = keep is not None
+            try:
+                return real(x, mask, keep)
+            finally:
+                sel.nested = False
+
+        return forward
 
     return _wrap_modules(model, TokenSelector, token) + _wrap_modules(model, SpatialSelector, spatial)
 

@@ -133,12 +133,44 @@ def test_state_in_eval(name):
     # the head gets an ordinary feature map: the one the original's last chain block produces
     assert state.final_tokens.shape == maps["teacher"].shape
     locations = state.decisions[0].shape[1]
-    for s, (d, ratio) in enumerate(zip(state.decisions, [0.7, 0.5, 0.3])):
+    for d, ratio in zip(state.decisions, [0.7, 0.5, 0.3], strict=True):
         assert d.shape == (4, locations, 1)
         assert torch.all(d.sum(dim=(1, 2)) == max(1, int(ratio * locations + 1e-6)))
-        if s:
-            assert torch.all(d <= state.decisions[s - 1])  # nested: a fast-path location never returns
+    assert tokenprune.config_of(model).decisions == "independent"  # the official spatial default
     assert torch.equal(state.final_mask, state.decisions[-1])
+
+
+@pytest.mark.parametrize("decisions", ["independent", "nested"])
+def test_each_stage_chooses_among_all_locations_or_among_the_kept(decisions):
+    """Independent (official AdaConvNeXt): each stage's global feature averages every location and its top k ranges
+    over all H*W; nested: over the previous stage's kept locations, which then never return to the slow path."""
+    x = torch.randn(4, 3, 64, 64)
+    model = tokenprune.sparsify(
+        timm.create_model("convnext_atto", num_classes=10).eval(), 0.7, decisions=decisions, example_inputs=x
+    ).eval()
+    seen = []
+    hooks = [
+        sel.predictor.register_forward_hook(lambda _m, args, out: seen.append((args[1], out[..., 0])))
+        for sel in tokenprune.selectors(model)
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    state = tokenprune.sparsity_state(model)
+    for s, (d, (policy, score)) in enumerate(zip(state.decisions, seen, strict=True)):
+        k = int(d[0].sum())
+        if decisions == "independent" or s == 0:
+            assert policy is None  # the global feature over every location
+        else:
+            assert torch.equal(policy, state.decisions[s - 1])
+            score = score.masked_fill(policy[..., 0] == 0, float("-inf"))
+        expected = torch.zeros_like(d).scatter(1, score.topk(k, dim=1).indices[..., None], 1.0)
+        assert torch.equal(d, expected), s
+    returned = [bool((d > prev).any()) for prev, d in zip(state.decisions, state.decisions[1:])]
+    assert any(returned) == (decisions == "independent")  # random weights: some location comes back
     assert state.final_index is None and state.prefix_tokens == 0
 
 
@@ -148,8 +180,8 @@ def test_train_forward_backward(name):
     x = images(name, 4)
     model(x).logsumexp(-1).mean().backward()
     state = tokenprune.sparsity_state(model)
-    for s in range(1, len(state.decisions)):
-        assert torch.all(state.decisions[s] <= state.decisions[s - 1])
+    for d in state.decisions:  # hard samples (straight-through), each stage's own (decisions="independent")
+        assert set(d.unique().tolist()) <= {0.0, 1.0} and d.requires_grad
     for stage in tokenprune.selectors(model):
         grads = [p.grad for p in stage.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)

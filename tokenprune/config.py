@@ -22,6 +22,24 @@ def check_ratio(ratio: float, what: str = "ratio") -> float:
     return value
 
 
+#: How stages of a chain relate (`sparsify(..., decisions=)`): "auto" is "nested" for tokens, "independent" for maps.
+DECISIONS = ("auto", "nested", "independent")
+
+
+def resolve_decisions(decisions: str, kind: str, name: str) -> str:
+    """The decision mode for a chain of `kind`, or `ConfigError` for an unknown one or independent token stages."""
+    if decisions not in DECISIONS:
+        raise ConfigError(f"{name}: decisions={decisions!r}; choose one of {', '.join(DECISIONS)}.")
+    if decisions == "auto":
+        return "independent" if kind == "spatial" else "nested"
+    if kind == "token" and decisions == "independent":
+        raise ConfigError(
+            f"{name}: decisions='independent' needs a spatial chain; a token model's dropped tokens are gone, so its "
+            "stages always choose among the tokens still there. Use decisions='auto'."
+        )
+    return decisions
+
+
 def default_locations(depth: int, kind: str = "token") -> list[int]:
     """Chain indices of the blocks a predictor precedes (docs/design.md §1.1: D/4, D/2, 3D/4 -> [3, 6, 9] of 12)."""
     if kind == "spatial":
@@ -56,6 +74,8 @@ class SparsifyConfig:
         source: how to rebuild the original architecture, e.g. {"library": "timm", "name": ..., "kwargs": {...}};
             taken from the `tokenprune_source` attribute that `tokenprune.create_model` sets, else None.
         scorer: how stages rank tokens, "predictor" (learned) or "attention" (training-free).
+        decisions: "nested" (each stage chooses among what the previous one kept: always so for tokens) or
+            "independent" (each spatial stage chooses among all locations, the official spatial variant).
     """
 
     ratio: float
@@ -69,6 +89,7 @@ class SparsifyConfig:
     learned: bool = False
     source: dict[str, Any] | None = None
     scorer: str = "predictor"
+    decisions: str = "nested"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values: numbers as Python floats/ints whatever `sparsify` was given (NumPy, tensors)."""

@@ -75,6 +75,7 @@ def sparsify(
     example_inputs: torch.Tensor | None = None,
     inplace: bool = False,
     scorer: str = "predictor",
+    decisions: str = "auto",
 ) -> nn.Module:
     """Insert learned token-importance predictors and sparsification stages into a vision model.
 
@@ -96,6 +97,9 @@ def sparsify(
         scorer: how stages rank tokens: "predictor" (learned, DynamicViT; needs fine-tuning) or "attention" (the
             attention the block before each stage pays from the class token, or receives on average; works without
             training, token models only).
+        decisions: how later stages relate to earlier ones: "auto" (token models "nested": a stage chooses among
+            the tokens still there; spatial models "independent": each stage chooses among all locations, as the
+            official AdaConvNeXt/AdaSwin do), or "nested" for spatial models too.
 
     Returns:
         A `torch.fx.GraphModule` with the original weights under their original names plus the stages' weights;
@@ -116,7 +120,7 @@ def sparsify(
     flags = held.enter_context(kept_training_flags(target))  # every submodule's flag, put back whatever happens
     applied = None
     try:
-        the_plan, example = _analyse(target, ratio, locations, keep_ratios, example_inputs, name, scorer)
+        the_plan, example = _analyse(target, ratio, locations, keep_ratios, example_inputs, name, scorer, decisions)
         applied = apply_plan(target, the_plan)
         sparse = applied.model
         chain = the_plan.chain
@@ -131,6 +135,7 @@ def sparsify(
             input_size=tuple(example.shape[1:]),
             source=getattr(model, "tokenprune_source", None),
             scorer=scorer,
+            decisions=the_plan.decisions,
         )
         self_check(sparse, chain, the_plan.locations, example, name, dense=None if inplace else model)
         refuse_costlier(ComputeModel.calibrate(sparse, example), the_plan.keep_ratios, chain.names, name)
@@ -187,7 +192,7 @@ def _inherit_flags(sparse: nn.Module, flags: dict[str, bool], originals: set[int
 
 
 def _analyse(
-    model, ratio, locations, keep_ratios, example_inputs, name, scorer="predictor"
+    model, ratio, locations, keep_ratios, example_inputs, name, scorer="predictor", decisions="auto"
 ) -> tuple[Plan, torch.Tensor]:
     """Check the options and build the plan; `model` is left unchanged (every submodule's training flag restored)."""
     ratio = check_ratio(ratio)
@@ -210,7 +215,7 @@ def _analyse(
                 )
             locs = _check_locations(locations, len(chain.calls), chain.kind, name)
             ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
-            the_plan = build_plan(model, chain, example, locs, ratios, name, scorer)
+            the_plan = build_plan(model, chain, example, locs, ratios, name, scorer, decisions)
             if chain.kind == "token":
                 _warn_tiny_keep(chain, the_plan.prefix, ratios, name)
             return the_plan, example
@@ -232,6 +237,7 @@ def plan(
     keep_ratios: Sequence[float] | None = None,
     example_inputs: torch.Tensor | None = None,
     scorer: str = "predictor",
+    decisions: str = "auto",
 ) -> Plan:
     """What `sparsify` would do to `model`, without changing it: `print(tokenprune.plan(model).describe())`.
 
@@ -239,7 +245,7 @@ def plan(
         ConfigError, UnsupportedModelError: as `sparsify` (the self-check, which needs the applied model, aside).
     """
     refuse_wrappers(model)
-    return _analyse(model, ratio, locations, keep_ratios, example_inputs, model_name(model), scorer)[0]
+    return _analyse(model, ratio, locations, keep_ratios, example_inputs, model_name(model), scorer, decisions)[0]
 
 
 def set_execution(model: nn.Module, execution: str) -> nn.Module:

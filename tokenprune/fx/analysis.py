@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import resolve_decisions
 from ..errors import UnsupportedModelError
 from .discovery import Chain
 from .plan import Plan
@@ -26,12 +27,14 @@ def build_plan(
     keep_ratios: list[float],
     name: str,
     scorer: str = "predictor",
+    decisions: str = "auto",
 ) -> Plan:
     """Analyse `model` into a `Plan` with the strategy its chain calls for. Changes nothing in `model`.
 
     Raises:
         UnsupportedModelError: the reason the model cannot be sparsified exactly, naming the block or node.
     """
+    decisions = resolve_decisions(decisions, chain.kind, name)
     if chain.kind == "token":
         plan = plan_tokens(model, chain, example, locations, keep_ratios, name, scorer)
     elif scorer != "predictor":
@@ -40,7 +43,8 @@ def build_plan(
             "and fast paths over a feature map), where only learned predictors are available. Use scorer='predictor'."
         )
     else:
-        plan = plan_spatial(model, chain, example, locations, keep_ratios, name)
+        plan = plan_spatial(model, chain, example, locations, keep_ratios, name, nested=decisions == "nested")
+    plan.decisions = decisions
     for attr, child in plan.graph_module.named_children():
         if not hasattr(model, attr):  # modules the trace itself added (e.g. the training-flag switch)
             plan.add.setdefault(attr, child)

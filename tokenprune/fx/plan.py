@@ -32,6 +32,7 @@ class Plan:
         locations: chain indices of the blocks the stages precede.
         keep_ratios: per-stage keep ratios.
         prefix: never-pruned leading tokens (0 for spatial chains).
+        decisions: "nested" or "independent" (spatial stages that each choose among all locations).
         graph_module: the rewritten trace of the whole model; its graph calls the modules below by name.
         add: new top-level modules (stages, recorder) by attribute name.
         replace: rewritten blocks by qualified name.
@@ -44,6 +45,7 @@ class Plan:
     locations: list[int]
     keep_ratios: list[float]
     prefix: int = 0
+    decisions: str = "nested"
     graph_module: fx.GraphModule | None = None
     add: dict[str, nn.Module] = field(default_factory=dict)
     replace: dict[str, nn.Module] = field(default_factory=dict)

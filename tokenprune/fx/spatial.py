@@ -245,6 +245,7 @@ def plan_spatial(
     locations: list[int],
     keep_ratios: list[float],
     name: str,
+    nested: bool = False,
 ) -> Plan:
     """Analyse a spatial chain into a plan (docs/design.md §1.2): a `SpatialSelector` before each location; every
     block from the first location on runs its slow path at the locations the latest stage kept and a fast path
@@ -274,7 +275,7 @@ def plan_spatial(
         if i in stage_at:
             s = stage_at[i]
             target = f"tokenprune_stage{s}"
-            selector = SpatialSelector(chain.shape[channel], keep_ratios[s], s, channel).to(example.device)
+            selector = SpatialSelector(chain.shape[channel], keep_ratios[s], s, channel, nested).to(example.device)
             plan.add[target] = selector
             gm.add_module(target, selector)
             with graph.inserting_before(node):

@@ -202,10 +202,9 @@ def _check_config(data: Any, path: Path, version: int, source: dict[str, Any] | 
     if not isinstance(data, dict):
         raise _bad(path, "config", f"a {type(data).__name__}, not an object")
     fields = list(SparsifyConfig.__dataclass_fields__)
-    # "scorer" came after format 2: a file without it used learned predictors.
-    required = (
-        [f for f in fields if f != "scorer"] if version >= 2 else ["ratio", "locations", "keep_ratios", "input_size"]
-    )
+    # "scorer" and "decisions" came after format 2: a file without them used learned, nested predictors.
+    later, first = ("scorer", "decisions"), ["ratio", "locations", "keep_ratios", "input_size"]
+    required = [f for f in fields if f not in later] if version >= 2 else first
     for key in required:
         if key not in data:
             raise _bad(path, f"config.{key}", "missing")
@@ -243,6 +242,9 @@ def _check_config(data: Any, path: Path, version: int, source: dict[str, Any] | 
     scorer = data.get("scorer", "predictor")
     if scorer not in SCORERS:
         raise _bad(path, "config.scorer", f"{str(scorer)[:40]!r} is not one of {', '.join(SCORERS)}")
+    decisions = data.get("decisions", "nested")
+    if decisions not in ("nested", "independent") or (kind == "token" and decisions != "nested"):
+        raise _bad(path, "config.decisions", f"{str(decisions)[:40]!r} is not 'nested' or (spatial) 'independent'")
     return SparsifyConfig(
         ratio=_ratio(data["ratio"], path, "config.ratio"),
         locations=locations,
@@ -254,6 +256,7 @@ def _check_config(data: Any, path: Path, version: int, source: dict[str, Any] | 
         input_size=tuple(size),
         learned=learned,
         scorer=scorer,
+        decisions=decisions,
     )
 
 
@@ -403,6 +406,7 @@ def _resparsify(
                 example_inputs=torch.zeros(1, *config.input_size),
                 inplace=inplace,
                 scorer=config.scorer,
+                decisions=config.decisions,
             )
     except TokenPruneError as e:
         raise CheckpointError(f"{what}: the recorded configuration cannot be applied again: {e}") from None

@@ -1,9 +1,10 @@
 """Stages of a spatial chain: the location-importance predictor, the selector, and the recorder (docs/design.md §1.2).
 
-Decisions are *nested*, as for tokens (§1.1): D_s = sample_s * D_{s-1}, and in eval each stage keeps the top-k
-among the locations the previous stage kept. Keep ratios are fractions of all H*W locations and never increase, so a
-location that took the fast path never returns to the slow path. A stage's decision holds for every block after it
-until the next stage's.
+By default each stage decides *independently*, as the official AdaConvNeXt/AdaSwin do: it scores every location
+(the predictor's global feature averaged over all of them) and keeps its own top k of H*W, so a location a stage
+sent to the fast path may take the slow path again after the next one. ``nested=True`` decides as token stages do
+(§1.1): D_s = sample_s * D_{s-1}, top-k among the locations the previous stage kept. Keep ratios are fractions of
+all H*W locations and never increase. A stage's decision holds for every block after it until the next stage's.
 """
 
 from __future__ import annotations
@@ -63,15 +64,22 @@ class SpatialSelector(TokenSelector):
         keep_ratio: fraction of all H*W locations whose slow path runs after this stage.
         stage: index of this stage.
         channel: channel dim of the chain's maps.
+        nested: decide among the locations the previous stage kept (D_s = sample * D_{s-1}, the global feature
+            averaged over them), as token stages do; False (the official AdaConvNeXt/AdaSwin): every stage scores
+            every location, averages the global feature over all of them and keeps its own top k of H*W.
     """
 
-    def __init__(self, dim: int, keep_ratio: float, stage: int, channel: int) -> None:
+    def __init__(self, dim: int, keep_ratio: float, stage: int, channel: int, nested: bool = False) -> None:
         super().__init__(dim, keep_ratio, 0, stage)
         self.predictor = SpatialPredictor(dim, channel)
         self.channel = channel
+        self.nested = nested
 
     def extra_repr(self) -> str:
-        return f"stage={self.stage}, keep_ratio={self.keep_ratio:.4f}, channel={self.channel}"
+        return (
+            f"stage={self.stage}, keep_ratio={self.keep_ratio:.4f}, channel={self.channel}, "
+            f"decisions={'nested' if self.nested else 'independent'}"
+        )
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None
@@ -86,8 +94,8 @@ class SpatialSelector(TokenSelector):
             gives None and the sorted kept [B, k] and dropped [B, H*W - k] location indices.
         """
         locations = x.numel() // (x.shape[0] * x.shape[self.channel])  # H*W
-        previous = mask
-        if previous is None and keep is not None:
+        previous = mask if self.nested else None
+        if previous is None and keep is not None and self.nested:
             previous = torch.zeros(x.shape[0], locations, 1, device=x.device).scatter(1, keep.unsqueeze(-1), 1.0)
         log_probs = self.predictor(x, previous)
         self.last_initial_patches = locations
@@ -99,7 +107,7 @@ class SpatialSelector(TokenSelector):
                 self.last_decision, self.last_index = decision, kept
                 return None, kept, dropped
         else:
-            # Hard sample, straight-through gradients (docs/design.md §1.2); nested like tokens: D_s = sample * D_s-1.
+            # Hard sample, straight-through gradients (docs/design.md §1.2); nested: D_s = sample * D_s-1.
             decision = F.gumbel_softmax(log_probs, hard=True)[..., :1]
             if previous is not None:
                 decision = decision * previous
@@ -119,11 +127,11 @@ class SpatialSelector(TokenSelector):
 class SpatialRecorder(SparsityRecorder):
     """Identity on the chain's final map that remembers it for the losses (feature-map MSE distillation).
 
-    `state()` fills `SparsityState` as follows: `decisions` are each stage's [B, H*W, 1] mask (nested; top-k masks
-    without gradient in eval); `final_tokens` is the chain's last block output in its own layout ([B, C, H, W] or
-    [B, H, W, C]), which is what the teacher's block of the same name outputs; `final_mask` is the last stage's mask
-    (the locations whose last blocks ran the slow path); `final_index` is None, because the map keeps its layout and
-    location l of the student's map is location l of the teacher's; `prefix_tokens` is 0.
+    `state()` fills `SparsityState` as follows: `decisions` are each stage's [B, H*W, 1] mask (its own, or nested;
+    top-k masks without gradient in eval); `final_tokens` is the chain's last block output in its own layout ([B, C,
+    H, W] or [B, H, W, C]), which is what the teacher's block of the same name outputs; `final_mask` is the last
+    stage's mask (the locations whose last blocks ran the slow path); `final_index` is None, because the map keeps
+    its layout and location l of the student's map is location l of the teacher's; `prefix_tokens` is 0.
     """
 
     def forward(  # type: ignore[override]

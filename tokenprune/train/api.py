@@ -154,6 +154,7 @@ def finetune(
                     keep_ratios=sp.keep_ratios,
                     example_inputs=example,
                     scorer=sp.scorer,
+                    decisions=sp.decisions,
                 )
             else:
                 model, teacher = teacher, None

@@ -84,6 +84,12 @@ class SparsifySection:
         "'predictor' (learned, DynamicViT) or 'attention' (training-free; fine-tuning then trains the backbone only).",
         choices=_scorers,
     )
+    decisions: str = key(
+        "auto",
+        "How later stages relate to earlier ones: 'auto' (tokens nested; spatial maps independent, as the official "
+        "AdaConvNeXt/AdaSwin), 'nested' or 'independent' (spatial only).",
+        choices=("auto", "nested", "independent"),
+    )
     warm_start_steps: int = key(
         0,
         "Train the predictors this many steps to imitate the attention scorer before "
