@@ -7,19 +7,22 @@ import copy
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .config import SparsifyConfig, check_ratio, default_keep_ratios, default_locations
 from .errors import ConfigError, TokenPruneError, UnsupportedModelError
+from .fx._graph import set_submodule
 from .fx.analysis import build_plan
 from .fx.discovery import Chain, find_chain
 from .fx.plan import Plan, apply_plan
 from .fx.selfcheck import self_check
-from .fx.tracing import kept_training_flags, model_name
+from .fx.tracing import kept_training_flags, model_name, trace
 from .inputs import example_input
 from .io.source import timm_feature_kwargs
+from .measure.backbone import _ancestors
 from .measure.cost import ComputeModel, refuse_costlier
 from .nn.recorder import config_of, find_config, find_recorder, selectors
 from .nn.select import EXECUTIONS, SCORERS
@@ -116,8 +119,9 @@ def sparsify(
     flags = held.enter_context(kept_training_flags(target))  # every submodule's flag, put back whatever happens
     applied = None
     try:
-        the_plan, example = _analyse(target, ratio, locations, keep_ratios, example_inputs, name, scorer)
-        applied = apply_plan(target, the_plan)
+        the_plan, example, part = _analyse(target, ratio, locations, keep_ratios, example_inputs, name, scorer)
+        inner = target.get_submodule(part.path) if part.path else target
+        applied = apply_plan(inner, the_plan)
         sparse = applied.model
         chain = the_plan.chain
         find_recorder(sparse).config = SparsifyConfig(
@@ -132,10 +136,13 @@ def sparsify(
             source=getattr(model, "tokenprune_source", None),
             scorer=scorer,
         )
-        self_check(sparse, chain, the_plan.locations, example, name, dense=None if inplace else model)
-        refuse_costlier(ComputeModel.calibrate(sparse, example), the_plan.keep_ratios, chain.names, name)
+        dense = None if inplace else (model.get_submodule(part.path) if part.path else model)
+        self_check(sparse, chain, the_plan.locations, part.example, the_plan.name, dense=dense)
+        refuse_costlier(ComputeModel.calibrate(sparse, part.example), the_plan.keep_ratios, chain.names, the_plan.name)
         # reason: the GraphModule drops timm's feature_info; `save` needs it to record features_only (io/source.py).
         find_recorder(sparse).dense_kwargs = timm_feature_kwargs(model)
+        if part.path:
+            sparse = _nest(target, part.path, sparse)
     except BaseException:
         # Any failure, not only a refusal (a KeyboardInterrupt in the self-check included), leaves an inplace model as
         # it was: its modules back in place; the flags follow on leaving `held`.
@@ -186,10 +193,23 @@ def _inherit_flags(sparse: nn.Module, flags: dict[str, bool], originals: set[int
         module.training = flags[owner]
 
 
+@dataclass
+class _Part:
+    """The module the pass rewrites: the model itself (``path == ""``) or, when the model's own forward cannot be
+    traced, the submodule at `path` that holds the chain and is called on the image batch `example` (a detector's
+    backbone, docs/design.md §3.6)."""
+
+    path: str
+    example: torch.Tensor
+    note: str = ""
+
+
 def _analyse(
     model, ratio, locations, keep_ratios, example_inputs, name, scorer="predictor"
-) -> tuple[Plan, torch.Tensor]:
-    """Check the options and build the plan; `model` is left unchanged (every submodule's training flag restored)."""
+) -> tuple[Plan, torch.Tensor, _Part]:
+    """Check the options and build the plan; `model` is left unchanged (every submodule's training flag restored).
+
+    Returns the plan, the model's example input and the part of the model the plan is for."""
     ratio = check_ratio(ratio)
     if scorer not in SCORERS:
         raise ConfigError(f"{name}: scorer={scorer!r}; choose one of {', '.join(SCORERS)}.")
@@ -201,19 +221,17 @@ def _analyse(
         model.eval()
         try:
             example = example_input(model, example_inputs)
-            chain = find_chain(model, example)
-            if chain is None:
-                raise UnsupportedModelError(
-                    f"{name}: no chain of blocks mapping tokens [B, N, C] (or feature maps) to the same shape was "
-                    "found, so there is nothing to sparsify. Supported: ViT-style models and hierarchical models "
-                    "whose blocks end in a per-location MLP (timm, torchvision)."
-                )
-            locs = _check_locations(locations, len(chain.calls), chain.kind, name)
-            ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
-            the_plan = build_plan(model, chain, example, locs, ratios, name, scorer)
-            if chain.kind == "token":
-                _warn_tiny_keep(chain, the_plan.prefix, ratios, name)
-            return the_plan, example
+            chain = _chain(model, example, name)
+            part = _Part("", example)
+            try:
+                the_plan = _plan_chain(model, chain, example, ratio, locations, keep_ratios, name, scorer)
+            except UnsupportedModelError as refusal:
+                part = _traceable_part(model, chain, example, name, refusal)
+                inner, where = model.get_submodule(part.path), f"{name}.{part.path}"
+                chain = _chain(inner, part.example, where)
+                the_plan = _plan_chain(inner, chain, part.example, ratio, locations, keep_ratios, where, scorer)
+                the_plan.notes.insert(0, part.note)
+            return the_plan, example, part
         except TokenPruneError:
             raise
         except Exception as e:  # noqa: BLE001 - a model tokenprune cannot analyse gets a reason, never a raw traceback
@@ -222,6 +240,109 @@ def _analyse(
                 f"{str(e).splitlines()[0] if str(e) else ''}); it refuses it rather than guess. The cause is chained "
                 "to this error; please report it with the model's name."
             ) from e
+
+
+def _chain(model: nn.Module, example: torch.Tensor, name: str) -> Chain:
+    chain = find_chain(model, example)
+    if chain is None:
+        raise UnsupportedModelError(
+            f"{name}: no chain of blocks mapping tokens [B, N, C] (or feature maps) to the same shape was "
+            "found, so there is nothing to sparsify. Supported: ViT-style models and hierarchical models "
+            "whose blocks end in a per-location MLP (timm, torchvision)."
+        )
+    return chain
+
+
+def _plan_chain(model, chain, example, ratio, locations, keep_ratios, name, scorer) -> Plan:
+    locs = _check_locations(locations, len(chain.calls), chain.kind, name)
+    ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
+    the_plan = build_plan(model, chain, example, locs, ratios, name, scorer)
+    if chain.kind == "token":
+        _warn_tiny_keep(chain, the_plan.prefix, ratios, name)
+    return the_plan
+
+
+def _traceable_part(
+    model: nn.Module, chain: Chain, example: torch.Tensor, name: str, refusal: UnsupportedModelError
+) -> _Part:
+    """Where to sparsify a model whose own forward cannot be traced (a detector: a list of images in, data-dependent
+    post-processing out).
+
+    The rule is structural: the outermost proper submodule that contains every block of the chain, is called on the
+    image batch (its first argument a 4-D tensor with the example's batch size and channels; a detector's transform
+    resizes and normalises the images on the way) and traces. The chain's blocks are leaves of every trace here, as
+    in the analysis itself.
+
+    Raises:
+        UnsupportedModelError: `refusal` itself when the model traces (its refusal stands); else `refusal` (why
+            the model does not trace) with the news that no such submodule exists either.
+    """
+    leaves = [c.module for c in chain.calls]
+    try:
+        trace(model, leaves=leaves, name=name)
+    except UnsupportedModelError as untraceable:
+        why = str(untraceable).split(". ")[0].removeprefix(f"{name}: ")
+    else:
+        raise refusal
+    candidates = _ancestors(chain.names)
+    inputs = _image_inputs(model, candidates, example)
+    for path in candidates:
+        if path not in inputs:
+            continue
+        inner = model.get_submodule(path)
+        try:
+            trace(inner, leaves=leaves, name=f"{name}.{path}")
+        except UnsupportedModelError:
+            continue
+        note = (
+            f"{name}'s own forward is not traceable ({why}); tokenprune sparsifies its submodule {path} "
+            f"({type(inner).__name__}), which holds the chain and is called on the image batch "
+            f"{list(inputs[path].shape)}; the rest of {name} runs unchanged around it"
+        )
+        return _Part(path, inputs[path], note)
+    raise UnsupportedModelError(
+        f"{refusal} Nor does any submodule that holds its chain ({chain.names[0]} .. {chain.names[-1]}) and is called "
+        "on the image batch [B, C, H, W] (tokenprune sparsifies such a submodule, e.g. a detector's backbone)."
+    ) from None
+
+
+def _image_inputs(model: nn.Module, candidates: list[str], example: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The first input of each candidate's first call in one eval forward on `example`, where it is an image batch:
+    a 4-D floating tensor with the example's batch size and channels."""
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for path in candidates:
+
+        def hook(_module, args, path=path):
+            x = args[0] if args else None
+            is_image = (
+                isinstance(x, torch.Tensor)
+                and x.is_floating_point()
+                and x.dim() == 4
+                and x.shape[:2] == example.shape[:2]
+            )
+            if is_image and path not in seen:
+                seen[path] = x.detach().clone()
+
+        handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _nest(model: nn.Module, path: str, sparse: nn.Module) -> nn.Module:
+    """Install the sparsified submodule `sparse` at `path` in `model`; the recorded block names become qualified
+    names in `model` (the chain's blocks keep their names inside `sparse`, so they name the same modules in the dense
+    model and in the result: a teacher's block is hooked by the same name)."""
+    recorder = find_recorder(sparse)
+    recorder.config.chain = [f"{path}.{block}" for block in recorder.config.chain]
+    recorder.chain_output = f"{path}.{recorder.chain_output}"
+    set_submodule(model, path, sparse)
+    return model
 
 
 def plan(
