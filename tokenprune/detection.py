@@ -107,7 +107,8 @@ def detector(
         backbone: a timm model name with feature-pyramid support (ConvNeXt, Swin, a ViT), e.g. ``convnext_atto``.
         num_classes: classes including the background (label 0): K object classes need K + 1.
         head: "fcos", "retinanet" or "fasterrcnn".
-        fpn_channels: channels of every FPN level (a multiple of 16 for FCOS, whose head uses GroupNorm(16)).
+        fpn_channels: channels of every FPN level. FCOS's head normalises with GroupNorm(32): a multiple of 32, and
+            at least 64 when the top level is 1x1 (small images), or a batch of one cannot be normalised there.
         levels: backbone levels feeding the FPN, counted from the coarsest; default 3 (FCOS, RetinaNet: strides 8 to
             32 of a four-stage backbone, plus P6 and P7) or all (Faster R-CNN, plus a pooled level).
         min_size, max_size: the detector's transform resizes each image so its short side is `min_size` unless its
@@ -133,6 +134,8 @@ def detector(
     except Exception as e:  # noqa: BLE001 - constructors raise many types
         error = f"{type(e).__name__}: {e}"
         raise ConfigError(f"cannot create timm backbone {backbone!r} (features_only=True, {kwargs}): {error}") from None
+    if head == "fcos" and fpn_channels % 32:
+        raise ConfigError(f"fpn_channels={fpn_channels}: FCOS's head uses GroupNorm(32); use a multiple of 32.")
     depth = len(body.feature_info.channels())
     levels = levels if levels is not None else (min(3, depth) if head != "fasterrcnn" else depth)
     pyramid = PyramidBackbone(body, fpn_channels, levels, "pool" if head == "fasterrcnn" else "p6p7")

@@ -22,7 +22,6 @@ from .fx.selfcheck import self_check
 from .fx.tracing import kept_training_flags, model_name, trace
 from .inputs import example_input
 from .io.source import timm_feature_kwargs
-from .measure.backbone import _ancestors
 from .measure.cost import ComputeModel, refuse_costlier
 from .nn.recorder import config_of, find_config, find_recorder, selectors
 from .nn.select import EXECUTIONS, SCORERS
@@ -226,9 +225,8 @@ def _analyse(
             try:
                 the_plan = _plan_chain(model, chain, example, ratio, locations, keep_ratios, name, scorer)
             except UnsupportedModelError as refusal:
-                part = _traceable_part(model, chain, example, name, refusal)
+                part, chain = _traceable_part(model, chain, example, name, refusal)
                 inner, where = model.get_submodule(part.path), f"{name}.{part.path}"
-                chain = _chain(inner, part.example, where)
                 the_plan = _plan_chain(inner, chain, part.example, ratio, locations, keep_ratios, where, scorer)
                 the_plan.notes.insert(0, part.note)
             return the_plan, example, part
@@ -264,54 +262,55 @@ def _plan_chain(model, chain, example, ratio, locations, keep_ratios, name, scor
 
 def _traceable_part(
     model: nn.Module, chain: Chain, example: torch.Tensor, name: str, refusal: UnsupportedModelError
-) -> _Part:
+) -> tuple[_Part, Chain]:
     """Where to sparsify a model whose own forward cannot be traced (a detector: a list of images in, data-dependent
-    post-processing out).
+    post-processing out), and the chain found there.
 
-    The rule is structural: the outermost proper submodule that contains every block of the chain, is called on the
-    image batch (its first argument a 4-D tensor with the example's batch size and channels; a detector's transform
-    resizes and normalises the images on the way) and traces. The chain's blocks are leaves of every trace here, as
-    in the analysis itself.
+    The rule is structural: the outermost proper submodule that is called on the image batch (its first argument a
+    4-D floating tensor with the example's batch size and channels: a detector's transform resizes and normalises the
+    images on the way), holds a chain of its own, and traces with that chain's blocks as leaves (as in the analysis
+    itself). The chain is found in the submodule, not in the whole model: a detector's head may hold a longer run
+    of same-type layers than its backbone.
 
     Raises:
         UnsupportedModelError: `refusal` itself when the model traces (its refusal stands); else `refusal` (why
             the model does not trace) with the news that no such submodule exists either.
     """
-    leaves = [c.module for c in chain.calls]
     try:
-        trace(model, leaves=leaves, name=name)
+        trace(model, leaves=[c.module for c in chain.calls], name=name)
     except UnsupportedModelError as untraceable:
         why = str(untraceable).split(". ")[0].removeprefix(f"{name}: ")
     else:
         raise refusal
-    candidates = _ancestors(chain.names)
-    inputs = _image_inputs(model, candidates, example)
-    for path in candidates:
-        if path not in inputs:
+    for path, x in _image_inputs(model, example).items():
+        inner, where = model.get_submodule(path), f"{name}.{path}"
+        found = find_chain(inner, x)
+        if found is None:
             continue
-        inner = model.get_submodule(path)
         try:
-            trace(inner, leaves=leaves, name=f"{name}.{path}")
+            trace(inner, leaves=[c.module for c in found.calls], name=where)
         except UnsupportedModelError:
             continue
         note = (
             f"{name}'s own forward is not traceable ({why}); tokenprune sparsifies its submodule {path} "
-            f"({type(inner).__name__}), which holds the chain and is called on the image batch "
-            f"{list(inputs[path].shape)}; the rest of {name} runs unchanged around it"
+            f"({type(inner).__name__}), which holds the chain and is called on the image batch {list(x.shape)}; "
+            f"the rest of {name} runs unchanged around it"
         )
-        return _Part(path, inputs[path], note)
+        return _Part(path, x, note), found
     raise UnsupportedModelError(
-        f"{refusal} Nor does any submodule that holds its chain ({chain.names[0]} .. {chain.names[-1]}) and is called "
-        "on the image batch [B, C, H, W] (tokenprune sparsifies such a submodule, e.g. a detector's backbone)."
+        f"{refusal} Nor does any submodule that is called on the image batch [B, C, H, W] and holds a chain "
+        "(tokenprune sparsifies such a submodule, e.g. a detector's backbone)."
     ) from None
 
 
-def _image_inputs(model: nn.Module, candidates: list[str], example: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The first input of each candidate's first call in one eval forward on `example`, where it is an image batch:
-    a 4-D floating tensor with the example's batch size and channels."""
+def _image_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Proper submodules called on an image batch in one eval forward on `example` (first argument a 4-D floating
+    tensor with the example's batch size and channels), outermost first, with that argument of their first call."""
     seen: dict[str, torch.Tensor] = {}
     handles = []
-    for path in candidates:
+    for path, module in model.named_modules():
+        if not path:
+            continue
 
         def hook(_module, args, path=path):
             x = args[0] if args else None
@@ -324,14 +323,15 @@ def _image_inputs(model: nn.Module, candidates: list[str], example: torch.Tensor
             if is_image and path not in seen:
                 seen[path] = x.detach().clone()
 
-        handles.append(model.get_submodule(path).register_forward_pre_hook(hook))
+        handles.append(module.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             model(example)
     finally:
         for handle in handles:
             handle.remove()
-    return seen
+    order = {path: i for i, (path, _) in enumerate(model.named_modules())}  # pre-order: a parent before its children
+    return dict(sorted(seen.items(), key=lambda item: order[item[0]]))
 
 
 def _nest(model: nn.Module, path: str, sparse: nn.Module) -> nn.Module:
