@@ -166,8 +166,9 @@ def test_train_mode_returns_losses_that_reach_the_predictors(pair):
 
 
 @pytest.mark.slow  # over 1.5 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
-def test_save_load_round_trip(tmp_path):
-    dense = _dense("convnext/fcos")
+@pytest.mark.parametrize("key", list(MODELS))
+def test_save_load_round_trip(tmp_path, key):
+    dense = _dense(key)
     sparse = tokenprune.sparsify(dense, 0.7, example_inputs=_images()).eval()
     path = tokenprune.save(sparse, tmp_path / "fcos.safetensors")
     loaded = tokenprune.load(path)

@@ -5,7 +5,8 @@
 with ``features_only=True`` followed by torchvision's ``FeaturePyramidNetwork`` (`PyramidBackbone`). The detector's
 forward is not traceable (a list of images in, data-dependent post-processing out); `tokenprune.sparsify` rewrites
 the traceable submodule inside it that holds the chain and is called on the batched image tensor, here the
-`PyramidBackbone` (docs/design.md §3.6). The feature maps stay whole, so the FPN and the heads run unchanged.
+`PyramidBackbone`. Spatial sparsification keeps the feature maps whole (and the refill route gives a ViT's heads the
+whole token set), so the FPN and the detection heads run unchanged.
 
 Label convention (torchvision's): ``num_classes`` counts the background, label 0, which no box carries; a data set
 with K object classes uses ``num_classes=K + 1`` and labels 1..K.

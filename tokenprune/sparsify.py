@@ -196,7 +196,7 @@ def _inherit_flags(sparse: nn.Module, flags: dict[str, bool], originals: set[int
 class _Part:
     """The module the pass rewrites: the model itself (``path == ""``) or, when the model's own forward cannot be
     traced, the submodule at `path` that holds the chain and is called on the image batch `example` (a detector's
-    backbone, docs/design.md §3.6)."""
+    backbone)."""
 
     path: str
     example: torch.Tensor
