@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 
 import tokenprune
-from tokenprune.detection import PyramidBackbone, collate
+from tokenprune.detect import PyramidBackbone, collate
 from tokenprune.errors import ConfigError, UnsupportedModelError
 from tokenprune.models import create_model
 from tokenprune.nn.asymmetric import AsymmetricPath

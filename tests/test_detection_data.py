@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tokenprune.detection import collate
+from tokenprune.detect import collate
 from tokenprune.errors import DataError
 from tokenprune.train.data import build_datasets
 from tokenprune.train.detdata import CocoDetection, FashionMNISTDetection, coco_pair

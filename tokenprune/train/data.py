@@ -211,7 +211,7 @@ class DataBundle:
 
     ``task`` is "classification" (samples are (image, class)), "segmentation" (samples are (image, mask [H, W])
     with `ignore_index` marking pixels that count nowhere) or "detection" (samples are (image, {"boxes", "labels"}),
-    labels 1..num_classes-1 with 0 the background; batch them with `tokenprune.detection.collate`).
+    labels 1..num_classes-1 with 0 the background; batch them with `tokenprune.detect.collate`).
     """
 
     train: Dataset

@@ -2,7 +2,7 @@
 
 Both yield ``(image [C, S, S] float, target)`` with ``target = {"boxes": [K, 4] float32, "labels": [K] int64}`` in
 torchvision's convention: boxes are ``x1, y1, x2, y2`` in pixels of the returned image (x2 > x1, y2 > y1), labels are
-1..num_classes-1, and 0, the background, is carried by no box. Batch them with `tokenprune.detection.collate`
+1..num_classes-1, and 0, the background, is carried by no box. Batch them with `tokenprune.detect.collate`
 (images stacked, targets a list: box counts differ). Random augmentations draw from torch's global generator, which
 `SeededDataset` seeds per sample.
 
@@ -87,7 +87,7 @@ class FashionMNISTDetection(Dataset):
         self.scenes = FashionMNISTScenes(
             images, identities, count, size, seed=seed, items=items, threshold=threshold, augment=augment
         )
-        self.classes = np.asarray(labels, dtype=np.int64)
+        self.labels = np.asarray(labels, dtype=np.int64)  # each item's class (the data fingerprint hashes them)
         self.ink = (images > threshold).reshape(len(images), -1).sum(1)
         self.min_visible = float(min_visible)
 
@@ -107,7 +107,7 @@ class FashionMNISTDetection(Dataset):
                 continue
             rows, cols = torch.nonzero(placed == index, as_tuple=True)
             boxes.append([int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1])
-            labels.append(int(self.classes[item]) + 1)
+            labels.append(int(self.labels[item]) + 1)
         return image, _target(boxes, labels)
 
 
@@ -173,14 +173,15 @@ class CocoDetection(Dataset):
             raise DataError(f"unknown coco augmentation(s) {sorted(augment)}; known: hflip.")
         data = self._read()
         self.categories = self._categories(data)
-        self.labels = {cid: k + 1 for k, cid in enumerate(sorted(self.categories))}
-        self.num_classes = len(self.labels) + 1
+        self.label_of = {cid: k + 1 for k, cid in enumerate(sorted(self.categories))}
+        self.classes = [self.categories[cid] for cid in sorted(self.categories)]  # label k + 1 is classes[k]
+        self.num_classes = len(self.label_of) + 1
         self.images = self._images(data)
         self.boxes: dict[int, list[tuple[list[float], int]]] = {image_id: [] for image_id in self.images}
         for index, ann in enumerate(data.get("annotations") or []):
             self._annotation(ann, index)
         self.order = sorted(self.images)
-        self.samples = [str(self.images[i]["path"]) for i in self.order]  # the files, for the data fingerprint
+        self.files = [str(self.images[i]["path"]) for i in self.order]
         if check != "off":
             self._check_files(check)
 
@@ -189,7 +190,7 @@ class CocoDetection(Dataset):
 
         from .datacheck import check_image_files
 
-        check_image_files(self.samples, mode)  # every file opens (and decodes, for "full"); names the first that fails
+        check_image_files(self.files, mode)  # every file opens (and decodes, for "full"); names the first that fails
         for image_id in self.order:
             entry = self.images[image_id]
             with Image.open(entry["path"]) as img:
@@ -264,8 +265,8 @@ class CocoDetection(Dataset):
         image_id, cid, bbox = ann.get("image_id"), ann.get("category_id"), ann.get("bbox")
         if image_id not in self.images:
             raise self._bad(where, f"'image_id' {str(image_id)[:40]} is not an image of the file")
-        if cid not in self.labels:
-            known = sorted(self.labels)
+        if cid not in self.label_of:
+            known = sorted(self.label_of)
             raise self._bad(where, f"'category_id' {str(cid)[:40]} is not among the file's categories {known[:10]}")
         if ann.get("iscrowd", 0):
             return
@@ -282,7 +283,7 @@ class CocoDetection(Dataset):
                 f"box {bbox} (x, y, width, height) lies outside its {image['width']}x{image['height']} image "
                 f"{image['path'].name} or has no area",
             )
-        self.boxes[image_id].append(([x, y, x + w, y + h], self.labels[cid]))
+        self.boxes[image_id].append(([x, y, x + w, y + h], self.label_of[cid]))
 
     def __len__(self) -> int:
         return len(self.order)

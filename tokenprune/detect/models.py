@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
-__all__ = ["HEADS", "PyramidBackbone", "detector", "collate"]
+__all__ = ["HEADS", "PyramidBackbone", "detector"]
 
 # Detector heads `detector(..., head=...)` builds, by the torchvision class they instantiate.
 HEADS = ("fcos", "retinanet", "fasterrcnn")
@@ -175,10 +175,3 @@ def _in_channels(body: nn.Module) -> int:
     """The image channels: the first convolution's input channels."""
     stem = next((m for m in body.modules() if isinstance(m, nn.Conv2d)), None)
     return int(stem.in_channels) if stem is not None else 3
-
-
-def collate(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[torch.Tensor, list[dict]]:
-    """Batch detection samples with different box counts: images stacked [B, C, H, W] (same size), targets kept as
-    a list of dicts (``boxes`` [K_i, 4], ``labels`` [K_i]), as torchvision's detectors take them."""
-    images, targets = zip(*batch)
-    return torch.stack(list(images)), list(targets)
