@@ -204,3 +204,71 @@ def test_detector_keywords_are_checked():
         create_model("convnext_atto", task_head="fcos", num_classes=3, fpn_channels=48, **CONVNEXT)
     with pytest.raises(ConfigError, match="needs num_classes"):
         create_model("convnext_atto", task_head="retinanet")
+
+
+# -- the harness: task detection -------------------------------------------------------------------------------------
+def test_detection_loss_weights_the_detector_losses_and_refuses_logit_kl():
+    from tokenprune.detect.loss import DetectionLoss
+    from tokenprune.train.losses import LossWeights
+
+    losses = {"classification": torch.tensor(0.5), "bbox_regression": torch.tensor(0.25)}
+    out = DetectionLoss(LossWeights.for_kind("spatial", ce=2.0, kl=0.0))(losses, None)
+    assert float(out.total) == 1.5 and float(out.parts["ce"]) == 0.75
+    assert float(out.parts["det_classification"]) == 0.5 and float(out.parts["det_bbox_regression"]) == 0.25
+    with pytest.raises(ConfigError, match=r"loss\.kl=0\.5.*set loss\.kl: 0"):
+        DetectionLoss(LossWeights.for_kind("spatial"))
+
+
+def test_detection_scores_are_coco_map():
+    pytest.importorskip("torchmetrics", reason="torchmetrics (and pycocotools) not installed: pip install torchmetrics")
+    from tokenprune.detect.metrics import DetectionScores
+
+    target = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 50.0]]), "labels": torch.tensor([1, 2])}
+    exact = {**target, "scores": torch.tensor([0.9, 0.8])}
+    scores = DetectionScores()
+    scores.update([exact], [target])
+    assert scores.compute() == {"map": 100.0, "map_50": 100.0}
+    # the second box shifted to IoU 480/720 = 2/3 with its target: a hit at the thresholds 0.50 to 0.65 (4 of 10)
+    shifted = {**exact, "boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 26.0, 40.0, 56.0]])}
+    scores = DetectionScores()
+    scores.update([shifted], [target])
+    result = scores.compute()
+    assert result["map_50"] == 100.0 and result["map"] == pytest.approx(100.0 * (1 + 0.4) / 2, abs=0.01)
+
+
+@pytest.mark.slow  # two tiny runs, over 1.5 s: the full run covers it, the inner loop (-m 'not slow') skips it
+def test_tiny_sparse_detection_finetune(tmp_path, fashion_mnist_like):
+    pytest.importorskip("torchmetrics", reason="torchmetrics (and pycocotools) not installed: pip install torchmetrics")
+    import json
+
+    from tokenprune.train import finetune
+
+    kwargs = json.dumps({"num_classes": 11, "in_chans": 1, "fpn_channels": 64, "min_size": SIZE, **CONVNEXT})
+    common = ["task=detection", "model.name=convnext_atto", "model.task_head=fcos", f"model.kwargs={kwargs}",
+              "data.source=fashion_mnist_detection", f"data.img_size={SIZE}", "data.scenes=16", "data.val_scenes=8",
+              "data.workers=0", "optim.batch_size=8", "optim.epochs=2", "optim.warmup_epochs=0", "run.device=cpu",
+              "run.threads=1", "run.log_every=1", "loss.kl=0", f"data.root={fashion_mnist_like}"]  # fmt: skip
+    teacher = finetune(None, overrides=[*common, "sparsify.enabled=false", f"run.output_dir={tmp_path / 't'}"])
+    student = finetune(
+        None, overrides=[*common, f"model.checkpoint={tmp_path / 't' / 'final.pt'}", f"run.output_dir={tmp_path / 's'}"]
+    )
+    assert tokenprune.config_of(student.model).kind == "spatial"
+    m = student.metrics
+    assert m["teacher_map"] == pytest.approx(teacher.metrics["map"])
+    assert 0 <= m["map"] <= 100 and 0 <= m["map_50"] <= 100 and m["steps"] == 4
+    lines = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in lines if r["kind"] == "eval"][0].keys() >= {"map", "map_50"}
+    train = [r for r in lines if r["kind"] == "train"]
+    assert all({"ce", "ratio", "distill", "det_classification", "det_bbox_regression"} <= set(r) for r in train)
+    assert train[-1]["distill"] > 0 and train[-1]["ratio"] > 0
+
+
+def test_task_detection_needs_a_detector(tmp_path, fashion_mnist_like):
+    from tokenprune.train import finetune
+
+    overrides = ["task=detection", "model.name=convnext_atto", "data.source=fashion_mnist_detection",
+                 "data.img_size=64", "data.scenes=8", "data.val_scenes=4", "data.workers=0", "run.device=cpu",
+                 "sparsify.enabled=false", "loss.kl=0", f"data.root={fashion_mnist_like}",
+                 f"run.output_dir={tmp_path}"]  # fmt: skip
+    with pytest.raises(ConfigError, match="task: detection trains a detector.*ConvNeXt takes only images"):
+        finetune(None, overrides=[*overrides, 'model.kwargs={"num_classes": 11, "in_chans": 1}'])
