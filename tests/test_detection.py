@@ -272,3 +272,19 @@ def test_task_detection_needs_a_detector(tmp_path, fashion_mnist_like):
                  f"run.output_dir={tmp_path}"]  # fmt: skip
     with pytest.raises(ConfigError, match="task: detection trains a detector.*ConvNeXt takes only images"):
         finetune(None, overrides=[*overrides, 'model.kwargs={"num_classes": 11, "in_chans": 1}'])
+
+
+@pytest.mark.slow  # over 1.5 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
+def test_flops_split_backbone_and_head_of_a_detector():
+    from tokenprune.measure.report import build_report
+
+    dense = _dense("convnext/fcos")
+    sparse = tokenprune.sparsify(dense, 0.7, example_inputs=_images())
+    report = build_report("fcos", dense, sparse, (3, SIZE, SIZE), flops_only=True)
+    split = report["split"]
+    assert split["backbone"] == "backbone"  # called on the batch the detector's transform makes, not on the input
+    assert split["dense"]["head_gmacs"] > 0
+    assert split["sparse"]["head_gmacs"] == pytest.approx(split["dense"]["head_gmacs"])  # the heads are not sparsified
+    assert split["sparse"]["backbone_gmacs"] < split["dense"]["backbone_gmacs"]
+    for side in ("dense", "sparse"):
+        assert split[side]["backbone_gmacs"] + split[side]["head_gmacs"] == pytest.approx(report[side]["gmacs"])

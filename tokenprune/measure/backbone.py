@@ -9,6 +9,12 @@ and there is no split.
 
 "Called on the image" is read from the FX graph's module stacks for a `torch.fx.GraphModule` (a sparsified model
 inlines the modules it traced through, so they are never called as modules), and from forward pre-hooks otherwise.
+
+A model whose own forward cannot be traced (a torchvision detector: its transform resizes and normalises the images
+and batches them anew) calls its backbone on the image batch it made, not on the input: there the backbone is the
+outermost such submodule called on an image batch of the input's form (4-D, floating, the input's batch size and
+channels), which is the part `tokenprune.sparsify` rewrites in such a model. A traceable wrapper that normalises
+its input before the backbone still gets no split.
 """
 
 from __future__ import annotations
@@ -76,6 +82,38 @@ def eval_forward(model: nn.Module, inputs: torch.Tensor, handles: list) -> None:
             module.training = mode
 
 
+def _called_on_image_batch(model: nn.Module, candidates: list[str], inputs: torch.Tensor) -> set[str]:
+    found: set[str] = set()
+    handles = []
+    for name in candidates:
+
+        def hook(_m, args, name=name):
+            x = args[0] if args else None
+            if (
+                isinstance(x, torch.Tensor)
+                and x.is_floating_point()
+                and x.dim() == 4
+                and x.shape[:2] == inputs.shape[:2]
+            ):
+                found.add(name)
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    eval_forward(model, inputs, handles)
+    return found
+
+
+def _traces(model: nn.Module, chain: Sequence[str]) -> bool:
+    """Whether tokenprune's tracer traces `model` with the chain's blocks as leaves (as the graph pass does)."""
+    from ..errors import UnsupportedModelError
+    from ..fx.tracing import trace
+
+    try:
+        trace(model, leaves=[model.get_submodule(name) for name in chain])
+    except UnsupportedModelError:
+        return False
+    return True
+
+
 def find_backbone(model: nn.Module, chain: Sequence[str], inputs: torch.Tensor) -> str | None:
     """The qualified name of `model`'s backbone by the rule in this module's docstring, or None (no split).
 
@@ -92,4 +130,8 @@ def find_backbone(model: nn.Module, chain: Sequence[str], inputs: torch.Tensor) 
         called = _called_on_image_graph(model, candidates)
     else:
         called = _called_on_image_hooks(model, candidates, inputs)
-    return next((c for c in candidates if c in called), None)
+    found = next((c for c in candidates if c in called), None)
+    if found is None and not isinstance(model, fx.GraphModule) and inputs.dim() == 4 and not _traces(model, chain):
+        called = _called_on_image_batch(model, candidates, inputs)
+        found = next((c for c in candidates if c in called), None)
+    return found
