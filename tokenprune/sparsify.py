@@ -22,6 +22,7 @@ from .fx.selfcheck import self_check
 from .fx.tracing import kept_training_flags, model_name, trace
 from .inputs import example_input
 from .io.source import timm_feature_kwargs
+from .measure.backbone import image_batch_inputs
 from .measure.cost import ComputeModel, refuse_costlier
 from .nn.recorder import config_of, find_config, find_recorder, selectors
 from .nn.select import EXECUTIONS, SCORERS
@@ -282,7 +283,7 @@ def _traceable_part(
         why = str(untraceable).split(". ")[0].removeprefix(f"{name}: ")
     else:
         raise refusal
-    for path, x in _image_inputs(model, example).items():
+    for path, x in image_batch_inputs(model, example).items():
         inner, where = model.get_submodule(path), f"{name}.{path}"
         found = find_chain(inner, x)
         if found is None:
@@ -301,37 +302,6 @@ def _traceable_part(
         f"{refusal} Nor does any submodule that is called on the image batch [B, C, H, W] and holds a chain "
         "(tokenprune sparsifies such a submodule, e.g. a detector's backbone)."
     ) from None
-
-
-def _image_inputs(model: nn.Module, example: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Proper submodules called on an image batch in one eval forward on `example` (first argument a 4-D floating
-    tensor with the example's batch size and channels), outermost first, with that argument of their first call."""
-    seen: dict[str, torch.Tensor] = {}
-    handles = []
-    for path, module in model.named_modules():
-        if not path:
-            continue
-
-        def hook(_module, args, path=path):
-            x = args[0] if args else None
-            is_image = (
-                isinstance(x, torch.Tensor)
-                and x.is_floating_point()
-                and x.dim() == 4
-                and x.shape[:2] == example.shape[:2]
-            )
-            if is_image and path not in seen:
-                seen[path] = x.detach().clone()
-
-        handles.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for handle in handles:
-            handle.remove()
-    order = {path: i for i, (path, _) in enumerate(model.named_modules())}  # pre-order: a parent before its children
-    return dict(sorted(seen.items(), key=lambda item: order[item[0]]))
 
 
 def _nest(model: nn.Module, path: str, sparse: nn.Module) -> nn.Module:

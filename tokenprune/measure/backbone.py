@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
-__all__ = ["find_backbone", "eval_forward"]
+__all__ = ["find_backbone", "eval_forward", "image_batch_inputs"]
 
 
 def _ancestors(chain: Sequence[str]) -> list[str]:
@@ -82,10 +82,23 @@ def eval_forward(model: nn.Module, inputs: torch.Tensor, handles: list) -> None:
             module.training = mode
 
 
-def _called_on_image_batch(model: nn.Module, candidates: list[str], inputs: torch.Tensor) -> set[str]:
-    found: set[str] = set()
+def image_batch_inputs(
+    model: nn.Module, inputs: torch.Tensor, candidates: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The submodules called on an image batch of `inputs`' form in one eval forward (first argument a 4-D floating
+    tensor with the input's batch size and channels, as a detector's transform makes it), outermost first, each with
+    that argument of its first call. The one reading of "called on the images" for models whose forward does not
+    trace, shared by `tokenprune.sparsify` (where to rewrite) and `find_backbone` (where to split the FLOPs).
+
+    Args:
+        model: the model.
+        inputs: an image batch [B, C, H, W] it runs on.
+        candidates: qualified names to watch; default every proper submodule.
+    """
+    names = [n for n, _ in model.named_modules() if n] if candidates is None else list(candidates)
+    seen: dict[str, torch.Tensor] = {}
     handles = []
-    for name in candidates:
+    for name in names:
 
         def hook(_m, args, name=name):
             x = args[0] if args else None
@@ -95,11 +108,12 @@ def _called_on_image_batch(model: nn.Module, candidates: list[str], inputs: torc
                 and x.dim() == 4
                 and x.shape[:2] == inputs.shape[:2]
             ):
-                found.add(name)
+                seen.setdefault(name, x.detach().clone())
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
     eval_forward(model, inputs, handles)
-    return found
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # pre-order: a parent before its children
+    return dict(sorted(seen.items(), key=lambda item: order[item[0]]))
 
 
 def _traces(model: nn.Module, chain: Sequence[str]) -> bool:
@@ -132,6 +146,6 @@ def find_backbone(model: nn.Module, chain: Sequence[str], inputs: torch.Tensor) 
         called = _called_on_image_hooks(model, candidates, inputs)
     found = next((c for c in candidates if c in called), None)
     if found is None and not isinstance(model, fx.GraphModule) and inputs.dim() == 4 and not _traces(model, chain):
-        called = _called_on_image_batch(model, candidates, inputs)
+        called = set(image_batch_inputs(model, inputs, candidates))
         found = next((c for c in candidates if c in called), None)
     return found
