@@ -288,3 +288,43 @@ def test_flops_split_backbone_and_head_of_a_detector():
     assert split["sparse"]["backbone_gmacs"] < split["dense"]["backbone_gmacs"]
     for side in ("dense", "sparse"):
         assert split[side]["backbone_gmacs"] + split[side]["head_gmacs"] == pytest.approx(report[side]["gmacs"])
+
+
+# -- the rule is structural: any model whose forward does not trace, not only detectors -----------------------------
+class _Gated(nn.Module):
+    """A classifier behind Python control flow on tensor values: the wrapper cannot be traced, its ViT can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import timm
+
+        self.net = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4, num_classes=5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().max() > 100:  # data-dependent: torch.fx cannot trace this
+            x = x / x.abs().max()
+        return self.net(x)
+
+
+def test_an_untraceable_wrapper_gets_its_traceable_part_sparsified():
+    torch.manual_seed(0)
+    model = _Gated().eval()
+    x = torch.randn(2, 3, 32, 32)
+    described = tokenprune.plan(model, 0.7, locations=[1, 2], example_inputs=x).describe()
+    assert described.startswith("_Gated.net: token chain of 4 blocks") and "cannot trace _Gated" in described
+    sparse = tokenprune.sparsify(model, 0.7, locations=[1, 2], example_inputs=x).eval()
+    assert type(sparse) is _Gated and isinstance(sparse.net, torch.fx.GraphModule)
+    assert tokenprune.config_of(sparse).chain == [f"net.blocks.{i}" for i in range(4)]
+    with torch.no_grad():
+        pruned = sparse(x)
+        tokenprune.set_execution(sparse, "masked")
+        assert torch.allclose(sparse(x), pruned, atol=1e-5)
+        assert not torch.allclose(pruned, model(x), atol=1e-3)
+
+
+def test_a_traceable_model_keeps_its_own_refusal():
+    import timm
+
+    with pytest.raises(UnsupportedModelError, match="no slow path") as info:
+        tokenprune.sparsify(timm.create_model("resnet18").eval(), 0.7, example_inputs=torch.randn(1, 3, 64, 64))
+    assert "Nor does any submodule" not in str(info.value) and "not traceable" not in str(info.value)
