@@ -33,8 +33,9 @@ __all__ = [
 ]
 
 LIBRARIES = ("timm", "torchvision")
-# Heads `create_model(..., task_head=...)` can put on a backbone; None keeps the library's own (classifier) head.
-TASK_HEADS = ("fpn",)
+# Heads `create_model(..., task_head=...)` can put on a timm backbone; None keeps the library's own (classifier) head.
+# "fpn": a `Segmenter`; the detection heads: a torchvision detector (`tokenprune.detect.detector`).
+TASK_HEADS = ("fpn", "fcos", "retinanet", "fasterrcnn")
 
 
 class Segmenter(nn.Module):
@@ -166,7 +167,11 @@ def _build(library: str, name: str, pretrained: bool, kwargs: dict[str, Any]) ->
         num_classes = kwargs.pop("num_classes", None)
         if num_classes is None:
             raise ConfigError(f"task_head={head!r} needs num_classes, e.g. model.kwargs.num_classes=150.")
-        return segmenter(name, int(num_classes), pretrained=pretrained, **kwargs)
+        if head == "fpn":
+            return segmenter(name, int(num_classes), pretrained=pretrained, **kwargs)
+        from .detect import detector
+
+        return detector(name, int(num_classes), head=head, pretrained=pretrained, **kwargs)
     if library == "timm":
         import timm
 
@@ -198,7 +203,10 @@ def create_model(
             timm is tried first).
         **kwargs: constructor keywords, e.g. ``num_classes=10, img_size=64``. ``task_head="fpn"`` builds a
             `Segmenter` on the timm backbone `name` instead (``num_classes`` required, ``fpn_channels`` optional,
-            the rest go to the backbone); it is recorded in the source like any other keyword.
+            the rest go to the backbone); ``task_head="fcos" | "retinanet" | "fasterrcnn"`` a torchvision detector on
+            it (`tokenprune.detect.detector`: ``num_classes`` counts the background; ``min_size``, ``max_size``,
+            ``levels``, ``fpn_channels`` and post-processing thresholds optional). The head is recorded in the source
+            like any other keyword.
 
     Returns:
         The model, in train mode as the libraries return it.

@@ -7,19 +7,22 @@ import copy
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .config import SparsifyConfig, check_ratio, default_keep_ratios, default_locations
 from .errors import ConfigError, TokenPruneError, UnsupportedModelError
+from .fx._graph import set_submodule
 from .fx.analysis import build_plan
 from .fx.discovery import Chain, find_chain
 from .fx.plan import Plan, apply_plan
 from .fx.selfcheck import self_check
-from .fx.tracing import kept_training_flags, model_name
+from .fx.tracing import kept_training_flags, model_name, trace
 from .inputs import example_input
 from .io.source import timm_feature_kwargs
+from .measure.backbone import image_batch_inputs
 from .measure.cost import ComputeModel, refuse_costlier
 from .nn.recorder import config_of, find_config, find_recorder, selectors
 from .nn.select import EXECUTIONS, SCORERS
@@ -120,8 +123,11 @@ def sparsify(
     flags = held.enter_context(kept_training_flags(target))  # every submodule's flag, put back whatever happens
     applied = None
     try:
-        the_plan, example = _analyse(target, ratio, locations, keep_ratios, example_inputs, name, scorer, decisions)
-        applied = apply_plan(target, the_plan)
+        the_plan, example, part = _analyse(
+            target, ratio, locations, keep_ratios, example_inputs, name, scorer, decisions
+        )
+        inner = target.get_submodule(part.path) if part.path else target
+        applied = apply_plan(inner, the_plan)
         sparse = applied.model
         chain = the_plan.chain
         find_recorder(sparse).config = SparsifyConfig(
@@ -137,10 +143,13 @@ def sparsify(
             scorer=scorer,
             decisions=the_plan.decisions,
         )
-        self_check(sparse, chain, the_plan.locations, example, name, dense=None if inplace else model)
-        refuse_costlier(ComputeModel.calibrate(sparse, example), the_plan.keep_ratios, chain.names, name)
+        dense = None if inplace else (model.get_submodule(part.path) if part.path else model)
+        self_check(sparse, chain, the_plan.locations, part.example, the_plan.name, dense=dense)
+        refuse_costlier(ComputeModel.calibrate(sparse, part.example), the_plan.keep_ratios, chain.names, the_plan.name)
         # reason: the GraphModule drops timm's feature_info; `save` needs it to record features_only (io/source.py).
         find_recorder(sparse).dense_kwargs = timm_feature_kwargs(model)
+        if part.path:
+            sparse = _nest(target, part.path, sparse)
     except BaseException:
         # Any failure, not only a refusal (a KeyboardInterrupt in the self-check included), leaves an inplace model as
         # it was: its modules back in place; the flags follow on leaving `held`.
@@ -191,10 +200,23 @@ def _inherit_flags(sparse: nn.Module, flags: dict[str, bool], originals: set[int
         module.training = flags[owner]
 
 
+@dataclass
+class _Part:
+    """The module the pass rewrites: the model itself (``path == ""``) or, when the model's own forward cannot be
+    traced, the submodule at `path` that holds the chain and is called on the image batch `example` (a detector's
+    backbone)."""
+
+    path: str
+    example: torch.Tensor
+    note: str = ""
+
+
 def _analyse(
     model, ratio, locations, keep_ratios, example_inputs, name, scorer="predictor", decisions="auto"
-) -> tuple[Plan, torch.Tensor]:
-    """Check the options and build the plan; `model` is left unchanged (every submodule's training flag restored)."""
+) -> tuple[Plan, torch.Tensor, _Part]:
+    """Check the options and build the plan; `model` is left unchanged (every submodule's training flag restored).
+
+    Returns the plan, the model's example input and the part of the model the plan is for."""
     ratio = check_ratio(ratio)
     if scorer not in SCORERS:
         raise ConfigError(f"{name}: scorer={scorer!r}; choose one of {', '.join(SCORERS)}.")
@@ -206,19 +228,18 @@ def _analyse(
         model.eval()
         try:
             example = example_input(model, example_inputs)
-            chain = find_chain(model, example)
-            if chain is None:
-                raise UnsupportedModelError(
-                    f"{name}: no chain of blocks mapping tokens [B, N, C] (or feature maps) to the same shape was "
-                    "found, so there is nothing to sparsify. Supported: ViT-style models and hierarchical models "
-                    "whose blocks end in a per-location MLP (timm, torchvision)."
+            chain = _chain(model, example, name)
+            part = _Part("", example)
+            try:
+                the_plan = _plan_chain(model, chain, example, ratio, locations, keep_ratios, name, scorer, decisions)
+            except UnsupportedModelError as refusal:
+                part, chain = _traceable_part(model, chain, example, name, refusal)
+                inner, where = model.get_submodule(part.path), f"{name}.{part.path}"
+                the_plan = _plan_chain(
+                    inner, chain, part.example, ratio, locations, keep_ratios, where, scorer, decisions
                 )
-            locs = _check_locations(locations, len(chain.calls), chain.kind, name)
-            ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
-            the_plan = build_plan(model, chain, example, locs, ratios, name, scorer, decisions)
-            if chain.kind == "token":
-                _warn_tiny_keep(chain, the_plan.prefix, ratios, name)
-            return the_plan, example
+                the_plan.notes.insert(0, part.note)
+            return the_plan, example, part
         except TokenPruneError:
             raise
         except Exception as e:  # noqa: BLE001 - a model tokenprune cannot analyse gets a reason, never a raw traceback
@@ -227,6 +248,80 @@ def _analyse(
                 f"{str(e).splitlines()[0] if str(e) else ''}); it refuses it rather than guess. The cause is chained "
                 "to this error; please report it with the model's name."
             ) from e
+
+
+def _chain(model: nn.Module, example: torch.Tensor, name: str) -> Chain:
+    chain = find_chain(model, example)
+    if chain is None:
+        raise UnsupportedModelError(
+            f"{name}: no chain of blocks mapping tokens [B, N, C] (or feature maps) to the same shape was "
+            "found, so there is nothing to sparsify. Supported: ViT-style models and hierarchical models "
+            "whose blocks end in a per-location MLP (timm, torchvision)."
+        )
+    return chain
+
+
+def _plan_chain(model, chain, example, ratio, locations, keep_ratios, name, scorer, decisions) -> Plan:
+    locs = _check_locations(locations, len(chain.calls), chain.kind, name)
+    ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
+    the_plan = build_plan(model, chain, example, locs, ratios, name, scorer, decisions)
+    if chain.kind == "token":
+        _warn_tiny_keep(chain, the_plan.prefix, ratios, name)
+    return the_plan
+
+
+def _traceable_part(
+    model: nn.Module, chain: Chain, example: torch.Tensor, name: str, refusal: UnsupportedModelError
+) -> tuple[_Part, Chain]:
+    """Where to sparsify a model whose own forward cannot be traced (a detector: a list of images in, data-dependent
+    post-processing out), and the chain found there.
+
+    The rule is structural: the outermost proper submodule that is called on the image batch (its first argument a
+    4-D floating tensor with the example's batch size and channels: a detector's transform resizes and normalises the
+    images on the way), holds a chain of its own, and traces with that chain's blocks as leaves (as in the analysis
+    itself). The chain is found in the submodule, not in the whole model: a detector's head may hold a longer run
+    of same-type layers than its backbone.
+
+    Raises:
+        UnsupportedModelError: `refusal` itself when the model traces (its refusal stands); else `refusal` (why
+            the model does not trace) with the news that no such submodule exists either.
+    """
+    try:
+        trace(model, leaves=[c.module for c in chain.calls], name=name)
+    except UnsupportedModelError as untraceable:
+        why = str(untraceable).split(". ")[0].removeprefix(f"{name}: ")
+    else:
+        raise refusal
+    for path, x in image_batch_inputs(model, example).items():
+        inner, where = model.get_submodule(path), f"{name}.{path}"
+        found = find_chain(inner, x)
+        if found is None:
+            continue
+        try:
+            trace(inner, leaves=[c.module for c in found.calls], name=where)
+        except UnsupportedModelError:
+            continue
+        note = (
+            f"{name}'s own forward is not traceable ({why}); tokenprune sparsifies its submodule {path} "
+            f"({type(inner).__name__}), which holds the chain and is called on the image batch {list(x.shape)}; "
+            f"the rest of {name} runs unchanged around it"
+        )
+        return _Part(path, x, note), found
+    raise UnsupportedModelError(
+        f"{refusal} Nor does any submodule that is called on the image batch [B, C, H, W] and holds a chain "
+        "(tokenprune sparsifies such a submodule, e.g. a detector's backbone)."
+    ) from None
+
+
+def _nest(model: nn.Module, path: str, sparse: nn.Module) -> nn.Module:
+    """Install the sparsified submodule `sparse` at `path` in `model`; the recorded block names become qualified
+    names in `model` (the chain's blocks keep their names inside `sparse`, so they name the same modules in the dense
+    model and in the result: a teacher's block is hooked by the same name)."""
+    recorder = find_recorder(sparse)
+    recorder.config.chain = [f"{path}.{block}" for block in recorder.config.chain]
+    recorder.chain_output = f"{path}.{recorder.chain_output}"
+    set_submodule(model, path, sparse)
+    return model
 
 
 def plan(

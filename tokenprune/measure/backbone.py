@@ -9,6 +9,12 @@ and there is no split.
 
 "Called on the image" is read from the FX graph's module stacks for a `torch.fx.GraphModule` (a sparsified model
 inlines the modules it traced through, so they are never called as modules), and from forward pre-hooks otherwise.
+
+A model whose own forward cannot be traced (a torchvision detector: its transform resizes and normalises the images
+and batches them anew) calls its backbone on the image batch it made, not on the input: there the backbone is the
+outermost such submodule called on an image batch of the input's form (4-D, floating, the input's batch size and
+channels), which is the part `tokenprune.sparsify` rewrites in such a model. A traceable wrapper that normalises
+its input before the backbone still gets no split.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx, nn
 
-__all__ = ["find_backbone", "eval_forward"]
+__all__ = ["find_backbone", "eval_forward", "image_batch_inputs"]
 
 
 def _ancestors(chain: Sequence[str]) -> list[str]:
@@ -76,6 +82,52 @@ def eval_forward(model: nn.Module, inputs: torch.Tensor, handles: list) -> None:
             module.training = mode
 
 
+def image_batch_inputs(
+    model: nn.Module, inputs: torch.Tensor, candidates: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The submodules called on an image batch of `inputs`' form in one eval forward (first argument a 4-D floating
+    tensor with the input's batch size and channels, as a detector's transform makes it), outermost first, each with
+    that argument of its first call. The one reading of "called on the images" for models whose forward does not
+    trace, shared by `tokenprune.sparsify` (where to rewrite) and `find_backbone` (where to split the FLOPs).
+
+    Args:
+        model: the model.
+        inputs: an image batch [B, C, H, W] it runs on.
+        candidates: qualified names to watch; default every proper submodule.
+    """
+    names = [n for n, _ in model.named_modules() if n] if candidates is None else list(candidates)
+    seen: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+
+        def hook(_m, args, name=name):
+            x = args[0] if args else None
+            if (
+                isinstance(x, torch.Tensor)
+                and x.is_floating_point()
+                and x.dim() == 4
+                and x.shape[:2] == inputs.shape[:2]
+            ):
+                seen.setdefault(name, x.detach().clone())
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    eval_forward(model, inputs, handles)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}  # pre-order: a parent before its children
+    return dict(sorted(seen.items(), key=lambda item: order[item[0]]))
+
+
+def _traces(model: nn.Module, chain: Sequence[str]) -> bool:
+    """Whether tokenprune's tracer traces `model` with the chain's blocks as leaves (as the graph pass does)."""
+    from ..errors import UnsupportedModelError
+    from ..fx.tracing import trace
+
+    try:
+        trace(model, leaves=[model.get_submodule(name) for name in chain])
+    except UnsupportedModelError:
+        return False
+    return True
+
+
 def find_backbone(model: nn.Module, chain: Sequence[str], inputs: torch.Tensor) -> str | None:
     """The qualified name of `model`'s backbone by the rule in this module's docstring, or None (no split).
 
@@ -92,4 +144,8 @@ def find_backbone(model: nn.Module, chain: Sequence[str], inputs: torch.Tensor) 
         called = _called_on_image_graph(model, candidates)
     else:
         called = _called_on_image_hooks(model, candidates, inputs)
-    return next((c for c in candidates if c in called), None)
+    found = next((c for c in candidates if c in called), None)
+    if found is None and not isinstance(model, fx.GraphModule) and inputs.dim() == 4 and not _traces(model, chain):
+        called = set(image_batch_inputs(model, inputs, candidates))
+        found = next((c for c in candidates if c in called), None)
+    return found

@@ -217,8 +217,9 @@ class ResumableSampler(Sampler[int]):
 class DataBundle:
     """Training and validation datasets plus what the model needs to know about them.
 
-    ``task`` is "classification" (samples are (image, class)) or "segmentation" (samples are (image, mask [H, W])
-    with `ignore_index` marking pixels that count nowhere).
+    ``task`` is "classification" (samples are (image, class)), "segmentation" (samples are (image, mask [H, W])
+    with `ignore_index` marking pixels that count nowhere) or "detection" (samples are (image, {"boxes", "labels"}),
+    labels 1..num_classes-1 with 0 the background; batch them with `tokenprune.detect.collate`).
     """
 
     train: Dataset
@@ -280,18 +281,29 @@ def build_datasets(data, *, img_size: int, in_chans: int, seed: int = 0, model=N
                 clutter=data.clutter, augment=data.augment if split == "train" else None,
             )  # fmt: skip
         bundle = DataBundle(splits["train"], splits["test"], 10, 1)
-    elif source == "fashion_mnist_scenes":
+    elif source in ("fashion_mnist_scenes", "fashion_mnist_detection"):
+        from .detdata import FashionMNISTDetection
         from .segdata import FashionMNISTScenes
 
+        task = "segmentation" if source == "fashion_mnist_scenes" else "detection"
+        scenes = FashionMNISTScenes if task == "segmentation" else FashionMNISTDetection
         root = Path(data.root or FASHION_MNIST_ROOT)
         splits = {}
         for split, count, offset in (("train", data.scenes, 0), ("test", data.val_scenes, 1)):
             images, labels = read_fashion_mnist(root, split)
-            splits[split] = FashionMNISTScenes(
+            splits[split] = scenes(
                 images, labels, count, img_size, seed=seed * 2 + offset, items=data.scene_items,
                 threshold=data.ink_threshold, augment=data.augment if split == "train" else None,
             )  # fmt: skip
-        bundle = DataBundle(splits["train"], splits["test"], 11, 1, "segmentation", data.ignore_index)
+        bundle = DataBundle(splits["train"], splits["test"], 11, 1, task, data.ignore_index)
+    elif source == "coco":
+        from .detdata import coco_pair
+
+        if data.root is None:
+            raise DataError("data.root is not set; point it at a folder with images/ and annotations/.")
+        check = getattr(data, "check_images", "header")
+        train, val = coco_pair(data.root, data.train_split, data.val_split, img_size, augment=data.augment, check=check)
+        bundle = DataBundle(train, val, train.num_classes, 3, "detection")
     elif source == "segfolder":
         from .segdata import SegmentationFolder
 
@@ -320,7 +332,8 @@ def build_datasets(data, *, img_size: int, in_chans: int, seed: int = 0, model=N
     else:
         raise DataError(
             f"data.source={source!r} is unknown; use 'imagefolder', 'fashion_mnist', 'fashion_mnist_objects' or "
-            "'synthetic' (classification), 'segfolder' or 'fashion_mnist_scenes' (segmentation)."
+            "'synthetic' (classification), 'segfolder' or 'fashion_mnist_scenes' (segmentation), "
+            "'fashion_mnist_detection' or 'coco' (detection)."
         )
     if data.train_subset:
         bundle.train = torch.utils.data.Subset(bundle.train, range(min(data.train_subset, len(bundle.train))))

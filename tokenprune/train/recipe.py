@@ -1,7 +1,8 @@
 """Fine-tuning recipes: a typed schema, YAML loading, `key=value` overrides, and the resolved copy saved with a run.
 
-A recipe is plain YAML with the sections below, plus one top-level key, ``task``: "classification" (the default) or
-"segmentation" (per-pixel labels, mIoU and pixel accuracy; docs/design.md §3.5). Every key has a default, so a recipe
+A recipe is plain YAML with the sections below, plus one top-level key, ``task``: "classification" (the default),
+"segmentation" (per-pixel labels, mIoU and pixel accuracy; docs/design.md §3.5) or "detection" (boxes and labels, a
+torchvision detector's own losses, COCO mAP; `tokenprune.detect`). Every key has a default, so a recipe
 only states what differs; an unknown key (in the file or on the command line) is a `ConfigError` that names it,
 because a typo such as `optim.backbone_lr_sacle=0.1` would otherwise silently train with the default.
 """
@@ -19,7 +20,7 @@ import yaml
 from ..errors import ConfigError
 from .schema import MAX_RECIPE_BYTES, check_value, describe, key, rule_of, safe_yaml
 
-TASKS = ("classification", "segmentation")
+TASKS = ("classification", "segmentation", "detection")
 
 __all__ = [
     "TASKS",
@@ -64,8 +65,10 @@ class ModelSection:
     task_head: str | None = key(
         None,
         "null builds the library's classifier; 'fpn' a segmentation model on the timm backbone `name` "
-        "(features_only + FeaturePyramidNetwork + 1x1 classifier, tokenprune.models.segmenter).",
-        choices=("fpn",),
+        "(features_only + FeaturePyramidNetwork + 1x1 classifier, tokenprune.models.segmenter); 'fcos', 'retinanet' "
+        "or 'fasterrcnn' a torchvision detector on it (tokenprune.detect.detector; num_classes counts the "
+        "background; fix kwargs.min_size to the image size).",
+        choices=("fpn", "fcos", "retinanet", "fasterrcnn"),
     )
 
 
@@ -139,7 +142,8 @@ class DataSection:
         "imagefolder",
         "Classification: 'imagefolder' (root/train, root/val), 'fashion_mnist' (IDX files), "
         "'fashion_mnist_objects' (one item on a cluttered canvas) or 'synthetic'; segmentation: 'segfolder' "
-        "(root/<split>/images + masks) or 'fashion_mnist_scenes'.",
+        "(root/<split>/images + masks) or 'fashion_mnist_scenes'; detection: 'fashion_mnist_detection' (the scenes "
+        "with a box per visible item) or 'coco' (root/images + root/annotations/instances_<split>.json).",
         choices=(
             "imagefolder",
             "fashion_mnist",
@@ -147,6 +151,8 @@ class DataSection:
             "synthetic",
             "segfolder",
             "fashion_mnist_scenes",
+            "fashion_mnist_detection",
+            "coco",
         ),
     )
     root: str | None = key(None, "Dataset folder; for fashion_mnist the Debian install path when null.")
@@ -269,7 +275,7 @@ _FREE_FORM = {("model", "kwargs"), ("data", "augment")}
 
 @dataclass
 class Recipe:
-    """A complete, validated fine-tuning recipe (`task` is "classification" or "segmentation")."""
+    """A complete, validated fine-tuning recipe (`task` is "classification", "segmentation" or "detection")."""
 
     task: str = "classification"
     model: ModelSection = field(default_factory=ModelSection)
@@ -425,6 +431,7 @@ def describe_recipe() -> list[dict[str, str]]:
         "type": "str",
         "allowed": "one of " + ", ".join(map(repr, TASKS)),
         "default": "'classification'",
-        "doc": "Classification (top-1) or segmentation (per-pixel labels, mIoU; docs/design.md §3.5).",
+        "doc": "Classification (top-1), segmentation (per-pixel labels, mIoU; docs/design.md §3.5) or detection "
+        "(boxes; the detector's losses, COCO mAP).",
     }
     return [task, *describe(_SECTIONS)]

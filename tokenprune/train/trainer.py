@@ -8,6 +8,7 @@ and which checkpoint a run may continue from, is `resume.py`'s business.
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import time
@@ -48,7 +49,7 @@ def _selectors(model: nn.Module) -> list[nn.Module]:
 
 
 def _describe(scores: dict[str, float]) -> str:
-    names = {"top1": "top-1", "miou": "mIoU", "pixel_acc": "pixel accuracy"}
+    names = {"top1": "top-1", "miou": "mIoU", "pixel_acc": "pixel accuracy", "map": "mAP", "map_50": "mAP@.5"}
     return ", ".join(f"{names.get(k, k)} {v:.2f}%" for k, v in scores.items())
 
 
@@ -84,7 +85,20 @@ class Trainer:
                 f"the recipe's task is {recipe.task!r} but data.source={recipe.data.source!r} gives {data.task} "
                 f"samples; set task: {data.task} or use a {recipe.task} data source."
             )
-        self.loss_fn = SparsificationLoss(self._weights(), recipe.task, data.ignore_index)
+        self.detection = recipe.task == "detection"
+        if self.detection:
+            from ..detect.loss import DetectionLoss
+
+            if len(inspect.signature(student.forward).parameters) < 2:
+                raise ConfigError(
+                    f"task: detection trains a detector called as model(images, targets); {type(student).__name__} "
+                    "takes only images. Set model.task_head: fcos, retinanet or fasterrcnn, or pass a torchvision "
+                    "detector to finetune(model=...)."
+                )
+
+            self.loss_fn = DetectionLoss(self._weights())
+        else:
+            self.loss_fn = SparsificationLoss(self._weights(), recipe.task, data.ignore_index)
         o, run = recipe.optim, recipe.run
         self.accum = o.accum_steps
         if o.global_batch_size:
@@ -103,6 +117,11 @@ class Trainer:
         )  # fmt: skip
         self.train_loader = loader(data.train, train=True)
         self.val_loader = loader(data.val, train=False)
+        if self.detection:
+            from ..detect import collate
+
+            # reason: make_loader has no collate_fn parameter yet; detection targets differ in box count.
+            self.train_loader.collate_fn = self.val_loader.collate_fn = collate
         self.spe = len(self.train_loader) // self.accum
         if self.spe == 0:
             raise DataError(
@@ -233,7 +252,29 @@ class Trainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=self.amp_dtype) if self.use_amp else nullcontext()
 
+    def _targets_to_device(self, y):
+        if self.detection:
+            from ..detect import targets_to
+
+            return targets_to(y, self.device)
+        return y.to(self.device, non_blocking=True)
+
+    def _task_loss(self, x: torch.Tensor, y: list[dict]) -> tuple[LossOutput, Any, torch.Tensor | None]:
+        """The detector's own losses (train mode, on the images and targets) with the sparsification terms; the
+        teacher runs only for the feature distillation (its forward hook records its chain output)."""
+        losses = self.model(list(x), y)
+        state = _state(self.student) if self.sparsified else None
+        if self.teacher is not None and self.loss_fn.weights.distill > 0:
+            with torch.no_grad():
+                self.teacher(list(x))
+        rho = self.ratios() if self.ratios is not None else None
+        return self.loss_fn(losses, state, self._teacher_features, keep_ratios=rho), state, rho
+
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[LossOutput, list[float]]:
+        if self.detection:
+            with self._autocast():
+                out, state, rho = self._task_loss(x, y)
+            return self._finish_loss(out, state, rho)
         with self._autocast():
             logits = self.model(x)
             logits = logits[0] if isinstance(logits, (tuple, list)) else logits
@@ -245,6 +286,9 @@ class Trainer:
                     t_logits = t_logits[0] if isinstance(t_logits, (tuple, list)) else t_logits
             rho = self.ratios() if self.ratios is not None else None
             out = self.loss_fn(logits, y, state, t_logits, self._teacher_features, keep_ratios=rho)
+        return self._finish_loss(out, state, rho)
+
+    def _finish_loss(self, out: LossOutput, state, rho) -> tuple[LossOutput, list[float]]:
         self._teacher_features = None
         if rho is not None:
             flops = self.compute.ratio(rho)
@@ -274,10 +318,22 @@ class Trainer:
     def evaluate_metrics(self, model: nn.Module) -> dict[str, float]:
         """`model`'s scores in eval mode over the whole validation set (shared across ranks, no padding).
 
-        Classification: ``{"top1"}``; segmentation: ``{"miou", "pixel_acc"}`` (train/metrics.py), all in %.
+        Classification: ``{"top1"}``; segmentation: ``{"miou", "pixel_acc"}`` (train/metrics.py); detection:
+        ``{"map", "map_50"}`` (COCO mAP@[.5:.95] and mAP@.5, `tokenprune.detect.metrics`), all in %.
         """
         was = model.training
         model.eval()
+        if self.detection:
+            from ..detect.metrics import DetectionScores
+
+            scores = DetectionScores()
+            self.val_loader.sampler.set_epoch(0)
+            for x, y in batches(self.val_loader):
+                with self._autocast():
+                    detections = model(list(x.to(self.device, non_blocking=True)))
+                scores.update(detections, self._targets_to_device(y))
+            model.train(was)
+            return scores.compute()
         segmentation = self.task == "segmentation"
         size = (self.num_classes, self.num_classes) if segmentation else (2,)
         counts = torch.zeros(size, dtype=torch.float64, device=self.device)
@@ -300,11 +356,11 @@ class Trainer:
 
     @property
     def score_name(self) -> str:
-        """The main validation score: "top1" (classification) or "miou" (segmentation)."""
-        return "miou" if self.task == "segmentation" else "top1"
+        """The main validation score: "top1" (classification), "miou" (segmentation) or "map" (detection)."""
+        return {"segmentation": "miou", "detection": "map"}.get(self.task, "top1")
 
     def evaluate(self, model: nn.Module) -> float:
-        """The main score (%) of `model` over the validation set: top-1, or mIoU for segmentation."""
+        """The main score (%) of `model` over the validation set: top-1, mIoU (segmentation) or mAP (detection)."""
         return self.evaluate_metrics(model)[self.score_name]
 
     def apply_learned_ratios(self) -> list[float] | None:
@@ -429,7 +485,7 @@ class Trainer:
         count, images, tick = 0, 0, time.perf_counter()
         bad = torch.zeros((), device=self.device)
         for x, y in batches(self.train_loader):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            x, y = x.to(self.device, non_blocking=True), self._targets_to_device(y)
             sync = (micro + 1) % self.accum == 0
             no_sync = self.model.no_sync() if (self.info.enabled and not sync) else nullcontext()
             with no_sync:
