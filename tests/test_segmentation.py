@@ -209,7 +209,7 @@ def test_task_must_match_the_data_source(tmp_path):
     with pytest.raises(ConfigError, match="task: segmentation needs"):
         finetune(None, overrides=["task=segmentation", f"run.output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="task=.*unknown"):
-        load_recipe(None, ["task=detection"])
+        load_recipe(None, ["task=keypoints"])
 
 
 # -- the harness end to end ----------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ class DetectionScores:
             self.metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
         except (ImportError, ModuleNotFoundError) as e:
             raise ConfigError(
-                f"detection scores need torchmetrics and pycocotools ({e}); pip install torchmetrics pycocotools."
+                f"detection scores need torchmetrics and pycocotools ({e}); pip install 'tokenprune[detection]'."
             ) from None
 
     def update(self, detections: list[dict[str, torch.Tensor]], targets: list[dict[str, torch.Tensor]]) -> None:
