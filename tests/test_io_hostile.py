@@ -161,14 +161,14 @@ def _mutations(saved: Path, tmp_path: Path, payload) -> list[tuple[str, Path]]:
     for key in metadata:
         write(f"header field {key} removed", meta={key: None})
     for key in config:
-        if key != "scorer":  # optional: files written before it had learned predictors (tested in test_scorer.py)
+        if key not in ("scorer", "decisions"):  # optional: older files had learned, nested predictors (tested)
             write(f"config.{key} removed", config={key: None})
     for key in ("library", "name", "kwargs"):
         write(f"source.{key} removed", source={k: v for k, v in _source().items() if k != key})
     wrong = ["x", None, {}, [], [[1]], -1, 1e308, True, "1" * 10000]
     for key, value in config.items():
         for bad in wrong:
-            if type(bad) is not type(value) and not (key in ("source", "scorer") and bad is None):
+            if type(bad) is not type(value) and not (key in ("source", "scorer", "decisions") and bad is None):
                 write(f"config.{key} = {str(bad)[:20]}", config={key: bad})
     for key in ("format", "format_version", "tokenprune", "source", "config", "digest"):
         for bad in ("", "x", "[1, 2]", "{", "9" * 100, "null", '"a"'):
@@ -177,7 +177,7 @@ def _mutations(saved: Path, tmp_path: Path, payload) -> list[tuple[str, Path]]:
                      ("keep_ratios", [0.5, 0.6, 0.7]), ("ratio", float("nan")), ("chain", ["b"] * 10**5),
                      ("prefix_tokens", 10**9), ("model_name", "x" * 10**5), ("kind", "graph"),
                      ("locations", list(range(1, 200))), ("input_size", [3, 10**9, 10**9]),
-                     ("scorer", "random")):  # fmt: skip
+                     ("scorer", "random"), ("decisions", "random")):  # fmt: skip
         write(f"config.{key} oversized", config={key: bad})
     for key, sources in HOSTILE_SOURCES.items():
         for source in sources:
@@ -195,11 +195,11 @@ def _mutations(saved: Path, tmp_path: Path, payload) -> list[tuple[str, Path]]:
 
 
 @pytest.mark.slow  # over 1.5 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
-def test_fuzz_404_mutations_each_give_a_checkpoint_error(saved: Path, tmp_path: Path, code_payload):
-    """404 mutations of a saved file, each a CheckpointError, never another exception, and no pickled code runs:
+def test_fuzz_411_mutations_each_give_a_checkpoint_error(saved: Path, tmp_path: Path, code_payload):
+    """411 mutations of a saved file, each a CheckpointError, never another exception, and no pickled code runs:
     60 truncations at random points, 80 header and 80 body random-byte changes, 19 fields removed (every header,
-    config and source field but the optional scorer), 79 config fields of wrong types, 42 unparsable or wrong header
-    values, 12 oversized or unknown
+    config and source field but the optional scorer and decisions), 85 config fields of wrong types, 42 unparsable or
+    wrong header values, 13 oversized or unknown
     values, 27 hostile sources, 5 code-running pickles (as the file, in a header field, in or after the body)."""
     payload, marker = code_payload
     mutations = _mutations(saved, tmp_path, payload)
@@ -213,11 +213,24 @@ def test_fuzz_404_mutations_each_give_a_checkpoint_error(saved: Path, tmp_path: 
         except Exception as e:  # noqa: BLE001 - the point of the test
             pytest.fail(f"{label}: {type(e).__name__}: {e}")
         pytest.fail(f"{label}: loaded without an error")
-    assert len(mutations) == 404 and outcomes == {"CheckpointError": 404}
+    assert len(mutations) == 411 and outcomes == {"CheckpointError": 411}
     assert not marker.exists()
     # Positive control: the payload does run code when plainly unpickled, so the marker would have shown it.
     pickle.loads(pickle.dumps(payload))
     assert marker.exists()
+
+
+def test_a_spatial_file_from_before_the_decisions_field_loads_nested(tmp_path: Path):
+    """Spatial stages decided nested before `decisions` existed; such a file must load as it was trained."""
+    dense = tokenprune.create_model("convnext_atto", num_classes=4).eval()
+    sparse = tokenprune.sparsify(dense, 0.7, example_inputs=torch.randn(1, 3, 64, 64))
+    assert tokenprune.config_of(sparse).decisions == "independent"
+    saved = tokenprune.save(sparse, tmp_path / "spatial.safetensors")
+    older = _write(saved, tmp_path / "older.safetensors", config={"decisions": None})
+    loaded = tokenprune.load(older)
+    assert tokenprune.config_of(loaded).decisions == "nested"
+    assert all(sel.nested for sel in tokenprune.selectors(loaded))
+    assert not any(sel.nested for sel in tokenprune.selectors(tokenprune.load(saved)))
 
 
 def test_a_file_from_before_the_scorer_field_loads_with_learned_predictors(saved: Path, tmp_path: Path):
