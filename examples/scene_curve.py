@@ -7,8 +7,8 @@
 
 Writes ``<out>/results.md`` (every model at rho = 0.7) and ``<out>/curve.md`` (top-1 and x teacher FLOPs at each
 keep ratio: learned predictors, the training-free attention scorer, random tokens, the static baseline; the dense
-teacher and control for reference), and ``<out>/curve.png`` (needs matplotlib, which is not a tokenprune
-dependency: ``pip install matplotlib``).
+teacher and control for reference), and ``<out>/curve.png`` (needs matplotlib, an optional dependency:
+``pip install 'tokenprune[examples]'``).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def plot(results: dict, path: Path) -> None:
     except ImportError:
         raise SystemExit(
             f"matplotlib is not installed, so {path} was not drawn (the tables were written): `pip install "
-            "matplotlib`, then `python examples/scene_curve.py --out <out>`."
+            "'tokenprune[examples]'`, then `python examples/scene_curve.py --out <out>`."
         ) from None
     rhos = sorted(results["curve"], key=float)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
