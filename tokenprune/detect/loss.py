@@ -56,7 +56,7 @@ class DetectionLoss:
             teacher_features: the teacher's output of the block named ``state.chain_output``.
             keep_ratios: targets rho_s overriding ``state.keep_ratios`` (learned ratios).
         """
-        from ..train.losses import LossOutput, feature_distillation, ratio_loss, token_distillation
+        from ..train.losses import LossOutput, sparsity_terms
 
         if not isinstance(losses, dict) or not losses:
             raise ConfigError(
@@ -68,14 +68,6 @@ class DetectionLoss:
         zero = detection.new_zeros(())
         parts = {"ce": detection, "ratio": zero, "kl": zero, "distill": zero}
         parts.update({f"det_{k}": v.detach().float() for k, v in losses.items()})  # each term, for the log
-        if state is not None and w.ratio > 0:
-            parts["ratio"] = ratio_loss(state.decisions, state.keep_ratios if keep_ratios is None else keep_ratios)
-        if state is not None and w.distill > 0:
-            if teacher_features is None:
-                raise ConfigError("loss.distill > 0 needs the teacher's backbone features; set loss.distill=0 if none.")
-            if w.kind == "spatial":
-                parts["distill"] = feature_distillation(state.final_tokens, teacher_features)
-            else:
-                parts["distill"] = token_distillation(state, teacher_features, w.distill_type)
+        parts.update(sparsity_terms(w, state, teacher_features, keep_ratios))
         total = w.ce * parts["ce"] + w.ratio * parts["ratio"] + w.distill * parts["distill"]
         return LossOutput(total, parts)

@@ -69,24 +69,14 @@ class FashionMNISTDetection(Dataset):
     in_chans = 1
 
     def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray,
-        count: int,
-        size: int = 64,
-        *,
-        seed: int = 0,
-        items: tuple[int, int] | list[int] = (2, 4),
-        threshold: int = 50,
-        min_visible: float = 0.25,
-        augment: dict | None = None,
+        self, images: np.ndarray, labels: np.ndarray, count: int, size: int = 64, *, min_visible: float = 0.25, **scene
     ) -> None:
         if not 0.0 <= min_visible <= 1.0:
             raise DataError(f"min_visible={min_visible} must be a fraction in [0, 1].")
         identities = np.arange(len(images), dtype=np.int64)
-        self.scenes = FashionMNISTScenes(
-            images, identities, count, size, seed=seed, items=items, threshold=threshold, augment=augment
-        )
+        # seed, items, threshold, augment: as FashionMNISTScenes takes them
+        self.scenes = FashionMNISTScenes(images, identities, count, size, **scene)
+        threshold = self.scenes.threshold
         self.labels = np.asarray(labels, dtype=np.int64)  # each item's class (the data fingerprint hashes them)
         self.ink = (images > threshold).reshape(len(images), -1).sum(1)
         self.min_visible = float(min_visible)

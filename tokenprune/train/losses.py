@@ -35,6 +35,7 @@ __all__ = [
     "logit_distillation",
     "token_distillation",
     "distillation_point",
+    "sparsity_terms",
     "feature_distillation",
     "classification_loss",
     "segmentation_loss",
@@ -216,6 +217,30 @@ def feature_distillation(student_map: Tensor, teacher_map: Tensor) -> Tensor:
     return F.mse_loss(student_map.float(), teacher_map.float())
 
 
+def sparsity_terms(
+    weights: LossWeights, state: SparsityState | None, teacher_features: Tensor | None, keep_ratios: Tensor | None
+) -> dict[str, Tensor]:
+    """The method's own terms, whatever the task's loss: the keep-ratio loss and the final-token (token models) or
+    final-map (spatial models) distillation, each present when its weight is non-zero and the model is sparsified.
+
+    Raises:
+        ConfigError: a distillation weight without the teacher's features.
+    """
+    terms: dict[str, Tensor] = {}
+    if state is None:
+        return terms
+    if weights.ratio > 0:
+        terms["ratio"] = ratio_loss(state.decisions, state.keep_ratios if keep_ratios is None else keep_ratios)
+    if weights.distill > 0:
+        if teacher_features is None:
+            raise ConfigError("loss.distill > 0 needs the teacher's final features; set loss.distill=0 if none.")
+        if weights.kind == "spatial":
+            terms["distill"] = feature_distillation(state.final_tokens, teacher_features)
+        else:
+            terms["distill"] = token_distillation(state, teacher_features, weights.distill_type)
+    return terms
+
+
 def _first_output(outputs, weights: LossWeights) -> Tensor:
     """The first tensor of a multi-output model's result; CE and logit KL have no logits to compare there."""
     from ..outputs import named_outputs
@@ -276,19 +301,11 @@ class SparsificationLoss(nn.Module):
         else:  # several feature maps (dict/list/tuple), no logits: docs/design.md §5.5
             zero = _first_output(logits, w).new_zeros((), dtype=torch.float32)
             parts = {"ce": zero, "ratio": zero, "kl": zero, "distill": zero}
-        if state is not None and w.ratio > 0:
-            parts["ratio"] = ratio_loss(state.decisions, state.keep_ratios if keep_ratios is None else keep_ratios)
+        parts.update(sparsity_terms(w, state, teacher_features, keep_ratios))
         if w.kl > 0:
             if teacher_logits is None:
                 raise ConfigError("loss.kl > 0 needs the teacher's logits; pass a teacher or set loss.kl=0.")
             distill = pixel_distillation if self.task == "segmentation" else logit_distillation
             parts["kl"] = distill(logits, teacher_logits, w.temperature)
-        if state is not None and w.distill > 0:
-            if teacher_features is None:
-                raise ConfigError("loss.distill > 0 needs the teacher's final features; set loss.distill=0 if none.")
-            if w.kind == "spatial":
-                parts["distill"] = feature_distillation(state.final_tokens, teacher_features)
-            else:
-                parts["distill"] = token_distillation(state, teacher_features, w.distill_type)
         total = w.ce * parts["ce"] + w.ratio * parts["ratio"] + w.kl * parts["kl"] + w.distill * parts["distill"]
         return LossOutput(total, parts)
