@@ -317,6 +317,9 @@ def test_an_untraceable_wrapper_gets_its_traceable_part_sparsified():
     assert tokenprune.config_of(sparse).chain == [f"net.blocks.{i}" for i in range(4)]
     with torch.no_grad():
         pruned = sparse(x)
+        state = tokenprune.sparsity_state(sparse)  # names in the whole model, to hook the same modules on a teacher
+        assert (state.chain_output, state.final_norm) == ("net.blocks.3", "net.norm")
+        assert isinstance(model.get_submodule(state.final_norm), torch.nn.LayerNorm)
         tokenprune.set_execution(sparse, "masked")
         assert torch.allclose(sparse(x), pruned, atol=1e-5)
         assert not torch.allclose(pruned, model(x), atol=1e-3)

@@ -320,6 +320,8 @@ def _nest(model: nn.Module, path: str, sparse: nn.Module) -> nn.Module:
     recorder = find_recorder(sparse)
     recorder.config.chain = [f"{path}.{block}" for block in recorder.config.chain]
     recorder.chain_output = f"{path}.{recorder.chain_output}"
+    if recorder.final_norm:  # the module token distillation reads after, hooked on the teacher by this name
+        recorder.final_norm = f"{path}.{recorder.final_norm}"
     set_submodule(model, path, sparse)
     return model
 
