@@ -359,8 +359,10 @@ def make_loader(
     seed: int = 0,
     workers: int = 0,
     pin_memory: bool = False,
+    collate_fn=None,
 ) -> DataLoader:
-    """A DataLoader over a `ResumableSampler`; training loaders also seed augmentations per sample.
+    """A DataLoader over a `ResumableSampler`; training loaders also seed augmentations per sample. `collate_fn`:
+    None stacks samples (PyTorch's default); detection passes `tokenprune.detect.collate` (targets differ in size).
 
     Use ``loader.sampler.set_epoch(epoch, start)`` and, for training, ``loader.dataset.set_epoch(epoch)``
     before iterating.
@@ -379,4 +381,5 @@ def make_loader(
         pin_memory=pin_memory,
         persistent_workers=False,
         generator=generator,
+        collate_fn=collate_fn,
     )

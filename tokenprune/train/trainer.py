@@ -111,17 +111,15 @@ class Trainer:
             self.accum = o.global_batch_size // per_step
         if self.accum < 1:
             raise ConfigError(f"optim.accum_steps={self.accum} must be at least 1.")
+        if self.detection:
+            from ..detect import collate
         loader = partial(
             make_loader, batch_size=o.batch_size, rank=info.rank, world=info.world, seed=run.seed,
             workers=recipe.data.workers, pin_memory=self.device.type == "cuda",
+            collate_fn=collate if self.detection else None,
         )  # fmt: skip
         self.train_loader = loader(data.train, train=True)
         self.val_loader = loader(data.val, train=False)
-        if self.detection:
-            from ..detect import collate
-
-            # reason: make_loader has no collate_fn parameter yet; detection targets differ in box count.
-            self.train_loader.collate_fn = self.val_loader.collate_fn = collate
         self.spe = len(self.train_loader) // self.accum
         if self.spe == 0:
             raise DataError(
