@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 import tokenprune
+from tokenprune.measure.ablation import random_decisions
 from tokenprune.measure.cost import ComputeModel
 from tokenprune.train import build_datasets, build_teacher, finetune, load_recipe, load_weights
 
@@ -109,29 +110,10 @@ def top1(model: torch.nn.Module, dataset, batch_size: int = 500) -> float:
     return 100.0 * correct / total
 
 
-class RandomScores(torch.nn.Module):
-    """Stands in for a predictor: uniform random keep scores, so top-k keeps a random subset of the same size."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
-        keep = torch.rand(x.shape[:2], generator=self.generator).clamp(1e-6, 1 - 1e-6)
-        return torch.stack([keep, 1 - keep], dim=-1).log()
-
-
 def random_selection_top1(student: torch.nn.Module, dataset) -> float:
     """The ablation: the student's top-1 when each stage keeps as many tokens, chosen at random."""
-    stages = tokenprune.selectors(student)
-    predictors = [s.predictor for s in stages]
-    try:
-        for s in stages:
-            s.predictor = RandomScores()
+    with random_decisions(student):
         return top1(student, dataset)
-    finally:
-        for s, predictor in zip(stages, predictors, strict=True):
-            s.predictor = predictor
 
 
 def _student(teacher: torch.nn.Module, path: Path | None, scorer: str = "predictor") -> torch.nn.Module:

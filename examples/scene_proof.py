@@ -61,6 +61,7 @@ from pathlib import Path
 import torch
 
 import tokenprune
+from tokenprune.measure.ablation import use_random_scores
 from tokenprune.train import build_datasets, build_teacher, finetune, load_recipe, load_weights
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "scene_vit_cpu.yaml"
@@ -95,23 +96,9 @@ def _sparsify(teacher: torch.nn.Module, rho: float, scorer: str = "predictor", s
     )  # fmt: skip
 
 
-class RandomScores(torch.nn.Module):
-    """Stands in for a stage's scorer: uniform random keep scores, so its top-k keeps a random subset of the same
-    size. Draws from the global generator (which the trainer seeds and checkpoints) or from its own, seeded one."""
-
-    def __init__(self, seed: int | None = None) -> None:
-        super().__init__()
-        self.generator = None if seed is None else torch.Generator().manual_seed(seed)
-
-    def forward(self, x: torch.Tensor, *_: object) -> torch.Tensor:  # predictor: (tokens, policy); attention: score
-        keep = torch.rand(x.shape[:2], generator=self.generator).clamp(1e-6, 1 - 1e-6)
-        return torch.stack([keep, 1 - keep], dim=-1).log()
-
-
 def with_random_tokens(student: torch.nn.Module, seed: int | None = None) -> torch.nn.Module:
-    """`student` with every stage's scorer replaced by `RandomScores` (seeded `seed` + stage, or the global one)."""
-    for s, stage in enumerate(tokenprune.selectors(student)):
-        stage.predictor = RandomScores(None if seed is None else seed + s)
+    """`student` with every stage's scorer replaced by random scores (seeded `seed` + stage, or the global one)."""
+    use_random_scores(student, seed)
     return student
 
 

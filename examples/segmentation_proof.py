@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 import tokenprune
+from tokenprune.measure.ablation import fixed_keep, random_decisions
 from tokenprune.train import build_datasets, build_teacher, finetune, load_recipe, load_weights
 from tokenprune.train.metrics import confusion_matrix, segmentation_scores
 
@@ -97,47 +98,18 @@ def scores(model: torch.nn.Module, dataset, num_classes: int, batch_size: int = 
     return segmentation_scores(confusion)
 
 
-class RandomLocationScores(torch.nn.Module):
-    """Stands in for a spatial predictor: uniform random keep scores per location, so each stage's top-k keeps a
-    random subset of the same size among the locations still kept (SpatialSelector._split masks the others)."""
-
-    def __init__(self, channel: int, seed: int = 0) -> None:
-        super().__init__()
-        self.channel = channel
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def forward(self, x: torch.Tensor, policy: torch.Tensor | None = None) -> torch.Tensor:
-        locations = x.numel() // (x.shape[0] * x.shape[self.channel])
-        keep = torch.rand(x.shape[0], locations, generator=self.generator).clamp(1e-6, 1 - 1e-6)
-        return torch.stack([keep, 1 - keep], dim=-1).log()
-
-
 def fixed_keep_scores(student: torch.nn.Module, dataset, num_classes: int, keep: float) -> dict[str, float]:
     """The student with every stage keeping the fraction `keep` (at least one location): keep 1.0 runs the slow path
     everywhere, keep 0.0 drops all but one location per stage (spatial models: to the fast path; ViT route: refilled
     with their features when dropped); together they bound what choosing the locations can be worth on this task."""
-    stages = tokenprune.selectors(student)
-    ratios = [s.keep_ratio for s in stages]
-    try:
-        for s in stages:
-            s.keep_ratio = keep
+    with fixed_keep(student, keep):
         return scores(student, dataset, num_classes)
-    finally:
-        for s, r in zip(stages, ratios, strict=True):
-            s.keep_ratio = r
 
 
 def random_location_scores(student: torch.nn.Module, dataset, num_classes: int) -> dict[str, float]:
     """The ablation: the student's scores when each stage keeps as many locations, chosen at random."""
-    stages = tokenprune.selectors(student)
-    predictors = [s.predictor for s in stages]
-    try:
-        for s in stages:
-            s.predictor = RandomLocationScores(getattr(s, "channel", -1))  # token stages (ViT route): channels last
+    with random_decisions(student):
         return scores(student, dataset, num_classes)
-    finally:
-        for s, predictor in zip(stages, predictors, strict=True):
-            s.predictor = predictor
 
 
 class BackboneOnly(torch.nn.Module):
