@@ -56,7 +56,8 @@ def _common(args: argparse.Namespace) -> list[str]:
     return common + list(args.set or [])
 
 
-def run_stage(stage: str, args: argparse.Namespace) -> dict:
+def run_stage(stage: str, args: argparse.Namespace, recipe: Path = RECIPE) -> dict:
+    """Train one stage (teacher, student or control) of `recipe` under `args.out`; its final metrics."""
     out = Path(args.out)
     teacher_ckpt = out / "teacher" / "final.pt"
     if stage == "teacher":
@@ -69,7 +70,7 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
             f"run.output_dir={out / 'teacher'}",
         ]
     elif stage == "control":
-        optim = load_recipe(RECIPE).optim  # a dense run trains every parameter at optim.lr: use the backbone's
+        optim = load_recipe(recipe).optim  # a dense run trains every parameter at optim.lr: use the backbone's
         overrides = [
             "sparsify.enabled=false",
             f"model.checkpoint={teacher_ckpt}",
@@ -85,7 +86,7 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
         ]
     else:
         raise SystemExit(f"unknown stage {stage!r}; use teacher, student, control, report")
-    return finetune(RECIPE, overrides=_common(args) + overrides).metrics
+    return finetune(recipe, overrides=_common(args) + overrides).metrics
 
 
 @torch.no_grad()

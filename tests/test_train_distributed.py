@@ -1,5 +1,5 @@
-"""DDP through torchrun on CPU (gloo): two processes fine-tune a tiny sparsified ViT for a few steps, and two
-processes with batch b end with the weights of one process with batch 2b."""
+"""DDP through torchrun on CPU (gloo): two processes fine-tune a tiny sparsified ViT, and a sparsified detector, for a
+few steps, and two processes with batch b end with the weights of one process with batch 2b."""
 
 from __future__ import annotations
 
@@ -110,3 +110,47 @@ def test_two_processes_equal_one_with_twice_the_batch(tmp_path):
     # Equal up to float reduction order (which Adam turns into relative noise on the keys' zero-gradient biases).
     assert gap(synced) < 1e-3
     assert gap(unsynced) > 0.1  # negative control: without DDP each rank follows its own half of the data
+
+
+DETECTION = {
+    "task": "detection",
+    "model": {
+        "name": "convnext_atto",
+        "task_head": "fcos",
+        "kwargs": {
+            "num_classes": 11,
+            "in_chans": 1,
+            "fpn_channels": 64,
+            "min_size": 64,
+            "score_thresh": 0.05,
+            "dims": [16, 32, 64, 128],
+            "depths": [1, 1, 4, 1],
+            "ls_init_value": 1.0,
+        },
+    },  # fmt: skip
+    "loss": {"kl": 0.0},
+    "data": {"source": "fashion_mnist_detection", "img_size": 64, "scenes": 16, "val_scenes": 6, "workers": 0},
+    "optim": {"batch_size": 2, "global_batch_size": 4, "epochs": 1, "warmup_epochs": 0},
+    "run": {"threads": 1, "log_every": 1, "device": "cpu"},
+}
+
+
+@pytest.mark.distributed
+def test_torchrun_two_processes_detection(tmp_path, fashion_mnist_like):
+    """A sparsified detector under DDP trains with the detector's losses and the ratio loss (DDP raises if a
+    parameter such as a predictor or fast path gets no gradient on a rank) and evaluates its mAP."""
+    pytest.importorskip("torchmetrics", reason="torchmetrics (and pycocotools) not installed: pip install torchmetrics")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({**DETECTION, "data": {**DETECTION["data"], "root": str(fashion_mnist_like)}}))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "tokenprune.train", "--recipe", str(recipe), f"run.output_dir={out}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert metrics["steps"] == 4  # 16 scenes, 2 ranks x 2 per batch, 1 epoch
+    assert metrics["keep_ratios"] == [0.7, 0.5, 0.3] and 0 <= metrics["map"] <= 100
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert all(r["ratio"] > 0 and "det_bbox_regression" in r for r in train)
