@@ -26,8 +26,7 @@ SIZE = 64
 
 
 def _items(n: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Items like Fashion-MNIST's: ink in a random rectangle of each 28 x 28 image, classes 0-9. Enough of them that
-    a scene rarely places one twice (it would show as one box)."""
+    """Items like Fashion-MNIST's: ink in a random rectangle of each 28 x 28 image, classes 0-9."""
     rng = np.random.default_rng(seed)
     images = np.zeros((n, 28, 28), np.uint8)
     for image in images:
@@ -97,14 +96,31 @@ def test_hidden_items_are_left_out():
     fewer = 0
     for i in range(len(loose)):
         _, placed = strict.scenes[i]
+        items = [j for j, _, _ in strict.scenes.placements(i)]
         ids, visible = torch.unique(placed, return_counts=True)
-        whole = [int(k) for k, n in zip(ids.tolist(), visible.tolist()) if k and n == strict.ink[k - 1]]
+        whole = [int(k) for k, n in zip(ids.tolist(), visible.tolist()) if k and n == strict.ink[items[k - 1]]]
         assert len(strict[i][1]["labels"]) == len(whole)  # only items with all their ink in view
         assert len(loose[i][1]["labels"]) == len(ids) - 1  # every item with a visible pixel
         fewer += len(whole) < len(ids) - 1
     assert fewer > 0  # some items really were partly hidden
     with pytest.raises(DataError, match="min_visible=1.5"):
         _dataset(min_visible=1.5)
+
+
+def test_an_item_placed_twice_gives_two_boxes():
+    """A split of one item: every placement is the same item, and each visible placement is its own box."""
+    ink = np.zeros((1, 28, 28), np.uint8)
+    ink[0, 4:24, 6:22] = 200
+    data = FashionMNISTDetection(ink, np.array([7]), 40, SIZE, seed=0, items=(2, 2), min_visible=0.0)
+    apart = 0
+    for i in range(len(data)):
+        (_, t1, l1), (_, t2, l2) = data.scenes.placements(i)
+        if abs(t1 - t2) >= 28 or abs(l1 - l2) >= 28:  # the two placements do not overlap: two whole boxes
+            boxes = data[i][1]["boxes"]
+            assert len(boxes) == 2 and data[i][1]["labels"].tolist() == [8, 8]
+            assert sorted(boxes[:, 1].tolist()) == sorted([t1 + 4.0, t2 + 4.0])
+            apart += 1
+    assert apart > 0
 
 
 def test_hflip_mirrors_the_boxes():

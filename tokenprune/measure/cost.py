@@ -225,11 +225,16 @@ def refuse_costlier(compute: ComputeModel, keep_ratios: Sequence[float], chain: 
             continue  # before the first stage: dense
         full, half = max(pts), sorted(pts)[-2]
         if pts[half] >= pts[full]:
-            unit = "kept locations" if compute.kind == "spatial" else "tokens"
+            spatial = compute.kind == "spatial"
+            hint = (
+                "Spatial sparsification pays off for blocks with a wide per-location MLP (ConvNeXt, Swin: 8 C^2 per "
+                "location)." if spatial else "Token pruning pays off for blocks whose cost grows with the tokens they "
+                "see (attention, a per-token MLP); sparsify a chain of such blocks (`locations=`)."
+            )  # fmt: skip
             raise UnsupportedModelError(
-                f"{where}: block {name} costs {pts[full]:,} multiply-adds on all {full} {unit} and {pts[half]:,} on "
-                f"{half}; pruning it would not save compute, so tokenprune refuses. Spatial sparsification pays off "
-                "for blocks with a wide per-location MLP (ConvNeXt, Swin: 8 C^2 per location)."
+                f"{where}: block {name} costs {pts[full]:,} multiply-adds on all {full} "
+                f"{'kept locations' if spatial else 'tokens'} and {pts[half]:,} on {half}; pruning it would not save "
+                f"compute, so tokenprune refuses. {hint}"
             )
     keep = torch.tensor(list(keep_ratios), dtype=torch.float64)
     sparse, dense = float(compute.macs(keep)), compute.dense()

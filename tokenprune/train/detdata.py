@@ -46,12 +46,11 @@ class FashionMNISTDetection(Dataset):
     """Fashion-MNIST items composed into canvases (`FashionMNISTScenes`: same scenes for the same seed and index),
     with a box and a class for every item that is still visible.
 
-    The scene is composed with each item's *index in the split* as its label, so the composed label map tells which
-    pixels each placed item still covers after the later items (opaque where they have ink) were laid on top. An
-    item's box is the tight box around those pixels; an item that keeps less than `min_visible` of its own ink
-    pixels is left out (hidden). Its label is its class + 1. A horizontal flip (``augment={"hflip": p}``) flips
-    image and label map together, so the boxes follow. (A scene that places the same item of the split twice, a
-    chance of about items^2 / 2N per scene, shows the two as one box.)
+    The scene is composed with each *placement's number* as its label, so the composed label map tells which pixels
+    each placed item still covers after the later items (opaque where they have ink) were laid on top. An item's box
+    is the tight box around those pixels; an item that keeps less than `min_visible` of its own ink pixels is left
+    out (hidden). Its label is its class + 1. A horizontal flip (``augment={"hflip": p}``) flips image and label map
+    together, so the boxes follow. The same item of the split placed twice in a scene gives two boxes.
 
     Args:
         images: Fashion-MNIST images [N, 28, 28] uint8 of one split.
@@ -73,9 +72,8 @@ class FashionMNISTDetection(Dataset):
     ) -> None:
         if not 0.0 <= min_visible <= 1.0:
             raise DataError(f"min_visible={min_visible} must be a fraction in [0, 1].")
-        identities = np.arange(len(images), dtype=np.int64)
         # seed, items, threshold, augment: as FashionMNISTScenes takes them
-        self.scenes = FashionMNISTScenes(images, identities, count, size, **scene)
+        self.scenes = FashionMNISTScenes(images, labels, count, size, by_placement=True, **scene)
         threshold = self.scenes.threshold
         self.labels = np.asarray(labels, dtype=np.int64)  # each item's class (the data fingerprint hashes them)
         self.ink = (images > threshold).reshape(len(images), -1).sum(1)
@@ -87,12 +85,13 @@ class FashionMNISTDetection(Dataset):
     def __getitem__(self, i: int) -> tuple[Tensor, dict[str, Tensor]]:
         if not -len(self) <= i < len(self):
             raise IndexError(f"scene {i} of {len(self)}")  # scenes exist for any index; the data set has `count`
-        # placed: the index + 1 of the item covering each pixel, 0 for the background
+        # placed: the number + 1 of the placement covering each pixel, 0 for the background
         image, placed = self.scenes[i % len(self)]
+        items = [j for j, _, _ in self.scenes.placements(i % len(self))]
         ids, visible = torch.unique(placed, return_counts=True)
         boxes, labels = [], []
         for index, pixels in zip(ids.tolist(), visible.tolist()):
-            item = index - 1
+            item = items[index - 1] if index else -1
             if index == 0 or pixels < self.min_visible * self.ink[item]:
                 continue
             rows, cols = torch.nonzero(placed == index, as_tuple=True)

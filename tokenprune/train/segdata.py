@@ -199,6 +199,8 @@ class FashionMNISTScenes(Dataset):
         items: [min, max] items per scene.
         threshold: ink threshold.
         augment: ``{"hflip": p}``, applied to image and mask together.
+        by_placement: label each pixel with the number + 1 of the placement covering it (detection's boxes), not
+            with its class + 1.
     """
 
     num_classes = 11
@@ -215,6 +217,7 @@ class FashionMNISTScenes(Dataset):
         items: tuple[int, int] | list[int] = (2, 4),
         threshold: int = 50,
         augment: dict | None = None,
+        by_placement: bool = False,
     ) -> None:
         if size < images.shape[-1]:
             raise DataError(f"scene canvas {size} px is smaller than a Fashion-MNIST item ({images.shape[-1]} px).")
@@ -224,25 +227,35 @@ class FashionMNISTScenes(Dataset):
         self.images, self.labels, self.count, self.size = images, labels, int(count), int(size)
         self.seed, self.items, self.threshold = int(seed), (lo, hi), int(threshold)
         self.hflip = _augment_options(augment, "fashion_mnist_scenes")
+        self.by_placement = bool(by_placement)
 
     def __len__(self) -> int:
         return self.count
 
-    def scene(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """The raw scene i: canvas [S, S] uint8 and labels [S, S] int64 (no augmentation, no normalisation)."""
+    def placements(self, i: int) -> list[tuple[int, int, int]]:
+        """Scene i's items in the order they are laid down: (index in the split, top, left) each."""
         rng = np.random.default_rng([self.seed, int(i)])
         s, k = self.size, self.images.shape[-1]
-        canvas = np.zeros((s, s), dtype=np.uint8)
-        mask = np.zeros((s, s), dtype=np.int64)
+        out = []
         for _ in range(int(rng.integers(self.items[0], self.items[1] + 1))):
             j = int(rng.integers(len(self.images)))
             top, left = (int(v) for v in rng.integers(0, s - k + 1, size=2))
+            out.append((j, top, left))
+        return out
+
+    def scene(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """The raw scene i: canvas [S, S] uint8 and labels [S, S] int64 (no augmentation, no normalisation); with
+        ``by_placement`` the labels are the placement's number + 1 (0: background) rather than the class + 1."""
+        s, k = self.size, self.images.shape[-1]
+        canvas = np.zeros((s, s), dtype=np.uint8)
+        mask = np.zeros((s, s), dtype=np.int64)
+        for n, (j, top, left) in enumerate(self.placements(i)):
             item = self.images[j]
             ink = item > self.threshold
             # the item is opaque where it has ink: it covers what lies below, image and label alike
             region = canvas[top : top + k, left : left + k]
             region[ink] = item[ink]
-            mask[top : top + k, left : left + k][ink] = int(self.labels[j]) + 1
+            mask[top : top + k, left : left + k][ink] = n + 1 if self.by_placement else int(self.labels[j]) + 1
         return canvas, mask
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
