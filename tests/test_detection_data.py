@@ -230,6 +230,28 @@ def test_build_datasets_coco(tmp_path):
     assert bundle.task == "detection" and bundle.num_classes == 3 and len(bundle.train) == len(bundle.val) == 2
 
 
+def test_coco_fingerprint_sees_the_boxes_not_the_folder(tmp_path):
+    """Resuming refuses other data (train/datacheck.py): a moved box changes the fingerprint, a moved folder not."""
+    from tokenprune.train.datacheck import fingerprint
+
+    def prints(root, **edit):
+        _coco(root, "train", **edit)
+        _coco(root, "val")
+        data = SimpleNamespace(
+            source="coco", root=str(root), train_split="train", val_split="val", augment={}, check_images="header",
+            train_subset=None, val_subset=None,
+        )  # fmt: skip
+        return fingerprint(build_datasets(data, img_size=64, in_chans=3))
+
+    same = prints(tmp_path / "a")
+    assert prints(tmp_path / "b") == same
+    assert same["train"]["names"] is not None and same["train"]["content"] is not None
+    moved = prints(tmp_path / "c", annotations1={"bbox": [10, 4, 30, 15]})
+    assert moved["train"]["content"] != same["train"]["content"] and moved["val"] == same["val"]
+    relabelled = prints(tmp_path / "d", annotations0={"category_id": 3})
+    assert relabelled["train"]["content"] != same["train"]["content"]
+
+
 BAD_COCO = {
     "empty file": (dict(images=[]), r"instances_train\.json is empty"),
     "missing image": (dict(images1={"file_name": "gone.png"}), r"images\[1\] \(id 2\): its image .*gone\.png"),

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,8 @@ def _names(dataset: Dataset) -> list[str] | None:
         return [f"{Path(p).relative_to(root).as_posix()}:{t}" for p, t in dataset.samples]
     if hasattr(dataset, "pairs"):  # segdata.SegmentationFolder
         return [f"{Path(i).name}|{Path(m).name}" for i, m in dataset.pairs]
+    if hasattr(dataset, "files") and hasattr(dataset, "root"):  # detdata.CocoDetection
+        return [Path(os.path.relpath(f, dataset.root)).as_posix() for f in dataset.files]
     return None
 
 
@@ -123,14 +126,19 @@ def _summary(dataset: Dataset) -> dict[str, Any]:
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
     classes = getattr(base, "classes", None)
     names = _names(dataset)
-    return {
+    summary = {
         "count": len(dataset),
         "classes": [str(c) for c in classes] if classes is not None else None,
         "names": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16] if names is not None else None,
         "labels": _labels_digest(dataset) if names is None else None,
     }
+    content = getattr(base, "content_digest", None)  # annotations a file name does not show (COCO's boxes)
+    if content is not None:
+        summary["content"] = str(content)
+    return summary
 
 
 def fingerprint(bundle: Any) -> dict[str, Any]:
-    """``{"train": {...}, "val": {...}}``: count, class list, hash of the file names (or of the labels)."""
+    """``{"train": {...}, "val": {...}}``: count, class list, hash of the file names (or of the labels), and of the
+    annotations where the dataset gives a ``content_digest`` (COCO's boxes and labels)."""
     return {"train": _summary(bundle.train), "val": _summary(bundle.val)}
