@@ -153,20 +153,24 @@ def test_proposal_count_is_the_one_the_box_head_was_costed_at():
 def test_export_the_backbone_to_onnx_and_refuse_the_whole_detector(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     out = tmp_path / "out"
-    result = run("convert", MODEL, "--task-head", "fcos", "--out", out, *TINY, "--flops-only")
+    # the transform upsamples 64 px images to 96: the backbone's input is the transform's batch, not the image
+    resize = ["-k", "min_size=96", "-k", "max_size=96"]
+    result = run("convert", MODEL, "--task-head", "fcos", "--out", out, *TINY, *resize, "--flops-only")
     assert result.exit_code == 0, result.stderr
+    assert json.loads((out / "report.json").read_text())["split"]["backbone_input"] == [3, 96, 96]
     result = run("export", out)
     assert result.exit_code == EXIT_ERROR and "export FILE --backbone" in result.stderr
     assert list(out.glob("*.onnx")) == []  # refused before anything was written
     result = run("export", out, "--backbone", "--json", tmp_path / "e.json")
     assert result.exit_code == 0, result.stderr
     info = json.loads((tmp_path / "e.json").read_text())
-    assert info["module"] == "backbone" and info["input_size"] == [3, SIZE, SIZE] and info["batch"] == "dynamic"
+    assert info["module"] == "backbone" and info["input_size"] == [3, 96, 96] and info["batch"] == "dynamic"
     model = tokenprune.load(out / "model.safetensors").eval()
     session = ort.InferenceSession(info["file"], providers=["CPUExecutionProvider"])
     assert Path(info["file"]) == out / "model.backbone.onnx"
     for batch in (1, 3):
         images = model.transform(list(_images(batch)))[0].tensors  # the batch the detector's transform makes
+        assert images.shape[-2:] == (96, 96)
         with torch.no_grad():
             expected = model.backbone(images)
         got = session.run(None, {"images": images.numpy()})
