@@ -98,7 +98,7 @@ def test_convert_splits_backbone_and_head_and_states_the_heads_workload(converte
     assert split["timed"] == "backbone" and report["speedup"] is not None
     assert report["speedup"] == pytest.approx(report["sparse"]["throughput"] / report["dense"]["throughput"])
     text = (out / "report.md").read_text()
-    assert f"of the backbone backbone at 3x{SIZE}x{SIZE}" in text and f"{SIZE}/{SIZE} px" in text
+    assert f"of backbone alone, at 3x{SIZE}x{SIZE}" in text and f"{SIZE}/{SIZE} px" in text
     assert ("proposals per image" in text) == (head == "fasterrcnn")
 
 

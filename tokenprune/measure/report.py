@@ -312,7 +312,7 @@ def _summary_line(report: dict[str, Any]) -> str:
     text += f", speed-up {speedup:.2f}x" if speedup is not None else ", speed-up not measured"
     split = report.get("split")
     if speedup is not None and split and split.get("timed") == "backbone":
-        text += f" (of the backbone {split['backbone']} at {'x'.join(map(str, split['backbone_input']))})"
+        text += f" (of {split['backbone']} alone, at {'x'.join(map(str, split['backbone_input']))})"
     text += f", predictors {report['predictor_gmacs']:.3f} GFLOPs"
     if split:
         d, s = split["dense"], split["sparse"]
