@@ -13,6 +13,12 @@ dict, list or tuple of feature maps) gets one ONNX output per tensor, named as `
 does (the dict's keys; ``output0``, ``output1``, ... for a list or tuple), and each is verified. Opset and
 operators are those of PyTorch's dynamo-based exporter (TopK, GatherElements, ...). `torch.export` programs are
 written with `torch.export.save` (``.pt2``) and read with `torch.export.load`.
+
+A model whose own forward cannot be traced (a torchvision detector: a list of images in, data-dependent
+post-processing out) was sparsified at a submodule (docs/design.md §3.7), and only that submodule exports:
+``backbone=True`` (``tokenprune export --backbone``) exports it, taking the image batch the model makes itself (a
+detector's transform resizes to its fixed ``min_size``/``max_size``) and returning its feature maps; without it such a
+model is refused before the exporter runs.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .errors import ConfigError, TokenPruneError, UnsupportedModelError
 from .outputs import named_outputs
@@ -47,6 +53,56 @@ def _input_size(model: nn.Module, input_size: tuple[int, ...] | None) -> tuple[i
     if not size:
         raise ConfigError("the model records no input size; pass input_size=(C, H, W).")
     return tuple(size)
+
+
+def _sparsified_part(model: nn.Module) -> str:
+    """The qualified name of the submodule `tokenprune.sparsify` rewrote: "" when that is the model itself, else the
+    outermost graph module that holds the chain's first block (the chain's names are qualified in the whole model)."""
+    if isinstance(model, fx.GraphModule):
+        return ""
+    from .nn.recorder import config_of
+
+    chain = config_of(model).chain
+    parts = chain[0].split(".") if chain else []
+    for i in range(1, len(parts)):
+        path = ".".join(parts[:i])
+        if isinstance(model.get_submodule(path), fx.GraphModule):
+            return path
+    return ""
+
+
+def _select(
+    model: nn.Module, size: tuple[int, int, int], backbone: bool
+) -> tuple[nn.Module, tuple[int, int, int], str]:
+    """What to export for `model` at input `size`: (module, its input size, its qualified name or "" for `model`)."""
+    from .fx.tracing import model_name
+
+    part = _sparsified_part(model)
+    name = model_name(model)
+    if not part:
+        if backbone:
+            raise ConfigError(
+                f"{name} was sparsified and traces as a whole, so it exports whole: drop --backbone "
+                "(backbone=False). --backbone is for a model sparsified at a submodule, such as a detector."
+            )
+        return model, size, ""
+    if not backbone:
+        raise UnsupportedModelError(
+            f"{name}'s own forward cannot be exported: tokenprune sparsified its submodule {part} because the forward "
+            f"around it does not trace (a detector's transform and post-processing). Export the sparsified {part} "
+            "instead: `tokenprune export FILE --backbone` (Python: tokenprune.export(model, path, backbone=True)); "
+            "it takes the image batch the model's transform makes and returns the feature maps its heads use."
+        )
+    from .measure.backbone import image_batch_inputs
+
+    batch = image_batch_inputs(model, torch.randn(1, *size), [part]).get(part)
+    if batch is None:
+        raise UnsupportedModelError(
+            f"{name}: its sparsified submodule {part} was not called on an image batch [1, {size[0]}, H, W] when the "
+            f"model ran on an input of size {list(size)}, so its input size is unknown; export it in Python: "
+            f"tokenprune.export(model.get_submodule({part!r}), path, input_size=(C, H, W))."
+        )
+    return model.get_submodule(part), tuple(int(v) for v in batch.shape[1:]), part
 
 
 def _dynamic(dynamic_batch: bool) -> tuple[dict[int, Any]] | None:
@@ -166,6 +222,7 @@ def export(
     batch_size: int = 2,
     input_size: tuple[int, int, int] | None = None,
     verify: bool = True,
+    backbone: bool = False,
 ) -> dict[str, Any]:
     """Export the eval (pruned) graph of a sparsified model and check it reproduces PyTorch's outputs.
 
@@ -178,18 +235,22 @@ def export(
         input_size: (C, H, W); default the size the model was sparsified at. The export only accepts this size.
         verify: run the exported file on random inputs (batch `batch_size`, and 1 and 3 with a dynamic batch)
             and compare with PyTorch.
+        backbone: export the submodule `sparsify` rewrote in a model whose own forward does not trace (a
+            detector's backbone; see the module docstring), on the batch the model makes from `input_size`.
 
     Returns:
-        ``{"format", "file", "input_size", "batch": "dynamic" | int, "max_abs_diff": float | None}``.
+        ``{"format", "file", "input_size" (of what was exported), "batch": "dynamic" | int, "max_abs_diff": float |
+        None, "module": "" (the model) or the exported submodule's qualified name}``.
 
     Raises:
-        ConfigError: unknown format. UnsupportedModelError: the exporter failed. TokenPruneError: the exported file
+        ConfigError: unknown format; `backbone` for a model sparsified whole. UnsupportedModelError: the exporter
+        failed, or the model cannot be exported whole (without `backbone`). TokenPruneError: the exported file
         disagrees with PyTorch beyond tolerance.
     """
     if format not in FORMATS:
         raise ConfigError(f"format={format!r}; choose one of {', '.join(FORMATS)}.")
-    size = _input_size(model, input_size)
     model = model.eval()
+    model, size, part = _select(model, _input_size(model, input_size), backbone)
     example = torch.randn(batch_size, *size)
     path = Path(path)
     try:
@@ -224,4 +285,5 @@ def export(
         "input_size": list(size),
         "batch": "dynamic" if dynamic_batch else batch_size,
         "max_abs_diff": diff,
+        "module": part,
     }

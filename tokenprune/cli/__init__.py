@@ -78,6 +78,7 @@ def _build(name: str, o: SimpleNamespace):
         keep_ratios=parse_numbers(o.keep_ratios, float, "--keep-ratios"), checkpoint=o.checkpoint,
         pretrained=o.pretrained, input_size=parse_input_size(o.input_size),
         model_kwargs=parse_model_kwargs(o.model_kwarg), seed=o.seed, scorer=o.scorer, features_only=o.features_only,
+        task_head=o.task_head,
     )  # fmt: skip
 
 
@@ -219,7 +220,10 @@ def export(
     ],
     out: Annotated[
         Path | None,
-        typer.Option(help="The file to write (.onnx, or .pt2 for torch-export); default: beside the input."),
+        typer.Option(
+            help="The file to write (.onnx, or .pt2 for torch-export); default: beside the input (with --backbone: "
+            "model.backbone.onnx)."
+        ),
     ] = None,
     format: Annotated[str, typer.Option("--format", "-f", help="onnx or torch-export.")] = "onnx",
     dynamic_batch: Annotated[
@@ -227,13 +231,22 @@ def export(
     ] = True,
     batch_size: Annotated[int, typer.Option(help="Example batch (the fixed batch with --static-batch).")] = 2,
     verify: Annotated[bool, typer.Option(help="Run the exported file and compare with PyTorch.")] = True,
+    backbone: Annotated[
+        bool,
+        typer.Option(
+            "--backbone",
+            help="Export the sparsified backbone of a detector (whose own forward does not export): input the batch "
+            "its transform makes, outputs its feature maps.",
+        ),
+    ] = False,
     json_path: JsonOut = None,
 ) -> None:
     """Export a saved sparse model (top-k + gather) to ONNX or torch.export, verified against PyTorch.
 
     The exported graph accepts any batch size (unless --static-batch) but only the image size the model was
     sparsified at: the keep counts k = floor(rho * tokens) and the positional embeddings are fixed at export.
-    ONNX: input "images" [B, C, H, W] float32, output "logits"; torch-export: a .pt2 for torch.export.load.
+    ONNX: input "images" [B, C, H, W] float32, output "logits" (or one per feature map); torch-export: a .pt2 for
+    torch.export.load. A detector exports its sparsified backbone only, with --backbone.
     """
     from ..export import FORMATS
     from ..export import export as export_model
@@ -245,15 +258,18 @@ def export(
     if batch_size < 1:
         raise ConfigError("--batch-size must be >= 1.")
     path = model_file(path)
-    if out is None:
-        out = path.with_suffix(".onnx" if format == "onnx" else ".pt2")
+    if out is None:  # a backbone alone gets its own name, so that nobody takes it for the whole model
+        out = path.with_suffix((".backbone" if backbone else "") + (".onnx" if format == "onnx" else ".pt2"))
     model = load(path)
-    info = export_model(model, out, format=format, dynamic_batch=dynamic_batch, batch_size=batch_size, verify=verify)
+    info = export_model(
+        model, out, format=format, dynamic_batch=dynamic_batch, batch_size=batch_size, verify=verify, backbone=backbone
+    )
     _write(json_path, json.dumps(info, indent=2) + "\n")
     diff = info["max_abs_diff"]
     checked = f", max |difference| from PyTorch {diff:.2e}" if diff is not None else ""
     size = "x".join(map(str, info["input_size"]))
-    typer.echo(f"wrote {info['file']} ({format}, batch {info['batch']}, input {size}{checked})")
+    what = f"submodule {info['module']}, " if info["module"] else ""
+    typer.echo(f"wrote {info['file']} ({what}{format}, batch {info['batch']}, input {size}{checked})")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -54,6 +54,15 @@ FeaturesOnly = Annotated[
         "backbones); every map is kept whole and the file records the keyword.",
     ),
 ]
+TaskHead = Annotated[
+    str | None,
+    typer.Option(
+        help="Put a head on the timm backbone MODEL: fcos, retinanet or fasterrcnn (a torchvision detector; -k "
+        "num_classes=K+1 counts the background) or fpn (a segmenter; -k num_classes=K). The backbone is "
+        "sparsified and measured; a detector's transform keeps --input-size unless -k min_size/max_size say "
+        "otherwise.",
+    ),
+]
 BatchSize = Annotated[int, typer.Option(help="Batch of the throughput measurement.")]
 FlopsOnly = Annotated[bool, typer.Option(help="Count FLOPs and parameters only; skip timing.")]
 Repeats = Annotated[int, typer.Option(help="Timed passes per model (medians are reported).")]
@@ -94,6 +103,7 @@ MODEL_OPTIONS: dict[str, tuple[Any, Any]] = {
     "input_size": (InputSize, None),
     "model_kwarg": (ModelKwargs, None),
     "features_only": (FeaturesOnly, False),
+    "task_head": (TaskHead, None),
     "seed": (Seed, 0),
     "scorer": (Scorer, "predictor"),
 }

@@ -59,6 +59,7 @@ def build(
     seed: int = 0,
     scorer: str = "predictor",
     features_only: bool = False,
+    task_head: str | None = None,
 ) -> tuple[nn.Module, nn.Module]:
     """The dense model `name` and its sparsified copy, both in eval mode.
 
@@ -75,10 +76,15 @@ def build(
         scorer: "predictor" (learned) or "attention" (training-free).
         features_only: build the timm model with ``features_only=True`` (it returns its feature maps, a list); the
             keyword is recorded in the saved file's source like any other.
+        task_head: a head on the timm backbone `name` (`tokenprune.create_model`'s ``task_head``): "fpn" or a
+            detector, "fcos", "retinanet" or "fasterrcnn" (sparsified at its backbone, docs/design.md §3.7). A
+            detector's transform is fixed to `input_size` (``min_size``/``max_size``) unless `model_kwargs` set them,
+            so the sizes reported are the sizes its backbone runs at.
 
     Raises:
         ConfigError: `features_only` for a torchvision name (torchvision builds feature extractors with
-            ``create_feature_extractor`` in Python; there is no name for them).
+            ``create_feature_extractor`` in Python; there is no name for them); `task_head` with `features_only` or
+            without ``num_classes``.
     """
     from ..models import resolve_library
     from ..sparsify import sparsify
@@ -91,6 +97,8 @@ def build(
                 "tokenprune.sparsify on it."
             )
         model_kwargs = {**(model_kwargs or {}), "features_only": True}
+    if task_head is not None:
+        model_kwargs = _with_head(task_head, input_size, dict(model_kwargs or {}), features_only)
     torch.manual_seed(seed)
     dense = create_dense(
         name, checkpoint=checkpoint, pretrained=pretrained, input_size=input_size, kwargs=model_kwargs
@@ -105,6 +113,25 @@ def build(
         scorer=scorer,
     )
     return dense, sparse.eval()
+
+
+def _with_head(
+    head: str, input_size: tuple[int, int, int] | None, kwargs: dict[str, Any], features_only: bool
+) -> dict[str, Any]:
+    """The constructor keywords of a model with a task head (checked by `tokenprune.models`)."""
+    from ..detect.models import HEADS
+
+    if features_only:
+        raise ConfigError(f"--task-head {head} builds its own feature extractor on the backbone; drop --features-only.")
+    if "num_classes" not in kwargs:
+        count = "K + 1 for K object classes (label 0 is the background)" if head in HEADS else "K classes"
+        raise ConfigError(f"--task-head {head} needs the number of classes: -k num_classes=N, N = {count}.")
+    if head in HEADS and input_size is not None:
+        # reason: the transform resizes every image to min_size/max_size; fixed to the input, the backbone runs
+        # (and is measured) at the size asked for.
+        height, width = input_size[1:]
+        kwargs = {"min_size": min(height, width), "max_size": max(height, width), **kwargs}
+    return {**kwargs, "task_head": head}
 
 
 def model_file(path: str | os.PathLike[str]) -> Path:

@@ -20,11 +20,13 @@ its input before the backbone still gets no split.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
 
-__all__ = ["find_backbone", "eval_forward", "image_batch_inputs"]
+__all__ = ["Backbone", "locate_backbone", "find_backbone", "detector_workload", "eval_forward", "image_batch_inputs"]
 
 
 def _ancestors(chain: Sequence[str]) -> list[str]:
@@ -128,8 +130,24 @@ def _traces(model: nn.Module, chain: Sequence[str]) -> bool:
     return True
 
 
-def find_backbone(model: nn.Module, chain: Sequence[str], inputs: torch.Tensor) -> str | None:
-    """The qualified name of `model`'s backbone by the rule in this module's docstring, or None (no split).
+@dataclass(frozen=True)
+class Backbone:
+    """Where a model's backbone is and what it is called on.
+
+    Attributes:
+        name: the backbone's qualified module name.
+        batch: the image batch the model made itself and called the backbone on (a detector's transform resizes
+            and batches the images anew), or None when the backbone is called on the model's input. A model that
+            makes its own batch cannot be traced (or exported) whole; its backbone is timed and exported on that
+            batch's shape.
+    """
+
+    name: str
+    batch: torch.Tensor | None = None
+
+
+def locate_backbone(model: nn.Module, chain: Sequence[str], inputs: torch.Tensor) -> Backbone | None:
+    """The backbone of `model` by the rule in this module's docstring, or None (no split).
 
     Args:
         model: a dense model or its sparsified version (the chain's blocks keep their names in both).
@@ -145,7 +163,59 @@ def find_backbone(model: nn.Module, chain: Sequence[str], inputs: torch.Tensor) 
     else:
         called = _called_on_image_hooks(model, candidates, inputs)
     found = next((c for c in candidates if c in called), None)
-    if found is None and not isinstance(model, fx.GraphModule) and inputs.dim() == 4 and not _traces(model, chain):
-        called = set(image_batch_inputs(model, inputs, candidates))
-        found = next((c for c in candidates if c in called), None)
-    return found
+    if found is not None:
+        return Backbone(found)
+    if not isinstance(model, fx.GraphModule) and inputs.dim() == 4 and not _traces(model, chain):
+        batches = image_batch_inputs(model, inputs, candidates)
+        found = next((c for c in candidates if c in batches), None)
+        if found is not None:
+            return Backbone(found, batches[found])
+    return None
+
+
+def find_backbone(model: nn.Module, chain: Sequence[str], inputs: torch.Tensor) -> str | None:
+    """The qualified name of `model`'s backbone (`locate_backbone`), or None (no split)."""
+    found = locate_backbone(model, chain, inputs)
+    return found.name if found is not None else None
+
+
+def detector_workload(model: nn.Module, inputs: torch.Tensor) -> dict[str, Any] | None:
+    """What a torchvision detector's head cost depends on, read in one eval forward on `inputs`; None for a model
+    that is not one.
+
+    A one-stage detector (FCOS, RetinaNet) runs its head on every location of every pyramid level, so its head cost
+    depends only on the size its transform resizes to (``min_size``/``max_size``); a two-stage detector (Faster
+    R-CNN) also runs its box head on every proposal the RPN kept, a number that depends on the image and the
+    weights. Read through torchvision's detection API: the ``transform`` (``min_size``, ``max_size``), the RPN's
+    post-NMS limit, ``roi_heads`` (called with the proposals) and the per-image detection limit.
+
+    Returns:
+        ``{"min_size", "max_size", "proposal_limit" (None for one-stage), "detection_limit", "proposals" (per image
+        in this forward; None for one-stage), "detections" (per image in this forward)}``.
+    """
+    transform = getattr(model, "transform", None)
+    if transform is None or not hasattr(transform, "min_size") or not hasattr(transform, "max_size"):
+        return None
+    rpn, roi_heads = getattr(model, "rpn", None), getattr(model, "roi_heads", None)
+    proposals: list[int] = []
+    handles = []
+    if roi_heads is not None:
+        # reason: torchvision's RoIHeads.forward(features, proposals, image_shapes, targets): one tensor per image.
+        handles.append(roi_heads.register_forward_pre_hook(lambda _m, args: proposals.extend(len(p) for p in args[1])))
+    outputs: list[Any] = []
+    handles.append(model.register_forward_hook(lambda _m, _i, out: outputs.append(out)))
+    eval_forward(model, inputs, handles)
+    detections = [len(d["boxes"]) for d in outputs[0]] if outputs and isinstance(outputs[0], list) else []
+    limit = getattr(roi_heads, "detections_per_img", None) or getattr(model, "detections_per_img", None)
+    # reason: eval resizes to the last of the transform's min sizes (training picks one at random).
+    min_size = transform.min_size
+    # reason: the RPN's public post_nms_top_n() answers for its current mode; the report states the eval limit.
+    proposal_limit = (getattr(rpn, "_post_nms_top_n", None) or {}).get("testing") if rpn is not None else None
+    return {
+        "min_size": int(min_size[-1] if isinstance(min_size, (tuple, list)) else min_size),
+        "max_size": int(transform.max_size),
+        "proposal_limit": None if proposal_limit is None else int(proposal_limit),
+        "detection_limit": None if limit is None else int(limit),
+        "proposals": sum(proposals) / len(proposals) if proposals else None,
+        "detections": sum(detections) / len(detections) if detections else None,
+    }

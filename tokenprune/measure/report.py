@@ -24,7 +24,18 @@ Report schema (``schema_version: 1``); every figure is per image, FLOPs are mult
       "split": null | {                  # backbone/head split (docs/design.md §5.5); null: the whole model
         "backbone": str,                 #   is the backbone. The backbone's qualified module name
         "dense":  {"backbone_gmacs": float, "head_gmacs": float},
-        "sparse": {"backbone_gmacs": float, "head_gmacs": float}   # predictors count with the backbone
+        "sparse": {"backbone_gmacs": float, "head_gmacs": float},  # predictors count with the backbone
+        "backbone_input": [C, H, W] | null,  # the image batch the model makes itself and calls the backbone on
+                                         #   (a detector's transform); null: the backbone takes the model's input
+        "timed": "model" | "backbone",   # what throughput, latency and speedup are of: the backbone (on
+                                         #   backbone_input) for a model that makes its own batch, else the model
+        "detector": null | {             # a torchvision detector: what its head was costed at
+          "min_size": int, "max_size": int,  # its transform's fixed resize
+          "proposal_limit": int | null,  #   the RPN's post-NMS limit per image (null: a one-stage detector)
+          "detection_limit": int | null, #   detections returned per image at most
+          "dense":  {"proposals": float | null, "detections": float | null},  # per image, in the forward the
+          "sparse": {"proposals": float | null, "detections": float | null}   # FLOPs were counted on
+        }
       },
       "uncounted_ops": [str],            # ops of either model whose cost is unknown; non-empty = lower bound
       "versions": {"torch": str, "timm": str, "torchvision": str, "tokenprune": str, "python": str},
@@ -36,7 +47,8 @@ Report schema (``schema_version: 1``); every figure is per image, FLOPs are mult
 ``scorer``, ``outputs`` and ``split`` were added without a version change: readers of version 1 that ignore unknown
 keys are unaffected. Timing fields are null when the report is built with ``flops_only=True``. Throughput (images/s at
 `batch_size`) and batch-1 latency (median ms) come from `speed.compare`, which interleaves dense and sparse runs in
-one process.
+one process. A detector is timed at its backbone (``split.timed``): the rest runs unchanged, and the time of its
+post-processing follows the number of boxes, which random weights make meaningless.
 """
 
 from __future__ import annotations
@@ -54,7 +66,7 @@ from torch import nn
 from .._version import __version__
 from ..nn.scorer import SCORES_MODULE
 from ..outputs import output_names
-from .backbone import eval_forward, find_backbone
+from .backbone import detector_workload, eval_forward, locate_backbone
 from .flops import PREDICTOR_MARK, profile_flops, sparsify_config
 from .speed import compare, describe_device
 
@@ -168,7 +180,8 @@ def build_report(
     config = sparsify_config(sparse_model)
     chain = list(getattr(config, "chain", None) or [])
     # one rule, found on the original model, names the same submodule in both (the chain keeps its names)
-    backbone = find_backbone(dense_model, chain, x) if chain else None
+    located = locate_backbone(dense_model, chain, x) if chain else None
+    backbone = located.name if located is not None else None
     dense_flops = profile_flops(dense_model, x, backbone=backbone)
     sparse_flops = profile_flops(sparse_model, x, backbone=backbone)
     with torch.inference_mode():
@@ -199,10 +212,17 @@ def build_report(
             }
         )
 
+    # a model that makes its own image batch (a detector) is timed at its backbone, on that batch's size
+    batch = located.batch if located is not None else None
+    backbone_input = None if batch is None else [int(s) for s in batch.shape[1:]]
     timing = None
     if not flops_only:
+        timed_dense, timed_sparse, timed_size = dense_model, sparse_model, input_size
+        if backbone_input is not None:
+            timed_dense, timed_sparse = dense_model.get_submodule(backbone), sparse_model.get_submodule(backbone)
+            timed_size = backbone_input
         timing = compare(
-            dense_model, sparse_model, input_size, batch_size, warmup=warmup, repeats=repeats, device=device
+            timed_dense, timed_sparse, timed_size, batch_size, warmup=warmup, repeats=repeats, device=device
         )
 
     def side(key: str, flops: Any) -> dict[str, Any]:
@@ -232,6 +252,9 @@ def build_report(
             "backbone": backbone,
             "dense": {"backbone_gmacs": dense_flops.trunk_gmacs, "head_gmacs": dense_flops.head_gmacs},
             "sparse": {"backbone_gmacs": sparse_flops.trunk_gmacs, "head_gmacs": sparse_flops.head_gmacs},
+            "backbone_input": backbone_input,
+            "timed": "model" if backbone_input is None else "backbone",
+            "detector": _detector(dense_model, sparse_model, x),
         },
         "uncounted_ops": sorted(set(dense_flops.uncounted_ops) | set(sparse_flops.uncounted_ops)),
         "versions": _versions(),
@@ -239,6 +262,17 @@ def build_report(
         "threads": torch.get_num_threads(),
         "batch_size": int(batch_size),
     }
+
+
+def _detector(dense: nn.Module, sparse: nn.Module, x: torch.Tensor) -> dict[str, Any] | None:
+    """The split's ``detector`` entry: the head's workload in the forward the FLOPs were counted on."""
+    workloads = {"dense": detector_workload(dense, x), "sparse": detector_workload(sparse, x)}
+    if workloads["dense"] is None or workloads["sparse"] is None:
+        return None
+    entry = {k: v for k, v in workloads["dense"].items() if k not in ("proposals", "detections")}
+    for side, workload in workloads.items():
+        entry[side] = {"proposals": workload["proposals"], "detections": workload["detections"]}
+    return entry
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -276,14 +310,25 @@ def _summary_line(report: dict[str, Any]) -> str:
     speedup = report["speedup"]
     text = f"FLOPs reduction {report['flops_reduction']:.1%}"
     text += f", speed-up {speedup:.2f}x" if speedup is not None else ", speed-up not measured"
-    text += f", predictors {report['predictor_gmacs']:.3f} GFLOPs"
     split = report.get("split")
+    if speedup is not None and split and split.get("timed") == "backbone":
+        text += f" (of {split['backbone']} alone, at {'x'.join(map(str, split['backbone_input']))})"
+    text += f", predictors {report['predictor_gmacs']:.3f} GFLOPs"
     if split:
         d, s = split["dense"], split["sparse"]
         text += (
             f"; backbone {split['backbone']} {d['backbone_gmacs']:.3f} -> {s['backbone_gmacs']:.3f} GFLOPs, head "
             f"{d['head_gmacs']:.3f} -> {s['head_gmacs']:.3f} GFLOPs"
         )
+    detector = (split or {}).get("detector")
+    if detector:
+        text += f"; detector head costed at {detector['min_size']}/{detector['max_size']} px (min/max size)"
+        if detector["proposal_limit"] is not None:
+            d, s = detector["dense"]["proposals"], detector["sparse"]["proposals"]
+            text += f", {_fmt(d, '.0f')} / {_fmt(s, '.0f')} proposals per image dense / sparse"
+            text += f" (limit {detector['proposal_limit']})"
+        else:
+            text += ", one-stage: every location of every level, whatever the number of detections"
     if len(report.get("outputs") or []) > 1:
         text += f"; {len(report['outputs'])} outputs ({', '.join(report['outputs'])})"
     if report["uncounted_ops"]:
