@@ -111,7 +111,7 @@ NEGLIGIBLE_OPS: tuple[str, ...] = tuple(
     for name in (
         # element-wise arithmetic and activations
         "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "abs", "pow", "sqrt", "rsqrt",
-        "exp", "log", "log1p", "reciprocal", "sign", "lerp", "addcmul", "addcdiv", "fill_", "masked_fill_",
+        "exp", "log", "log2", "log1p", "reciprocal", "sign", "lerp", "addcmul", "addcdiv", "fill_", "masked_fill_",
         "gelu", "gelu_", "silu", "silu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "hardswish", "hardsigmoid",
         "hardtanh", "hardtanh_", "leaky_relu", "elu", "softplus", "erf", "clamp_min", "clamp_max", "where",
         "dropout_", "feature_dropout", "alpha_dropout", "lt", "le", "ne", "logical_and", "logical_or", "logical_not",
@@ -135,4 +135,8 @@ NEGLIGIBLE_OPS: tuple[str, ...] = tuple(
         "scalar_tensor", "detach_", "resolve_conj", "resolve_neg", "_shape_as_tensor", "_unsafe_view", "numel",
         "floor", "ceil", "round", "trunc", "item", "__or__", "__xor__", "__not__", "bitwise_and", "bitwise_or",
     )
+) + (
+    # detectors' post-processing and pooling: box selection, and RoIAlign's bilinear sampling (like grid_sampler:
+    # a few multiply-adds per sampled value, linear in the pooled size)
+    "torchvision::nms", "torchvision::roi_align",
 )  # fmt: skip
