@@ -333,3 +333,18 @@ def test_convert_and_report_take_the_same_model_and_measurement_options():
     report = {p.name: p.default for p in commands["report"].params if p.name not in ("model", "json_path")}
     report.pop("markdown_path")
     assert convert == report and {"ratio", "seed", "eval_data", "min_speedup"} <= set(convert)
+
+
+def test_convert_decisions_reach_the_spatial_stages(tmp_path):
+    """--decisions picks how a spatial model's stages decide; the saved file records it; a bad value is a usage
+    error."""
+    import tokenprune
+
+    args = ["convnext_atto", "--input-size", "64", "-k", "num_classes=3", "--flops-only"]
+    for decisions in ("nested", "independent"):
+        result = run("convert", *args, "--decisions", decisions, "--out", tmp_path / decisions)
+        assert result.exit_code == 0, result.output
+        model = tokenprune.load(tmp_path / decisions / "model.safetensors")
+        assert tokenprune.config_of(model).decisions == decisions
+    result = run("convert", *args, "--decisions", "sometimes", "--out", tmp_path / "bad")
+    assert result.exit_code == EXIT_ERROR and "sometimes" in result.stderr

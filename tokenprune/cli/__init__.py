@@ -78,7 +78,7 @@ def _build(name: str, o: SimpleNamespace):
         keep_ratios=parse_numbers(o.keep_ratios, float, "--keep-ratios"), checkpoint=o.checkpoint,
         pretrained=o.pretrained, input_size=parse_input_size(o.input_size),
         model_kwargs=parse_model_kwargs(o.model_kwarg), seed=o.seed, scorer=o.scorer, features_only=o.features_only,
-        task_head=o.task_head,
+        task_head=o.task_head, decisions=o.decisions,
     )  # fmt: skip
 
 

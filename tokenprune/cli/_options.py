@@ -46,6 +46,13 @@ Scorer = Annotated[
         "attention, no training; token models)."
     ),
 ]
+Decisions = Annotated[
+    str,
+    typer.Option(
+        help="How a spatial model's stages decide (docs/design.md §1.2): 'auto' (token chains nest, spatial stages "
+        "decide independently, as the official code), 'nested' or 'independent'."
+    ),
+]
 FeaturesOnly = Annotated[
     bool,
     typer.Option(
@@ -106,6 +113,7 @@ MODEL_OPTIONS: dict[str, tuple[Any, Any]] = {
     "task_head": (TaskHead, None),
     "seed": (Seed, 0),
     "scorer": (Scorer, "predictor"),
+    "decisions": (Decisions, "auto"),
 }
 # How the dense/sparse pair is measured and gated.
 MEASURE_OPTIONS: dict[str, tuple[Any, Any]] = {

@@ -60,6 +60,7 @@ def build(
     scorer: str = "predictor",
     features_only: bool = False,
     task_head: str | None = None,
+    decisions: str = "auto",
 ) -> tuple[nn.Module, nn.Module]:
     """The dense model `name` and its sparsified copy, both in eval mode.
 
@@ -80,6 +81,7 @@ def build(
             detector, "fcos", "retinanet" or "fasterrcnn" (sparsified at its backbone, docs/design.md §3.7). A
             detector's transform is fixed to `input_size` (``min_size``/``max_size``) unless `model_kwargs` set them,
             so the sizes reported are the sizes its backbone runs at.
+        decisions: "auto", "nested" or "independent" (`tokenprune.sparsify`'s ``decisions``).
 
     Raises:
         ConfigError: `features_only` for a torchvision name (torchvision builds feature extractors with
@@ -111,6 +113,7 @@ def build(
         keep_ratios=keep_ratios,
         example_inputs=example,
         scorer=scorer,
+        decisions=decisions,
     )
     return dense, sparse.eval()
 
