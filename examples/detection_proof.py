@@ -17,13 +17,16 @@ rerunning a stage continues from its ``last.pt``):
    the student with *random* locations at the same keep counts (the predictors' ablation) and with every location
    and one location per stage on the slow path (what the choice can be worth); GMACs of backbone (+ FPN) / head /
    total (tokenprune.measure, fvcore-based; FCOS's head is dense, so its cost does not depend on a proposal count,
-   and post-processing — box decoding, NMS — is not counted) and of the ConvNeXt alone; the backbone's CPU speed-up
+   and post-processing — box decoding, NMS — is not counted) and of the timm body alone; the backbone's CPU speed-up
    (dense vs sparse backbone + FPN, timed interleaved in one process); written to ``<out>/results.json`` and
    ``<out>/results.md``.
 
 Run it in the background (the README and docs/results.md show the figures and the machine they came from)::
 
     nohup python examples/detection_proof.py --out runs/det > runs/det.log 2>&1 &
+
+The plain-ViT route (dropped tokens re-filled for the FPN, docs/design.md §2.7) runs the same stages with ``--set``
+overrides (docs/results.md has the command).
 
 Needs ``apt-get install dataset-fashion-mnist`` (or ``--data-root``) and ``pip install 'tokenprune[detection]'``.
 """
@@ -59,7 +62,7 @@ def scores(model: torch.nn.Module, dataset, batch_size: int = 50) -> dict[str, f
 
 
 def flops(model: torch.nn.Module, example: torch.Tensor) -> dict[str, float]:
-    """GMACs per image: the whole detector, its backbone module (ConvNeXt + FPN, the predictors with it), the head."""
+    """GMACs per image: the whole detector, its backbone module (timm body + FPN, the predictors with it), the head."""
     report = profile_flops(model, example, backbone="backbone")
     return {"total": report.gmacs, "backbone": report.trunk_gmacs, "head": report.head_gmacs}
 
@@ -73,9 +76,9 @@ def report(args: argparse.Namespace) -> dict:
     data = build_datasets(recipe.data, img_size=size, in_chans=1, seed=recipe.run.seed)
     example = torch.randn(1, 1, size, size)
     dense = flops(teacher, example)
-    # The FPN is the same in dense and sparse detectors: the ConvNeXt alone is the backbone minus the FPN.
-    dense["convnext"] = profile_flops(teacher.backbone.body, example).gmacs
-    fpn = dense["backbone"] - dense["convnext"]
+    # The FPN is the same in dense and sparse detectors: the timm body alone is the backbone minus the FPN.
+    dense["body"] = profile_flops(teacher.backbone.body, example).gmacs
+    fpn = dense["backbone"] - dense["body"]
     results: dict = {
         "test_scenes": len(data.val),
         "canvas": size,
@@ -95,7 +98,7 @@ def report(args: argparse.Namespace) -> dict:
         )  # fmt: skip
         student = load_weights(student, path).eval()
         sparse = flops(student, example)
-        sparse["convnext"] = sparse["backbone"] - fpn
+        sparse["body"] = sparse["backbone"] - fpn
         speed = compare(
             teacher.backbone, student.backbone, (1, size, size), batch_size=args.speed_batch, repeats=args.speed_repeats
         )
@@ -112,7 +115,7 @@ def report(args: argparse.Namespace) -> dict:
             "keep_none": keep_none,
             "gmacs": sparse,
             "backbone_flops_vs_dense": sparse["backbone"] / dense["backbone"],
-            "convnext_flops_vs_dense": sparse["convnext"] / dense["convnext"],
+            "body_flops_vs_dense": sparse["body"] / dense["body"],
             "flops_vs_dense": sparse["total"] / dense["total"],
             "keep_ratios": [s.keep_ratio for s in tokenprune.selectors(student)],
             "epochs": load_recipe(out / "student" / "recipe.yaml").optim.epochs,
@@ -136,7 +139,7 @@ def _markdown(results: dict, args: argparse.Namespace) -> str:
     lines = [
         f"Detection proof (`python examples/detection_proof.py --out {args.out}`): FCOS on Fashion-MNIST scenes, "
         f"{results['canvas']}x{results['canvas']}, {results['test_scenes']} test scenes, {results['threads']} CPU "
-        "thread(s). GMACs per image: ConvNeXt / backbone (ConvNeXt + FPN + predictors) / FCOS head / total.",
+        "thread(s). GMACs per image: timm body / backbone (body + FPN + predictors) / FCOS head / total.",
         "",
         "| model | mAP@[.5:.95] | mAP@.5 | mAP, random locations | GMACs | x dense backbone FLOPs | backbone img/s "
         f"(CPU, batch {args.speed_batch}) | backbone speed-up |",
@@ -154,7 +157,7 @@ def _markdown(results: dict, args: argparse.Namespace) -> str:
         lines.append(
             f"| student (rho 0.7, {s['epochs']:g} epochs) | {s['map']:.2f} | {s['map_50']:.2f} | "
             f"{s['random_locations']['map']:.2f} | {_gmacs(s['gmacs'])} | {s['backbone_flops_vs_dense']:.3f} "
-            f"(ConvNeXt {s['convnext_flops_vs_dense']:.3f}) | {s['backbone_images_per_s']:.0f} "
+            f"(body {s['body_flops_vs_dense']:.3f}) | {s['backbone_images_per_s']:.0f} "
             f"(dense {s['dense_backbone_images_per_s']:.0f}) | {s['backbone_speedup']:.2f}x |"
         )
         lines += ["", "Targets:"]
@@ -162,7 +165,7 @@ def _markdown(results: dict, args: argparse.Namespace) -> str:
             lines.append(f"- mAP within 1.0 point of the control: gap {s['map_gap_to_control']:+.2f}")
         lines += [
             f"- backbone FLOPs <= 0.85x dense: {s['backbone_flops_vs_dense']:.3f}x with the FPN, "
-            f"{s['convnext_flops_vs_dense']:.3f}x the ConvNeXt alone",
+            f"{s['body_flops_vs_dense']:.3f}x the timm body alone",
             f"- predictors beat random locations: {s['map']:.2f} vs {s['random_locations']['map']:.2f} mAP "
             f"(every location kept: {s['keep_all']['map']:.2f}; one location kept per stage: "
             f"{s['keep_none']['map']:.2f})",
