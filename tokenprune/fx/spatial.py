@@ -23,6 +23,7 @@ code proves it per location (`fx/rules/scaler.py`, `spatial_rules.module_call`).
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -41,7 +42,7 @@ from .discovery import Call, Chain, depends_on
 from .plan import RECORDER, Plan
 from .tracing import call_leaf, trace
 
-__all__ = ["SlowPath", "find_slow_path", "plan_spatial", "BLOCK_INPUTS"]
+__all__ = ["SlowPath", "find_slow_path", "plan_spatial", "final_map", "BLOCK_INPUTS"]
 
 #: Names of the block inputs the rewrite adds: a stage's mask (masked execution), kept and dropped locations (gathered).
 BLOCK_INPUTS = ("tokenprune_mask", "tokenprune_keep", "tokenprune_drop")
@@ -292,9 +293,132 @@ def plan_spatial(
         recorded = graph.call_module(RECORDER, (last, mask, keep))
     last.replace_all_uses_with(recorded, delete_user_cb=lambda user: user is not recorded)
     recorded.meta = dict(last.meta)
+    final = final_map(model, gm, recorded)
+    if final is not None:
+        node, recorder.final_map, recorder.final_map_norm, recorder.final_map_channel, _ = final
+        with graph.inserting_after(node):
+            seen = graph.call_module(RECORDER, (node,), {"final": True})
+        node.replace_all_uses_with(seen, delete_user_cb=lambda user: user is not seen)
+        seen.meta = dict(node.meta)
+        how = f"normalised by {final[2]}" if final[2] else ("after its final norm" if final[4] else "no final norm")
+        plan.notes.append(f"head: feature distillation reads the final map, the output of {recorder.final_map} ({how})")
     graph.lint()
     plan.graph_module = gm
     return plan
+
+
+#: Ops that only move a map's values (no arithmetic), crossed on the way between the head's pooling, the final norm and
+#: the module whose output the head reads (reason: a permute or flatten there does not change what is normalised).
+_LAYOUT_METHODS = frozenset({"permute", "reshape", "view", "flatten", "contiguous", "squeeze", "unsqueeze"})
+_LAYOUT_FUNCTIONS = frozenset({torch.permute, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze})
+_LAYOUT_MODULES = (nn.Identity, nn.Flatten)  # reason: a pool's `flatten`, an unused `norm_pre`
+
+
+def _is_layout(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _LAYOUT_METHODS
+    if node.op == "call_function":
+        return node.target in _LAYOUT_FUNCTIONS
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), _LAYOUT_MODULES)
+
+
+def _layer_norm(model: nn.Module, node: fx.Node, channels: int) -> str | None:
+    """The name of the nn.LayerNorm over `channels` (subclasses included: timm's and torchvision's LayerNorm2d) that
+    `node` applies, kept as a call or traced into `F.layer_norm` on its own weight; None for any other node."""
+    if node.op == "call_module":
+        name = str(node.target)
+    elif node.op == "call_function" and node.target is F.layer_norm:
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr" or not str(weight.target).endswith(".weight"):
+            return None
+        name = str(weight.target).removesuffix(".weight")
+    else:
+        return None
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (channels,) and module.weight is not None:
+        return name
+    return None
+
+
+def _pool_input(node: fx.Node, reached: set[fx.Node]) -> tuple[fx.Node, int] | None:
+    """(the map, its channel count) when `node` pools a map [B, C, H, W] / [B, H, W, C] / [B, H*W, C] with more than
+    one location into one vector of C per image ([B, C], [B, C, 1, 1], ...); None otherwise."""
+    data = [a for a in node.all_input_nodes if a in reached]
+    shape_in, shape_out = (node_shape(data[0]) if len(data) == 1 else None), node_shape(node)
+    if not shape_in or not shape_out or len(shape_in) not in (3, 4) or len(shape_out) < 2:
+        return None
+    c = math.prod(shape_out[1:])
+    pools = shape_out[0] == shape_in[0] and max(shape_out[1:]) == c and math.prod(shape_in[1:]) > c
+    return (data[0], c) if pools and c in (shape_in[1], shape_in[-1]) else None
+
+
+def _module_output(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The outermost module (called once) whose output is `node`: its last node is `node`, read outside it."""
+    last: dict[str, fx.Node] = {}
+    names: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        for key, value in (n.meta.get("nn_module_stack") or {}).items():
+            last[key] = n
+            names[key] = value[0] if isinstance(value, tuple) else key
+    again = {key.partition("@")[0] for key in last if "@" in key}  # called more than once: no single output
+    stack = node.meta.get("nn_module_stack") or {}
+    for key in stack:
+        outside = all(key not in (u.meta.get("nn_module_stack") or {}) for u in node.users)
+        if last.get(key) is node and key not in again and "@" not in key and outside and names[key]:
+            return names[key]
+    return None
+
+
+def final_map(
+    model: nn.Module, gm: fx.GraphModule, recorded: fx.Node
+) -> tuple[fx.Node, str, str | None, int, bool] | None:
+    """The final-stage map the head pools, as the official AdaConvNeXt/AdaSwin distil it (docs/design.md §3.1).
+
+    Structural: the first node after the chain that pools a map into one C-vector per image (global average pooling,
+    a mean over the spatial dims) reads the final map; walking back over layout ops from what it reads, the first
+    node that is the output of a model's module (called once) is the point, hooked on a teacher by that module's
+    name. The map is already normalised when a LayerNorm over C is the last arithmetic before it (Swin's `norm`);
+    otherwise a LayerNorm over C reached from the pooling over layout ops (ConvNeXt's `head.norm`, applied after the
+    pooling) is the norm the losses apply per location of the map.
+
+    Returns:
+        (node, module name, post-pooling norm name or None, the map's channel dim, already normalised); None when
+        nothing after the chain pools a map (a `features_only` backbone, a segmentation head).
+    """
+    order = list(gm.graph.nodes)
+    reached, found = {recorded}, None
+    for node in order[order.index(recorded) + 1 :]:
+        if any(a in reached for a in node.all_input_nodes):
+            found = _pool_input(node, reached)
+            reached.add(node)
+            if found is not None:
+                pool = node
+                break
+    if found is None:
+        return None
+    point, c = found
+    module = _module_output(gm, point)
+    while module is None and _is_layout(gm, point) and len(point.all_input_nodes) == 1:
+        point = point.all_input_nodes[0]
+        module = _module_output(gm, point)
+    shape = node_shape(point)
+    channel = {3: (2,), 4: (1, 3)}.get(len(shape or ()), ())
+    channel = next((d for d in channel if shape[d] == c), None)
+    if module is None or channel is None:
+        return None
+    before = point
+    while _is_layout(gm, before) and len(before.all_input_nodes) == 1:
+        before = before.all_input_nodes[0]
+    if _layer_norm(model, before, c) is not None:
+        return point, module, None, channel, True
+    after = pool
+    while len(after.users) == 1 and _is_layout(gm, next(iter(after.users))):
+        after = next(iter(after.users))
+    norm = _layer_norm(model, next(iter(after.users)), c) if len(after.users) == 1 else None
+    return point, module, norm, channel, False
 
 
 def _path_macs(block: nn.Module, path: SlowPath) -> int:

@@ -1,0 +1,112 @@
+"""The spatial variant against the official AdaConvNeXt/AdaSwin code (raoyongming/DynamicViT, issue #25 item 2):
+distillation on the normalised final-stage map, stochastic depth on the fast path, Swin's fast path without a layer
+scale (docs/design.md §1.2, §3.1)."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import tokenprune
+from tokenprune.train.losses import LossWeights, hook_teacher, sparsity_terms
+
+torch.manual_seed(0)
+
+SIZE = 64
+
+
+def _convnext(**kw):
+    return timm.create_model("convnext_tiny", dims=(8, 16, 32, 64), num_classes=10, **kw)
+
+
+def _swin(**kw):
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224", img_size=SIZE, embed_dim=16, num_heads=(1, 1, 2, 2), window_size=2,
+        num_classes=10, **kw,
+    )  # fmt: skip
+
+
+def _images(batch: int = 3) -> torch.Tensor:
+    return torch.randn(batch, 3, SIZE, SIZE)
+
+
+def _layer_norm_channels_first(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """The official featmap: the final norm applied per location of the unpooled [B, C, H, W] map."""
+    return F.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+def _distill_term(teacher, student, x, point="auto"):
+    """The library's distillation term for one training forward of `student`, the teacher hooked as the trainer does."""
+    weights = LossWeights.for_kind("spatial", distill_point=point)
+    student(x)
+    state = tokenprune.sparsity_state(student)
+    seen = {}
+    handle = hook_teacher(teacher, state, point, lambda out: seen.setdefault("features", out))
+    with torch.no_grad():
+        teacher(x)
+    handle.remove()
+    return sparsity_terms(weights, state, seen["features"], None)["distill"], state
+
+
+@pytest.mark.parametrize("family", ["convnext", "swin"])
+def test_final_map_distillation_matches_a_plain_pytorch_reference(family):
+    teacher = (_convnext if family == "convnext" else _swin)().eval()
+    x = _images()
+    student = tokenprune.sparsify(teacher, 0.7, example_inputs=x)
+    norm = student.head.norm if family == "convnext" else student.norm
+    with torch.no_grad():  # each model normalises with its own norm: make the student's differ from the teacher's
+        norm.weight.mul_(torch.rand_like(norm.weight) + 0.5)
+        norm.bias.add_(torch.randn_like(norm.bias))
+    student.train()
+    maps = {}
+    # Reference taps, independent of the library's analysis: the map the head's pooling reads (ConvNeXt), the final
+    # norm's output (Swin, whose norm is applied before pooling).
+    if family == "convnext":
+        tap = student.head.global_pool.pool.register_forward_pre_hook(lambda _m, args: maps.setdefault("s", args[0]))
+    else:
+        tap = student.norm.register_forward_hook(lambda _m, _i, out: maps.setdefault("s", out))
+    torch.manual_seed(1)
+    got, state = _distill_term(teacher, student, x)
+    tap.remove()
+
+    with torch.no_grad():
+        teacher_map = teacher.forward_features(x)  # the final stage's output (Swin: after its final norm)
+    if family == "convnext":
+        t = _layer_norm_channels_first(teacher_map, teacher.head.norm)
+        s = _layer_norm_channels_first(maps["s"], student.head.norm)
+        assert tuple(t.shape[1:3]) == (SIZE // 32, SIZE // 32)  # the final stage's map, not stage 3's
+    else:
+        t, s = teacher_map, maps["s"]
+    expected = ((s - t) ** 2).mean()
+    assert state.final_map is not None
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-9)
+    assert got.item() > 0
+    got.backward()  # the term trains the student's own final norm, as the official featmap does
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+
+
+def test_last_block_option_reads_the_chain_output():
+    teacher = _convnext().eval()
+    x = _images()
+    student = tokenprune.sparsify(teacher, 0.7, example_inputs=x).train()
+    maps = {}
+    last = tokenprune.config_of(student).chain[-1]
+    tap = teacher.get_submodule(last).register_forward_hook(lambda _m, _i, out: maps.setdefault("t", out))
+    torch.manual_seed(1)
+    got, state = _distill_term(teacher, student, x, point="last_block")
+    tap.remove()
+    assert state.final_tokens.shape == maps["t"].shape
+    assert got.item() == pytest.approx(F.mse_loss(state.final_tokens, maps["t"]).item(), rel=1e-5)
+
+
+def test_features_only_backbone_distils_the_chain_output():
+    backbone = timm.create_model("convnext_atto", features_only=True).eval()
+    x = _images(2)
+    student = tokenprune.sparsify(backbone, 0.7, example_inputs=x).train()
+    student(x)
+    state = tokenprune.sparsity_state(student)
+    assert state.final_map is None and state.final_normed is None
+    with pytest.raises(tokenprune.ConfigError, match="distill_point='final'"):
+        sparsity_terms(LossWeights.for_kind("spatial", distill_point="final"), state, state.final_tokens, None)
+    terms = sparsity_terms(LossWeights.for_kind("spatial"), state, state.final_tokens.detach(), None)
+    assert terms["distill"].item() == 0.0
