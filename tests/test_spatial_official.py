@@ -110,3 +110,61 @@ def test_features_only_backbone_distils_the_chain_output():
         sparsity_terms(LossWeights.for_kind("spatial", distill_point="final"), state, state.final_tokens, None)
     terms = sparsity_terms(LossWeights.for_kind("spatial"), state, state.final_tokens.detach(), None)
     assert terms["distill"].item() == 0.0
+
+
+def _with_fast_paths_at_one(model):
+    """Fast-path layer scales at 1 (1e-6 at init would make the fast path's contribution vanish in comparisons)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, tokenprune.nn.asymmetric.FastPath) and module.gamma is not None:
+                module.gamma.fill_(1.0)
+    return model
+
+
+@pytest.mark.parametrize("family", ["convnext", "swin"])
+def test_stochastic_depth_drops_the_fast_path_with_the_slow_path(family):
+    """Official AdaConvNeXt: `x2 = input_x[1] + self.drop_path(x2)`; here one draw per sample scales the mixed branch,
+    so a sample whose slow path is dropped loses its fast path's contribution too, and only then."""
+    p = 0.5
+    dense = (_convnext if family == "convnext" else _swin)(drop_path_rate=p).eval()
+    x = _images(8)
+    model = _with_fast_paths_at_one(tokenprune.sparsify(dense, 0.7, example_inputs=x)).train()
+    block = model.get_submodule(tokenprune.config_of(model).chain[-1])
+    drop = block.drop_path if family == "convnext" else block.drop_path2
+    assert drop.drop_prob > 0
+    drop.drop_prob = p  # this block's share of the linear schedule, raised so that a batch of 8 shows both outcomes
+    seen = {}
+    hooks = [
+        block.fast_path.register_forward_hook(lambda _m, _i, out: seen.setdefault("mixed", out)),
+        drop.register_forward_hook(lambda _m, _i, out: seen.setdefault("dropped", out)),
+    ]
+    torch.manual_seed(3)
+    model(x)
+    for h in hooks:
+        h.remove()
+    mask = tokenprune.sparsity_state(model).final_mask  # [B, H*W, 1]: 1 where the last blocks ran the slow path
+    mixed, dropped = seen["mixed"], seen["dropped"]
+    assert mixed.shape == dropped.shape  # the drop acts on the mixed branch, after the fast path joined it
+    per_sample = [None] * x.shape[0]
+    for i in range(x.shape[0]):
+        kept = (mask[i, :, 0] > 0.5).any() and (mask[i, :, 0] < 0.5).any()
+        assert kept, "the test needs both paths in every sample"
+        scale = dropped[i] / mixed[i]
+        finite = scale[mixed[i].abs() > 1e-6]
+        assert torch.allclose(finite, finite[0].expand_as(finite), rtol=1e-4), "one value per sample, both paths"
+        kept_scale = 1 / (1 - drop.drop_prob)
+        assert finite[0].item() == pytest.approx(0.0, abs=1e-6) or finite[0].item() == pytest.approx(kept_scale)
+        per_sample[i] = finite[0].item() == 0.0
+    assert any(per_sample) and not all(per_sample)  # some samples dropped, some kept (seeded)
+
+    model.eval()  # evaluation: no drop at all
+    seen.clear()
+    hooks = [
+        block.fast_path.register_forward_hook(lambda _m, _i, out: seen.setdefault("mixed", out)),
+        drop.register_forward_hook(lambda _m, _i, out: seen.setdefault("dropped", out)),
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(seen["mixed"], seen["dropped"])

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -40,6 +40,8 @@ from . import rules
 from ._graph import block_inputs, chain_nodes, node_shape
 from .discovery import Call, Chain, depends_on
 from .plan import RECORDER, Plan
+from .rules.scaler import STOCHASTIC_DEPTH, scaler_refusal
+from .rules.token_rules import Refused, example_like
 from .tracing import call_leaf, trace
 
 __all__ = ["SlowPath", "find_slow_path", "plan_spatial", "final_map", "BLOCK_INPUTS"]
@@ -52,7 +54,11 @@ _RESIDUAL_ADDS = {operator.add, operator.iadd, torch.add}
 
 @dataclass
 class SlowPath:
-    """A block's slow path: the run of per-location nodes between `entry` (exclusive) and `exit` (inclusive)."""
+    """A block's slow path: the run of per-location nodes between `entry` (exclusive) and `exit` (inclusive).
+
+    `scalers` are the per-sample scalers (stochastic depth, drop path) that ended the branch's run after `exit`: the
+    two paths are mixed before them, so they scale the fast path's contribution as they scale the slow path's.
+    """
 
     entry: fx.Node
     exit: fx.Node
@@ -60,6 +66,7 @@ class SlowPath:
     channel: int
     spatial: tuple[int, ...]
     dim: int
+    scalers: list[fx.Node] = field(default_factory=list)
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -126,6 +133,28 @@ def _per_location(
     return (entry if start == 0 else run[start - 1]), run[start:]
 
 
+def _trailing_scalers(gm: fx.GraphModule, run: list[fx.Node]) -> list[fx.Node]:
+    """The per-sample scalers that end `run` (stochastic depth: `rules/scaler.py` proves a module kept as a call is
+    one), never its first node. One value per sample scales every location alike, so it commutes with mixing the
+    paths per location: applied after the mix, it drops the fast path's contribution exactly when the slow path's,
+    as the official AdaConvNeXt applies its block's drop path to both paths (docs/design.md §1.2)."""
+    count = 0
+    for node in reversed(run[1:]):
+        if node.op == "call_function" and node.target in STOCHASTIC_DEPTH:
+            count += 1
+            continue
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            break
+        try:
+            example = example_like(node.args[0])
+        except Refused:
+            break
+        if scaler_refusal(gm.get_submodule(node.target), example) is not None:
+            break
+        count += 1
+    return run[len(run) - count :]
+
+
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     m = _module(gm, node)
     if isinstance(m, nn.Conv2d):
@@ -177,7 +206,10 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, where: str) -> SlowPath:
             if current != layout:
                 reasons.append(f"{_describe(gm, data)} in the run ending at {branch.name} mixes locations")
                 continue
-            found.append(SlowPath(entry, branch, run, layout[0], layout[1], shape_in[layout[0]]))
+            scalers = _trailing_scalers(gm, run)
+            exit_ = run[-len(scalers) - 1]
+            nodes = run[: len(run) - len(scalers)]
+            found.append(SlowPath(entry, exit_, nodes, layout[0], layout[1], shape_in[layout[0]], scalers))
     if len(found) == 1:
         return found[0]
     if found:
@@ -268,6 +300,7 @@ def plan_spatial(
             plan.notes.append(
                 f"block {call.name}: slow path {path.nodes[0].name} .. {path.exit.name} "
                 f"({_path_macs(block, path)} MACs per location) beside a fast path"
+                + (f"; both scaled by {', '.join(n.name for n in path.scalers)}" if path.scalers else "")
             )
     channel = 1 if chain.layout == "BCHW" else 3
     graph, mask, keep, drop = gm.graph, None, None, None
