@@ -6,8 +6,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+import torchvision
 
 import tokenprune
+from tokenprune.nn.asymmetric import AsymmetricPath, FastPath
 from tokenprune.train.losses import LossWeights, hook_teacher, sparsity_terms
 
 torch.manual_seed(0)
@@ -116,7 +118,7 @@ def _with_fast_paths_at_one(model):
     """Fast-path layer scales at 1 (1e-6 at init would make the fast path's contribution vanish in comparisons)."""
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, tokenprune.nn.asymmetric.FastPath) and module.gamma is not None:
+            if isinstance(module, FastPath) and module.gamma is not None:
                 module.gamma.fill_(1.0)
     return model
 
@@ -168,3 +170,32 @@ def test_stochastic_depth_drops_the_fast_path_with_the_slow_path(family):
     for h in hooks:
         h.remove()
     assert torch.equal(seen["mixed"], seen["dropped"])
+
+
+@pytest.mark.parametrize(
+    "make, scaled, eps",
+    [
+        (_convnext, True, 1e-6),
+        (_swin, False, 1e-5),
+        (lambda: torchvision.models.convnext_tiny(num_classes=10), True, 1e-6),
+        (lambda: torchvision.models.swin_t(num_classes=10), False, 1e-5),
+    ],
+    ids=["timm_convnext", "timm_swin", "tv_convnext", "tv_swin"],
+)
+def test_fast_path_has_a_layer_scale_only_where_the_block_has_one(make, scaled, eps):
+    """Official AdaConvNeXt: fast_path + fast_path_gamma, LayerNorm eps 1e-6; AdaSwin: fastMlp = LayerNorm (eps 1e-5)
+    + Linear, no scale. Decided from the block's own graph, and either way a fresh fast path is harmless."""
+    x = _images(2)
+    model = tokenprune.sparsify(make().eval(), 0.7, example_inputs=x)
+    paths = [m for m in model.modules() if isinstance(m, AsymmetricPath)]
+    assert paths
+    rows = torch.randn(2, 5, paths[0].fast.proj.in_features)
+    for path in paths:
+        assert (path.fast.gamma is not None) == scaled
+        assert path.fast.norm.eps == eps
+        out = path.fast(rows)
+        if scaled:
+            assert out.abs().max() < 1e-4 * rows.abs().max()
+        else:
+            assert torch.equal(out, torch.zeros_like(out))
+            assert not any(name.endswith("gamma") for name, _ in path.named_parameters())

@@ -34,7 +34,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
-from ..nn.asymmetric import AsymmetricPath, gather_locations
+from ..nn.asymmetric import FAST_PATH_INIT, AsymmetricPath, gather_locations
 from ..nn.spatial_predictor import SpatialRecorder, SpatialSelector
 from . import rules
 from ._graph import block_inputs, chain_nodes, node_shape
@@ -67,6 +67,8 @@ class SlowPath:
     spatial: tuple[int, ...]
     dim: int
     scalers: list[fx.Node] = field(default_factory=list)
+    layer_scale: bool = True
+    eps: float = 1e-6
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -155,6 +157,41 @@ def _trailing_scalers(gm: fx.GraphModule, run: list[fx.Node]) -> list[fx.Node]:
     return run[len(run) - count :]
 
 
+_MULTIPLY = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+
+
+def _has_layer_scale(gm: fx.GraphModule, nodes: list[fx.Node], x: fx.Node) -> bool:
+    """Whether the slow path multiplies by a learned value that does not depend on the block's input (a layer scale:
+    ConvNeXt's gamma, timm's LayerScale, torchvision's layer_scale). The fast path gets one of its own only then, as
+    the official AdaConvNeXt (fast_path_gamma) and AdaSwin (none: Swin's block has none) do."""
+    for node in nodes:
+        if node.target not in _MULTIPLY:
+            continue
+        for other in node.args[:2]:
+            if not isinstance(other, fx.Node) or depends_on(other, {x}):
+                continue
+            while other.op != "get_attr" and len(other.all_input_nodes) == 1:
+                other = other.all_input_nodes[0]  # reason: a reshape/view of the parameter to broadcast it
+            if other.op == "get_attr":
+                try:
+                    gm.get_parameter(str(other.target))
+                except AttributeError:
+                    continue
+                return True
+    return False
+
+
+def _norm_eps(gm: fx.GraphModule, nodes: list[fx.Node]) -> float:
+    """The epsilon of the slow path's first LayerNorm (the fast path's norm takes it: 1e-6 in ConvNeXt, 1e-5 in Swin,
+    as in the official code); 1e-6 when it has none."""
+    for node in nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.LayerNorm):
+            return float(gm.get_submodule(node.target).eps)
+        if node.op == "call_function" and node.target is F.layer_norm:
+            return float(node.kwargs.get("eps", node.args[4] if len(node.args) > 4 else 1e-5))
+    return 1e-6
+
+
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     m = _module(gm, node)
     if isinstance(m, nn.Conv2d):
@@ -209,7 +246,12 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, where: str) -> SlowPath:
             scalers = _trailing_scalers(gm, run)
             exit_ = run[-len(scalers) - 1]
             nodes = run[: len(run) - len(scalers)]
-            found.append(SlowPath(entry, exit_, nodes, layout[0], layout[1], shape_in[layout[0]], scalers))
+            found.append(
+                SlowPath(
+                    entry, exit_, nodes, layout[0], layout[1], shape_in[layout[0]], scalers,
+                    _has_layer_scale(gm, nodes, x), _norm_eps(gm, nodes),
+                )
+            )  # fmt: skip
     if len(found) == 1:
         return found[0]
     if found:
@@ -259,7 +301,9 @@ def _asymmetric_block(call: Call, node: fx.Node, chain: Chain, where: str) -> tu
     while hasattr(call.module, name):
         name = "tokenprune_" + name
     param = next(call.module.parameters())
-    gm.add_submodule(name, AsymmetricPath(path.dim, path.channel, path.spatial).to(param.device, param.dtype))
+    scale = FAST_PATH_INIT if path.layer_scale else None
+    fast = AsymmetricPath(path.dim, path.channel, path.spatial, scale, path.eps)
+    gm.add_submodule(name, fast.to(param.device, param.dtype))
     with graph.inserting_after(path.exit):
         mixed = graph.call_module(name, (path.entry, path.exit, mask, keep, drop))
     path.exit.replace_all_uses_with(mixed, delete_user_cb=lambda user: user is not mixed)
@@ -300,6 +344,7 @@ def plan_spatial(
             plan.notes.append(
                 f"block {call.name}: slow path {path.nodes[0].name} .. {path.exit.name} "
                 f"({_path_macs(block, path)} MACs per location) beside a fast path"
+                + ("" if path.layer_scale else " without a layer scale (the block has none)")
                 + (f"; both scaled by {', '.join(n.name for n in path.scalers)}" if path.scalers else "")
             )
     channel = 1 if chain.layout == "BCHW" else 3
