@@ -199,3 +199,52 @@ def test_fast_path_has_a_layer_scale_only_where_the_block_has_one(make, scaled, 
         else:
             assert torch.equal(out, torch.zeros_like(out))
             assert not any(name.endswith("gamma") for name, _ in path.named_parameters())
+
+
+TINY_CONVNEXT = [
+    "model.name=convnext_tiny",
+    "model.kwargs={dims: [8, 16, 32, 64], num_classes: 4, in_chans: 1, drop_path_rate: 0.2}",
+    "data.source=synthetic",
+    "data.img_size=64",
+    "data.num_classes=4",
+    "data.synthetic_size=4",
+    "data.workers=0",
+    "optim.batch_size=4",
+    "optim.epochs=1",
+    "optim.warmup_epochs=0",
+    "run.threads=1",
+]
+
+
+def test_harness_distils_the_normalised_final_map(tmp_path, monkeypatch):
+    """One training step of the real harness (`finetune`, recipe defaults): its distillation part is the MSE between
+    the student's and the teacher's final-stage maps, each after its own head norm, recomputed here by hand."""
+    from tokenprune.train import finetune
+    from tokenprune.train.trainer import Trainer
+
+    seen = []
+    original = Trainer._forward_loss
+
+    def capture(self, x, y):
+        maps = {}
+        taps = [
+            self.student.head.global_pool.pool.register_forward_pre_hook(lambda _m, a: maps.setdefault("s", a[0])),
+            self.teacher.head.global_pool.register_forward_pre_hook(lambda _m, a: maps.setdefault("t", a[0])),
+        ]
+        try:
+            out, kept = original(self, x, y)
+        finally:
+            for tap in taps:
+                tap.remove()
+        if not seen:
+            s = _layer_norm_channels_first(maps["s"], self.student.head.norm)
+            t = _layer_norm_channels_first(maps["t"], self.teacher.head.norm)
+            seen.append((float(out.parts["distill"].detach()), float(((s - t) ** 2).mean()), tuple(t.shape)))
+        return out, kept
+
+    monkeypatch.setattr(Trainer, "_forward_loss", capture)
+    finetune(None, overrides=[*TINY_CONVNEXT, f"run.output_dir={tmp_path / 'run'}"])
+    got, reference, shape = seen[0]
+    assert shape == (4, 2, 2, 64)  # the final stage's map at 64x64 input, channels last after the norm
+    assert reference > 0
+    assert got == pytest.approx(reference, rel=1e-4, abs=1e-9)
