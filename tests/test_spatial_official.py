@@ -248,3 +248,31 @@ def test_harness_distils_the_normalised_final_map(tmp_path, monkeypatch):
     assert shape == (4, 2, 2, 64)  # the final stage's map at 64x64 input, channels last after the norm
     assert reference > 0
     assert got == pytest.approx(reference, rel=1e-4, abs=1e-9)
+
+
+class _Gated(torch.nn.Module):
+    """A ConvNeXt classifier behind Python control flow on tensor values: only its `net` is sparsified."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _convnext()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().max() > 100:  # data-dependent: torch.fx cannot trace this
+            x = x / x.abs().max()
+        return self.net(x)
+
+
+def test_final_map_names_are_qualified_in_the_whole_model():
+    """A sparsified part's final-map point names the teacher's modules in the whole (dense) model."""
+    torch.manual_seed(0)
+    teacher = _Gated().eval()
+    x = _images(2)
+    student = tokenprune.sparsify(teacher, 0.7, example_inputs=x).train()
+    assert isinstance(student.net, torch.fx.GraphModule)
+    torch.manual_seed(1)
+    got, state = _distill_term(teacher, student, x)
+    assert (state.final_map.module, state.final_map.norm) == ("net.norm_pre", "net.head.norm")
+    with torch.no_grad():
+        t = _layer_norm_channels_first(teacher.net.forward_features(x), teacher.net.head.norm)
+    assert got.item() == pytest.approx(((state.final_normed.permute(0, 2, 3, 1) - t) ** 2).mean().item(), rel=1e-5)

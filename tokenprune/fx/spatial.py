@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -44,7 +45,7 @@ from .rules.scaler import STOCHASTIC_DEPTH, scaler_refusal
 from .rules.token_rules import Refused, example_like
 from .tracing import call_leaf, trace
 
-__all__ = ["SlowPath", "find_slow_path", "plan_spatial", "final_map", "BLOCK_INPUTS"]
+__all__ = ["SlowPath", "find_slow_path", "plan_spatial", "final_map", "FinalMap", "BLOCK_INPUTS"]
 
 #: Names of the block inputs the rewrite adds: a stage's mask (masked execution), kept and dropped locations (gathered).
 BLOCK_INPUTS = ("tokenprune_mask", "tokenprune_keep", "tokenprune_drop")
@@ -160,25 +161,32 @@ def _trailing_scalers(gm: fx.GraphModule, run: list[fx.Node]) -> list[fx.Node]:
 _MULTIPLY = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 
 
-def _has_layer_scale(gm: fx.GraphModule, nodes: list[fx.Node], x: fx.Node) -> bool:
-    """Whether the slow path multiplies by a learned value that does not depend on the block's input (a layer scale:
-    ConvNeXt's gamma, timm's LayerScale, torchvision's layer_scale). The fast path gets one of its own only then, as
-    the official AdaConvNeXt (fast_path_gamma) and AdaSwin (none: Swin's block has none) do."""
-    for node in nodes:
-        if node.target not in _MULTIPLY:
+def _has_layer_scale(gm: fx.GraphModule, exit_: fx.Node, x: fx.Node) -> bool:
+    """Whether the slow path's last arithmetic (layout ops and dropout aside) multiplies by a learned value that does
+    not depend on the block's input: a layer scale (ConvNeXt's gamma, timm's LayerScale, torchvision's layer_scale).
+    The fast path gets one of its own only then, as the official AdaConvNeXt (fast_path_gamma) and AdaSwin (none:
+    Swin's block has none) do. A learned factor inside the MLP (ConvNeXt V2's GRN) is not a layer scale."""
+    node = exit_
+    while (_is_layout(gm, node) or isinstance(_module(gm, node), nn.Dropout)) and len(node.all_input_nodes) == 1:
+        node = node.all_input_nodes[0]
+    if node.target not in _MULTIPLY:
+        return False
+    for other in node.args[:2]:
+        if not isinstance(other, fx.Node) or depends_on(other, {x}):
             continue
-        for other in node.args[:2]:
-            if not isinstance(other, fx.Node) or depends_on(other, {x}):
-                continue
-            while other.op != "get_attr" and len(other.all_input_nodes) == 1:
-                other = other.all_input_nodes[0]  # reason: a reshape/view of the parameter to broadcast it
-            if other.op == "get_attr":
-                try:
-                    gm.get_parameter(str(other.target))
-                except AttributeError:
-                    continue
-                return True
+        while other.op != "get_attr" and len(other.all_input_nodes) == 1:
+            other = other.all_input_nodes[0]  # reason: a reshape/view of the parameter to broadcast it
+        if other.op == "get_attr" and _is_parameter(gm, str(other.target)):
+            return True
     return False
+
+
+def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+    except AttributeError:  # a buffer or a constant
+        return False
+    return True
 
 
 def _norm_eps(gm: fx.GraphModule, nodes: list[fx.Node]) -> float:
@@ -249,7 +257,7 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, where: str) -> SlowPath:
             found.append(
                 SlowPath(
                     entry, exit_, nodes, layout[0], layout[1], shape_in[layout[0]], scalers,
-                    _has_layer_scale(gm, nodes, x), _norm_eps(gm, nodes),
+                    _has_layer_scale(gm, exit_, x), _norm_eps(gm, nodes),
                 )
             )  # fmt: skip
     if len(found) == 1:
@@ -373,13 +381,14 @@ def plan_spatial(
     recorded.meta = dict(last.meta)
     final = final_map(model, gm, recorded)
     if final is not None:
-        node, recorder.final_map, recorder.final_map_norm, recorder.final_map_channel, _ = final
-        with graph.inserting_after(node):
-            seen = graph.call_module(RECORDER, (node,), {"final": True})
-        node.replace_all_uses_with(seen, delete_user_cb=lambda user: user is not seen)
-        seen.meta = dict(node.meta)
-        how = f"normalised by {final[2]}" if final[2] else ("after its final norm" if final[4] else "no final norm")
-        plan.notes.append(f"head: feature distillation reads the final map, the output of {recorder.final_map} ({how})")
+        recorder.final_map, recorder.final_map_norm = final.module, final.norm
+        recorder.final_map_channel = final.channel
+        with graph.inserting_after(final.node):
+            seen = graph.call_module(RECORDER, (final.node,), {"final": True})
+        final.node.replace_all_uses_with(seen, delete_user_cb=lambda user: user is not seen)
+        seen.meta = dict(final.node.meta)
+        how = f"normalised by {final.norm}" if final.norm else "after its final norm" if final.normed else "no norm"
+        plan.notes.append(f"head: feature distillation reads the final map, the output of {final.module} ({how})")
     graph.lint()
     plan.graph_module = gm
     return plan
@@ -450,9 +459,17 @@ def _module_output(gm: fx.GraphModule, node: fx.Node) -> str | None:
     return None
 
 
-def final_map(
-    model: nn.Module, gm: fx.GraphModule, recorded: fx.Node
-) -> tuple[fx.Node, str, str | None, int, bool] | None:
+class FinalMap(NamedTuple):
+    """Where the final-stage map is read (`final_map`)."""
+
+    node: fx.Node  # the map's node in the model's graph
+    module: str  # the model's module whose output it is (a teacher is hooked by this name)
+    norm: str | None  # the LayerNorm the head applies after pooling it, applied per location by the losses
+    channel: int  # the map's channel dim
+    normed: bool  # a LayerNorm over C is the last arithmetic before it (already normalised)
+
+
+def final_map(model: nn.Module, gm: fx.GraphModule, recorded: fx.Node) -> FinalMap | None:
     """The final-stage map the head pools, as the official AdaConvNeXt/AdaSwin distil it (docs/design.md §3.1).
 
     Structural: the first node after the chain that pools a map into one C-vector per image (global average pooling,
@@ -463,8 +480,8 @@ def final_map(
     pooling) is the norm the losses apply per location of the map.
 
     Returns:
-        (node, module name, post-pooling norm name or None, the map's channel dim, already normalised); None when
-        nothing after the chain pools a map (a `features_only` backbone, a segmentation head).
+        The point, or None when nothing after the chain pools a map (a `features_only` backbone, a segmentation
+        head).
     """
     order = list(gm.graph.nodes)
     reached, found = {recorded}, None
@@ -491,12 +508,12 @@ def final_map(
     while _is_layout(gm, before) and len(before.all_input_nodes) == 1:
         before = before.all_input_nodes[0]
     if _layer_norm(model, before, c) is not None:
-        return point, module, None, channel, True
+        return FinalMap(point, module, None, channel, True)
     after = pool
     while len(after.users) == 1 and _is_layout(gm, next(iter(after.users))):
         after = next(iter(after.users))
     norm = _layer_norm(model, next(iter(after.users)), c) if len(after.users) == 1 else None
-    return point, module, norm, channel, False
+    return FinalMap(point, module, norm, channel, False)
 
 
 def _path_macs(block: nn.Module, path: SlowPath) -> int:
