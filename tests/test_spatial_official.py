@@ -33,8 +33,11 @@ def _images(batch: int = 3) -> torch.Tensor:
 
 
 def _layer_norm_channels_first(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
-    """The official featmap: the final norm applied per location of the unpooled [B, C, H, W] map."""
-    return F.layer_norm(x.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    """The official featmap: the final norm applied per location of the unpooled [B, C, H, W] map, written out."""
+    x = x.permute(0, 2, 3, 1)
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
 
 
 def _distill_term(teacher, student, x, point="auto"):
