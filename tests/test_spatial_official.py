@@ -187,7 +187,7 @@ def test_stochastic_depth_drops_the_fast_path_with_the_slow_path(family):
 )
 def test_fast_path_has_a_layer_scale_only_where_the_block_has_one(make, scaled, eps):
     """Official AdaConvNeXt: fast_path + fast_path_gamma, LayerNorm eps 1e-6; AdaSwin: fastMlp = LayerNorm (eps 1e-5)
-    + Linear, no scale. Decided from the block's own graph, and either way a fresh fast path is harmless."""
+    + Linear, no scale. Decided from the block's own graph, and either way a fresh fast path is (almost) harmless."""
     x = _images(2)
     model = tokenprune.sparsify(make().eval(), 0.7, example_inputs=x)
     paths = [m for m in model.modules() if isinstance(m, AsymmetricPath)]
@@ -197,10 +197,8 @@ def test_fast_path_has_a_layer_scale_only_where_the_block_has_one(make, scaled, 
         assert (path.fast.gamma is not None) == scaled
         assert path.fast.norm.eps == eps
         out = path.fast(rows)
-        if scaled:
-            assert out.abs().max() < 1e-4 * rows.abs().max()
-        else:
-            assert torch.equal(out, torch.zeros_like(out))
+        assert 0 < out.abs().max() < 1e-4 * rows.abs().max()  # harmless, yet the decision's gradient is not zero
+        if not scaled:
             assert not any(name.endswith("gamma") for name, _ in path.named_parameters())
 
 

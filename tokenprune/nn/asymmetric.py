@@ -30,7 +30,7 @@ __all__ = ["FastPath", "AsymmetricPath", "gather_locations", "FAST_PATH_INIT"]
 #: Initial layer scale of the fast path: ConvNeXt's layer_scale_init_value, so a freshly inserted fast path adds
 #: (almost) nothing and a dropped location starts as "branch skipped" (docs/design.md §1.2).
 FAST_PATH_INIT = 1e-6
-#: Spread of the fast path's Linear weights at init where it has a layer scale (the official trunc_normal_(std=.02)).
+#: Spread of the fast path's Linear weights at init (the official trunc_normal_(std=.02)).
 _PROJ_STD = 0.02
 
 
@@ -82,10 +82,12 @@ class FastPath(nn.Module):
     """LayerNorm + Linear(C, C) [+ layer scale] over channels-last locations [..., C] (docs/design.md §1.2).
 
     As in the official code, a block with a layer scale of its own (ConvNeXt) gets a fast path with one, initialised
-    to `init_scale`, and a block without (Swin) a fast path without. Both start harmless: the scale at 1e-6 in the
-    first case (the Linear initialised as the official code does, truncated normal std 0.02, zero bias); the Linear
-    at zero in the second (the official AdaSwin initialises it like the first, so its fresh fast path adds W LN(x)
-    with W of spread 0.02 to every dropped location; docs/design.md §3.1 says why tokenprune does not).
+    to `init_scale`, and a block without (Swin) a fast path without. The Linear is initialised as the official code
+    does (truncated normal std 0.02, zero bias), and both start (almost) harmless: the scale at 1e-6 in the first
+    case; in the second the Linear's weights times 1e-6, which is what that scale does at init, folded into them
+    (the official AdaSwin leaves them at 0.02, so its fresh fast path adds W LN(x) to every dropped location;
+    docs/design.md §3.1 says why tokenprune does not). Not exactly zero: where the slow path also starts at zero
+    (RepViT's zero-initialised last BatchNorm) the keep decision would otherwise get no gradient at all.
 
     Args:
         dim: channel count C.
@@ -98,11 +100,12 @@ class FastPath(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.proj = nn.Linear(dim, dim)
         nn.init.zeros_(self.proj.bias)
+        nn.init.trunc_normal_(self.proj.weight, std=_PROJ_STD)
         if init_scale is None:
-            nn.init.zeros_(self.proj.weight)
+            with torch.no_grad():
+                self.proj.weight.mul_(FAST_PATH_INIT)
             self.register_parameter("gamma", None)
         else:
-            nn.init.trunc_normal_(self.proj.weight, std=_PROJ_STD)
             self.gamma = nn.Parameter(torch.full((dim,), float(init_scale)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
