@@ -98,6 +98,9 @@ def test_weights_defaults_per_kind_and_validation():
         LossWeights.for_kind("graph")
     with pytest.raises(ConfigError, match="loss.kl"):
         LossWeights.for_kind("token", kl=-1.0)
+    assert token.distill_point == spatial.distill_point == "auto"
+    with pytest.raises(ConfigError, match="loss.distill_point='middle'"):
+        LossWeights.for_kind("spatial", distill_point="middle")
 
 
 def test_total_is_weighted_sum_of_parts():

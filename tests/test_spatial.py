@@ -59,10 +59,14 @@ def sparse(name: str) -> nn.Module:
 
 
 def randomize_fast_paths(model: nn.Module) -> None:
-    # A fresh fast path adds ~1e-6 of a map; give it weight so a wrongly placed fast output would show.
+    # A fresh fast path adds ~1e-6 of a map (ConvNeXt's scale) or nothing (Swin's zero Linear, no scale); give it
+    # weight so a wrongly placed fast output would show.
     for m in model.modules():
         if isinstance(m, AsymmetricPath):
-            nn.init.constant_(m.fast.gamma, 0.5)
+            if m.fast.gamma is None:
+                nn.init.normal_(m.fast.proj.weight, std=0.1)
+            else:
+                nn.init.constant_(m.fast.gamma, 0.5)
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -189,7 +193,8 @@ def test_train_forward_backward(name):
     paths = [m for m in model.modules() if isinstance(m, AsymmetricPath)]
     assert paths
     for path in paths:
-        assert path.fast.gamma.grad is not None and path.fast.gamma.grad.abs().sum() > 0
+        trained = path.fast.proj.weight if path.fast.gamma is None else path.fast.gamma  # what a fresh path starts on
+        assert trained.grad is not None and trained.grad.abs().sum() > 0
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in path.parameters())
 
 

@@ -23,8 +23,10 @@ code proves it per location (`fx/rules/scaler.py`, `spatial_rules.module_call`).
 
 from __future__ import annotations
 
+import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -33,15 +35,17 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
-from ..nn.asymmetric import AsymmetricPath, gather_locations
+from ..nn.asymmetric import FAST_PATH_INIT, AsymmetricPath, gather_locations
 from ..nn.spatial_predictor import SpatialRecorder, SpatialSelector
 from . import rules
 from ._graph import block_inputs, chain_nodes, node_shape
 from .discovery import Call, Chain, depends_on
 from .plan import RECORDER, Plan
+from .rules.scaler import STOCHASTIC_DEPTH, scaler_refusal
+from .rules.token_rules import Refused, example_like
 from .tracing import call_leaf, trace
 
-__all__ = ["SlowPath", "find_slow_path", "plan_spatial", "BLOCK_INPUTS"]
+__all__ = ["SlowPath", "find_slow_path", "plan_spatial", "final_map", "FinalMap", "BLOCK_INPUTS"]
 
 #: Names of the block inputs the rewrite adds: a stage's mask (masked execution), kept and dropped locations (gathered).
 BLOCK_INPUTS = ("tokenprune_mask", "tokenprune_keep", "tokenprune_drop")
@@ -51,7 +55,11 @@ _RESIDUAL_ADDS = {operator.add, operator.iadd, torch.add}
 
 @dataclass
 class SlowPath:
-    """A block's slow path: the run of per-location nodes between `entry` (exclusive) and `exit` (inclusive)."""
+    """A block's slow path: the run of per-location nodes between `entry` (exclusive) and `exit` (inclusive).
+
+    `scalers` are the per-sample scalers (stochastic depth, drop path) that ended the branch's run after `exit`: the
+    two paths are mixed before them, so they scale the fast path's contribution as they scale the slow path's.
+    """
 
     entry: fx.Node
     exit: fx.Node
@@ -59,6 +67,9 @@ class SlowPath:
     channel: int
     spatial: tuple[int, ...]
     dim: int
+    scalers: list[fx.Node] = field(default_factory=list)
+    layer_scale: bool = True
+    eps: float = 1e-6
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -125,6 +136,70 @@ def _per_location(
     return (entry if start == 0 else run[start - 1]), run[start:]
 
 
+def _trailing_scalers(gm: fx.GraphModule, run: list[fx.Node]) -> list[fx.Node]:
+    """The per-sample scalers that end `run` (stochastic depth: `rules/scaler.py` proves a module kept as a call is
+    one), never its first node. One value per sample scales every location alike, so it commutes with mixing the
+    paths per location: applied after the mix, it drops the fast path's contribution exactly when the slow path's,
+    as the official AdaConvNeXt applies its block's drop path to both paths (docs/design.md §1.2)."""
+    count = 0
+    for node in reversed(run[1:]):
+        if node.op == "call_function" and node.target in STOCHASTIC_DEPTH:
+            count += 1
+            continue
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            break
+        try:
+            example = example_like(node.args[0])
+        except Refused:
+            break
+        if scaler_refusal(gm.get_submodule(node.target), example) is not None:
+            break
+        count += 1
+    return run[len(run) - count :]
+
+
+_MULTIPLY = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+
+
+def _has_layer_scale(gm: fx.GraphModule, exit_: fx.Node, x: fx.Node) -> bool:
+    """Whether the slow path's last arithmetic (layout ops and dropout aside) multiplies by a learned value that does
+    not depend on the block's input: a layer scale (ConvNeXt's gamma, timm's LayerScale, torchvision's layer_scale).
+    The fast path gets one of its own only then, as the official AdaConvNeXt (fast_path_gamma) and AdaSwin (none:
+    Swin's block has none) do. A learned factor inside the MLP (ConvNeXt V2's GRN) is not a layer scale."""
+    node = exit_
+    while (_is_layout(gm, node) or isinstance(_module(gm, node), nn.Dropout)) and len(node.all_input_nodes) == 1:
+        node = node.all_input_nodes[0]
+    if node.target not in _MULTIPLY:
+        return False
+    for other in node.args[:2]:
+        if not isinstance(other, fx.Node) or depends_on(other, {x}):
+            continue
+        while other.op != "get_attr" and len(other.all_input_nodes) == 1:
+            other = other.all_input_nodes[0]  # reason: a reshape/view of the parameter to broadcast it
+        if other.op == "get_attr" and _is_parameter(gm, str(other.target)):
+            return True
+    return False
+
+
+def _is_parameter(gm: fx.GraphModule, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+    except AttributeError:  # a buffer or a constant
+        return False
+    return True
+
+
+def _norm_eps(gm: fx.GraphModule, nodes: list[fx.Node]) -> float:
+    """The epsilon of the slow path's first LayerNorm (the fast path's norm takes it: 1e-6 in ConvNeXt, 1e-5 in Swin,
+    as in the official code); 1e-6 when it has none."""
+    for node in nodes:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.LayerNorm):
+            return float(gm.get_submodule(node.target).eps)
+        if node.op == "call_function" and node.target is F.layer_norm:
+            return float(node.kwargs.get("eps", node.args[4] if len(node.args) > 4 else 1e-5))
+    return 1e-6
+
+
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     m = _module(gm, node)
     if isinstance(m, nn.Conv2d):
@@ -176,7 +251,15 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, where: str) -> SlowPath:
             if current != layout:
                 reasons.append(f"{_describe(gm, data)} in the run ending at {branch.name} mixes locations")
                 continue
-            found.append(SlowPath(entry, branch, run, layout[0], layout[1], shape_in[layout[0]]))
+            scalers = _trailing_scalers(gm, run)
+            exit_ = run[-len(scalers) - 1]
+            nodes = run[: len(run) - len(scalers)]
+            found.append(
+                SlowPath(
+                    entry, exit_, nodes, layout[0], layout[1], shape_in[layout[0]], scalers,
+                    _has_layer_scale(gm, exit_, x), _norm_eps(gm, nodes),
+                )
+            )  # fmt: skip
     if len(found) == 1:
         return found[0]
     if found:
@@ -226,7 +309,9 @@ def _asymmetric_block(call: Call, node: fx.Node, chain: Chain, where: str) -> tu
     while hasattr(call.module, name):
         name = "tokenprune_" + name
     param = next(call.module.parameters())
-    gm.add_submodule(name, AsymmetricPath(path.dim, path.channel, path.spatial).to(param.device, param.dtype))
+    scale = FAST_PATH_INIT if path.layer_scale else None
+    fast = AsymmetricPath(path.dim, path.channel, path.spatial, scale, path.eps)
+    gm.add_submodule(name, fast.to(param.device, param.dtype))
     with graph.inserting_after(path.exit):
         mixed = graph.call_module(name, (path.entry, path.exit, mask, keep, drop))
     path.exit.replace_all_uses_with(mixed, delete_user_cb=lambda user: user is not mixed)
@@ -267,6 +352,8 @@ def plan_spatial(
             plan.notes.append(
                 f"block {call.name}: slow path {path.nodes[0].name} .. {path.exit.name} "
                 f"({_path_macs(block, path)} MACs per location) beside a fast path"
+                + ("" if path.layer_scale else " without a layer scale (the block has none)")
+                + (f"; both scaled by {', '.join(n.name for n in path.scalers)}" if path.scalers else "")
             )
     channel = 1 if chain.layout == "BCHW" else 3
     graph, mask, keep, drop = gm.graph, None, None, None
@@ -292,9 +379,141 @@ def plan_spatial(
         recorded = graph.call_module(RECORDER, (last, mask, keep))
     last.replace_all_uses_with(recorded, delete_user_cb=lambda user: user is not recorded)
     recorded.meta = dict(last.meta)
+    final = final_map(model, gm, recorded)
+    if final is not None:
+        recorder.final_map, recorder.final_map_norm = final.module, final.norm
+        recorder.final_map_channel = final.channel
+        with graph.inserting_after(final.node):
+            seen = graph.call_module(RECORDER, (final.node,), {"final": True})
+        final.node.replace_all_uses_with(seen, delete_user_cb=lambda user: user is not seen)
+        seen.meta = dict(final.node.meta)
+        how = f"normalised by {final.norm}" if final.norm else "after its final norm" if final.normed else "no norm"
+        plan.notes.append(f"head: feature distillation reads the final map, the output of {final.module} ({how})")
     graph.lint()
     plan.graph_module = gm
     return plan
+
+
+#: Ops that only move a map's values (no arithmetic), crossed on the way between the head's pooling, the final norm and
+#: the module whose output the head reads (reason: a permute or flatten there does not change what is normalised).
+_LAYOUT_METHODS = frozenset({"permute", "reshape", "view", "flatten", "contiguous", "squeeze", "unsqueeze"})
+_LAYOUT_FUNCTIONS = frozenset({torch.permute, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze})
+_LAYOUT_MODULES = (nn.Identity, nn.Flatten)  # reason: a pool's `flatten`, an unused `norm_pre`
+
+
+def _is_layout(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _LAYOUT_METHODS
+    if node.op == "call_function":
+        return node.target in _LAYOUT_FUNCTIONS
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), _LAYOUT_MODULES)
+
+
+def _layer_norm(model: nn.Module, node: fx.Node, channels: int) -> str | None:
+    """The name of the nn.LayerNorm over `channels` (subclasses included: timm's and torchvision's LayerNorm2d) that
+    `node` applies, kept as a call or traced into `F.layer_norm` on its own weight; None for any other node."""
+    if node.op == "call_module":
+        name = str(node.target)
+    elif node.op == "call_function" and node.target is F.layer_norm:
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr" or not str(weight.target).endswith(".weight"):
+            return None
+        name = str(weight.target).removesuffix(".weight")
+    else:
+        return None
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (channels,) and module.weight is not None:
+        return name
+    return None
+
+
+def _pool_input(node: fx.Node, reached: set[fx.Node]) -> tuple[fx.Node, int] | None:
+    """(the map, its channel count) when `node` pools a map [B, C, H, W] / [B, H, W, C] / [B, H*W, C] with more than
+    one location into one vector of C per image ([B, C], [B, C, 1, 1], ...); None otherwise."""
+    data = [a for a in node.all_input_nodes if a in reached]
+    shape_in, shape_out = (node_shape(data[0]) if len(data) == 1 else None), node_shape(node)
+    if not shape_in or not shape_out or len(shape_in) not in (3, 4) or len(shape_out) < 2:
+        return None
+    c = math.prod(shape_out[1:])
+    pools = shape_out[0] == shape_in[0] and max(shape_out[1:]) == c and math.prod(shape_in[1:]) > c
+    return (data[0], c) if pools and c in (shape_in[1], shape_in[-1]) else None
+
+
+def _module_output(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The outermost module (called once) whose output is `node`: its last node is `node`, read outside it."""
+    last: dict[str, fx.Node] = {}
+    names: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        for key, value in (n.meta.get("nn_module_stack") or {}).items():
+            last[key] = n
+            names[key] = value[0] if isinstance(value, tuple) else key
+    again = {key.partition("@")[0] for key in last if "@" in key}  # called more than once: no single output
+    stack = node.meta.get("nn_module_stack") or {}
+    for key in stack:
+        outside = all(key not in (u.meta.get("nn_module_stack") or {}) for u in node.users)
+        if last.get(key) is node and key not in again and "@" not in key and outside and names[key]:
+            return names[key]
+    return None
+
+
+class FinalMap(NamedTuple):
+    """Where the final-stage map is read (`final_map`)."""
+
+    node: fx.Node  # the map's node in the model's graph
+    module: str  # the model's module whose output it is (a teacher is hooked by this name)
+    norm: str | None  # the LayerNorm the head applies after pooling it, applied per location by the losses
+    channel: int  # the map's channel dim
+    normed: bool  # a LayerNorm over C is the last arithmetic before it (already normalised)
+
+
+def final_map(model: nn.Module, gm: fx.GraphModule, recorded: fx.Node) -> FinalMap | None:
+    """The final-stage map the head pools, as the official AdaConvNeXt/AdaSwin distil it (docs/design.md §3.1).
+
+    Structural: the first node after the chain that pools a map into one C-vector per image (global average pooling,
+    a mean over the spatial dims) reads the final map; walking back over layout ops from what it reads, the first
+    node that is the output of a model's module (called once) is the point, hooked on a teacher by that module's
+    name. The map is already normalised when a LayerNorm over C is the last arithmetic before it (Swin's `norm`);
+    otherwise a LayerNorm over C reached from the pooling over layout ops (ConvNeXt's `head.norm`, applied after the
+    pooling) is the norm the losses apply per location of the map.
+
+    Returns:
+        The point, or None when nothing after the chain pools a map (a `features_only` backbone, a segmentation
+        head).
+    """
+    order = list(gm.graph.nodes)
+    reached, found = {recorded}, None
+    for node in order[order.index(recorded) + 1 :]:
+        if any(a in reached for a in node.all_input_nodes):
+            found = _pool_input(node, reached)
+            reached.add(node)
+            if found is not None:
+                pool = node
+                break
+    if found is None:
+        return None
+    point, c = found
+    module = _module_output(gm, point)
+    while module is None and _is_layout(gm, point) and len(point.all_input_nodes) == 1:
+        point = point.all_input_nodes[0]
+        module = _module_output(gm, point)
+    shape = node_shape(point)
+    channel = {3: (2,), 4: (1, 3)}.get(len(shape or ()), ())
+    channel = next((d for d in channel if shape[d] == c), None)
+    if module is None or channel is None:
+        return None
+    before = point
+    while _is_layout(gm, before) and len(before.all_input_nodes) == 1:
+        before = before.all_input_nodes[0]
+    if _layer_norm(model, before, c) is not None:
+        return FinalMap(point, module, None, channel, True)
+    after = pool
+    while len(after.users) == 1 and _is_layout(gm, next(iter(after.users))):
+        after = next(iter(after.users))
+    norm = _layer_norm(model, next(iter(after.users)), c) if len(after.users) == 1 else None
+    return FinalMap(point, module, norm, channel, False)
 
 
 def _path_macs(block: nn.Module, path: SlowPath) -> int:

@@ -2,8 +2,9 @@
 
 A spatial block keeps its feature map whole: its spatial mixing (a depthwise conv, window attention) runs on every
 location. Only the per-location part of a residual branch (norm, pointwise MLP, layer scale) is split: the block's
-own layers, the *slow path*, run at the kept locations, and a cheap *fast path* (LayerNorm + Linear(C, C) + layer
-scale) at the others. Both results are written back into one map, so later blocks and the head see an ordinary map.
+own layers, the *slow path*, run at the kept locations, and a cheap *fast path* (LayerNorm + Linear(C, C), and a
+layer scale where the block has one) at the others. Both results are written back into one map, so later blocks and
+the head see an ordinary map.
 
 Maps come in any layout; a layout is described by `channel` (the channel dim) and `spatial` (the adjacent spatial
 dims in row-major order: (2, 3) for [B, C, H, W], (1, 2) for [B, H, W, C], (1,) for [B, H*W, C]). Locations are
@@ -29,6 +30,8 @@ __all__ = ["FastPath", "AsymmetricPath", "gather_locations", "FAST_PATH_INIT"]
 #: Initial layer scale of the fast path: ConvNeXt's layer_scale_init_value, so a freshly inserted fast path adds
 #: (almost) nothing and a dropped location starts as "branch skipped" (docs/design.md §1.2).
 FAST_PATH_INIT = 1e-6
+#: Spread of the fast path's Linear weights at init (the official trunc_normal_(std=.02)).
+_PROJ_STD = 0.02
 
 
 def _rows(x: torch.Tensor, channel: int) -> torch.Tensor:
@@ -76,21 +79,38 @@ def gather_locations(
 
 
 class FastPath(nn.Module):
-    """LayerNorm + Linear(C, C) + layer scale over channels-last locations [..., C] (docs/design.md §1.2 "fast path").
+    """LayerNorm + Linear(C, C) [+ layer scale] over channels-last locations [..., C] (docs/design.md §1.2).
+
+    As in the official code, a block with a layer scale of its own (ConvNeXt) gets a fast path with one, initialised
+    to `init_scale`, and a block without (Swin) a fast path without. The Linear is initialised as the official code
+    does (truncated normal std 0.02, zero bias), and both start (almost) harmless: the scale at 1e-6 in the first
+    case; in the second the Linear's weights times 1e-6, which is what that scale does at init, folded into them
+    (the official AdaSwin leaves them at 0.02, so its fresh fast path adds W LN(x) to every dropped location;
+    docs/design.md §3.1 says why tokenprune does not). Not exactly zero: where the slow path also starts at zero
+    (RepViT's zero-initialised last BatchNorm) the keep decision would otherwise get no gradient at all.
 
     Args:
         dim: channel count C.
-        init_scale: initial value of the layer scale.
+        init_scale: initial value of the layer scale, or None for a fast path without one.
+        eps: the LayerNorm's epsilon (the block's own norm's: 1e-6 in ConvNeXt, 1e-5 in Swin, as the official code).
     """
 
-    def __init__(self, dim: int, init_scale: float = FAST_PATH_INIT) -> None:
+    def __init__(self, dim: int, init_scale: float | None = FAST_PATH_INIT, eps: float = 1e-6) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=1e-6)  # the official AdaConvNeXt's fast path
+        self.norm = nn.LayerNorm(dim, eps=eps)
         self.proj = nn.Linear(dim, dim)
-        self.gamma = nn.Parameter(torch.full((dim,), float(init_scale)))
+        nn.init.zeros_(self.proj.bias)
+        nn.init.trunc_normal_(self.proj.weight, std=_PROJ_STD)
+        if init_scale is None:
+            with torch.no_grad():
+                self.proj.weight.mul_(FAST_PATH_INIT)
+            self.register_parameter("gamma", None)
+        else:
+            self.gamma = nn.Parameter(torch.full((dim,), float(init_scale)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.norm(x)) * self.gamma
+        y = self.proj(self.norm(x))
+        return y if self.gamma is None else y * self.gamma
 
 
 class AsymmetricPath(nn.Module):
@@ -100,12 +120,20 @@ class AsymmetricPath(nn.Module):
         dim: channel count C of the branch (its input and output have the same shape).
         channel: channel dim of the branch's input and output.
         spatial: adjacent spatial dims of the branch's input and output.
-        init_scale: initial layer scale of the fast path.
+        init_scale: initial layer scale of the fast path, or None for a fast path without one.
+        eps: the fast path's LayerNorm epsilon.
     """
 
-    def __init__(self, dim: int, channel: int, spatial: tuple[int, ...], init_scale: float = FAST_PATH_INIT) -> None:
+    def __init__(
+        self,
+        dim: int,
+        channel: int,
+        spatial: tuple[int, ...],
+        init_scale: float | None = FAST_PATH_INIT,
+        eps: float = 1e-6,
+    ) -> None:
         super().__init__()
-        self.fast = FastPath(dim, init_scale)
+        self.fast = FastPath(dim, init_scale, eps)
         self.channel = int(channel)
         self.spatial = tuple(int(d) for d in spatial)
 

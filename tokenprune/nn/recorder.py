@@ -9,13 +9,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import SparsifyConfig
 from ..errors import TokenPruneError
 from .select import TokenSelector, drop_transient
 
-__all__ = ["SparsityState", "SparsityRecorder", "find_recorder", "model_state", "selectors"]
+__all__ = ["DistillationPoint", "SparsityState", "SparsityRecorder", "find_recorder", "model_state", "selectors"]
+
+
+@dataclass(frozen=True)
+class DistillationPoint:
+    """Where feature distillation reads a model (docs/design.md §3.1): the output of the module `module`, normalised
+    per location by the LayerNorm `norm` over the channel dim `channel` where one is named (ConvNeXt's head norm,
+    which the model itself applies after pooling). The same point is read on the student and on the teacher, each
+    normalised by its own norm, as the official DynamicViT code does.
+    """
+
+    module: str
+    norm: str | None = None
+    channel: int = -1
+
+    def features(self, root: nn.Module, output: torch.Tensor) -> torch.Tensor:
+        """`output` of the module, normalised by `root`'s module named `norm` (unchanged when there is none)."""
+        if self.norm is None:
+            return output
+        norm = root.get_submodule(self.norm)
+        x = output.movedim(self.channel, -1)
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps).movedim(-1, self.channel)
 
 
 @dataclass
@@ -40,6 +62,10 @@ class SparsityState:
             normalises each token on its own (a LayerNorm or RMSNorm over channels, as in ViT/DeiT); None otherwise.
             Token distillation compares tokens after it, as the official DynamicViT code does (docs/design.md §3.1).
         final_normed: `final_tokens` after `final_norm` (same positions), or None when there is no final norm.
+            Spatial models: the final-stage map the head pools, normalised as `final_map` says, or None.
+        final_map: spatial models: where the final-stage map is read and how it is normalised (qualified names in
+            the whole model, so a teacher is hooked by them); None for token models and for models whose output is
+            not pooled from one map (`features_only` backbones), which distil the chain's output.
     """
 
     decisions: list[torch.Tensor]
@@ -51,6 +77,7 @@ class SparsityState:
     chain_output: str
     final_norm: str | None = None
     final_normed: torch.Tensor | None = None
+    final_map: DistillationPoint | None = None
 
 
 class SparsityRecorder(nn.Module):
@@ -84,8 +111,13 @@ class SparsityRecorder(nn.Module):
             self.last_tokens, self.last_policy, self.last_normed = x, policy, None
         return x
 
-    def state(self, selectors: list[TokenSelector]) -> SparsityState:
-        """Assemble the state of the last forward from this recorder and the model's stages, in stage order."""
+    def state(self, selectors: list[TokenSelector], root: nn.Module | None = None) -> SparsityState:
+        """Assemble the state of the last forward from this recorder and the model's stages, in stage order.
+
+        Args:
+            selectors: the model's stages.
+            root: the sparsified module that holds this recorder (its module names are the recorder's).
+        """
         if self.last_tokens is None:
             raise TokenPruneError("the sparsified model has not run a forward pass yet; call it on a batch first.")
         x, p = self.last_tokens, self.prefix_tokens
@@ -120,7 +152,9 @@ def selectors(model: nn.Module) -> list[TokenSelector]:
 
 def model_state(model: nn.Module) -> SparsityState:
     """`SparsityState` of the last forward of `model`."""
-    return find_recorder(model).state(selectors(model))
+    recorder = find_recorder(model)
+    root = next((m for m in model.modules() if any(c is recorder for c in m.children())), None)
+    return recorder.state(selectors(model), root)
 
 
 def config_of(model: nn.Module) -> SparsifyConfig:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..errors import TokenPruneError
 from ..state import SparsityState
 from .predictor import TokenPredictor
-from .recorder import SparsityRecorder
+from .recorder import DistillationPoint, SparsityRecorder
 from .select import TokenSelector, positions, top_k
 
 __all__ = ["SpatialPredictor", "SpatialSelector", "SpatialRecorder"]
@@ -125,26 +127,63 @@ class SpatialSelector(TokenSelector):
 
 
 class SpatialRecorder(SparsityRecorder):
-    """Identity on the chain's final map that remembers it for the losses (feature-map MSE distillation).
+    """Identity on the chain's final map that remembers it for the losses (feature-map MSE distillation); called a
+    second time (``final=True``) on the final-stage map the head pools, where the model has one.
 
     `state()` fills `SparsityState` as follows: `decisions` are each stage's [B, H*W, 1] mask (its own, or nested;
     top-k masks without gradient in eval); `final_tokens` is the chain's last block output in its own layout ([B, C,
     H, W] or [B, H, W, C]), which is what the teacher's block of the same name outputs; `final_mask` is the last
     stage's mask (the locations whose last blocks ran the slow path); `final_index` is None, because the map keeps
-    its layout and location l of the student's map is location l of the teacher's; `prefix_tokens` is 0.
+    its layout and location l of the student's map is location l of the teacher's; `prefix_tokens` is 0;
+    `final_map` says where the final-stage map is read and `final_normed` holds it, normalised by the student's own
+    final norm (docs/design.md §3.1).
     """
 
+    _transient = SparsityRecorder._transient + ("last_map",)
+
+    def __init__(self, chain_output: str, prefix_tokens: int = 0) -> None:
+        super().__init__(chain_output, prefix_tokens)
+        self.chain_local = chain_output  # `chain_output` is qualified when a part of a model is sparsified
+        self.final_map: str | None = None  # the module whose output is the final-stage map (`fx/spatial.final_map`)
+        self.final_map_norm: str | None = None  # the LayerNorm the head applies after pooling it, if any
+        self.final_map_channel = -1
+        self.last_map: torch.Tensor | None = None
+
     def forward(  # type: ignore[override]
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, keep: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+        final: bool = False,
     ) -> torch.Tensor:
-        self.last_tokens, self.last_policy = x, mask
+        if final:
+            self.last_map = x
+        else:
+            self.last_tokens, self.last_policy, self.last_map = x, mask, None
         return x
 
-    def state(self, selectors: list[TokenSelector]) -> SparsityState:
+    def _final_map(self, root: nn.Module | None) -> tuple[DistillationPoint | None, torch.Tensor | None]:
+        """The final map's point (names qualified in the whole model) and the student's normalised map."""
+        name = getattr(self, "final_map", None)  # files pickled before the final map was recorded have none
+        if name is None or self.last_map is None:
+            return None, None
+        local = DistillationPoint(name, self.final_map_norm, self.final_map_channel)
+        if local.norm is not None and root is None:
+            raise TokenPruneError("the sparsified model's final norm is needed: call tokenprune.sparsity_state(model).")
+        prefix = self.chain_output.removesuffix(self.chain_local)
+        qualified = DistillationPoint(
+            prefix + name, prefix + local.norm if local.norm else None, self.final_map_channel
+        )
+        return qualified, local.features(root, self.last_map)
+
+    def state(self, selectors: list[TokenSelector], root: nn.Module | None = None) -> SparsityState:
         """Assemble the state of the last forward from this recorder and the model's stages, in stage order."""
         if self.last_tokens is None:
             return super().state(selectors)  # raises the "has not run a forward pass yet" error
         decisions = [sel.last_decision for sel in selectors]
         ratios = torch.tensor([float(sel.keep_ratio) for sel in selectors])
         final_mask = decisions[-1] if decisions else None
-        return SparsityState(decisions, ratios, self.last_tokens, final_mask, None, 0, self.chain_output)
+        point, normed = self._final_map(root)
+        return SparsityState(
+            decisions, ratios, self.last_tokens, final_mask, None, 0, self.chain_output, None, normed, point
+        )

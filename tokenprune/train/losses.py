@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..nn.recorder import DistillationPoint
 from ..state import SparsityState
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "logit_distillation",
     "token_distillation",
     "distillation_point",
+    "hook_teacher",
     "sparsity_terms",
     "feature_distillation",
     "classification_loss",
@@ -45,6 +47,10 @@ __all__ = [
 # docs/design.md §3.1 (DeiT: lambda_r = 2; ConvNeXt/Swin: 10); CE 1.0 and KL 0.5 in both.
 _RATIO_DEFAULT = {"token": 2.0, "spatial": 10.0}
 _DISTILL_DEFAULT = {"token": "mse", "spatial": "mse"}
+#: Where distillation reads the models: "final" the model's final features after its final norm (the official code's
+#: target: tokens after the norm; the final-stage map the head pools, normalised per location), "last_block" the
+#: chain's last block output (tokenprune's earlier target), "auto" final where the model has it, else last_block.
+DISTILL_POINTS = ("auto", "final", "last_block")
 
 
 @dataclass
@@ -59,6 +65,7 @@ class LossWeights:
         distill: final-token (or feature-map) distillation weight.
         distill_type: "mse" (the paper's) or "kl" (over channels; an option, not the paper's).
         temperature: logit-distillation temperature.
+        distill_point: where distillation reads the models, one of `DISTILL_POINTS`.
     """
 
     kind: str = "token"
@@ -68,6 +75,7 @@ class LossWeights:
     distill: float = 0.5
     distill_type: str = "mse"
     temperature: float = 1.0
+    distill_point: str = "auto"
 
     @classmethod
     def for_kind(
@@ -80,6 +88,7 @@ class LossWeights:
         distill: float = 0.5,
         distill_type: str = "auto",
         temperature: float = 1.0,
+        distill_point: str = "auto",
     ) -> LossWeights:
         """Paper defaults for `kind` ("token" or "spatial"), with any weight overridden.
 
@@ -91,8 +100,11 @@ class LossWeights:
         distill_type = _DISTILL_DEFAULT[kind] if distill_type == "auto" else distill_type
         if distill_type not in ("kl", "mse"):
             raise ConfigError(f"loss.distill_type={distill_type!r} is unknown; use 'auto', 'kl' or 'mse'.")
+        if distill_point not in DISTILL_POINTS:
+            choices = ", ".join(map(repr, DISTILL_POINTS))
+            raise ConfigError(f"loss.distill_point={distill_point!r} is unknown; use one of {choices}.")
         ratio = _RATIO_DEFAULT[kind] if ratio is None else ratio
-        weights = cls(kind, ce, ratio, kl, distill, distill_type, temperature)
+        weights = cls(kind, ce, ratio, kl, distill, distill_type, temperature, distill_point)
         for name in ("ce", "ratio", "kl", "distill", "temperature"):
             if not getattr(weights, name) >= 0:
                 raise ConfigError(f"loss.{name}={getattr(weights, name)!r} must be a non-negative number.")
@@ -166,7 +178,7 @@ def logit_distillation(student: Tensor, teacher: Tensor, temperature: float = 1.
     return loss * t * t
 
 
-def token_distillation(state: SparsityState, teacher_tokens: Tensor, kind: str = "kl") -> Tensor:
+def token_distillation(state: SparsityState, teacher_tokens: Tensor, kind: str = "kl", point: str = "auto") -> Tensor:
     """Compare the student's final tokens with the teacher's at the positions the student kept (patch tokens only).
 
     Both are taken after the model's final norm where it has one (`state.final_norm`), else at the chain's output.
@@ -178,11 +190,12 @@ def token_distillation(state: SparsityState, teacher_tokens: Tensor, kind: str =
         teacher_tokens: the teacher's output of the module named `distillation_point(state)`, [B, N, C].
         kind: "mse" (the official DynamicViT objective: mean squared error over the kept tokens' channels) or "kl"
             (KL over channels; not the paper's).
+        point: one of `DISTILL_POINTS`; "last_block" compares the chain's output, before any final norm.
 
     Returns:
         The mean over kept patch tokens (zero if none is kept).
     """
-    student = state.final_tokens if state.final_norm is None else state.final_normed
+    student = state.final_normed if _reads_final(state, point) else state.final_tokens
     if student is None or state.final_index is None:
         raise ConfigError(
             "the student recorded no final tokens (after its final norm, where it has one); token distillation needs "
@@ -202,10 +215,51 @@ def token_distillation(state: SparsityState, teacher_tokens: Tensor, kind: str =
     return F.kl_div(F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1), reduction="batchmean", log_target=True)
 
 
-def distillation_point(state: SparsityState) -> str:
-    """The module whose output on the teacher is compared with the student's: the final norm of a token model that has
-    one, else the chain's last block."""
-    return state.final_norm or state.chain_output
+def _reads_final(state: SparsityState, point: str) -> bool:
+    """Whether distillation reads the model's final normalised features (else the chain's last block output): the one
+    place that decides it for the student (`sparsity_terms`) and the teacher (`distillation_point`).
+
+    Raises:
+        ConfigError: "final" asked of a model that has no such features.
+    """
+    has = state.final_map is not None or state.final_norm is not None
+    if point == "final" and not has:
+        raise ConfigError(
+            "loss.distill_point='final' needs the model's final normalised features, and this model has none (no "
+            "final per-token norm after the chain; or no map pooled by its head, as in a features_only backbone); "
+            "use 'auto' or 'last_block'."
+        )
+    return has and point != "last_block"
+
+
+def distillation_point(state: SparsityState, point: str = "auto") -> DistillationPoint:
+    """Where the teacher is read: the module whose output (normalised by `DistillationPoint.norm` where named) is
+    compared with the student's. Token models: the final norm where the model has one, else the chain's last block;
+    spatial models: the final-stage map the head pools, normalised per location by the model's final norm
+    (`SparsityState.final_map`), else the chain's last block. ``point="last_block"`` always reads the chain's last
+    block (docs/design.md §3.1)."""
+    if not _reads_final(state, point):
+        return DistillationPoint(state.chain_output)
+    return state.final_map or DistillationPoint(state.final_norm)
+
+
+def hook_teacher(teacher: nn.Module, state: SparsityState, point: str, sink) -> torch.utils.hooks.RemovableHandle:
+    """Register a forward hook that passes the teacher's features at `distillation_point(state, point)` to `sink`.
+
+    Raises:
+        ConfigError: the teacher has no module of that name (it must be the original, dense model).
+    """
+    where = distillation_point(state, point)
+    try:
+        module = teacher.get_submodule(where.module)
+        if where.norm is not None:
+            teacher.get_submodule(where.norm)
+    except AttributeError:
+        raise ConfigError(
+            f"the teacher ({type(teacher).__name__}) has no module {where.module!r} or {where.norm!r}, where the "
+            "student's distillation features are read; the teacher must be the original (dense) model."
+        ) from None
+    return module.register_forward_hook(lambda _m, _i, out: sink(where.features(teacher, out)))
 
 
 def feature_distillation(student_map: Tensor, teacher_map: Tensor) -> Tensor:
@@ -234,10 +288,12 @@ def sparsity_terms(
     if weights.distill > 0:
         if teacher_features is None:
             raise ConfigError("loss.distill > 0 needs the teacher's final features; set loss.distill=0 if none.")
+        point = weights.distill_point
         if weights.kind == "spatial":
-            terms["distill"] = feature_distillation(state.final_tokens, teacher_features)
+            student = state.final_normed if _reads_final(state, point) else state.final_tokens
+            terms["distill"] = feature_distillation(student, teacher_features)
         else:
-            terms["distill"] = token_distillation(state, teacher_features, weights.distill_type)
+            terms["distill"] = token_distillation(state, teacher_features, weights.distill_type, point)
     return terms
 
 
@@ -287,7 +343,8 @@ class SparsificationLoss(nn.Module):
             target: labels [B] or soft targets [B, K].
             state: the student's `SparsityState` of this forward (``None`` for a dense model: CE and KL only).
             teacher_logits: the frozen teacher's output [B, K], needed when the KL weight is non-zero.
-            teacher_features: the teacher's output of the module named ``distillation_point(state)``.
+            teacher_features: the teacher's features at ``distillation_point(state, weights.distill_point)``
+                (`hook_teacher` collects them).
             keep_ratios: targets rho_s overriding ``state.keep_ratios`` (learned ratios pass their tensor here).
         """
         w = self.weights

@@ -132,6 +132,13 @@ class LossSection:
         choices=("auto", "kl", "mse"),
     )
     temperature: float = key(1.0, "Softmax temperature of the logit KL.", gt=0)
+    distill_point: str = key(
+        "auto",
+        "Where distillation reads the models: 'final' (the official target: tokens after the final norm; the "
+        "final-stage map the head pools, normalised per location), 'last_block' (the chain's last block output) "
+        "or 'auto' (final where the model has it, else last_block).",
+        choices=("auto", "final", "last_block"),
+    )
 
 
 @dataclass

@@ -31,7 +31,7 @@ from .checkpoint import check_output_dir, load_checkpoint, remove_stale_temps, s
 from .data import DataBundle, make_loader
 from .datacheck import batches, fingerprint
 from .distributed import DistInfo, all_reduce_sum, barrier
-from .losses import LossOutput, LossWeights, SparsificationLoss, distillation_point
+from .losses import LossOutput, LossWeights, SparsificationLoss, hook_teacher
 from .metrics import confusion_matrix, segmentation_scores
 from .optim import build_optimizer, original_parameter_names, param_groups, warmup_cosine
 from .ratios import LearnedKeepRatios, budget_penalty
@@ -191,6 +191,7 @@ class Trainer:
             distill=spec.distill,
             distill_type=spec.distill_type,
             temperature=spec.temperature,
+            distill_point=spec.distill_point,
         )
         if not self.sparsified:
             w.ratio = w.distill = 0.0
@@ -208,8 +209,8 @@ class Trainer:
         state = _state(self.student)
         self.student.train(was)
         if self.teacher is not None and self.loss_fn.weights.distill > 0:
-            block = self.teacher.get_submodule(distillation_point(state))
-            self._hook = block.register_forward_hook(lambda _m, _i, out: setattr(self, "_teacher_features", out))
+            point, sink = self.loss_fn.weights.distill_point, lambda out: setattr(self, "_teacher_features", out)
+            self._hook = hook_teacher(self.teacher, state, point, sink)
         spec = self.recipe.learned_ratios
         if not spec.enabled:
             return
