@@ -128,7 +128,10 @@ def randomize_fast_paths(model: nn.Module) -> None:
     # a fresh fast path adds ~1e-6 of a map; give it weight so a misplaced fast output would show
     for m in model.modules():
         if isinstance(m, AsymmetricPath):
-            nn.init.constant_(m.fast.gamma, 0.5)
+            if m.fast.gamma is None:  # no layer scale (Swin): give its Linear weight
+                nn.init.normal_(m.fast.proj.weight, std=0.1)
+            else:
+                nn.init.constant_(m.fast.gamma, 0.5)
 
 
 def shapes(output) -> list[tuple[str, tuple[int, ...]]]:

@@ -62,7 +62,10 @@ def pair(request):
     sparse = tokenprune.sparsify(dense, 0.7, example_inputs=_images()).eval()
     for m in sparse.modules():  # a fresh fast path adds ~1e-6 of a map; give it weight so its output shows
         if isinstance(m, AsymmetricPath):
-            nn.init.constant_(m.fast.gamma, 0.5)
+            if m.fast.gamma is None:  # no layer scale (Swin): give its Linear weight
+                nn.init.normal_(m.fast.proj.weight, std=0.1)
+            else:
+                nn.init.constant_(m.fast.gamma, 0.5)
     return request.param, dense, sparse
 
 

@@ -514,7 +514,10 @@ def test_spatial_rule_keeps_gathering_exact(case):
     paths = [m for m in sparse.modules() if isinstance(m, AsymmetricPath)]
     assert paths, "no block was given a slow path"
     for p in paths:
-        nn.init.constant_(p.fast.gamma, 0.5)  # a fast path of weight, so a misplaced one would show
+        if p.fast.gamma is None:  # no layer scale (Swin): give its Linear weight
+            nn.init.normal_(p.fast.proj.weight, std=0.1)
+        else:
+            nn.init.constant_(p.fast.gamma, 0.5)  # a fast path of weight, so a misplaced one would show
     path_nodes = {n.name for n in sparse.blocks[1].graph.nodes}
     assert "fast_path" in path_nodes
     _exact(sparse, model, MAPS)
