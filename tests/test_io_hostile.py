@@ -127,6 +127,9 @@ def test_a_huge_architecture_is_refused_before_allocating(saved: Path, tmp_path:
         tokenprune.load(path)
 
 
+OPTIONAL = ("scorer", "decisions", "fast_path")  # config fields newer than format 2; files without them load
+
+
 def _mutations(saved: Path, tmp_path: Path, payload) -> list[tuple[str, Path]]:
     """(label, file) for every mutation of the fuzz test."""
     data = saved.read_bytes()
@@ -161,14 +164,14 @@ def _mutations(saved: Path, tmp_path: Path, payload) -> list[tuple[str, Path]]:
     for key in metadata:
         write(f"header field {key} removed", meta={key: None})
     for key in config:
-        if key not in ("scorer", "decisions"):  # optional: older files had learned, nested predictors (tested)
+        if key not in OPTIONAL:  # older files had learned, nested predictors and scaled fast paths (tested)
             write(f"config.{key} removed", config={key: None})
     for key in ("library", "name", "kwargs"):
         write(f"source.{key} removed", source={k: v for k, v in _source().items() if k != key})
     wrong = ["x", None, {}, [], [[1]], -1, 1e308, True, "1" * 10000]
     for key, value in config.items():
         for bad in wrong:
-            if type(bad) is not type(value) and not (key in ("source", "scorer", "decisions") and bad is None):
+            if type(bad) is not type(value) and not (key in ("source", *OPTIONAL) and bad is None):
                 write(f"config.{key} = {str(bad)[:20]}", config={key: bad})
     for key in ("format", "format_version", "tokenprune", "source", "config", "digest"):
         for bad in ("", "x", "[1, 2]", "{", "9" * 100, "null", '"a"'):
@@ -177,7 +180,7 @@ def _mutations(saved: Path, tmp_path: Path, payload) -> list[tuple[str, Path]]:
                      ("keep_ratios", [0.5, 0.6, 0.7]), ("ratio", float("nan")), ("chain", ["b"] * 10**5),
                      ("prefix_tokens", 10**9), ("model_name", "x" * 10**5), ("kind", "graph"),
                      ("locations", list(range(1, 200))), ("input_size", [3, 10**9, 10**9]),
-                     ("scorer", "random"), ("decisions", "random")):  # fmt: skip
+                     ("scorer", "random"), ("decisions", "random"), ("fast_path", "random")):  # fmt: skip
         write(f"config.{key} oversized", config={key: bad})
     for key, sources in HOSTILE_SOURCES.items():
         for source in sources:
@@ -195,11 +198,11 @@ def _mutations(saved: Path, tmp_path: Path, payload) -> list[tuple[str, Path]]:
 
 
 @pytest.mark.slow  # over 1.5 s on 2 cores: the full run covers it, the inner loop (-m 'not slow') skips it
-def test_fuzz_411_mutations_each_give_a_checkpoint_error(saved: Path, tmp_path: Path, code_payload):
-    """411 mutations of a saved file, each a CheckpointError, never another exception, and no pickled code runs:
+def test_fuzz_418_mutations_each_give_a_checkpoint_error(saved: Path, tmp_path: Path, code_payload):
+    """418 mutations of a saved file, each a CheckpointError, never another exception, and no pickled code runs:
     60 truncations at random points, 80 header and 80 body random-byte changes, 19 fields removed (every header,
-    config and source field but the optional scorer and decisions), 85 config fields of wrong types, 42 unparsable or
-    wrong header values, 13 oversized or unknown
+    config and source field but the optional scorer, decisions and fast_path), 91 config fields of wrong types, 42
+    unparsable or wrong header values, 14 oversized or unknown
     values, 27 hostile sources, 5 code-running pickles (as the file, in a header field, in or after the body)."""
     payload, marker = code_payload
     mutations = _mutations(saved, tmp_path, payload)
@@ -213,7 +216,7 @@ def test_fuzz_411_mutations_each_give_a_checkpoint_error(saved: Path, tmp_path: 
         except Exception as e:  # noqa: BLE001 - the point of the test
             pytest.fail(f"{label}: {type(e).__name__}: {e}")
         pytest.fail(f"{label}: loaded without an error")
-    assert len(mutations) == 411 and outcomes == {"CheckpointError": 411}
+    assert len(mutations) == 418 and outcomes == {"CheckpointError": 418}
     assert not marker.exists()
     # Positive control: the payload does run code when plainly unpickled, so the marker would have shown it.
     pickle.loads(pickle.dumps(payload))
@@ -231,6 +234,35 @@ def test_a_spatial_file_from_before_the_decisions_field_loads_nested(tmp_path: P
     assert tokenprune.config_of(loaded).decisions == "nested"
     assert all(sel.nested for sel in tokenprune.selectors(loaded))
     assert not any(sel.nested for sel in tokenprune.selectors(tokenprune.load(saved)))
+
+
+def test_a_swin_file_from_before_the_fast_path_field_loads_scaled(tmp_path: Path):
+    """Every fast path had a layer scale and epsilon 1e-6 before `fast_path` existed (a Swin block has no scale of
+    its own, so today's default gives it none): such a file must load with its scales, as it was trained."""
+    import timm
+
+    from tokenprune.nn.asymmetric import AsymmetricPath
+
+    kwargs = dict(img_size=64, embed_dim=32, depths=[1, 1, 4, 1], num_heads=[1, 2, 4, 8], window_size=4)
+    dense = tokenprune.create_model("swin_tiny_patch4_window7_224", num_classes=4, **kwargs).eval()
+    x = torch.randn(2, 3, 64, 64)
+
+    def paths(model):
+        return [m for m in model.modules() if isinstance(m, AsymmetricPath)]
+
+    block = tokenprune.sparsify(dense, 0.7, example_inputs=x[:1])
+    assert tokenprune.config_of(block).fast_path == "block" and all(p.fast.gamma is None for p in paths(block))
+    scaled = tokenprune.sparsify(dense, 0.7, example_inputs=x[:1], fast_path="scaled")
+    assert all(p.fast.gamma is not None and p.fast.norm.eps == 1e-6 for p in paths(scaled))
+    saved = tokenprune.save(scaled, tmp_path / "scaled.safetensors")
+    older = _write(saved, tmp_path / "older.safetensors", config={"fast_path": None})
+    for path in (saved, older):
+        loaded = tokenprune.load(path).eval()
+        assert tokenprune.config_of(loaded).fast_path == "scaled"
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), scaled.eval()(x), rtol=0, atol=0)
+    with pytest.raises(CheckpointError, match="config.fast_path"):
+        tokenprune.load(_write(saved, tmp_path / "bad.safetensors", config={"fast_path": "sometimes"}))
 
 
 def test_a_file_from_before_the_scorer_field_loads_with_learned_predictors(saved: Path, tmp_path: Path):

@@ -25,6 +25,18 @@ def check_ratio(ratio: float, what: str = "ratio") -> float:
 #: How stages of a chain relate (`sparsify(..., decisions=)`): "auto" is "nested" for tokens, "independent" for maps.
 DECISIONS = ("auto", "nested", "independent")
 
+#: The form of a spatial block's fast path (`sparsify(..., fast_path=)`, docs/design.md §1.2): "block" follows the
+#: block (a layer scale only where the block has one, its norm's epsilon: the official AdaConvNeXt/AdaSwin); "scaled"
+#: gives every fast path a layer scale and epsilon 1e-6 (tokenprune's form before 2026-12-06: files without the key).
+FAST_PATHS = ("block", "scaled")
+
+
+def check_fast_path(fast_path: str, name: str) -> str:
+    """`fast_path` if it is one of `FAST_PATHS`, else `ConfigError`."""
+    if fast_path not in FAST_PATHS:
+        raise ConfigError(f"{name}: fast_path={fast_path!r}; choose one of {', '.join(FAST_PATHS)}.")
+    return fast_path
+
 
 def resolve_decisions(decisions: str, kind: str, name: str) -> str:
     """The decision mode for a chain of `kind`, or `ConfigError` for an unknown one or independent token stages."""
@@ -76,6 +88,7 @@ class SparsifyConfig:
         scorer: how stages rank tokens, "predictor" (learned) or "attention" (training-free).
         decisions: "nested" (each stage chooses among what the previous one kept: always so for tokens) or
             "independent" (each spatial stage chooses among all locations, the official spatial variant).
+        fast_path: "block" or "scaled", the form of spatial fast paths (`FAST_PATHS`); files without it: "scaled".
     """
 
     ratio: float
@@ -90,6 +103,7 @@ class SparsifyConfig:
     source: dict[str, Any] | None = None
     scorer: str = "predictor"
     decisions: str = "nested"
+    fast_path: str = "scaled"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able values: numbers as Python floats/ints whatever `sparsify` was given (NumPy, tensors)."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import SparsifyConfig, check_ratio, default_keep_ratios, default_locations
+from .config import SparsifyConfig, check_fast_path, check_ratio, default_keep_ratios, default_locations
 from .errors import ConfigError, TokenPruneError, UnsupportedModelError
 from .fx._graph import set_submodule
 from .fx.analysis import build_plan
@@ -79,6 +79,7 @@ def sparsify(
     inplace: bool = False,
     scorer: str = "predictor",
     decisions: str = "auto",
+    fast_path: str = "block",
 ) -> nn.Module:
     """Insert learned token-importance predictors and sparsification stages into a vision model.
 
@@ -103,6 +104,8 @@ def sparsify(
         decisions: how later stages relate to earlier ones: "auto" (token models "nested": a stage chooses among
             the tokens still there; spatial models "independent": each stage chooses among all locations, as the
             official AdaConvNeXt/AdaSwin do), or "nested" for spatial models too.
+        fast_path: spatial models: "block" (a fast path has a layer scale only where the block has one, and the
+            epsilon of the block's norm, as the official code) or "scaled" (always a layer scale, epsilon 1e-6).
 
     Returns:
         A `torch.fx.GraphModule` with the original weights under their original names plus the stages' weights;
@@ -124,7 +127,7 @@ def sparsify(
     applied = None
     try:
         the_plan, example, part = _analyse(
-            target, ratio, locations, keep_ratios, example_inputs, name, scorer, decisions
+            target, ratio, locations, keep_ratios, example_inputs, name, scorer, decisions, fast_path
         )
         inner = target.get_submodule(part.path) if part.path else target
         applied = apply_plan(inner, the_plan)
@@ -142,6 +145,7 @@ def sparsify(
             source=getattr(model, "tokenprune_source", None),
             scorer=scorer,
             decisions=the_plan.decisions,
+            fast_path=the_plan.fast_path,
         )
         dense = None if inplace else (model.get_submodule(part.path) if part.path else model)
         self_check(sparse, chain, the_plan.locations, part.example, the_plan.name, dense=dense)
@@ -212,7 +216,7 @@ class _Part:
 
 
 def _analyse(
-    model, ratio, locations, keep_ratios, example_inputs, name, scorer="predictor", decisions="auto"
+    model, ratio, locations, keep_ratios, example_inputs, name, scorer="predictor", decisions="auto", fast_path="block"
 ) -> tuple[Plan, torch.Tensor, _Part]:
     """Check the options and build the plan; `model` is left unchanged (every submodule's training flag restored).
 
@@ -220,6 +224,7 @@ def _analyse(
     ratio = check_ratio(ratio)
     if scorer not in SCORERS:
         raise ConfigError(f"{name}: scorer={scorer!r}; choose one of {', '.join(SCORERS)}.")
+    check_fast_path(fast_path, name)
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}.")
     if any(True for _ in selectors(model)):
@@ -231,12 +236,14 @@ def _analyse(
             chain = _chain(model, example, name)
             part = _Part("", example)
             try:
-                the_plan = _plan_chain(model, chain, example, ratio, locations, keep_ratios, name, scorer, decisions)
+                the_plan = _plan_chain(
+                    model, chain, example, ratio, locations, keep_ratios, name, scorer, decisions, fast_path
+                )
             except UnsupportedModelError as refusal:
                 part, chain = _traceable_part(model, chain, example, name, refusal)
                 inner, where = model.get_submodule(part.path), f"{name}.{part.path}"
                 the_plan = _plan_chain(
-                    inner, chain, part.example, ratio, locations, keep_ratios, where, scorer, decisions
+                    inner, chain, part.example, ratio, locations, keep_ratios, where, scorer, decisions, fast_path
                 )
                 the_plan.notes.insert(0, part.note)
             return the_plan, example, part
@@ -261,10 +268,10 @@ def _chain(model: nn.Module, example: torch.Tensor, name: str) -> Chain:
     return chain
 
 
-def _plan_chain(model, chain, example, ratio, locations, keep_ratios, name, scorer, decisions) -> Plan:
+def _plan_chain(model, chain, example, ratio, locations, keep_ratios, name, scorer, decisions, fast_path) -> Plan:
     locs = _check_locations(locations, len(chain.calls), chain.kind, name)
     ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
-    the_plan = build_plan(model, chain, example, locs, ratios, name, scorer, decisions)
+    the_plan = build_plan(model, chain, example, locs, ratios, name, scorer, decisions, fast_path)
     if chain.kind == "token":
         _warn_tiny_keep(chain, the_plan.prefix, ratios, name)
     return the_plan
@@ -335,6 +342,7 @@ def plan(
     example_inputs: torch.Tensor | None = None,
     scorer: str = "predictor",
     decisions: str = "auto",
+    fast_path: str = "block",
 ) -> Plan:
     """What `sparsify` would do to `model`, without changing it: `print(tokenprune.plan(model).describe())`.
 
@@ -342,7 +350,8 @@ def plan(
         ConfigError, UnsupportedModelError: as `sparsify` (the self-check, which needs the applied model, aside).
     """
     refuse_wrappers(model)
-    return _analyse(model, ratio, locations, keep_ratios, example_inputs, model_name(model), scorer, decisions)[0]
+    name = model_name(model)
+    return _analyse(model, ratio, locations, keep_ratios, example_inputs, name, scorer, decisions, fast_path)[0]
 
 
 def set_execution(model: nn.Module, execution: str) -> nn.Module:

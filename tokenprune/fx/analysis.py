@@ -28,6 +28,7 @@ def build_plan(
     name: str,
     scorer: str = "predictor",
     decisions: str = "auto",
+    fast_path: str = "block",
 ) -> Plan:
     """Analyse `model` into a `Plan` with the strategy its chain calls for. Changes nothing in `model`.
 
@@ -43,8 +44,10 @@ def build_plan(
             "and fast paths over a feature map), where only learned predictors are available. Use scorer='predictor'."
         )
     else:
-        plan = plan_spatial(model, chain, example, locations, keep_ratios, name, nested=decisions == "nested")
-    plan.decisions = decisions
+        plan = plan_spatial(
+            model, chain, example, locations, keep_ratios, name, nested=decisions == "nested", fast_path=fast_path
+        )
+    plan.decisions, plan.fast_path = decisions, fast_path
     for attr, child in plan.graph_module.named_children():
         if not hasattr(model, attr):  # modules the trace itself added (e.g. the training-flag switch)
             plan.add.setdefault(attr, child)

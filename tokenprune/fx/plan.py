@@ -33,6 +33,7 @@ class Plan:
         keep_ratios: per-stage keep ratios.
         prefix: never-pruned leading tokens (0 for spatial chains).
         decisions: "nested" or "independent" (spatial stages that each choose among all locations).
+        fast_path: "block" or "scaled", the form of spatial fast paths (`tokenprune.config.FAST_PATHS`).
         graph_module: the rewritten trace of the whole model; its graph calls the modules below by name.
         add: new top-level modules (stages, recorder) by attribute name.
         replace: rewritten blocks by qualified name.
@@ -46,6 +47,7 @@ class Plan:
     keep_ratios: list[float]
     prefix: int = 0
     decisions: str = "nested"
+    fast_path: str = "block"
     graph_module: fx.GraphModule | None = None
     add: dict[str, nn.Module] = field(default_factory=dict)
     replace: dict[str, nn.Module] = field(default_factory=dict)

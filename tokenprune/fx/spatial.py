@@ -282,7 +282,9 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, where: str) -> SlowPath:
     )
 
 
-def _asymmetric_block(call: Call, node: fx.Node, chain: Chain, where: str) -> tuple[fx.GraphModule, SlowPath]:
+def _asymmetric_block(
+    call: Call, node: fx.Node, chain: Chain, where: str, fast_path: str = "block"
+) -> tuple[fx.GraphModule, SlowPath]:
     """Trace one block and route its slow path through an `AsymmetricPath` (gather before, mix/scatter after)."""
     concrete, runtime = block_inputs(call, node, where)
     if runtime:
@@ -293,6 +295,8 @@ def _asymmetric_block(call: Call, node: fx.Node, chain: Chain, where: str) -> tu
     gm = trace(call.module, concrete_args=concrete, name=where)
     ShapeProp(gm).propagate(*call.args[:1])
     path = find_slow_path(gm, chain, where)
+    if fast_path == "scaled":  # every fast path scaled, epsilon 1e-6 (config.FAST_PATHS)
+        path.layer_scale, path.eps = True, 1e-6
     graph = gm.graph
     last = next(n for n in graph.nodes if n.op == "placeholder")
     inputs = []
@@ -331,6 +335,7 @@ def plan_spatial(
     keep_ratios: list[float],
     name: str,
     nested: bool = False,
+    fast_path: str = "block",
 ) -> Plan:
     """Analyse a spatial chain into a plan (docs/design.md §1.2): a `SpatialSelector` before each location; every
     block from the first location on runs its slow path at the locations the latest stage kept and a fast path
@@ -347,7 +352,7 @@ def plan_spatial(
     for i, (call, node) in enumerate(zip(chain.calls, nodes)):
         if i >= locations[0]:
             where = f"{name} block {call.name}"
-            block, path = _asymmetric_block(call, node, chain, where)
+            block, path = _asymmetric_block(call, node, chain, where, fast_path)
             plan.replace[call.name] = block
             plan.notes.append(
                 f"block {call.name}: slow path {path.nodes[0].name} .. {path.exit.name} "

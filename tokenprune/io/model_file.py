@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import SparsifyConfig
+from ..config import FAST_PATHS, SparsifyConfig
 from ..errors import CheckpointError, ConfigError, TokenPruneError
 from ..nn.select import SCORERS
 from ..outputs import outputs_close
@@ -202,8 +202,9 @@ def _check_config(data: Any, path: Path, version: int, source: dict[str, Any] | 
     if not isinstance(data, dict):
         raise _bad(path, "config", f"a {type(data).__name__}, not an object")
     fields = list(SparsifyConfig.__dataclass_fields__)
-    # "scorer" and "decisions" came after format 2: a file without them used learned, nested predictors.
-    later, first = ("scorer", "decisions"), ["ratio", "locations", "keep_ratios", "input_size"]
+    # "scorer", "decisions" and "fast_path" came after format 2: a file without them used learned, nested
+    # predictors and scaled fast paths.
+    later, first = ("scorer", "decisions", "fast_path"), ["ratio", "locations", "keep_ratios", "input_size"]
     required = [f for f in fields if f not in later] if version >= 2 else first
     for key in required:
         if key not in data:
@@ -245,6 +246,9 @@ def _check_config(data: Any, path: Path, version: int, source: dict[str, Any] | 
     decisions = data.get("decisions", "nested")
     if decisions not in ("nested", "independent") or (kind == "token" and decisions != "nested"):
         raise _bad(path, "config.decisions", f"{str(decisions)[:40]!r} is not 'nested' or (spatial) 'independent'")
+    fast_path = data.get("fast_path", "scaled")
+    if fast_path not in FAST_PATHS:
+        raise _bad(path, "config.fast_path", f"{str(fast_path)[:40]!r} is not one of {', '.join(FAST_PATHS)}")
     return SparsifyConfig(
         ratio=_ratio(data["ratio"], path, "config.ratio"),
         locations=locations,
@@ -257,6 +261,7 @@ def _check_config(data: Any, path: Path, version: int, source: dict[str, Any] | 
         learned=learned,
         scorer=scorer,
         decisions=decisions,
+        fast_path=fast_path,
     )
 
 
@@ -407,6 +412,7 @@ def _resparsify(
                 inplace=inplace,
                 scorer=config.scorer,
                 decisions=config.decisions,
+                fast_path=config.fast_path,
             )
     except TokenPruneError as e:
         raise CheckpointError(f"{what}: the recorded configuration cannot be applied again: {e}") from None

@@ -155,6 +155,7 @@ def finetune(
                     example_inputs=example,
                     scorer=sp.scorer,
                     decisions=sp.decisions,
+                    fast_path=sp.fast_path,
                 )
             else:
                 model, teacher = teacher, None

@@ -93,6 +93,12 @@ class SparsifySection:
         "AdaConvNeXt/AdaSwin), 'nested' or 'independent' (spatial only).",
         choices=("auto", "nested", "independent"),
     )
+    fast_path: str = key(
+        "block",
+        "Spatial fast paths: 'block' (a layer scale only where the block has one, its norm's epsilon: the official "
+        "code) or 'scaled' (always a layer scale, epsilon 1e-6).",
+        choices=("block", "scaled"),
+    )
     warm_start_steps: int = key(
         0,
         "Train the predictors this many steps to imitate the attention scorer before "
