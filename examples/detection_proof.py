@@ -131,7 +131,7 @@ def report(args: argparse.Namespace) -> dict:
 
 
 def _gmacs(g: dict[str, float]) -> str:
-    return f"{g['convnext']:.4f} / {g['backbone']:.4f} / {g['head']:.4f} / {g['total']:.4f}"
+    return f"{g['body']:.4f} / {g['backbone']:.4f} / {g['head']:.4f} / {g['total']:.4f}"
 
 
 def _markdown(results: dict, args: argparse.Namespace) -> str:
