@@ -35,11 +35,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
-from segmentation_proof import _common, run_stage  # the same four stages; only the recipe and the report differ
+from segmentation_proof import _common, run_stages  # the same four stages; only the recipe and the report differ
 
 import tokenprune
 from tokenprune.detect import collate
@@ -174,27 +173,5 @@ def _markdown(results: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/det", help="where the runs and the results go")
-    parser.add_argument("--stages", default="teacher,student,control,report")
-    parser.add_argument("--teacher-epochs", type=float, default=10.0)
-    parser.add_argument("--teacher-lr", type=float, default=2e-3)
-    parser.add_argument("--student-epochs", type=float, default=3.0)
-    parser.add_argument("--scenes", type=int, default=6000, help="training scenes")
-    parser.add_argument("--val-scenes", type=int, default=1000, help="test scenes")
-    parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--speed-batch", type=int, default=64)
-    parser.add_argument("--speed-repeats", type=int, default=10)
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for every stage")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    for stage in args.stages.split(","):
-        start = time.time()
-        metrics = report(args) if stage == "report" else run_stage(stage, args, RECIPE)
-        print(f"[{stage}] done in {time.time() - start:.0f}s: {json.dumps(metrics)}", flush=True)
-
-
 if __name__ == "__main__":
-    main()
+    run_stages(__doc__, RECIPE, report, "runs/det", teacher_epochs=10.0, student_epochs=3.0)

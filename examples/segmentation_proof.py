@@ -241,13 +241,16 @@ def _markdown(results: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/seg", help="where the runs and the results go")
+def run_stages(doc: str, recipe: Path, report_stage, out: str, teacher_epochs: float, student_epochs: float) -> None:
+    """The command line of a dense-prediction proof: parse the options, run the stages asked for in order.
+
+    `report_stage(args)` is the proof's own report; the training stages are `run_stage` on `recipe`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--out", default=out, help="where the runs and the results go")
     parser.add_argument("--stages", default="teacher,student,control,report")
-    parser.add_argument("--teacher-epochs", type=float, default=5.0)
+    parser.add_argument("--teacher-epochs", type=float, default=teacher_epochs)
     parser.add_argument("--teacher-lr", type=float, default=2e-3)
-    parser.add_argument("--student-epochs", type=float, default=2.0)
+    parser.add_argument("--student-epochs", type=float, default=student_epochs)
     parser.add_argument("--scenes", type=int, default=6000, help="training scenes")
     parser.add_argument("--val-scenes", type=int, default=1000, help="test scenes")
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
@@ -263,9 +266,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for stage in args.stages.split(","):
         start = time.time()
-        metrics = report(args) if stage == "report" else run_stage(stage, args)
+        metrics = report_stage(args) if stage == "report" else run_stage(stage, args, recipe)
         print(f"[{stage}] done in {time.time() - start:.0f}s: {json.dumps(metrics)}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    run_stages(__doc__, RECIPE, report, "runs/seg", teacher_epochs=5.0, student_epochs=2.0)

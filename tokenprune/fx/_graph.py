@@ -5,12 +5,13 @@ from __future__ import annotations
 import inspect
 
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
 from .discovery import Call, Chain
 
-__all__ = ["node_shape", "chain_nodes", "block_inputs", "recorded_inputs", "set_submodule"]
+__all__ = ["node_shape", "chain_nodes", "block_inputs", "recorded_inputs", "set_submodule", "applied_norm"]
 
 
 def node_shape(node: object) -> tuple[int, ...] | None:
@@ -77,3 +78,23 @@ def recorded_inputs(call: Call, names: list[str]) -> list[object]:
     """The values a recorded call passed for the named arguments, to propagate shapes through the traced block."""
     bound = inspect.signature(call.module.forward).bind(*call.args, **call.kwargs)
     return [bound.arguments[n] for n in names]
+
+
+def applied_norm(model: nn.Module, node: fx.Node, channels: int, kinds: tuple[type[nn.Module], ...]) -> str | None:
+    """The name of the norm of `model` that `node` applies over `channels` channels: a module of one of `kinds`
+    (subclasses included: timm's and torchvision's LayerNorm2d), kept as a call or traced into `F.layer_norm` /
+    `F.rms_norm` on its own weight (timm's LayerNorm); None for any other node."""
+    if node.op == "call_module":
+        name = str(node.target)
+    elif node.op == "call_function" and node.target in (F.layer_norm, F.rms_norm):
+        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+        if not isinstance(weight, fx.Node) or weight.op != "get_attr" or not str(weight.target).endswith(".weight"):
+            return None
+        name = str(weight.target).removesuffix(".weight")
+    else:
+        return None
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return name if isinstance(module, kinds) and tuple(module.normalized_shape) == (channels,) else None

@@ -38,7 +38,7 @@ from ..errors import UnsupportedModelError
 from ..nn.asymmetric import FAST_PATH_INIT, AsymmetricPath, gather_locations
 from ..nn.spatial_predictor import SpatialRecorder, SpatialSelector
 from . import rules
-from ._graph import block_inputs, chain_nodes, node_shape
+from ._graph import applied_norm, block_inputs, chain_nodes, node_shape
 from .discovery import Call, Chain, depends_on
 from .plan import RECORDER, Plan
 from .rules.scaler import STOCHASTIC_DEPTH, scaler_refusal
@@ -415,24 +415,9 @@ def _is_layout(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _layer_norm(model: nn.Module, node: fx.Node, channels: int) -> str | None:
-    """The name of the nn.LayerNorm over `channels` (subclasses included: timm's and torchvision's LayerNorm2d) that
-    `node` applies, kept as a call or traced into `F.layer_norm` on its own weight; None for any other node."""
-    if node.op == "call_module":
-        name = str(node.target)
-    elif node.op == "call_function" and node.target is F.layer_norm:
-        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-        if not isinstance(weight, fx.Node) or weight.op != "get_attr" or not str(weight.target).endswith(".weight"):
-            return None
-        name = str(weight.target).removesuffix(".weight")
-    else:
-        return None
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        return None
-    if isinstance(module, nn.LayerNorm) and tuple(module.normalized_shape) == (channels,) and module.weight is not None:
-        return name
-    return None
+    """The name of the affine nn.LayerNorm over `channels` that `node` applies (`_graph.applied_norm`), else None."""
+    name = applied_norm(model, node, channels, (nn.LayerNorm,))
+    return name if name is not None and model.get_submodule(name).weight is not None else None
 
 
 def _pool_input(node: fx.Node, reached: set[fx.Node]) -> tuple[fx.Node, int] | None:

@@ -9,7 +9,6 @@ import operator
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -19,7 +18,7 @@ from ..nn.recorder import SparsityRecorder
 from ..nn.scorer import SCORES_MODULE, AttentionScores
 from ..nn.select import TokenSelector
 from . import tokenflow
-from ._graph import block_inputs, chain_nodes, node_shape, recorded_inputs
+from ._graph import applied_norm, block_inputs, chain_nodes, node_shape, recorded_inputs
 from .discovery import Call, Chain, depends_on, prefix_token_count
 from .plan import RECORDER, Plan
 from .tracing import call_leaf, trace
@@ -249,20 +248,5 @@ def _final_norm(model: nn.Module, recorded: fx.Node, dim: int) -> tuple[fx.Node,
     users = list(recorded.users)
     if len(users) != 1 or users[0].args[:1] != (recorded,):
         return None
-    node = users[0]
-    if node.op == "call_module":
-        name = str(node.target)
-    elif node.target in (F.layer_norm, F.rms_norm):
-        weight = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
-        if not isinstance(weight, fx.Node) or weight.op != "get_attr" or not str(weight.target).endswith(".weight"):
-            return None
-        name = str(weight.target).removesuffix(".weight")
-    else:
-        return None
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        return None
-    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and tuple(module.normalized_shape) == (dim,):
-        return node, name
-    return None
+    name = applied_norm(model, users[0], dim, (nn.LayerNorm, nn.RMSNorm))
+    return None if name is None else (users[0], name)
