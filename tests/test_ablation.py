@@ -16,6 +16,15 @@ MODELS = {
 }
 
 
+def _pair(key: str) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """(dense model, its sparsified copy in eval mode, a batch of 4 inputs)."""
+    build, size = MODELS[key]
+    torch.manual_seed(0)
+    dense = build().eval()
+    x = torch.randn(4, 3, size, size)
+    return dense, tokenprune.sparsify(dense, 0.7, example_inputs=x[:1]).eval(), x
+
+
 def _kept(model: torch.nn.Module) -> list[torch.Tensor]:
     out = []
     for s in tokenprune.selectors(model):
@@ -26,11 +35,7 @@ def _kept(model: torch.nn.Module) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("key", list(MODELS))
 def test_random_decisions_keep_as_many_and_restore_the_scorers(key):
-    build, size = MODELS[key]
-    torch.manual_seed(0)
-    dense = build().eval()
-    x = torch.randn(4, 3, size, size)
-    model = tokenprune.sparsify(dense, 0.7, example_inputs=x[:1]).eval()
+    _, model, x = _pair(key)
     with torch.no_grad():
         own = model(x)
         own_kept = _kept(model)
@@ -46,13 +51,9 @@ def test_random_decisions_keep_as_many_and_restore_the_scorers(key):
 
 @pytest.mark.parametrize("key", list(MODELS))
 def test_keeping_everything_is_the_dense_model(key):
-    build, size = MODELS[key]
-    torch.manual_seed(0)
-    dense = build().eval()
-    x = torch.randn(4, 3, size, size)
+    dense, model, x = _pair(key)
     with torch.no_grad():
         reference = dense(x)
-        model = tokenprune.sparsify(dense, 0.7, example_inputs=x[:1]).eval()
         ratios = [s.keep_ratio for s in tokenprune.selectors(model)]
         with fixed_keep(model, 1.0):
             everything = model(x)
