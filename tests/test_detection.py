@@ -334,3 +334,54 @@ def test_a_traceable_model_keeps_its_own_refusal():
     with pytest.raises(UnsupportedModelError, match="no slow path") as info:
         tokenprune.sparsify(timm.create_model("resnet18").eval(), 0.7, example_inputs=torch.randn(1, 3, 64, 64))
     assert "Nor does any submodule" not in str(info.value) and "not traceable" not in str(info.value)
+
+
+@pytest.mark.slow  # several tiny runs: the full run covers it, the inner loop (-m 'not slow') skips it
+def test_detection_run_interrupted_then_resumed_equals_uninterrupted(tmp_path, fashion_mnist_like, monkeypatch):
+    """Resume for detection as for the other tasks: a sparse detector's run cut after a checkpoint and rerun ends
+    with bitwise the weights and metrics of the uninterrupted run (Gumbel noise and data order restored)."""
+    pytest.importorskip("torchmetrics", reason="torchmetrics (and pycocotools) not installed: pip install torchmetrics")
+    import json
+
+    from tokenprune.train import finetune
+    from tokenprune.train.checkpoint import load_checkpoint
+    from tokenprune.train.trainer import Trainer
+
+    kwargs = json.dumps({"num_classes": 11, "in_chans": 1, "fpn_channels": 64, "min_size": SIZE, **CONVNEXT})
+    common = ["task=detection", "model.name=convnext_atto", "model.task_head=fcos", f"model.kwargs={kwargs}",
+              "data.source=fashion_mnist_detection", f"data.img_size={SIZE}", "data.scenes=16", "data.val_scenes=4",
+              "data.workers=0", "optim.batch_size=4", "optim.epochs=1", "optim.warmup_epochs=0", "run.device=cpu",
+              "run.threads=1", "run.log_every=1", "run.checkpoint_every=1", "loss.kl=0",
+              f"data.root={fashion_mnist_like}"]  # fmt: skip
+    finetune(
+        None, overrides=[*common, "sparsify.enabled=false", "optim.max_steps=1", f"run.output_dir={tmp_path / 't'}"]
+    )
+    student = [*common, f"model.checkpoint={tmp_path / 't' / 'final.pt'}"]
+    full = finetune(None, overrides=[*student, f"run.output_dir={tmp_path / 'full'}"])
+    assert full.metrics["steps"] == 4
+
+    original, calls = Trainer._optimizer_step, {"n": 0}
+
+    def crash_on_third(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+        original(self)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", crash_on_third)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        finetune(None, overrides=[*student, f"run.output_dir={tmp_path / 'cut'}"])
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 2
+    steps = []
+
+    def counted(self):
+        steps.append(1)
+        original(self)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", counted)
+    resumed = finetune(None, overrides=[*student, f"run.output_dir={tmp_path / 'cut'}"])
+    assert len(steps) == 2  # it continued from step 2 rather than starting again
+    a = load_checkpoint(tmp_path / "full" / "final.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "final.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.metrics == full.metrics
