@@ -239,7 +239,6 @@ def test_a_spatial_file_from_before_the_decisions_field_loads_nested(tmp_path: P
 def test_a_swin_file_from_before_the_fast_path_field_loads_scaled(tmp_path: Path):
     """Every fast path had a layer scale and epsilon 1e-6 before `fast_path` existed (a Swin block has no scale of
     its own, so today's default gives it none): such a file must load with its scales, as it was trained."""
-    import timm
 
     from tokenprune.nn.asymmetric import AsymmetricPath
 
