@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from ..config import DECISIONS, FAST_PATHS
 from ..errors import ConfigError
 from .schema import MAX_RECIPE_BYTES, check_value, describe, key, rule_of, safe_yaml
 
@@ -91,13 +92,13 @@ class SparsifySection:
         "auto",
         "How later stages relate to earlier ones: 'auto' (tokens nested; spatial maps independent, as the official "
         "AdaConvNeXt/AdaSwin), 'nested' or 'independent' (spatial only).",
-        choices=("auto", "nested", "independent"),
+        choices=DECISIONS,
     )
     fast_path: str = key(
         "block",
         "Spatial fast paths: 'block' (a layer scale only where the block has one, its norm's epsilon: the official "
         "code) or 'scaled' (always a layer scale, epsilon 1e-6).",
-        choices=("block", "scaled"),
+        choices=FAST_PATHS,
     )
     warm_start_steps: int = key(
         0,
