@@ -2,24 +2,28 @@
 
     python examples/visualize_kept.py                                    # student of the proof, if it was run
     python examples/visualize_kept.py --student runs/fm3/student/final.pt --out docs/img/kept_fashion_mnist.png
+    python examples/visualize_kept.py --student runs/scene/student/final.pt --out docs/img/kept_objects.png
 
-The student is the one `examples/fashion_mnist_proof.py` trains (``<out>/student/final.pt``), or a tokenprune
-``.safetensors`` file. When the file does not exist the script sparsifies a fresh model of the same architecture
-(random weights) and says so, on stdout and in the picture: its choices show how the stages work, not what a trained
-predictor finds important. The first test image of each of the first ``--count`` classes to appear is drawn.
+The student is the one `examples/fashion_mnist_proof.py` or `examples/scene_proof.py` trains
+(``<out>/student/final.pt``: the model and the test images follow the recipe stored in it), or a tokenprune
+``.safetensors`` file (shown on Fashion-MNIST). When the file does not exist the script sparsifies a fresh model of the
+Fashion-MNIST proof's architecture (random weights) and says so, on stdout and in the picture: its choices show how
+the stages work, not what a trained predictor finds important. The first test image of each of the first ``--count``
+classes to appear is drawn.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
 import tokenprune
-from tokenprune.train import load_recipe, load_weights
-from tokenprune.train.data import FASHION_MNIST_ROOT, FashionMNIST
+from tokenprune.train import Recipe, load_recipe, load_weights
+from tokenprune.train.data import FASHION_MNIST_ROOT, FashionMNIST, build_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "fashion_mnist_cpu.yaml"
@@ -27,19 +31,26 @@ CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
 MEAN, STD = 0.2860, 0.3530  # what FashionMNIST normalises with
 
 
-def student(path: Path) -> tuple[torch.nn.Module, str]:
+def run_recipe(path: Path) -> Recipe:
+    """The recipe stored in the trainer checkpoint at `path`, else the Fashion-MNIST proof's."""
+    if path.suffix == ".pt" and path.is_file():
+        return Recipe.from_dict(torch.load(path, map_location="cpu", weights_only=True)["recipe"], source=str(path))
+    return load_recipe(RECIPE)
+
+
+def student(path: Path, recipe) -> tuple[torch.nn.Module, str]:
     """The trained student at `path` (a trainer checkpoint or a tokenprune file), else an untrained one."""
     if path.suffix == ".safetensors" and path.is_file():
         return tokenprune.load(path), f"trained student ({path.name})"
-    spec = load_recipe(RECIPE).model
+    spec = recipe.model
     if path.is_file():
         saved = torch.load(path, map_location="cpu", weights_only=True)
-        spec = load_recipe(RECIPE, [f"model.kwargs={saved['recipe']['model']['kwargs']}"]).model
         config = tokenprune.SparsifyConfig.from_dict(saved["sparsify_config"])
     dense = tokenprune.create_model(spec.name, **spec.kwargs).eval()
-    example = torch.zeros(1, 1, 28, 28)
+    size = spec.kwargs.get("img_size", 28)
+    example = torch.zeros(1, 1, size, size)
     if not path.is_file():
-        sparse = tokenprune.sparsify(dense, load_recipe(RECIPE).sparsify.ratio, example_inputs=example)
+        sparse = tokenprune.sparsify(dense, recipe.sparsify.ratio, example_inputs=example)
         return sparse.eval(), "UNTRAINED student (random weights): the shading shows the mechanics, not learned choices"
     sparse = tokenprune.sparsify(
         dense, config.ratio, locations=config.locations, keep_ratios=config.keep_ratios, example_inputs=example
@@ -47,7 +58,7 @@ def student(path: Path) -> tuple[torch.nn.Module, str]:
     return load_weights(sparse, path).eval(), f"trained student ({path})"
 
 
-def first_of_each_class(data: FashionMNIST, count: int) -> list[int]:
+def first_of_each_class(data, count: int) -> list[int]:
     seen: dict[int, int] = {}
     for i, label in enumerate(data.labels):
         seen.setdefault(int(label), i)
@@ -65,14 +76,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    model, what = student(args.student)
+    recipe = run_recipe(args.student)
+    model, what = student(args.student, recipe)
     print(f"model: {what}")
-    data = FashionMNIST(args.data_root, "test")
+    if recipe.data.source == "fashion_mnist":
+        data, mean, std = FashionMNIST(args.data_root, "test"), MEAN, STD
+    else:  # e.g. fashion_mnist_objects: its test canvases; each picture's own value range is stretched
+        section = dataclasses.replace(recipe.data, root=str(args.data_root), val_subset=None)
+        size = recipe.model.kwargs.get("img_size", 28)
+        data = build_datasets(section, img_size=size, in_chans=1, seed=recipe.run.seed).val
+        mean = std = None
     picks = first_of_each_class(data, args.count)
     images = torch.stack([data[i][0] for i in picks])
     with torch.no_grad():
         predicted = model.eval()(images).argmax(-1).tolist()
-    rows = tokenprune.visualize(model, images, mean=MEAN, std=STD)
+    rows = tokenprune.visualize(model, images, mean=mean, std=std)
 
     label_width, gap, header = 96, 6, 18
     width = label_width + rows[0].width

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from tokenprune.errors import ConfigError, DataError
 from tokenprune.train import build_datasets, finetune, load_recipe
@@ -265,3 +266,12 @@ def test_proof_stages_chain_and_a_rerun_skips_finished_work(tmp_path, idx_root, 
     assert [p.stat().st_mtime_ns for p in finals] == stamps and json.loads(
         (out / "results.json").read_text()
     ) == results
+    # the picture script draws this student on its own test canvases (the recipe stored in the checkpoint)
+    picture = tmp_path / "kept.png"
+    argv = ["visualize_kept.py", "--student", str(out / "student" / "final.pt"), "--data-root", str(idx_root),
+            "--count", "2", "--out", str(picture)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(examples / "visualize_kept.py"), run_name="__main__")
+    assert "trained student" in capsys.readouterr().out
+    with Image.open(picture) as drawn:
+        assert drawn.height > 2 * 112 and drawn.width > 3 * 112  # two canvases, three stage panels each
