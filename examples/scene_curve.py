@@ -126,15 +126,15 @@ def plot(results: dict, path: Path) -> None:
         ) from None
     rhos = sorted(results["curve"], key=float)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    at = results["curve"].get("0.7", {})
+    for key, label, marker in POINTS:  # first, so that a curve's point at the same place stays visible
+        if key in at:
+            ax.plot([at[key]["gmacs"]], [at[key]["top1"]], marker, markersize=8, label=f"{label}, rho 0.7")
     for key, label, style in CURVE:
         points = [(results["curve"][r][key]["gmacs"], results["curve"][r][key]["top1"]) for r in rhos
                   if key in results["curve"][r]]  # fmt: skip
         if points:
-            ax.plot(*zip(*points, strict=True), style, label=label)
-    at = results["curve"].get("0.7", {})
-    for key, label, marker in POINTS:
-        if key in at:
-            ax.plot([at[key]["gmacs"]], [at[key]["top1"]], marker, markersize=8, label=f"{label}, rho 0.7")
+            ax.plot(*zip(*points, strict=True), style, label=label, zorder=3)
     for key, label, marker in DENSE:
         if key in results:
             ax.plot([results[key]["gmacs"]], [results[key]["top1"]], marker, markersize=10, label=label)
