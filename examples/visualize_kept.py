@@ -31,31 +31,26 @@ CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
 MEAN, STD = 0.2860, 0.3530  # what FashionMNIST normalises with
 
 
-def run_recipe(path: Path) -> Recipe:
-    """The recipe stored in the trainer checkpoint at `path`, else the Fashion-MNIST proof's."""
-    if path.suffix == ".pt" and path.is_file():
-        return Recipe.from_dict(torch.load(path, map_location="cpu", weights_only=True)["recipe"], source=str(path))
-    return load_recipe(RECIPE)
-
-
-def student(path: Path, recipe) -> tuple[torch.nn.Module, str]:
-    """The trained student at `path` (a trainer checkpoint or a tokenprune file), else an untrained one."""
+def student(path: Path) -> tuple[torch.nn.Module, Recipe, str]:
+    """The trained student at `path` (a trainer checkpoint or a tokenprune file), else an untrained one, and the recipe
+    it was trained with (for a tokenprune file or no file: the Fashion-MNIST proof's)."""
     if path.suffix == ".safetensors" and path.is_file():
-        return tokenprune.load(path), f"trained student ({path.name})"
+        return tokenprune.load(path), load_recipe(RECIPE), f"trained student ({path.name})"
+    saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+    recipe = Recipe.from_dict(saved["recipe"], source=str(path)) if saved else load_recipe(RECIPE)
     spec = recipe.model
-    if path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        config = tokenprune.SparsifyConfig.from_dict(saved["sparsify_config"])
     dense = tokenprune.create_model(spec.name, **spec.kwargs).eval()
     size = spec.kwargs.get("img_size", 28)
     example = torch.zeros(1, 1, size, size)
-    if not path.is_file():
+    if saved is None:
         sparse = tokenprune.sparsify(dense, recipe.sparsify.ratio, example_inputs=example)
-        return sparse.eval(), "UNTRAINED student (random weights): the shading shows the mechanics, not learned choices"
+        what = "UNTRAINED student (random weights): the shading shows the mechanics, not learned choices"
+        return sparse.eval(), recipe, what
+    config = tokenprune.SparsifyConfig.from_dict(saved["sparsify_config"])
     sparse = tokenprune.sparsify(
         dense, config.ratio, locations=config.locations, keep_ratios=config.keep_ratios, example_inputs=example
     )
-    return load_weights(sparse, path).eval(), f"trained student ({path})"
+    return load_weights(sparse, path).eval(), recipe, f"trained student ({path})"
 
 
 def first_of_each_class(data, count: int) -> list[int]:
@@ -76,8 +71,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    recipe = run_recipe(args.student)
-    model, what = student(args.student, recipe)
+    model, recipe, what = student(args.student)
     print(f"model: {what}")
     if recipe.data.source == "fashion_mnist":
         data, mean, std = FashionMNIST(args.data_root, "test"), MEAN, STD
