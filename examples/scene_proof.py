@@ -312,7 +312,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--stages",
         default="teacher,students,curve,report",
-        help=f"comma-separated: teacher, {', '.join(STUDENTS)}, students (all of those), curve, report",
+        help=f"comma-separated: teacher, {', '.join(STUDENTS)}, students (all of those), curve, report; NAME@RHO "
+        "runs one stage at keep ratio RHO (static@0.8: the static grid nearest rho 0.8's FLOPs)",
     )
     parser.add_argument("--teacher-epochs", type=float, default=4.0)
     parser.add_argument("--teacher-lr", type=float, default=1.5e-3)
@@ -349,8 +350,13 @@ def main(argv: list[str] | None = None) -> None:
             metrics = {
                 f"{name}@{rho:g}": run(name, args, rho)["top1"] for rho in others for name in ("student", "static")
             }
-        else:
-            metrics = run(stage, args)
+        else:  # a stage, or `stage@rho` for one stage at another keep ratio (static@0.8: the static grid nearest it)
+            name, _, rho = stage.partition("@")
+            try:
+                at = float(rho) if rho else 0.7
+            except ValueError:
+                raise SystemExit(f"stage {stage!r}: the keep ratio after @ must be a number, e.g. static@0.8") from None
+            metrics = run(name, args, at)
         print(f"[{stage}] done in {time.time() - start:.0f}s: {json.dumps(metrics)}", flush=True)
 
 

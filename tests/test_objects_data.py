@@ -246,7 +246,7 @@ def test_proof_stages_chain_and_a_rerun_skips_finished_work(tmp_path, idx_root, 
     monkeypatch.syspath_prepend(str(examples))  # the proof imports scene_curve, as `python examples/...` allows
     out = tmp_path / "proof"
     argv = ["scene_proof.py", "--smoke", "--out", str(out), "--data-root", str(idx_root), "--curve-ratios", "0.5",
-            "--stages", "teacher,student,static,curve,report", "--speed-repeats", "0"]  # fmt: skip
+            "--stages", "teacher,student,static,static@0.5,curve,report", "--speed-repeats", "0"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(examples / "scene_proof.py"), run_name="__main__")
     first = capsys.readouterr().out
