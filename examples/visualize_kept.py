@@ -53,9 +53,10 @@ def student(path: Path) -> tuple[torch.nn.Module, Recipe, str]:
     return load_weights(sparse, path).eval(), recipe, f"trained student ({path})"
 
 
-def first_of_each_class(data, count: int) -> list[int]:
+def first_of_each_class(labels: torch.Tensor, count: int) -> list[int]:
+    """Indices of the first image of each class, in order of appearance, until `count` classes are seen."""
     seen: dict[int, int] = {}
-    for i, label in enumerate(data.labels):
+    for i, label in enumerate(labels.tolist()):
         seen.setdefault(int(label), i)
         if len(seen) == count:
             break
@@ -80,7 +81,7 @@ def main() -> None:
         size = recipe.model.kwargs.get("img_size", 28)
         data = build_datasets(section, img_size=size, in_chans=1, seed=recipe.run.seed).val
         mean = std = None
-    picks = first_of_each_class(data, args.count)
+    picks = first_of_each_class(torch.as_tensor(data.labels), args.count)
     images = torch.stack([data[i][0] for i in picks])
     with torch.no_grad():
         predicted = model.eval()(images).argmax(-1).tolist()
