@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from proof_stages import dense_overrides, teacher_overrides
 
 import tokenprune
 from tokenprune.measure.ablation import random_decisions
@@ -64,23 +65,12 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
     out = Path(args.out)
     teacher_ckpt = out / "teacher" / "final.pt"
     if stage == "teacher":
-        overrides = [
-            "sparsify.enabled=false",
-            "model.checkpoint=null",
-            f"optim.epochs={args.teacher_epochs}",
-            f"optim.lr={args.teacher_lr}",
-            "optim.warmup_epochs=0.5",
-            f"run.output_dir={out / 'teacher'}",
-        ]
+        overrides = teacher_overrides(
+            out / "teacher", epochs=args.teacher_epochs, lr=args.teacher_lr, warmup_epochs=0.5
+        )
     elif stage == "control":
-        optim = load_recipe(RECIPE).optim  # a dense run trains every parameter at optim.lr: use the backbone's
-        overrides = [
-            "sparsify.enabled=false",
-            f"model.checkpoint={teacher_ckpt}",
-            f"optim.lr={optim.lr * optim.backbone_lr_scale:g}",
-            f"optim.epochs={args.student_epochs}",
-            f"run.output_dir={out / 'control'}",
-        ]
+        control = out / "control"
+        overrides = dense_overrides(RECIPE, _common(args), teacher_ckpt, epochs=args.student_epochs, out_dir=control)
     else:
         overrides = [
             f"model.checkpoint={teacher_ckpt}",

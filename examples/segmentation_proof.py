@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from proof_stages import dense_overrides, teacher_overrides
 
 import tokenprune
 from tokenprune.measure.ablation import fixed_keep, random_decisions
@@ -61,23 +62,12 @@ def run_stage(stage: str, args: argparse.Namespace, recipe: Path = RECIPE) -> di
     out = Path(args.out)
     teacher_ckpt = out / "teacher" / "final.pt"
     if stage == "teacher":
-        overrides = [
-            "sparsify.enabled=false",
-            "model.checkpoint=null",
-            f"optim.epochs={args.teacher_epochs}",
-            f"optim.lr={args.teacher_lr}",
-            "optim.warmup_epochs=0.3",
-            f"run.output_dir={out / 'teacher'}",
-        ]
+        overrides = teacher_overrides(
+            out / "teacher", epochs=args.teacher_epochs, lr=args.teacher_lr, warmup_epochs=0.3
+        )
     elif stage == "control":
-        optim = load_recipe(recipe).optim  # a dense run trains every parameter at optim.lr: use the backbone's
-        overrides = [
-            "sparsify.enabled=false",
-            f"model.checkpoint={teacher_ckpt}",
-            f"optim.lr={optim.lr * optim.backbone_lr_scale:g}",
-            f"optim.epochs={args.student_epochs}",
-            f"run.output_dir={out / 'control'}",
-        ]
+        control = out / "control"
+        overrides = dense_overrides(recipe, _common(args), teacher_ckpt, epochs=args.student_epochs, out_dir=control)
     elif stage == "student":
         overrides = [
             f"model.checkpoint={teacher_ckpt}",

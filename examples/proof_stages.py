@@ -1,0 +1,37 @@
+"""The dense stages every proof script trains: the teacher from scratch and the dense control.
+
+One place for what makes them comparable across proofs: the teacher trains from random weights with no
+sparsification; the control fine-tunes the teacher as long as the students, at the backbone's learning rate (a
+dense run trains every parameter at ``optim.lr``, while a student's backbone trains at ``optim.lr *
+optim.backbone_lr_scale``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenprune.train import load_recipe
+
+
+def teacher_overrides(out_dir: Path, *, epochs: float, lr: float, warmup_epochs: float) -> list[str]:
+    """Recipe overrides that train the dense teacher from scratch into `out_dir`."""
+    return [
+        "sparsify.enabled=false",
+        "model.checkpoint=null",
+        f"optim.epochs={epochs}",
+        f"optim.lr={lr}",
+        f"optim.warmup_epochs={warmup_epochs}",
+        f"run.output_dir={out_dir}",
+    ]
+
+
+def dense_overrides(recipe: Path, common: list[str], checkpoint: Path, *, epochs: float, out_dir: Path) -> list[str]:
+    """Recipe overrides that fine-tune `checkpoint` densely at the students' backbone learning rate."""
+    optim = load_recipe(recipe, common).optim
+    return [
+        "sparsify.enabled=false",
+        f"model.checkpoint={checkpoint}",
+        f"optim.lr={optim.lr * optim.backbone_lr_scale:g}",
+        f"optim.epochs={epochs}",
+        f"run.output_dir={out_dir}",
+    ]
