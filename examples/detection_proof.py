@@ -46,6 +46,7 @@ from tokenprune.detect.metrics import DetectionScores
 from tokenprune.measure import compare, profile_flops
 from tokenprune.measure.ablation import fixed_keep, random_decisions
 from tokenprune.train import build_datasets, build_teacher, load_recipe, load_weights
+from tokenprune.train.checkpoint import load_checkpoint
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "detection_fmnist_cpu.yaml"
 
@@ -90,7 +91,7 @@ def report(args: argparse.Namespace) -> dict:
         results["control"] = {**scores(control, data.val), "gmacs": dense, "epochs": epochs}
     path = out / "student" / "final.pt"
     if path.is_file():
-        config = torch.load(path, map_location="cpu", weights_only=False)["sparsify_config"]
+        config = load_checkpoint(path)["sparsify_config"]
         student = tokenprune.sparsify(
             teacher, config["ratio"], locations=config["locations"], keep_ratios=config["keep_ratios"],
             example_inputs=example,

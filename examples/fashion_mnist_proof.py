@@ -40,6 +40,7 @@ import tokenprune
 from tokenprune.measure.ablation import random_decisions
 from tokenprune.measure.cost import ComputeModel
 from tokenprune.train import build_datasets, build_teacher, finetune, load_recipe, load_weights
+from tokenprune.train.checkpoint import load_checkpoint
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fashion_mnist_cpu.yaml"
 KEEP = [0.7, 0.7**2, 0.7**3]
@@ -111,7 +112,7 @@ def _student(teacher: torch.nn.Module, path: Path | None, scorer: str = "predict
     rho = 0.7 with `scorer` and no training."""
     config = {"ratio": 0.7, "locations": LOCATIONS, "keep_ratios": KEEP, "scorer": scorer}
     if path is not None:
-        config = torch.load(path, map_location="cpu", weights_only=False)["sparsify_config"]
+        config = load_checkpoint(path)["sparsify_config"]
     student = tokenprune.sparsify(
         teacher,
         config["ratio"],

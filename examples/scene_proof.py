@@ -59,10 +59,12 @@ import time
 from pathlib import Path
 
 import torch
+from proof_stages import dense_overrides, teacher_overrides
 
 import tokenprune
 from tokenprune.measure.ablation import use_random_scores
 from tokenprune.train import build_datasets, build_teacher, finetune, load_recipe, load_weights
+from tokenprune.train.checkpoint import load_checkpoint
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "scene_vit_cpu.yaml"
 LOCATIONS = [3, 6, 9]
@@ -164,19 +166,21 @@ def run(name: str, args: argparse.Namespace, rho: float = 0.7) -> dict:
     epochs = f"optim.epochs={args.student_epochs}"
     folder = _static_dir(static_grid(args, rho)) if name == "static" else _run_dir(name, rho)
     where = f"run.output_dir={out / folder}"
-    if name == "teacher":
-        overrides = ["sparsify.enabled=false", "model.checkpoint=null", f"optim.epochs={args.teacher_epochs}",
-                     f"optim.lr={args.teacher_lr}", "optim.warmup_epochs=0.3", where]  # fmt: skip
-        return finetune(RECIPE, overrides=_common(args) + overrides).metrics
-    optim = load_recipe(RECIPE, _common(args)).optim  # a dense run trains every parameter at optim.lr: the backbone's
-    dense_lr = f"optim.lr={optim.lr * optim.backbone_lr_scale:g}"
     sparse = [f"model.checkpoint={teacher_ckpt}", f"sparsify.ratio={rho}", epochs, where]
-    if name == "control":
-        overrides = ["sparsify.enabled=false", f"model.checkpoint={teacher_ckpt}", dense_lr, epochs, where]
+    if name == "teacher":
+        overrides = teacher_overrides(out / folder, epochs=args.teacher_epochs, lr=args.teacher_lr, warmup_epochs=0.3)
+    elif name == "control":
+        overrides = dense_overrides(
+            RECIPE, _common(args), teacher_ckpt, epochs=args.student_epochs, out_dir=out / folder
+        )
     elif name == "static":
         grid = static_grid(args, rho)
-        overrides = ["sparsify.enabled=false", f"model.checkpoint={static_init(args, grid)}", dense_lr, epochs,
-                     f"model.kwargs.img_size={PATCH * grid}", where]  # fmt: skip
+        overrides = [
+            *dense_overrides(
+                RECIPE, _common(args), static_init(args, grid), epochs=args.student_epochs, out_dir=out / folder
+            ),
+            f"model.kwargs.img_size={PATCH * grid}",
+        ]
     elif name == "student":
         overrides = sparse
     elif name == "learned":
@@ -208,7 +212,7 @@ def top1(model: torch.nn.Module, dataset, batch_size: int = 250) -> float:
 
 def _loaded(teacher: torch.nn.Module, path: Path, random: bool = False) -> torch.nn.Module:
     """The student saved at `path`, rebuilt from its recorded configuration (random tokens: with random scores)."""
-    config = torch.load(path, map_location="cpu", weights_only=False)["sparsify_config"]
+    config = load_checkpoint(path)["sparsify_config"]
     student = tokenprune.sparsify(
         teacher.eval(), config["ratio"], locations=config["locations"], keep_ratios=config["keep_ratios"],
         example_inputs=torch.randn(1, 1, 112, 112), scorer=config.get("scorer", "predictor"),
@@ -279,9 +283,7 @@ def report(args: argparse.Namespace) -> dict:
                 continue
             row[name] = evaluate(f"{name}@{rho:g}", path, 112, _loaded, teacher, path, name == "random")
             row[name]["steps"] = _steps(path.parent)
-            row[name]["keep_ratios"] = list(
-                torch.load(path, map_location="cpu", weights_only=False)["sparsify_config"]["keep_ratios"]
-            )
+            row[name]["keep_ratios"] = list(load_checkpoint(path)["sparsify_config"]["keep_ratios"])
             if name in ("student", "learned", "warm"):  # the same student, its predictors replaced by chance
                 chance = evaluate(f"{name}_random_tokens@{rho:g}", path, 112, _loaded, teacher, path, True)
                 row[name]["random_tokens_top1"] = chance["top1"]

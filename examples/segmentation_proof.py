@@ -45,6 +45,7 @@ from proof_stages import dense_overrides, teacher_overrides
 import tokenprune
 from tokenprune.measure.ablation import fixed_keep, random_decisions
 from tokenprune.train import build_datasets, build_teacher, finetune, load_recipe, load_weights
+from tokenprune.train.checkpoint import load_checkpoint
 from tokenprune.train.metrics import confusion_matrix, segmentation_scores
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "segmentation_fmnist_cpu.yaml"
@@ -160,7 +161,7 @@ def report(args: argparse.Namespace) -> dict:
         results["control"] = {**scores(control, data.val, k), "gmacs": dense, "epochs": epochs}
     path = out / "student" / "final.pt"
     if path.is_file():
-        config = torch.load(path, map_location="cpu", weights_only=False)["sparsify_config"]
+        config = load_checkpoint(path)["sparsify_config"]
         student = load_weights(_sparsify_like(teacher, config, example), path).eval()
         backbone = sparse_backbone(teacher, student, config, example)
         sparse = {"total": profile_flops(student, example).gmacs, "backbone": profile_flops(backbone, example).gmacs}

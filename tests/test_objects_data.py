@@ -20,6 +20,7 @@ from PIL import Image
 
 from tokenprune.errors import ConfigError, DataError
 from tokenprune.train import build_datasets, finetune, load_recipe
+from tokenprune.train.checkpoint import load_checkpoint
 from tokenprune.train.data import SeededDataset
 from tokenprune.train.objects import FashionMNISTObjects
 from tokenprune.train.recipe import DataSection
@@ -195,7 +196,7 @@ def test_a_recipe_with_this_source_finetunes_a_sparse_vit(tmp_path, idx_root):
     ]  # fmt: skip
     result = finetune(RECIPE, overrides=overrides)
     assert result.metrics["steps"] == 2 and 0.0 <= result.metrics["top1"] <= 100.0
-    saved = torch.load(tmp_path / "run" / "final.pt", map_location="cpu", weights_only=False)
+    saved = load_checkpoint(tmp_path / "run" / "final.pt")
     assert saved["sparsify_config"]["keep_ratios"] == pytest.approx([0.7, 0.49, 0.343])
     assert saved["data"]["train"]["count"] == 8 and saved["data"]["train"]["labels"] is not None
 
