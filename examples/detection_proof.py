@@ -45,8 +45,7 @@ from tokenprune.detect import collate
 from tokenprune.detect.metrics import DetectionScores
 from tokenprune.measure import compare, profile_flops
 from tokenprune.measure.ablation import fixed_keep, random_decisions
-from tokenprune.train import build_datasets, build_teacher, load_recipe, load_weights
-from tokenprune.train.checkpoint import load_checkpoint
+from tokenprune.train import build_datasets, build_teacher, load_recipe, load_trained
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "detection_fmnist_cpu.yaml"
 
@@ -86,17 +85,12 @@ def report(args: argparse.Namespace) -> dict:
         "teacher": {**scores(teacher, data.val), "gmacs": dense},
     }
     if (out / "control" / "final.pt").is_file():
-        control = load_weights(build_teacher(recipe), out / "control" / "final.pt").eval()
+        control = load_trained(out / "control" / "final.pt")
         epochs = load_recipe(out / "control" / "recipe.yaml").optim.epochs
         results["control"] = {**scores(control, data.val), "gmacs": dense, "epochs": epochs}
     path = out / "student" / "final.pt"
     if path.is_file():
-        config = load_checkpoint(path)["sparsify_config"]
-        student = tokenprune.sparsify(
-            teacher, config["ratio"], locations=config["locations"], keep_ratios=config["keep_ratios"],
-            example_inputs=example,
-        )  # fmt: skip
-        student = load_weights(student, path).eval()
+        student = load_trained(path)
         sparse = flops(student, example)
         sparse["body"] = sparse["backbone"] - fpn
         speed = compare(

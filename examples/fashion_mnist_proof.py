@@ -39,8 +39,7 @@ from proof_stages import dense_overrides, teacher_overrides
 import tokenprune
 from tokenprune.measure.ablation import random_decisions
 from tokenprune.measure.cost import ComputeModel
-from tokenprune.train import build_datasets, build_teacher, finetune, load_recipe, load_weights
-from tokenprune.train.checkpoint import load_checkpoint
+from tokenprune.train import build_datasets, build_teacher, finetune, load_recipe, load_trained
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "fashion_mnist_cpu.yaml"
 KEEP = [0.7, 0.7**2, 0.7**3]
@@ -108,20 +107,14 @@ def random_selection_top1(student: torch.nn.Module, dataset) -> float:
 
 
 def _student(teacher: torch.nn.Module, path: Path | None, scorer: str = "predictor") -> torch.nn.Module:
-    """The student saved at `path` (its recorded configuration), or with `path` None the teacher sparsified at
+    """The student saved at `path` (tokenprune.train.load_trained), or with `path` None the teacher sparsified at
     rho = 0.7 with `scorer` and no training."""
-    config = {"ratio": 0.7, "locations": LOCATIONS, "keep_ratios": KEEP, "scorer": scorer}
     if path is not None:
-        config = load_checkpoint(path)["sparsify_config"]
-    student = tokenprune.sparsify(
-        teacher,
-        config["ratio"],
-        locations=config["locations"],
-        keep_ratios=config["keep_ratios"],
-        example_inputs=torch.randn(1, 1, 28, 28),
-        scorer=config.get("scorer", "predictor"),
-    )
-    return student.eval() if path is None else load_weights(student, path).eval()
+        return load_trained(path)
+    example = torch.randn(1, 1, 28, 28)
+    return tokenprune.sparsify(
+        teacher, 0.7, locations=LOCATIONS, keep_ratios=KEEP, example_inputs=example, scorer=scorer
+    ).eval()
 
 
 def _steps(path: Path) -> int | None:
@@ -145,7 +138,7 @@ def report(args: argparse.Namespace) -> dict:
     dense_gmacs = profile_flops(teacher, example).gmacs
     results["teacher"] = {"top1": top1(teacher, data.val), "gmacs": dense_gmacs}
     if (out / "control" / "final.pt").is_file():
-        control = load_weights(build_teacher(recipe), out / "control" / "final.pt").eval()
+        control = load_trained(out / "control" / "final.pt")
         epochs = load_recipe(out / "control" / "recipe.yaml").optim.epochs
         results["control"] = {"top1": top1(control, data.val), "gmacs": dense_gmacs, "epochs": epochs}
     for name in ("attention_untrained", "attention", "student", "warm", "learned"):

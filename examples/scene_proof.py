@@ -63,7 +63,7 @@ from proof_stages import dense_overrides, teacher_overrides
 
 import tokenprune
 from tokenprune.measure.ablation import use_random_scores
-from tokenprune.train import build_datasets, build_teacher, finetune, load_recipe, load_weights
+from tokenprune.train import build_datasets, build_teacher, finetune, load_recipe, load_trained
 from tokenprune.train.checkpoint import load_checkpoint
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "scene_vit_cpu.yaml"
@@ -210,25 +210,16 @@ def top1(model: torch.nn.Module, dataset, batch_size: int = 250) -> float:
     return 100.0 * correct / total
 
 
-def _loaded(teacher: torch.nn.Module, path: Path, random: bool = False) -> torch.nn.Module:
-    """The student saved at `path`, rebuilt from its recorded configuration (random tokens: with random scores)."""
-    config = load_checkpoint(path)["sparsify_config"]
-    student = tokenprune.sparsify(
-        teacher.eval(), config["ratio"], locations=config["locations"], keep_ratios=config["keep_ratios"],
-        example_inputs=torch.randn(1, 1, 112, 112), scorer=config.get("scorer", "predictor"),
-    )  # fmt: skip
-    student = load_weights(student, path).eval()
-    return with_random_tokens(student, seed=0) if random else student
+def _loaded(path: Path, random: bool = False) -> torch.nn.Module:
+    """The model saved at `path` (tokenprune.train.load_trained); random tokens: with random scores."""
+    model = load_trained(path)
+    return with_random_tokens(model, seed=0) if random else model
 
 
 def _steps(run_dir: Path) -> int | None:
     path = run_dir / "metrics.jsonl"
     finals = [json.loads(line) for line in path.read_text().splitlines() if '"final"' in line] if path.is_file() else []
     return finals[-1]["steps"] if finals else None
-
-
-def _dense(recipe, path: Path) -> torch.nn.Module:
-    return load_weights(build_teacher(recipe), path).eval()
 
 
 def report(args: argparse.Namespace) -> dict:
@@ -268,7 +259,7 @@ def report(args: argparse.Namespace) -> dict:
     dense = results["teacher"]["gmacs"]
     path = out / "control" / "final.pt"
     if path.is_file():
-        results["control"] = evaluate("control", path, 112, _dense, recipe, path)
+        results["control"] = evaluate("control", path, 112, load_trained, path)
     results["curve"] = {}
     for rho in sorted({0.7, *args.curve_ratios}):
         row: dict = {
@@ -281,24 +272,24 @@ def report(args: argparse.Namespace) -> dict:
             path = out / _run_dir(name, rho) / "final.pt"
             if not path.is_file():
                 continue
-            row[name] = evaluate(f"{name}@{rho:g}", path, 112, _loaded, teacher, path, name == "random")
+            row[name] = evaluate(f"{name}@{rho:g}", path, 112, _loaded, path, name == "random")
             row[name]["steps"] = _steps(path.parent)
             row[name]["keep_ratios"] = list(load_checkpoint(path)["sparsify_config"]["keep_ratios"])
             if name in ("student", "learned", "warm"):  # the same student, its predictors replaced by chance
-                chance = evaluate(f"{name}_random_tokens@{rho:g}", path, 112, _loaded, teacher, path, True)
+                chance = evaluate(f"{name}_random_tokens@{rho:g}", path, 112, _loaded, path, True)
                 row[name]["random_tokens_top1"] = chance["top1"]
         grid = static_grid(args, rho)
         path = out / _static_dir(grid) / "final.pt"
         if path.is_file():
             recipe_at = load_recipe(path.parent / "recipe.yaml", ["model.checkpoint=null"])
             size = recipe_at.model.kwargs["img_size"]
-            row["static"] = {**evaluate(f"static@{grid}", path, size, _dense, recipe_at, path),
+            row["static"] = {**evaluate(f"static@{grid}", path, size, load_trained, path),
                              "tokens": (size // PATCH) ** 2, "steps": _steps(path.parent)}  # fmt: skip
         for r in row.values():
             r["flops_vs_teacher"] = r["gmacs"] / dense
         results["curve"][f"{rho:g}"] = row
     if args.speed_repeats and (out / "student" / "final.pt").is_file():
-        student = _loaded(teacher, out / "student" / "final.pt")
+        student = load_trained(out / "student" / "final.pt")
         speed = compare(teacher, student, (1, 112, 112), batch_size=args.speed_batch, repeats=args.speed_repeats)
         results["speed"] = {"batch": args.speed_batch, "teacher_images_per_s": speed["dense"]["images_per_s"],
                             "student_images_per_s": speed["sparse"]["images_per_s"],

@@ -44,8 +44,7 @@ from proof_stages import dense_overrides, teacher_overrides
 
 import tokenprune
 from tokenprune.measure.ablation import fixed_keep, random_decisions
-from tokenprune.train import build_datasets, build_teacher, finetune, load_recipe, load_weights
-from tokenprune.train.checkpoint import load_checkpoint
+from tokenprune.train import build_datasets, build_teacher, finetune, load_recipe, load_trained
 from tokenprune.train.metrics import confusion_matrix, segmentation_scores
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "segmentation_fmnist_cpu.yaml"
@@ -117,15 +116,17 @@ class BackboneOnly(torch.nn.Module):
         return torch.cat([f.flatten(1).mean(1, keepdim=True) for f in self.backbone(x)], dim=1)
 
 
-def _sparsify_like(model: torch.nn.Module, config: dict, example: torch.Tensor) -> torch.nn.Module:
+def _sparsify_like(model: torch.nn.Module, config: tokenprune.SparsifyConfig, example: torch.Tensor) -> torch.nn.Module:
+    """`model` sparsified as the student was: every field of its configuration."""
     return tokenprune.sparsify(
-        model, config["ratio"], locations=config["locations"], keep_ratios=config["keep_ratios"], example_inputs=example
-    )
+        model, config.ratio, locations=config.locations, keep_ratios=config.keep_ratios, example_inputs=example,
+        scorer=config.scorer, decisions=config.decisions, fast_path=config.fast_path,
+    )  # fmt: skip
 
 
-def sparse_backbone(teacher: torch.nn.Module, student: torch.nn.Module, config: dict, example: torch.Tensor):
+def sparse_backbone(teacher: torch.nn.Module, student: torch.nn.Module, example: torch.Tensor) -> torch.nn.Module:
     """The student's backbone as its own sparsified module (the student's predictor and fast-path weights)."""
-    probe = _sparsify_like(BackboneOnly(teacher.backbone).eval(), config, example)
+    probe = _sparsify_like(BackboneOnly(teacher.backbone).eval(), tokenprune.config_of(student), example)
     state = student.state_dict()
     wanted = probe.state_dict()
     missing = [k for k in wanted if k not in state or state[k].shape != wanted[k].shape]
@@ -156,14 +157,13 @@ def report(args: argparse.Namespace) -> dict:
         "teacher": {**scores(teacher, data.val, k), "gmacs": dense},
     }
     if (out / "control" / "final.pt").is_file():
-        control = load_weights(build_teacher(recipe), out / "control" / "final.pt").eval()
+        control = load_trained(out / "control" / "final.pt")
         epochs = load_recipe(out / "control" / "recipe.yaml").optim.epochs
         results["control"] = {**scores(control, data.val, k), "gmacs": dense, "epochs": epochs}
     path = out / "student" / "final.pt"
     if path.is_file():
-        config = load_checkpoint(path)["sparsify_config"]
-        student = load_weights(_sparsify_like(teacher, config, example), path).eval()
-        backbone = sparse_backbone(teacher, student, config, example)
+        student = load_trained(path)
+        backbone = sparse_backbone(teacher, student, example)
         sparse = {"total": profile_flops(student, example).gmacs, "backbone": profile_flops(backbone, example).gmacs}
         sparse["head"] = sparse["total"] - sparse["backbone"]
         speed = compare(

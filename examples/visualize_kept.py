@@ -22,7 +22,8 @@ import torch
 from PIL import Image, ImageDraw
 
 import tokenprune
-from tokenprune.train import Recipe, load_recipe, load_weights
+from tokenprune.train import Recipe, load_recipe, load_trained
+from tokenprune.train.checkpoint import load_checkpoint
 from tokenprune.train.data import FASHION_MNIST_ROOT, FashionMNIST, build_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,21 +37,16 @@ def student(path: Path) -> tuple[torch.nn.Module, Recipe, str]:
     it was trained with (for a tokenprune file or no file: the Fashion-MNIST proof's)."""
     if path.suffix == ".safetensors" and path.is_file():
         return tokenprune.load(path), load_recipe(RECIPE), f"trained student ({path.name})"
-    saved = torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
-    recipe = Recipe.from_dict(saved["recipe"], source=str(path)) if saved else load_recipe(RECIPE)
-    spec = recipe.model
-    dense = tokenprune.create_model(spec.name, **spec.kwargs).eval()
-    size = spec.kwargs.get("img_size", 28)
-    example = torch.zeros(1, 1, size, size)
-    if saved is None:
-        sparse = tokenprune.sparsify(dense, recipe.sparsify.ratio, example_inputs=example)
+    if not path.is_file():
+        recipe = load_recipe(RECIPE)
+        spec = recipe.model
+        dense = tokenprune.create_model(spec.name, **spec.kwargs).eval()
+        size = spec.kwargs.get("img_size", 28)
+        sparse = tokenprune.sparsify(dense, recipe.sparsify.ratio, example_inputs=torch.zeros(1, 1, size, size))
         what = "UNTRAINED student (random weights): the shading shows the mechanics, not learned choices"
         return sparse.eval(), recipe, what
-    config = tokenprune.SparsifyConfig.from_dict(saved["sparsify_config"])
-    sparse = tokenprune.sparsify(
-        dense, config.ratio, locations=config.locations, keep_ratios=config.keep_ratios, example_inputs=example
-    )
-    return load_weights(sparse, path).eval(), recipe, f"trained student ({path})"
+    recipe = Recipe.from_dict(load_checkpoint(path)["recipe"], source=str(path))
+    return load_trained(path), recipe, f"trained student ({path})"
 
 
 def first_of_each_class(labels: torch.Tensor, count: int) -> list[int]:

@@ -26,6 +26,7 @@ import json
 import math
 import os
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def _inferred(model: nn.Module, config: SparsifyConfig, state: dict[str, torch.T
     if source is None or not config.input_size:
         return None
     try:
-        rebuilt = _resparsify(build(source), config, "the inferred architecture")
+        rebuilt = resparsify(build(source), config, "the inferred architecture")
         rebuilt.load_state_dict(state, strict=True)
     except (TokenPruneError, RuntimeError):
         return None
@@ -275,6 +276,13 @@ def _json(meta: dict[str, str], key: str, path: Path) -> Any:
 
 
 def _parse(path: Path) -> tuple[dict[str, Any] | None, SparsifyConfig, dict[str, str]]:
+    if zipfile.is_zipfile(path):  # torch.save's container: a training checkpoint or plain weights, not a model file
+        raise CheckpointError(
+            f"{path} is a torch checkpoint, not a tokenprune model file. The final.pt of a finetune run loads with "
+            "tokenprune.train.load_trained(path) (then tokenprune.save(model, 'model.safetensors') writes a model "
+            "file; `tokenprune finetune --save` writes one at the end of a run); plain weights load with "
+            "tokenprune.create_model(name, checkpoint=PATH)."
+        )
     meta = read_metadata(path) or {}
     if meta.get("format") != FORMAT:
         raise CheckpointError(
@@ -393,7 +401,7 @@ def _dense(path: Path, source: dict[str, Any] | None, model: nn.Module | None, s
         raise CheckpointError(f"{path}: cannot rebuild its architecture: {e}") from None
 
 
-def _resparsify(
+def resparsify(
     dense: nn.Module, config: SparsifyConfig, what: str, *, inplace: bool = True, recorded: tuple[str, ...] = ()
 ) -> nn.Module:
     """`dense` sparsified again with `config`; the fields named in `recorded` (present in the file) must agree."""
@@ -460,7 +468,7 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.
     if model is not None:
         dense = copy.deepcopy(model)  # the caller's model stays exactly as it was (its mode included)
     recorded = ("kind", "chain", "prefix_tokens") if int(meta["format_version"]) >= 2 else ()  # version 1: absent
-    sparse = _resparsify(dense, config, str(path), recorded=recorded)
+    sparse = resparsify(dense, config, str(path), recorded=recorded)
     expected = sparse.state_dict()
     check_fit(expected, state, path, f"the sparsified {describe(path, source)}")
     _check_dtypes(expected, state, path)

@@ -25,7 +25,7 @@ from .distributed import barrier, cleanup_distributed, init_distributed
 from .recipe import Recipe, load_recipe, save_recipe
 from .trainer import Trainer, config_of
 
-__all__ = ["FinetuneResult", "finetune", "run_recipe", "cli_main", "build_teacher", "load_weights"]
+__all__ = ["FinetuneResult", "finetune", "run_recipe", "cli_main", "build_teacher", "load_trained", "load_weights"]
 
 
 @dataclass
@@ -73,6 +73,61 @@ def build_teacher(recipe: Recipe) -> nn.Module:
     return create_model(
         spec.name, pretrained=spec.pretrained, checkpoint=spec.checkpoint, library=spec.library, **kwargs
     )
+
+
+def load_trained(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.Module:
+    """The model a training run wrote to ``final.pt`` (or ``last.pt``), ready to evaluate, measure or save.
+
+    The architecture is rebuilt from the recipe stored in the checkpoint (no pretrained weights or teacher checkpoint
+    are read), or is a copy of `model`; a sparse run's is sparsified again with its recorded configuration, every
+    field of it (keep ratios, learned ones included, scorer, decisions, fast path, input size); then the trained
+    weights are loaded strictly. Nothing in the file is executed.
+
+    Args:
+        path: a checkpoint written by `finetune` (``<run.output_dir>/final.pt``).
+        model: the dense architecture to use instead of the recipe's (e.g. your own module); not changed.
+
+    Returns:
+        The model in eval mode, on CPU: sparsified for a sparse run, dense for a dense one.
+
+    Raises:
+        CheckpointError: a missing, damaged or foreign file, a ``last.pt`` of a run whose keep ratios are still
+            being learned (they are fixed in ``final.pt``), or weights that do not fit the architecture.
+        ConfigError: a stored recipe this tokenprune cannot build.
+    """
+    import copy
+    import dataclasses
+
+    from ..config import SparsifyConfig
+    from ..errors import CheckpointError
+    from ..io.model_file import resparsify
+    from ..io.weights import check_fit
+    from .checkpoint import load_checkpoint
+
+    path = Path(path)
+    data = load_checkpoint(path)
+    if not isinstance(data.get("model"), dict) or not isinstance(data.get("recipe"), dict):
+        raise CheckpointError(f"{path} holds no model weights or no recipe; pass the final.pt of a finetune run.")
+    recipe = Recipe.from_dict(data["recipe"], source=f"the recipe stored in {path}")
+    if recipe.learned_ratios.enabled and "optimizer" in data:
+        raise CheckpointError(
+            f"{path} is a checkpoint taken while the keep ratios were being learned; they are fixed only when the run "
+            "finishes. Load its final.pt, or resume the run to finish it (run.resume=<this file>)."
+        )
+    if model is not None:
+        dense = copy.deepcopy(model)
+    else:  # the architecture only: the trained weights below replace any the recipe names
+        spec = dataclasses.replace(recipe.model, pretrained=False, checkpoint=None)
+        dense = build_teacher(dataclasses.replace(recipe, model=spec))
+    config = data.get("sparsify_config")
+    recorded = ("kind", "chain", "prefix_tokens")  # a model= of another architecture is refused, not mis-loaded
+    trained = (
+        dense if config is None else resparsify(dense, SparsifyConfig.from_dict(config), str(path), recorded=recorded)
+    )
+    state = data["model"]
+    check_fit(trained.state_dict(), state, path, f"the model of the run in {path.parent}")
+    trained.load_state_dict(state, strict=True)
+    return trained.eval()
 
 
 def _input_geometry(recipe: Recipe, model: nn.Module) -> tuple[int, int]:
