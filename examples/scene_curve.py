@@ -107,6 +107,10 @@ def curve_table(results: dict, command: str) -> str:
             r = results["curve"][rho].get(key)
             cells.append(f"{r['top1']:.2f} ({r['flops_vs_teacher']:.2f}x)" if r else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if key == "student":  # the same students with random tokens at their keep counts: what the predictors add
+            chance = [results["curve"][rho].get(key, {}).get("random_tokens_top1") for rho in rhos]
+            cells = [f"{c:.2f}" if c is not None else "-" for c in chance]
+            lines.append("| the same students, their tokens chosen at random | " + " | ".join(cells) + " |")
     dense = [f"{label} {results[key]['top1']:.2f}" for key, label, _ in DENSE if key in results]
     lines += ["", "Dense, 1.00x FLOPs: " + "; ".join(dense) + "."]
     return "\n".join(lines) + "\n"
