@@ -15,6 +15,7 @@ import tokenprune
 from tokenprune.errors import CheckpointError
 from tokenprune.nn.recorder import SparsityRecorder
 from tokenprune.train import finetune, load_trained, load_weights
+from tokenprune.train.checkpoint import load_checkpoint, save_checkpoint
 
 TINY_VIT = [
     "model.name=vit_tiny_patch16_224",
@@ -108,6 +109,11 @@ def test_files_that_cannot_give_the_runs_model_are_refused_by_name(tmp_path):
     other = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=48, depth=4, in_chans=1)
     with pytest.raises(CheckpointError, match=str(path)):
         load_trained(path, model=other)  # another architecture: refused, not mis-loaded
+    damaged = tmp_path / "damaged.pt"
+    data = load_checkpoint(path)
+    save_checkpoint({**{k: v for k, v in data.items() if k != "format"}, "sparsify_config": [0.7]}, damaged)
+    with pytest.raises(CheckpointError, match="sparsify_config is a list"):
+        load_trained(damaged)
     foreign = tmp_path / "weights.pt"
     torch.save({"weight": torch.zeros(2)}, foreign)
     with pytest.raises(CheckpointError, match="not a tokenprune training checkpoint"):

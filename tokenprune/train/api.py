@@ -106,8 +106,11 @@ def load_trained(path: str | os.PathLike[str], *, model: nn.Module | None = None
 
     path = Path(path)
     data = load_checkpoint(path)
+    config = data.get("sparsify_config")
     if not isinstance(data.get("model"), dict) or not isinstance(data.get("recipe"), dict):
         raise CheckpointError(f"{path} holds no model weights or no recipe; pass the final.pt of a finetune run.")
+    if config is not None and not isinstance(config, dict):
+        raise CheckpointError(f"{path}: its sparsify_config is a {type(config).__name__}, not a mapping (damaged?).")
     recipe = Recipe.from_dict(data["recipe"], source=f"the recipe stored in {path}")
     if recipe.learned_ratios.enabled and "optimizer" in data:
         raise CheckpointError(
@@ -119,7 +122,6 @@ def load_trained(path: str | os.PathLike[str], *, model: nn.Module | None = None
     else:  # the architecture only: the trained weights below replace any the recipe names
         spec = dataclasses.replace(recipe.model, pretrained=False, checkpoint=None)
         dense = build_teacher(dataclasses.replace(recipe, model=spec))
-    config = data.get("sparsify_config")
     recorded = ("kind", "chain", "prefix_tokens")  # a model= of another architecture is refused, not mis-loaded
     trained = (
         dense if config is None else resparsify(dense, SparsifyConfig.from_dict(config), str(path), recorded=recorded)
