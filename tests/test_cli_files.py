@@ -56,3 +56,93 @@ def test_finetune_save_records_a_torchvision_recipes_library(tmp_path: Path, mon
     assert result.exit_code == 0, result.stderr
     source = json.loads(read_metadata(tmp_path / "m.safetensors")["source"])
     assert source == {"library": "torchvision", "name": "vit_b_16", "kwargs": {"image_size": 32}}
+
+
+# ---- a finetune run's final.pt, taken by report, export and visualize as it is ----------------------------------
+
+TINY_RUN = [
+    "model.name=vit_tiny_patch16_224",
+    "model.kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 4, num_heads: 2, num_classes: 4, in_chans: 1}",
+    "sparsify.locations=[1,2,3]",
+    "data.source=synthetic",
+    "data.num_classes=4",
+    "data.synthetic_size=16",
+    "data.workers=0",
+    "optim.batch_size=8",
+    "optim.epochs=1",
+    "optim.warmup_epochs=0",
+    "run.threads=1",
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, dict]:
+    """A sparse run whose keep ratios were learned (so they are not the defaults a rebuild could fall back to)."""
+    out = tmp_path_factory.mktemp("runs") / "student"
+    learned = ["learned_ratios.enabled=true", "learned_ratios.target_flops=0.6"]
+    result = tokenprune.train.finetune(None, overrides=[*TINY_RUN, *learned, f"run.output_dir={out}"])
+    return out, result.metrics
+
+
+@pytest.mark.parametrize("given", ["folder", "file"])
+def test_report_reads_a_runs_final_pt(finished_run, tmp_path: Path, given: str):
+    folder, metrics = finished_run
+    target = folder if given == "folder" else folder / "final.pt"
+    result = run("report", target, "--flops-only", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [s["keep_ratio"] for s in report["stages"]] == pytest.approx(metrics["keep_ratios"])
+    assert report["input_size"] == [1, 16, 16]
+    assert 0 < report["sparse"]["gmacs"] < report["dense"]["gmacs"]
+
+
+def test_a_runs_dense_side_is_its_trained_backbone_without_stages(finished_run):
+    from tokenprune.loaders import load_pair
+    from tokenprune.nn.recorder import find_config
+    from tokenprune.train.checkpoint import load_checkpoint
+
+    folder, _ = finished_run
+    name, dense, sparse = load_pair(folder)
+    assert name == "vit_tiny_patch16_224"
+    assert find_config(dense) is None and find_config(sparse) is not None
+    trained = load_checkpoint(folder / "final.pt")["model"]
+    weights = dense.state_dict()
+    assert weights and all(torch.equal(v, trained[k]) for k, v in weights.items())
+    # the backbone the sparse model runs is the same one: same outputs once every token is kept
+    with torch.no_grad():
+        x = torch.randn(2, 1, 16, 16)
+        for selector in tokenprune.selectors(sparse):
+            selector.keep_ratio = 1.0
+        assert torch.allclose(sparse(x), dense(x), atol=1e-5)
+
+
+@pytest.mark.slow  # torch.export of the run's model: about 5 s on 2 cores
+def test_export_takes_a_run_folder_and_writes_beside_its_final_pt(finished_run, tmp_path: Path):
+    folder = shutil.copytree(finished_run[0], tmp_path / "run")
+    result = run("export", folder, "--format", "torch-export")
+    assert result.exit_code == 0, result.stderr
+    assert (folder / "final.pt2").is_file() and "max |difference| from PyTorch" in result.output
+
+
+def test_a_dense_run_has_nothing_to_report(tmp_path: Path):
+    out = tmp_path / "dense"
+    tokenprune.train.finetune(None, overrides=[*TINY_RUN, "sparsify.enabled=false", f"run.output_dir={out}"])
+    result = run("report", out / "final.pt", "--flops-only")
+    assert result.exit_code != 0
+    assert "dense run" in result.output + result.stderr and str(out / "final.pt") in result.output + result.stderr
+
+
+def test_a_folder_without_a_model_is_named_in_the_error(tmp_path: Path):
+    result = run("export", tmp_path)
+    assert result.exit_code != 0
+    assert "model.safetensors" in result.stderr and "final.pt" in result.stderr and str(tmp_path) in result.stderr
+
+
+def test_visualize_draws_what_a_runs_model_keeps(finished_run, tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8), mode="L").save(tmp_path / "grey.png")
+    result = run("visualize", finished_run[0] / "final.pt", tmp_path / "grey.png", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "o" / "grey_kept.png").is_file()

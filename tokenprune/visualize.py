@@ -181,13 +181,13 @@ def _read_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tenso
 
 
 def _load_model(model: str, ratio: float, pretrained: bool) -> nn.Module:
-    from .io import load
+    from .loaders import load_model
     from .models import create_model
     from .sparsify import sparsify
 
     path = Path(model)
-    if path.suffix == ".safetensors" or path.is_file():
-        return load(path)
+    if path.suffix in (".safetensors", ".pt") or path.exists():
+        return load_model(path)
     return sparsify(create_model(model, pretrained=pretrained).eval(), ratio).eval()
 
 

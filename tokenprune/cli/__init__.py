@@ -181,7 +181,11 @@ def convert(
 @with_options(MODEL_OPTIONS, MEASURE_OPTIONS)
 def report(
     model: Annotated[
-        str, typer.Argument(help="A model name (sparsified on the fly) or a file written by convert/save.")
+        str,
+        typer.Argument(
+            help="A model name (sparsified on the fly), a file written by convert/save, or a finetune run's final.pt "
+            "(or its folder)."
+        ),
     ],
     json_path: JsonOut = None,
     markdown_path: MarkdownOut = None,
@@ -190,9 +194,10 @@ def report(
 ) -> None:
     """Compare a dense model with its sparse version: GFLOPs, throughput, latency, top-1.
 
-    MODEL is a name (sparsified on the fly with --ratio/--locations/--keep-ratios) or a file written by convert or
-    tokenprune.save (its dense model is the architecture with the file's backbone weights). GFLOPs are
-    multiply-adds per image, per stage; throughput at --batch-size, latency at batch 1; top-1 with --eval-data.
+    MODEL is a name (sparsified on the fly with --ratio/--locations/--keep-ratios), a file written by convert or
+    tokenprune.save, or the final.pt of a finetune run (a folder: its model.safetensors, else its final.pt); a file's
+    dense model is its architecture with the file's backbone weights. GFLOPs are multiply-adds per image, per stage;
+    throughput at --batch-size, latency at batch 1; top-1 with --eval-data.
     Prints a table, writes --json/--markdown, then applies the gates (exit 3 when one fails).
     """
     from .pipeline import load_pair
@@ -216,7 +221,11 @@ def report(
 @_handles_errors
 def export(
     path: Annotated[
-        Path, typer.Argument(help="A model file written by tokenprune.save, or the output folder of convert.")
+        Path,
+        typer.Argument(
+            help="A model file written by tokenprune.save, a convert output folder, or a finetune run's final.pt (or "
+            "its folder)."
+        ),
     ],
     out: Annotated[
         Path | None,
@@ -250,8 +259,7 @@ def export(
     """
     from ..export import FORMATS
     from ..export import export as export_model
-    from ..io import load
-    from .pipeline import model_file
+    from .pipeline import load_model, model_file
 
     if format not in FORMATS:
         raise ConfigError(f"--format {format!r}: choose one of {', '.join(FORMATS)}.")
@@ -260,7 +268,7 @@ def export(
     path = model_file(path)
     if out is None:  # a backbone alone gets its own name, so that nobody takes it for the whole model
         out = path.with_suffix((".backbone" if backbone else "") + (".onnx" if format == "onnx" else ".pt2"))
-    model = load(path)
+    model = load_model(path)
     info = export_model(
         model, out, format=format, dynamic_batch=dynamic_batch, batch_size=batch_size, verify=verify, backbone=backbone
     )

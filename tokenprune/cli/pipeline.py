@@ -4,7 +4,6 @@ from a file), measure the pair, apply the gates."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,11 +11,20 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..inputs import geometry_kwargs
+from ..loaders import MODEL_FILE, load_model, load_pair, model_file  # the file side of the pipeline
 from .gates import Gates, accuracy_entry, check_gates
 
-__all__ = ["MODEL_FILE", "create_dense", "build", "model_file", "load_pair", "measure", "gate", "markdown"]
-
-MODEL_FILE = "model.safetensors"  # what `tokenprune convert` writes in its output folder
+__all__ = [
+    "MODEL_FILE",
+    "create_dense",
+    "build",
+    "model_file",
+    "load_model",
+    "load_pair",
+    "measure",
+    "gate",
+    "markdown",
+]
 
 
 def create_dense(
@@ -135,26 +143,6 @@ def _with_head(
         height, width = input_size[1:]
         kwargs = {"min_size": min(height, width), "max_size": max(height, width), **kwargs}
     return {**kwargs, "task_head": head}
-
-
-def model_file(path: str | os.PathLike[str]) -> Path:
-    """The model file `path` names: the file itself, or ``model.safetensors`` in a `convert` output folder."""
-    path = Path(path)
-    return path / MODEL_FILE if path.is_dir() else path
-
-
-def load_pair(path: str | os.PathLike[str]) -> tuple[str, nn.Module, nn.Module]:
-    """(name, dense, sparse) from a tokenprune file or a `convert` output folder.
-
-    Raises:
-        CheckpointError: as `tokenprune.load`.
-    """
-    from ..io import load, load_original
-    from ..nn.recorder import config_of
-
-    path = model_file(path)
-    sparse, dense = load(path), load_original(path)
-    return (config_of(sparse).source or {}).get("name") or path.stem, dense, sparse
 
 
 def measure(

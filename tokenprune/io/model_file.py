@@ -280,8 +280,9 @@ def _parse(path: Path) -> tuple[dict[str, Any] | None, SparsifyConfig, dict[str,
         raise CheckpointError(
             f"{path} is a torch checkpoint, not a tokenprune model file. The final.pt of a finetune run loads with "
             "tokenprune.train.load_trained(path) (then tokenprune.save(model, 'model.safetensors') writes a model "
-            "file), or rerun its `tokenprune finetune` command with --save FILE (a finished run is not trained "
-            "again); plain weights load with tokenprune.create_model(name, checkpoint=PATH)."
+            "file; `tokenprune report/export/visualize` take it as it is), or rerun its `tokenprune finetune` "
+            "command with --save FILE (a finished run is not trained again); plain weights load with "
+            "tokenprune.create_model(name, checkpoint=PATH)."
         )
     meta = read_metadata(path) or {}
     if meta.get("format") != FORMAT:

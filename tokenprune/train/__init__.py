@@ -11,7 +11,16 @@ or from the shell (also under ``torchrun --nproc_per_node N -m tokenprune.train 
 """
 
 from ..measure.cost import ComputeModel
-from .api import FinetuneResult, build_teacher, cli_main, finetune, load_trained, load_weights, run_recipe
+from .api import (
+    FinetuneResult,
+    build_teacher,
+    cli_main,
+    finetune,
+    load_trained,
+    load_trained_original,
+    load_weights,
+    run_recipe,
+)
 from .data import DataBundle, build_datasets
 from .losses import LossOutput, LossWeights, SparsificationLoss
 from .ratios import LearnedKeepRatios, budget_penalty
@@ -25,6 +34,7 @@ __all__ = [
     "FinetuneResult",
     "build_teacher",
     "load_trained",
+    "load_trained_original",
     "load_weights",
     "Recipe",
     "load_recipe",

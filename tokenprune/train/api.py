@@ -25,7 +25,16 @@ from .distributed import barrier, cleanup_distributed, init_distributed
 from .recipe import Recipe, load_recipe, save_recipe
 from .trainer import Trainer, config_of
 
-__all__ = ["FinetuneResult", "finetune", "run_recipe", "cli_main", "build_teacher", "load_trained", "load_weights"]
+__all__ = [
+    "FinetuneResult",
+    "finetune",
+    "run_recipe",
+    "cli_main",
+    "build_teacher",
+    "load_trained",
+    "load_trained_original",
+    "load_weights",
+]
 
 
 @dataclass
@@ -75,6 +84,35 @@ def build_teacher(recipe: Recipe) -> nn.Module:
     )
 
 
+def _read_run(path: Path, model: nn.Module | None) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, nn.Module]:
+    """A run checkpoint's weights, its sparsify configuration (None for a dense run) and a fresh dense architecture
+    (the recipe's, or a copy of `model`), after the checks both loaders share."""
+    import copy
+    import dataclasses
+
+    from ..errors import CheckpointError
+    from .checkpoint import load_checkpoint
+
+    data = load_checkpoint(path)
+    config = data.get("sparsify_config")
+    if not isinstance(data.get("model"), dict) or not isinstance(data.get("recipe"), dict):
+        raise CheckpointError(f"{path} holds no model weights or no recipe; pass the final.pt of a finetune run.")
+    if config is not None and not isinstance(config, dict):
+        raise CheckpointError(f"{path}: its sparsify_config is a {type(config).__name__}, not a mapping (damaged?).")
+    recipe = Recipe.from_dict(data["recipe"], source=f"the recipe stored in {path}")
+    if recipe.learned_ratios.enabled and "optimizer" in data:
+        raise CheckpointError(
+            f"{path} is a checkpoint taken while the keep ratios were being learned; they are fixed only when the run "
+            "finishes. Load its final.pt, or resume the run to finish it (run.resume=<this file>)."
+        )
+    if model is not None:
+        dense = copy.deepcopy(model)
+    else:  # the architecture only: the trained weights replace any the recipe names
+        spec = dataclasses.replace(recipe.model, pretrained=False, checkpoint=None)
+        dense = build_teacher(dataclasses.replace(recipe, model=spec))
+    return data["model"], config, dense
+
+
 def load_trained(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.Module:
     """The model a training run wrote to ``final.pt`` (or ``last.pt``), ready to evaluate, measure or save.
 
@@ -95,41 +133,39 @@ def load_trained(path: str | os.PathLike[str], *, model: nn.Module | None = None
             being learned (they are fixed in ``final.pt``), or weights that do not fit the architecture.
         ConfigError: a stored recipe this tokenprune cannot build.
     """
-    import copy
-    import dataclasses
-
     from ..config import SparsifyConfig
-    from ..errors import CheckpointError
     from ..io.model_file import resparsify
     from ..io.weights import check_fit
-    from .checkpoint import load_checkpoint
 
     path = Path(path)
-    data = load_checkpoint(path)
-    config = data.get("sparsify_config")
-    if not isinstance(data.get("model"), dict) or not isinstance(data.get("recipe"), dict):
-        raise CheckpointError(f"{path} holds no model weights or no recipe; pass the final.pt of a finetune run.")
-    if config is not None and not isinstance(config, dict):
-        raise CheckpointError(f"{path}: its sparsify_config is a {type(config).__name__}, not a mapping (damaged?).")
-    recipe = Recipe.from_dict(data["recipe"], source=f"the recipe stored in {path}")
-    if recipe.learned_ratios.enabled and "optimizer" in data:
-        raise CheckpointError(
-            f"{path} is a checkpoint taken while the keep ratios were being learned; they are fixed only when the run "
-            "finishes. Load its final.pt, or resume the run to finish it (run.resume=<this file>)."
-        )
-    if model is not None:
-        dense = copy.deepcopy(model)
-    else:  # the architecture only: the trained weights below replace any the recipe names
-        spec = dataclasses.replace(recipe.model, pretrained=False, checkpoint=None)
-        dense = build_teacher(dataclasses.replace(recipe, model=spec))
+    state, config, dense = _read_run(path, model)
     recorded = ("kind", "chain", "prefix_tokens")  # a model= of another architecture is refused, not mis-loaded
     trained = (
         dense if config is None else resparsify(dense, SparsifyConfig.from_dict(config), str(path), recorded=recorded)
     )
-    state = data["model"]
     check_fit(trained.state_dict(), state, path, f"the model of the run in {path.parent}")
     trained.load_state_dict(state, strict=True)
     return trained.eval()
+
+
+def load_trained_original(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.Module:
+    """The dense model inside a run's checkpoint: its architecture with the trained backbone weights, no stages.
+
+    What `tokenprune.load_original` is to a model file: the dense side of a dense-vs-sparse report. For a dense run
+    it is the run's model (as `load_trained`).
+
+    Raises:
+        CheckpointError, ConfigError: as `load_trained`.
+    """
+    from ..io.weights import check_fit
+
+    path = Path(path)
+    state, _, dense = _read_run(path, model)
+    expected = dense.state_dict()
+    state = {k: v for k, v in state.items() if k in expected}
+    check_fit(expected, state, path, f"the dense model of the run in {path.parent}")
+    dense.load_state_dict(state, strict=True)
+    return dense.eval()
 
 
 def _input_geometry(recipe: Recipe, model: nn.Module) -> tuple[int, int]:
@@ -200,11 +236,11 @@ def finetune(
             teacher = build_teacher(recipe)
             size, chans = _input_geometry(recipe, teacher)
             if recipe.sparsify.enabled:
-                import tokenprune
+                from ..sparsify import sparsify
 
                 sp = recipe.sparsify
                 example = torch.randn(1, chans, size, size)
-                model = tokenprune.sparsify(
+                model = sparsify(
                     teacher.eval(),
                     sp.ratio,
                     locations=sp.locations,
