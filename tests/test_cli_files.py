@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torchvision
+from tiny_runs import ONE_EPOCH, SYNTHETIC, TINY_VIT
 from typer.testing import CliRunner
 
 import tokenprune
@@ -60,19 +61,7 @@ def test_finetune_save_records_a_torchvision_recipes_library(tmp_path: Path, mon
 
 # ---- a finetune run's final.pt, taken by report, export and visualize as it is ----------------------------------
 
-TINY_RUN = [
-    "model.name=vit_tiny_patch16_224",
-    "model.kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 4, num_heads: 2, num_classes: 4, in_chans: 1}",
-    "sparsify.locations=[1,2,3]",
-    "data.source=synthetic",
-    "data.num_classes=4",
-    "data.synthetic_size=16",
-    "data.workers=0",
-    "optim.batch_size=8",
-    "optim.epochs=1",
-    "optim.warmup_epochs=0",
-    "run.threads=1",
-]
+TINY_RUN = [*TINY_VIT, *SYNTHETIC, *ONE_EPOCH]
 
 
 @pytest.fixture(scope="module")

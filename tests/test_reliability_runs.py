@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tiny_runs import SYNTHETIC, THREE_EPOCHS, TINY_VIT
 
 from tokenprune.errors import CheckpointError, ConfigError, DataError, TrainingError
 from tokenprune.train import checkpoint as checkpoint_module
@@ -19,22 +20,7 @@ from tokenprune.train import finetune
 from tokenprune.train.checkpoint import load_checkpoint, save_checkpoint
 from tokenprune.train.trainer import Trainer
 
-TINY = [
-    "model.name=vit_tiny_patch16_224",
-    "model.kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 4, num_heads: 2, num_classes: 4, in_chans: 1}",
-    "sparsify.locations=[1,2,3]",
-    "data.source=synthetic",
-    "data.num_classes=4",
-    "data.synthetic_size=32",
-    "data.workers=0",
-    "optim.batch_size=8",
-    "optim.accum_steps=2",
-    "optim.epochs=3",
-    "optim.warmup_epochs=1",
-    "run.threads=1",
-    "run.log_every=1",
-    "run.checkpoint_every=1",
-]
+TINY = [*TINY_VIT, *SYNTHETIC, *THREE_EPOCHS]
 
 
 def _run(tmp_path, name, *extra):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from tiny_runs import ONE_EPOCH, SYNTHETIC, TINY_VIT
 
 import tokenprune
 from tokenprune.errors import CheckpointError
@@ -17,11 +18,6 @@ from tokenprune.nn.recorder import SparsityRecorder
 from tokenprune.train import finetune, load_trained, load_weights
 from tokenprune.train.checkpoint import load_checkpoint, save_checkpoint
 
-TINY_VIT = [
-    "model.name=vit_tiny_patch16_224",
-    "model.kwargs={img_size: 16, patch_size: 4, embed_dim: 32, depth: 4, num_heads: 2, num_classes: 4, in_chans: 1}",
-    "sparsify.locations=[1,2,3]",
-]
 # Layer scale at 1 so that the fast paths matter: the check below must see a wrong rebuild, not a tiny residual.
 TINY_CONVNEXT = [
     "model.name=convnext_atto",
@@ -29,17 +25,7 @@ TINY_CONVNEXT = [
     "loss.kind=spatial",
     "data.img_size=32",
 ]
-COMMON = [
-    "data.source=synthetic",
-    "data.num_classes=4",
-    "data.synthetic_size=16",
-    "data.workers=0",
-    "optim.batch_size=8",
-    "optim.epochs=1",
-    "optim.warmup_epochs=0",
-    "run.threads=1",
-    "run.checkpoint_every=1",
-]
+COMMON = [*SYNTHETIC, *ONE_EPOCH, "run.checkpoint_every=1"]
 
 
 def _run(tmp_path, name, model, *extra):
