@@ -135,3 +135,10 @@ def test_visualize_draws_what_a_runs_model_keeps(finished_run, tmp_path: Path):
     result = run("visualize", finished_run[0] / "final.pt", tmp_path / "grey.png", "--out", tmp_path / "o")
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "o" / "grey_kept.png").is_file()
+
+
+def test_plain_weights_given_as_a_model_file_say_how_to_load_them(tmp_path: Path):
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "weights.pt")
+    result = run("report", tmp_path / "weights.pt", "--flops-only")
+    assert result.exit_code != 0
+    assert "not a tokenprune training checkpoint" in result.stderr and "--checkpoint PATH" in result.stderr

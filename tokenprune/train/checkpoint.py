@@ -173,6 +173,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged file
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {e}).") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a tokenprune training checkpoint (expected format {FORMAT}).")
+        raise CheckpointError(
+            f"{path} is not a tokenprune training checkpoint (expected format {FORMAT}); a run writes last.pt and "
+            "final.pt. Plain weights load into a named model: tokenprune.create_model(name, checkpoint=PATH), "
+            "`--checkpoint PATH` on the command line, model.checkpoint in a recipe."
+        )
     check_nesting(data, path)
     return data
