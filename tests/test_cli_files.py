@@ -113,12 +113,43 @@ def test_export_takes_a_run_folder_and_writes_beside_its_final_pt(finished_run, 
     assert (folder / "final.pt2").is_file() and "max |difference| from PyTorch" in result.output
 
 
-def test_a_dense_run_has_nothing_to_report(tmp_path: Path):
-    out = tmp_path / "dense"
+@pytest.fixture(scope="module")
+def dense_run(tmp_path_factory) -> Path:
+    """A dense run of the same architecture: another set of weights for the student's dense side."""
+    out = tmp_path_factory.mktemp("runs") / "dense"
     tokenprune.train.finetune(None, overrides=[*TINY_RUN, "sparsify.enabled=false", f"run.output_dir={out}"])
-    result = run("report", out / "final.pt", "--flops-only")
+    return out
+
+
+def test_a_dense_run_has_nothing_to_report(dense_run: Path):
+    result = run("report", dense_run / "final.pt", "--flops-only")
     assert result.exit_code != 0
-    assert "dense run" in result.output + result.stderr and str(out / "final.pt") in result.output + result.stderr
+    assert "dense run" in result.stderr and str(dense_run / "final.pt") in result.stderr
+
+
+def test_the_dense_side_takes_the_weights_it_is_given(finished_run, dense_run: Path, tmp_path: Path):
+    """--dense-checkpoint: the model the student is compared with is that file's, loaded strictly; the report says
+    which file it was."""
+    from tokenprune.loaders import load_pair
+    from tokenprune.train.checkpoint import load_checkpoint
+
+    folder, _ = finished_run
+    _, dense, _ = load_pair(folder, dense_weights=dense_run / "final.pt")
+    given = load_checkpoint(dense_run / "final.pt")["model"]
+    own = load_checkpoint(folder / "final.pt")["model"]
+    weights = dense.state_dict()
+    assert all(torch.equal(v, given[k]) for k, v in weights.items())
+    assert not all(torch.equal(v, own[k]) for k, v in weights.items())  # the two runs' weights differ: a real check
+    result = run(
+        "report", folder, "--dense-checkpoint", dense_run / "final.pt", "--flops-only", "--json", tmp_path / "r.json"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["dense_weights"] == str(dense_run / "final.pt")
+    # the student's own checkpoint holds predictors too: not dense weights of this architecture
+    result = run("report", folder, "--dense-checkpoint", folder / "final.pt", "--flops-only")
+    assert result.exit_code != 0 and "tokenprune_stage" in result.stderr
+    result = run("report", MODEL, "--dense-checkpoint", dense_run / "final.pt", "--flops-only")
+    assert result.exit_code != 0 and "--checkpoint" in result.stderr
 
 
 def test_a_folder_without_a_model_is_named_in_the_error(tmp_path: Path):

@@ -58,13 +58,17 @@ def load_model(path: str | os.PathLike[str]) -> nn.Module:
     return load(path)
 
 
-def load_pair(path: str | os.PathLike[str]) -> tuple[str, nn.Module, nn.Module]:
+def load_pair(
+    path: str | os.PathLike[str], *, dense_weights: str | os.PathLike[str] | None = None
+) -> tuple[str, nn.Module, nn.Module]:
     """(name, dense, sparse) for a dense-vs-sparse report: the dense model is the same architecture with the same
-    backbone weights and no stages.
+    backbone weights and no stages, or with `dense_weights` (e.g. the model a run was fine-tuned from).
 
     Raises:
-        CheckpointError: as `load_model`, or a run that trained a dense model (nothing sparse to compare).
+        CheckpointError: as `load_model`, a run that trained a dense model (nothing sparse to compare), or
+            `dense_weights` that do not fit the architecture exactly.
     """
+    from .io import load_weights
     from .nn.recorder import config_of, find_config
 
     path = model_file(path)
@@ -82,5 +86,7 @@ def load_pair(path: str | os.PathLike[str]) -> tuple[str, nn.Module, nn.Module]:
         from .io import load, load_original
 
         sparse, dense = load(path), load_original(path)
+    if dense_weights is not None:
+        load_weights(dense, dense_weights)
     config = config_of(sparse)
     return (config.source or {}).get("name") or config.model_name or path.stem, dense, sparse

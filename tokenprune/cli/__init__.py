@@ -116,7 +116,14 @@ def _check_writable(path: Path | None, option: str) -> None:
 
 
 def _measure_and_gate(
-    name: str, dense, sparse, o: SimpleNamespace, gates, json_path: Path | None, markdown_path: Path | None
+    name: str,
+    dense,
+    sparse,
+    o: SimpleNamespace,
+    gates,
+    json_path: Path | None,
+    markdown_path: Path | None,
+    dense_weights: Path | None = None,
 ) -> None:
     """Measure the pair, write the files, print the table, then apply the gates (files first, so CI can upload
     them)."""
@@ -128,7 +135,7 @@ def _measure_and_gate(
     report = measure(
         name, dense, sparse, gates=gates, flops_only=o.flops_only, batch_size=o.batch_size, warmup=o.warmup,
         repeats=o.repeats, device=o.device, eval_data=o.eval_data, eval_limit=o.eval_limit,
-        eval_batch_size=o.eval_batch_size,
+        eval_batch_size=o.eval_batch_size, dense_weights=dense_weights,
     )  # fmt: skip
     _write(json_path, json.dumps(report, indent=2) + "\n")
     _write(markdown_path, markdown(report))
@@ -137,7 +144,8 @@ def _measure_and_gate(
     acc = report.get("accuracy")
     if acc:
         console.print(
-            f"top-1 on {acc['data']} ({acc['images']} images): dense {acc['dense_top1']:.2f}%, "
+            f"top-1 on {acc['data']} ({acc['images']} images): dense"
+            f"{f' (weights {dense_weights})' if dense_weights else ''} {acc['dense_top1']:.2f}%, "
             f"sparse {acc['sparse_top1']:.2f}%, drop {acc['drop']:.2f} points"
         )
     failures = gate(report, gates)
@@ -189,6 +197,14 @@ def report(
     ],
     json_path: JsonOut = None,
     markdown_path: MarkdownOut = None,
+    dense_checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="Weights for the dense side instead of the file's own backbone weights, e.g. the model a run was "
+            "fine-tuned from (its teacher's final.pt, the pretrained file); loaded strictly into the same "
+            "architecture. Files and runs only: a model name takes --checkpoint."
+        ),
+    ] = None,
     *,
     options: SimpleNamespace,
 ) -> None:
@@ -196,8 +212,10 @@ def report(
 
     MODEL is a name (sparsified on the fly with --ratio/--locations/--keep-ratios), a file written by convert or
     tokenprune.save, or the final.pt of a finetune run (a folder: its model.safetensors, else its final.pt); a file's
-    dense model is its architecture with the file's backbone weights. GFLOPs are multiply-adds per image, per stage;
-    throughput at --batch-size, latency at batch 1; top-1 with --eval-data.
+    dense model is its architecture with the file's backbone weights (fine-tuned ones, for a fine-tuned model), or
+    with --dense-checkpoint's: to gate the accuracy drop against the model you started from, name its weights there.
+    GFLOPs are multiply-adds per image, per stage; throughput at --batch-size, latency at batch 1; top-1 with
+    --eval-data.
     Prints a table, writes --json/--markdown, then applies the gates (exit 3 when one fails).
     """
     from .pipeline import load_pair
@@ -210,11 +228,16 @@ def report(
             raise ConfigError(
                 f"{', '.join(extra)} apply to model names; {path} keeps the configuration it was saved with."
             )
-        name, dense, sparse = load_pair(path)
+        name, dense, sparse = load_pair(path, dense_weights=dense_checkpoint)
     else:
+        if dense_checkpoint is not None:
+            raise ConfigError(
+                f"--dense-checkpoint applies to model files and runs; {model} is a model name, whose dense and "
+                "sparse versions both take --checkpoint."
+            )
         name = model
         dense, sparse = _build(model, options)
-    _measure_and_gate(name, dense, sparse, options, gates, json_path, markdown_path)
+    _measure_and_gate(name, dense, sparse, options, gates, json_path, markdown_path, dense_checkpoint)
 
 
 @app.command()

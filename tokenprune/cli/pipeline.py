@@ -159,8 +159,10 @@ def measure(
     eval_data: str | None = None,
     eval_limit: int | None = None,
     eval_batch_size: int = 64,
+    dense_weights: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """The dense-vs-sparse report: FLOPs, parameters, timings unless `flops_only`, top-1 with `eval_data`.
+    """The dense-vs-sparse report: FLOPs, parameters, timings unless `flops_only`, top-1 with `eval_data`;
+    `dense_weights` names the file the dense model's weights came from when they are not the sparse model's own.
 
     Raises:
         ConfigError: gates that need what was not asked for (timings, evaluation data).
@@ -178,6 +180,7 @@ def measure(
         name, dense, sparse, config.input_size, batch_size=batch_size, flops_only=flops_only, ratio=config.ratio,
         warmup=warmup, repeats=repeats, device=device,
     )  # fmt: skip
+    report["dense_weights"] = None if dense_weights is None else str(dense_weights)
     if eval_data is not None:
         report["accuracy"] = accuracy_entry(
             dense, sparse, eval_data, config.input_size, batch_size=eval_batch_size, limit=eval_limit, device=device

@@ -41,14 +41,15 @@ Report schema (``schema_version: 1``); every figure is per image, FLOPs are mult
       "versions": {"torch": str, "timm": str, "torchvision": str, "tokenprune": str, "python": str},
       "device": str,                     # where timings ran, readable (e.g. "cpu (AMD EPYC ...)")
       "threads": int,                    # torch.get_num_threads() during timing
-      "batch_size": int                  # batch of the throughput figures; latency is always at batch 1
-    }
+      "batch_size": int,                 # batch of the throughput figures; latency is always at batch 1
+      "dense_weights": str | null        # (`tokenprune report`) the file the dense model's weights came from
+    }                                    #   (--dense-checkpoint); null: the sparse model's own, without stages
 
-``scorer``, ``outputs`` and ``split`` were added without a version change: readers of version 1 that ignore unknown
-keys are unaffected. Timing fields are null when the report is built with ``flops_only=True``. Throughput (images/s at
-`batch_size`) and batch-1 latency (median ms) come from `speed.compare`, which interleaves dense and sparse runs in
-one process. A detector is timed at its backbone (``split.timed``): the rest runs unchanged, and the time of its
-post-processing follows the number of boxes, which random weights make meaningless.
+``scorer``, ``outputs``, ``split`` and ``dense_weights`` were added without a version change: readers of version 1
+that ignore unknown keys are unaffected. Timing fields are null when the report is built with ``flops_only=True``.
+Throughput (images/s at `batch_size`) and batch-1 latency (median ms) come from `speed.compare`, which interleaves
+dense and sparse runs in one process. A detector is timed at its backbone (``split.timed``): the rest runs unchanged,
+and the time of its post-processing follows the number of boxes, which random weights make meaningless.
 """
 
 from __future__ import annotations
