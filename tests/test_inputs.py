@@ -42,6 +42,9 @@ def _own() -> nn.Module:
     [
         (lambda: timm.create_model("test_vit", img_size=48, in_chans=1), (1, 48, 48)),  # built size, not pretrained
         (lambda: timm.create_model("test_convnext", in_chans=1), (1, 160, 160)),  # cfg size, the stem's channels
+        # a patch embedding after a convolutional stem records the stem's output size (112), not the image's
+        (lambda: timm.create_model("visformer_tiny", depth=(1, 1, 1)), (3, 224, 224)),
+        (lambda: timm.create_model("vit_tiny_r_s16_p8_224", img_size=96, depth=2), (3, 96, 96)),  # hybrid embed
         (lambda: torchvision.models.VisionTransformer(32, 16, 2, 2, 8, 16), (3, 32, 32)),
         (_own, (2, 224, 224)),
         (lambda: nn.Linear(3, 3), None),

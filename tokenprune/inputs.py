@@ -17,8 +17,8 @@ __all__ = ["input_size", "example_input", "parse_input_size", "geometry_kwargs"]
 def input_size(model: nn.Module) -> tuple[int, int, int] | None:
     """(C, H, W) a model is built for, or None when nothing tells.
 
-    In order: the patch embedding's ``img_size`` and input channels (the size the model was built for, which may
-    differ from the pretrained one), timm's ``pretrained_cfg["input_size"]`` (with the first convolution's input
+    In order: the patch embedding's ``img_size`` and input channels when it holds the model's first convolution (the
+    size the model was built for, which may differ from the pretrained one), timm's ``pretrained_cfg["input_size"]`` (with the first convolution's input
     channels), torchvision ViT's ``image_size``, and for other models with a convolutional stem its channels at
     224 x 224 (what ImageNet classifiers are built and counted at).
     """
@@ -26,7 +26,9 @@ def input_size(model: nn.Module) -> tuple[int, int, int] | None:
     # reason: timm's patch embeddings (also under another attribute name, e.g. MLP-Mixer's `stem`, and after a CNN
     # backbone in hybrid ViTs) record the image size the model was built for; the channels are the first conv's.
     embed = next((m for m in model.modules() if getattr(m, "img_size", None) is not None and hasattr(m, "proj")), None)
-    if embed is not None and stem is not None:
+    # reason: only an embedding that holds the first convolution sees the image itself; one after a convolutional
+    # stem (Visformer) records the size of the stem's output.
+    if embed is not None and stem is not None and any(m is stem for m in embed.modules()):
         img_size = embed.img_size if isinstance(embed.img_size, (tuple, list)) else (embed.img_size, embed.img_size)
         return (int(stem.in_channels), *(int(v) for v in img_size))
     cfg = getattr(model, "pretrained_cfg", None) or {}
