@@ -18,9 +18,9 @@ def input_size(model: nn.Module) -> tuple[int, int, int] | None:
     """(C, H, W) a model is built for, or None when nothing tells.
 
     In order: the patch embedding's ``img_size`` and input channels when it holds the model's first convolution (the
-    size the model was built for, which may differ from the pretrained one), timm's ``pretrained_cfg["input_size"]`` (with the first convolution's input
-    channels), torchvision ViT's ``image_size``, and for other models with a convolutional stem its channels at
-    224 x 224 (what ImageNet classifiers are built and counted at).
+    size the model was built for, which may differ from the pretrained one), timm's ``pretrained_cfg["input_size"]``
+    (with the first convolution's input channels), torchvision ViT's ``image_size``, and for other models with a
+    convolutional stem its channels at 224 x 224 (what ImageNet classifiers are built and counted at).
     """
     stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     # reason: timm's patch embeddings (also under another attribute name, e.g. MLP-Mixer's `stem`, and after a CNN
