@@ -74,3 +74,17 @@ def test_the_other_places_use_it():
     assert recipe.data.img_size is None and "img_size" not in recipe.model.kwargs
     model = timm.create_model("test_convnext", in_chans=1)
     assert api._input_geometry(recipe, model) == (160, 1)  # from inputs.input_size, not timm's data config (3)
+
+
+def test_a_guess_the_model_does_not_take_is_named_in_the_refusal():
+    """A stem that is not the image's first convolution (space-to-depth, as TResNet's) misleads the guess: the
+    refusal shows the input tokenprune guessed and how to give the right one, rather than only "please report it"."""
+    import tokenprune
+
+    model = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(12, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert inputs.input_size(model) == (12, 224, 224)
+    with pytest.raises(UnsupportedModelError, match=r"input it guessed, \[2, 12, 224, 224\].*example_inputs="):
+        tokenprune.sparsify(model)
+    with pytest.raises(UnsupportedModelError, match="no chain of blocks") as given:
+        tokenprune.sparsify(model, example_inputs=torch.randn(1, 3, 32, 32))
+    assert "guessed" not in str(given.value)

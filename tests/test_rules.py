@@ -118,8 +118,7 @@ def _sdpa(x, **kw):
 
 # reason: inputs that keep each unary op finite
 _POSITIVE = {"sqrt", "rsqrt", "reciprocal", torch.sqrt, torch.rsqrt}
-_UNARY_ARGS = {torch.clamp: dict(min=-1.0), "clamp": (-1.0, 1.0), "clamp_": (-1.0, 1.0), "to": (torch.float32,),
-               "type": (torch.float32,)}  # fmt: skip
+_UNARY_ARGS = {torch.clamp: dict(min=-1.0), "clamp": (-1.0, 1.0), "clamp_": (-1.0, 1.0), "type": (torch.float32,)}
 
 
 def _unary_function(f):
@@ -159,7 +158,6 @@ _BINARY = {
     "div_": lambda m, x: (x * 1).div_(m.c),
     "pow": lambda m, x: x.pow(2),
     "masked_fill": lambda m, x: x.masked_fill(x > 1, 0.0),
-    "type_as": lambda m, x: x.type_as(m.c),
     operator.gt: lambda m, x: x * (x > 0),
     operator.lt: lambda m, x: x * (x < m.pos),
     operator.ge: lambda m, x: x * (x >= m.c),
@@ -186,6 +184,11 @@ def _token_cases() -> list[Case]:
     cases.append(Case("binary", _f(operator.add), lambda m, x: x + torch.cat([x[:, 1:], x[:, :1]], 1),
                       refused="add.*different token sets"))  # fmt: skip
     return cases + [
+        # a cast reads only the dtype and device of another tensor argument: a constant cast like the tokens is still
+        # a constant (gathered where it meets them), and a dtype taken from another token set mixes nothing
+        Case("cast", _m("to"), lambda m, x: x.to(torch.float32) + m.pos.to(x)),
+        Case("cast", _m("type_as"), lambda m, x: x + m.pos.type_as(x)),
+        Case("cast", _m("type_as"), lambda m, x: x.type_as(x[:, 1:]) * m.c),
         Case("metadata", _m("size"), lambda m, x: x * x.size(-1) ** -0.5),
         Case("metadata", _m("dim"), lambda m, x: x * x.dim()),
         Case("metadata", _a("shape"), lambda m, x: x.reshape(x.shape[0], x.shape[1], 2, -1).flatten(2)),
@@ -258,6 +261,7 @@ def _token_cases() -> list[Case]:
         Case("cat", _f(torch.cat), lambda m, x: torch.cat([x[:, :1], x[:, 1:]], 1)),
         Case("cat", _f(torch.concat), lambda m, x: torch.concat([x, x.sigmoid()], -1)[..., ::2]),
         Case("cat", _f(torch.concatenate), lambda m, x: torch.concatenate([x[:, :1] * 2, x[:, 1:]], 1)),
+        Case("cat", _f(torch.cat), lambda m, x: torch.cat([x[:, :0], x[:, 0:] * 2], 1) + x),  # an empty part
         Case("cat", _f(torch.cat), lambda m, x: torch.cat([x[:, 1:], x[:, :1]], 1),
              refused="add.*different token sets"),
         Case("stack", _f(torch.stack), lambda m, x: torch.stack([x, x.sigmoid()], -1).mean(-1)),
@@ -465,6 +469,8 @@ SPATIAL_CASES = [
     Case("binary", _f(operator.truediv), lambda m, y: _first(m.mlp(_last(y)) / 2.0)),  # a number operand
     Case("binary", _f(operator.mul), lambda m, y: _first(m.mlp(_last(y))) * m.pos[0, :HW, :HW],
          refused="no slow path"),  # fmt: skip
+    Case("cast", _m("to"), lambda m, y: _first(m.mlp(_last(y).to(torch.float32)))),
+    Case("cast", _m("type_as"), lambda m, y: _first(m.mlp(_last(y))).type_as(m.c)),
     Case("linear", _mod(nn.Linear), lambda m, y: _first(m.mlp(_last(y)))),
     Case("linear", _f(F.linear), lambda m, y: _first(F.linear(m.mlp(_last(y)), m.w))),
     Case("linear", _mod(nn.Linear), lambda m, y: m.lin_w(_first(m.mlp(_last(y)))), refused="no slow path"),

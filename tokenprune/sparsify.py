@@ -231,6 +231,7 @@ def _analyse(
         raise UnsupportedModelError(f"{name} is already sparsified; sparsify the original model instead.")
     with kept_training_flags(model):
         model.eval()
+        example = None
         try:
             example = example_input(model, example_inputs)
             chain = _chain(model, example, name)
@@ -250,10 +251,18 @@ def _analyse(
         except TokenPruneError:
             raise
         except Exception as e:  # noqa: BLE001 - a model tokenprune cannot analyse gets a reason, never a raw traceback
+            guessed = ""
+            # reason: a stem that is not the image's first convolution (space-to-depth) misleads the guess
+            if example_inputs is None and example is not None:
+                guessed = (
+                    f" It ran the model on an input it guessed, {list(example.shape)} (`inputs.input_size`): if the "
+                    "model takes another, pass one (example_inputs= in Python, --input-size C,H,W on the command "
+                    "line)."
+                )
             raise UnsupportedModelError(
                 f"{name}: tokenprune could not analyse this model ({type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}); it refuses it rather than guess. The cause is chained "
-                "to this error; please report it with the model's name."
+                f"{str(e).splitlines()[0] if str(e) else ''}); it refuses it rather than guess.{guessed} The cause is "
+                "chained to this error; please report it with the model's name."
             ) from e
 
 

@@ -52,6 +52,12 @@ def same_shape(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> La
     return layout if node_shape(node) == node_shape(data) and _locations_kept(node, data, layout) else None
 
 
+def cast(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout | None:
+    """A dtype or device change: per location on its input; reached through `type_as(other)`'s other, whose values
+    it does not read, it is not a step of the run."""
+    return same_shape(block, node, data, layout) if node.args and node.args[0] is data else None
+
+
 def binary(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout | None:
     """x op c: per location when every other operand is a number or a constant that is 1 off the channel dim."""
     if same_shape(block, node, data, layout) is None:

@@ -73,7 +73,7 @@ RULES: tuple[Rule, ...] = (
             F.softplus, F.leaky_relu, F.relu6, F.hardsigmoid, F.elu,
          ) + _methods(
             "neg", "exp", "sqrt", "rsqrt", "sigmoid", "tanh", "relu", "clamp", "clamp_", "float", "half",
-            "bfloat16", "to", "type", "contiguous", "clone", "detach", "abs", "square", "erf", "sign", "reciprocal",
+            "bfloat16", "type", "contiguous", "clone", "detach", "abs", "square", "erf", "sign", "reciprocal",
          ) + _modules(
             nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
             nn.ELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout,
@@ -82,10 +82,13 @@ RULES: tuple[Rule, ...] = (
             operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.gt, operator.lt,
             operator.ge, operator.le, operator.eq, operator.ne, torch.add, torch.sub, torch.mul, torch.div,
             torch.maximum, torch.minimum, torch.where,
-         ) + _methods("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "masked_fill", "type_as"),
+         ) + _methods("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "masked_fill"),
          "element-wise over broadcast operands: token axes line up; a full-length constant meeting them is a "
          "position-indexed constant, gathered", reads=("operand shapes",),
          token=T.elementwise, spatial=S.binary),  # fmt: skip
+    Rule("cast", _methods("to", "type_as"),
+         "changes dtype or device; a tensor argument besides the input (`type_as(other)`, `to(other)`) gives only "
+         "its dtype and device, so its tokens do not matter", token=T.cast, spatial=S.cast),
     Rule("glu", _modules(nn.GLU) + _functions(F.glu), "halves and gates along `dim`", reads=("dim",), token=T.glu),
     Rule("linear", _modules(nn.Linear) + _functions(F.linear), "mixes the last dim only", reads=("input layout",),
          token=T.linear, spatial=S.over_last),

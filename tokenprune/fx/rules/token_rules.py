@@ -108,7 +108,7 @@ def metadata(values: Values, node: fx.Node) -> Effect:
 
 
 # -- element-wise ----------------------------------------------------------------------------------------------------
-_KEEPS_ZEROS = {operator.mul, torch.mul, F.dropout, "mul", "to", "float"}
+_KEEPS_ZEROS = {operator.mul, torch.mul, F.dropout, "mul", "float"}
 
 
 def elementwise(values: Values, node: fx.Node) -> Effect:
@@ -134,6 +134,18 @@ def elementwise(values: Values, node: fx.Node) -> Effect:
     if node.op == "call_module":
         keeps_zeros = isinstance(values.module(node), (nn.Dropout, nn.Identity))
     return Effect(Tokens(axes, tset, all(weights) and len(weights) == 1 and keeps_zeros), gathers=gathers)
+
+
+def cast(values: Values, node: fx.Node) -> Effect:
+    """A dtype or device change of its input: the input's tokens, attention weights still. Another tensor argument
+    (`x.type_as(other)`, `x.to(other)`) is read for its dtype and device only: a constant cast like the tokens
+    carries no tokens (it is still a constant where it meets them)."""
+    t = values.tokens(node.args[0])
+    if t is None:
+        if values.has_tokens(node.args[0]):
+            raise Refused("casts several token values packed in one argument")
+        return Effect(None)
+    return Effect(Tokens(t.axes, t.tset, t.weights))
 
 
 def glu(values: Values, node: fx.Node) -> Effect:
@@ -345,7 +357,11 @@ def cat(values: Values, node: fx.Node) -> Effect:
 
 def _canonical_cat(node: fx.Node, parts: list) -> TokenSet:
     """A concatenation of consecutive slices that rebuilds their parent is the parent (rotary embeddings split
-    prefix and patch tokens and put them back)."""
+    prefix and patch tokens and put them back). Empty parts are left out: a model without prefix tokens splits off an
+    empty prefix (``x[:, :0]``) and the rest, ``x[:, 0:]``, which is the whole set."""
+    parts = [(p, count) for p, count in parts if count] or parts
+    if len(parts) == 1 and parts[0][0] is not None:
+        return parts[0][0]
     origins = [p.origin for p, _ in parts if p is not None]
     if all(p is not None for p, _ in parts) and all(o[0] == "slice" for o in origins):
         parent = origins[0][1]
