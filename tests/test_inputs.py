@@ -45,6 +45,8 @@ def _own() -> nn.Module:
         # a patch embedding after a convolutional stem records the stem's output size (112), not the image's
         (lambda: timm.create_model("visformer_tiny", depth=(1, 1, 1)), (3, 224, 224)),
         (lambda: timm.create_model("vit_tiny_r_s16_p8_224", img_size=96, depth=2), (3, 96, 96)),  # hybrid embed
+        # a space-to-depth stem: the first convolution takes 16 x 2 channels; timm's in_chans says what the image has
+        (lambda: timm.create_model("tresnet_m", in_chans=2), (2, 224, 224)),
         (lambda: torchvision.models.VisionTransformer(32, 16, 2, 2, 8, 16), (3, 32, 32)),
         (_own, (2, 224, 224)),
         (lambda: nn.Linear(3, 3), None),

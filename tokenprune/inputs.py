@@ -17,27 +17,31 @@ __all__ = ["input_size", "example_input", "parse_input_size", "geometry_kwargs"]
 def input_size(model: nn.Module) -> tuple[int, int, int] | None:
     """(C, H, W) a model is built for, or None when nothing tells.
 
-    In order: the patch embedding's ``img_size`` and input channels when it holds the model's first convolution (the
-    size the model was built for, which may differ from the pretrained one), timm's ``pretrained_cfg["input_size"]``
-    (with the first convolution's input channels), torchvision ViT's ``image_size``, and for other models with a
-    convolutional stem its channels at 224 x 224 (what ImageNet classifiers are built and counted at).
+    In order: the patch embedding's ``img_size`` when it holds the model's first convolution (the size the model was
+    built for, which may differ from the pretrained one), timm's ``pretrained_cfg["input_size"]``, torchvision ViT's
+    ``image_size``, and for other models with a convolutional stem 224 x 224 (what ImageNet classifiers are built and
+    counted at). The channels are the model's own ``in_chans`` (timm records what it was built with), else its first
+    convolution's input channels.
     """
     stem = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    # reason: the first convolution is not always the image's: TResNet's space-to-depth stem feeds it 48 channels
+    chans = getattr(model, "in_chans", None)
+    chans = chans if isinstance(chans, int) and chans > 0 else (stem.in_channels if stem is not None else None)
     # reason: timm's patch embeddings (also under another attribute name, e.g. MLP-Mixer's `stem`, and after a CNN
-    # backbone in hybrid ViTs) record the image size the model was built for; the channels are the first conv's.
+    # backbone in hybrid ViTs) record the image size the model was built for.
     embed = next((m for m in model.modules() if getattr(m, "img_size", None) is not None and hasattr(m, "proj")), None)
     # reason: only an embedding that holds the first convolution sees the image itself; one after a convolutional
     # stem (Visformer) records the size of the stem's output.
     if embed is not None and stem is not None and any(m is stem for m in embed.modules()):
         img_size = embed.img_size if isinstance(embed.img_size, (tuple, list)) else (embed.img_size, embed.img_size)
-        return (int(stem.in_channels), *(int(v) for v in img_size))
+        return (int(chans), *(int(v) for v in img_size))
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    if "input_size" in cfg:  # reason: the pretrained size; the stem knows the channels the model was built with
-        chans, height, width = (int(v) for v in cfg["input_size"])
-        return (stem.in_channels if stem is not None else chans, height, width)
+    if "input_size" in cfg:  # reason: the pretrained size; `chans` are those the model was built with
+        channels, height, width = (int(v) for v in cfg["input_size"])
+        return (int(chans) if chans is not None else channels, height, width)
     if isinstance(getattr(model, "image_size", None), int):  # torchvision VisionTransformer
         return (3, model.image_size, model.image_size)
-    return (stem.in_channels, 224, 224) if stem is not None else None
+    return (int(chans), 224, 224) if chans is not None else None
 
 
 def example_input(model: nn.Module, example_inputs: torch.Tensor | None = None, batch: int = 2) -> torch.Tensor:
