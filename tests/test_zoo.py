@@ -41,6 +41,7 @@ WORKS = [
     _e("vit_base_patch16_siglip_224", img_size=64, depth=4, embed_dim=96, num_heads=3),  # attention pooling head
     _e("vit_small_patch16_rope_224", img_size=64, depth=4),  # rotary embeddings
     _e("eva02_tiny_patch14_224", img_size=56, depth=4),  # rotary embeddings, SwiGLU
+    _e("qwen3_vit_88m", img_size=64, depth=4),  # rotary embeddings without prefix tokens: an empty prefix split off
     _e("beit_base_patch16_224", img_size=64, depth=4, embed_dim=96, num_heads=3),  # relative position bias (fused)
     _e("vit_relpos_small_patch16_224", img_size=64, depth=4),  # relative position bias (explicit softmax)
     _e("cait_xxs24_224", img_size=64, depth=4),  # class attention in the head, talking heads
