@@ -52,6 +52,7 @@ ZOO: list[ZooEntry] = [
     _e("clip vit", "vit_base_patch32_clip_224"),
     _e("siglip (map head)", "vit_base_patch16_siglip_224", img_size=112),
     _e("vit (gap)", "vit_medium_patch16_gap_256", img_size=128),
+    _e("vit (parallel blocks)", "vit_pwee_patch16_reg1_gap_256", img_size=128),
     _e("vit relpos", "vit_relpos_small_patch16_224"),
     _e("vit rope", "vit_small_patch16_rope_224"),
     _e("eva02", "eva02_tiny_patch14_224"),

@@ -46,6 +46,7 @@ WORKS = [
     _e("vit_relpos_small_patch16_224", img_size=64, depth=4),  # relative position bias (explicit softmax)
     _e("cait_xxs24_224", img_size=64, depth=4),  # class attention in the head, talking heads
     _e("vit_medium_patch16_gap_256", img_size=64, depth=4),  # average pooling, no class token
+    _e("vit_pwee_patch16_reg1_gap_256", img_size=64, depth=4),  # parallel blocks: torch.split of a fused projection
     _e("deit_tiny_patch16_224", img_size=64, depth=4, attn_drop_rate=0.1),  # attention dropout
     _e("vit_b_16", "torchvision", image_size=64),  # nn.MultiheadAttention
     _e("convnext_atto"),  # spatial

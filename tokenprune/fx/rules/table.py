@@ -81,8 +81,8 @@ RULES: tuple[Rule, ...] = (
     Rule("binary", _functions(
             operator.add, operator.sub, operator.mul, operator.truediv, operator.pow, operator.gt, operator.lt,
             operator.ge, operator.le, operator.eq, operator.ne, torch.add, torch.sub, torch.mul, torch.div,
-            torch.maximum, torch.minimum, torch.where,
-         ) + _methods("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "masked_fill"),
+            torch.maximum, torch.minimum, torch.where, torch.addcmul,
+         ) + _methods("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "masked_fill", "addcmul"),
          "element-wise over broadcast operands: token axes line up; a full-length constant meeting them is a "
          "position-indexed constant, gathered", reads=("operand shapes",),
          token=T.elementwise, spatial=S.binary),  # fmt: skip
@@ -119,7 +119,8 @@ RULES: tuple[Rule, ...] = (
     Rule("cat", _functions(torch.cat, getattr(torch, "concat", None), getattr(torch, "concatenate", None)),
          "along tokens: a derived token set; along another dim: element-wise", reads=("dim",), token=T.cat),
     Rule("stack", _functions(torch.stack), "a new dim; token axes shift", reads=("dim",), token=T.stack),
-    Rule("split", _methods("unbind", "chunk", "split", "tensor_split"), "parts of a dim other than tokens",
+    Rule("split", _methods("unbind", "chunk", "split", "tensor_split")
+         + _functions(torch.unbind, torch.chunk, torch.split, torch.tensor_split), "parts of a dim other than tokens",
          reads=("dim",), token=T.split),
     Rule("reduction", _methods("mean", "sum") + _functions(torch.mean, torch.sum),
          "over tokens: a mean/sum over kept tokens only", reads=("dim",), token=M.reduction),

@@ -420,10 +420,11 @@ def split(values: Values, node: fx.Node) -> Effect:
     """unbind/chunk/split/tensor_split of a dim other than the token axis: each part carries the tokens."""
     t = values.data_arg(node)
     rank = len(_shape(node.args[0]))
-    dim = _dim(arg(node, 1, "dim", 0) if node.target == "unbind" else arg(node, 2, "dim", 0), rank)
+    unbind = node.target in ("unbind", torch.unbind)
+    dim = _dim(arg(node, 1, "dim", 0) if unbind else arg(node, 2, "dim", 0), rank)
     if dim in t.axes:
         raise Refused("splits the token axis")
-    axes = tuple(d - (d > dim) for d in t.axes) if node.target == "unbind" else t.axes
+    axes = tuple(d - (d > dim) for d in t.axes) if unbind else t.axes
     metas = node.meta.get("tensor_meta")
     if not isinstance(metas, (tuple, list)):
         raise Refused("splits tokens into an unknown number of parts")
