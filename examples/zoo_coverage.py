@@ -6,6 +6,7 @@ happen — wrong (masked != pruned or keep-all != original), crash (a non-tokenp
 
     python examples/zoo_coverage.py --jobs 2        # the whole zoo, ~30-60 min with one job on 2 CPU cores
     python examples/zoo_coverage.py --only cait,eva02 --no-write
+    python examples/zoo_coverage.py --only resmlp --update   # re-check some; the table keeps the others' logged rows
 """
 
 from __future__ import annotations
@@ -21,18 +22,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _worker(entry, flops, queue):
+def _worker(entry, flops, queue, build):
     import torch
     from zoo_harness import check_model  # this folder: the script's own directory is on sys.path
 
     torch.set_num_threads(1)
-    queue.put(check_model(entry, flops=flops).to_dict())
+    queue.put(check_model(entry, flops=flops, build=build).to_dict())
 
 
-def _run(entry, timeout: float, flops: bool) -> dict:
+def _run(entry, timeout: float, flops: bool, build=None) -> dict:
+    """`check_model(entry)` in a process of its own (a hang or crash there is an outcome); `build` as there."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(entry, flops, queue))
+    proc = ctx.Process(target=_worker, args=(entry, flops, queue, build))
     start = time.perf_counter()
     proc.start()
     proc.join(timeout)
@@ -87,6 +89,16 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _latest_rows(zoo: list, jsonl: Path) -> list[dict] | None:
+    """The latest logged row of every zoo model, in the zoo's order; None when one has none."""
+    latest = {}
+    for line in jsonl.read_text().splitlines():
+        row = json.loads(line)
+        latest[(row["family"], row["name"], row["library"])] = row
+    rows = [latest.get((e.family, e.name, e.library)) for e in zoo]
+    return None if any(r is None for r in rows) else rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from zoo_harness import ZOO
 
@@ -97,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; do not write docs/zoo.md")
     parser.add_argument("--jsonl", default=str(ROOT / "runs" / "zoo.jsonl"))
     parser.add_argument("--jobs", type=int, default=1, help="models checked at once (one process and thread each)")
+    parser.add_argument(
+        "--update",
+        action="store_true",
+        help="write docs/zoo.md for the whole zoo: the models checked now, the others' latest rows in --jsonl",
+    )
     args = parser.parse_args(argv)
     entries = ZOO
     if args.only:
@@ -113,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             log.flush()
             ratio = f" macs {row['macs_ratio']:.3f}" if row.get("macs_ratio") else ""
             print(f"{row['outcome']:>9}  {entry.name:<40}{ratio}  {row.get('reason', '')[:160]}", flush=True)
+    if args.update:
+        rows = _latest_rows(ZOO, Path(args.jsonl))
+        if rows is None:
+            print(f"--update: some zoo models have no row in {args.jsonl}; run the whole zoo once", file=sys.stderr)
+            return 2
     if not args.no_write:
         import timm
         import torch

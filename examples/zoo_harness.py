@@ -23,7 +23,7 @@ from torch import nn
 
 from tokenprune.errors import TokenPruneError
 
-__all__ = ["ZooEntry", "ZOO", "Coverage", "check_model"]
+__all__ = ["ZooEntry", "ZOO", "Coverage", "check_model", "build_with_timm"]
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,14 @@ def _build(entry: ZooEntry) -> nn.Module:
     return create_model(entry.name, library=entry.library, **dict(entry.kwargs))
 
 
+def build_with_timm(entry: ZooEntry) -> nn.Module:
+    """timm's own constructor, for keywords tokenprune's `create_model` refuses because a saved model could not
+    record them (classes such as `block_fn=ParallelScalingBlock`): the checks do not need a saved model."""
+    import timm
+
+    return timm.create_model(entry.name, **dict(entry.kwargs))
+
+
 def _randomize_zero_heads(model: nn.Module) -> None:
     # reason: torchvision zero-initialises some classifiers, which would make logits (and every check) vacuous.
     for m in model.modules():
@@ -230,8 +238,9 @@ def _worst(*values: float | None) -> float | None:
     return None if any(v is None for v in values) else max(values)
 
 
-def check_model(entry: ZooEntry, *, flops: bool = True, seed: int = 0) -> Coverage:
-    """Sparsify one model at rho = 0.7 and check it; never raises (a crash is an outcome)."""
+def check_model(entry: ZooEntry, *, flops: bool = True, seed: int = 0, build=None) -> Coverage:
+    """Sparsify one model at rho = 0.7 and check it; never raises (a crash is an outcome). `build(entry)` makes the
+    model (default: tokenprune's `create_model`)."""
     from tokenprune import config_of, profile, sparsify
 
     start = time.perf_counter()
@@ -239,7 +248,7 @@ def check_model(entry: ZooEntry, *, flops: bool = True, seed: int = 0) -> Covera
     try:
         torch.manual_seed(seed)
         try:
-            dense = _build(entry).eval()
+            dense = (build or _build)(entry).eval()
         except TokenPruneError as e:
             result.outcome, result.reason = "unavailable", str(e).splitlines()[0]
             return result
