@@ -539,6 +539,5 @@ class Trainer:
         score = scores[self.score_name]
         self.best_top1 = score if self.best_top1 is None else max(self.best_top1, score)
         self.metrics.write("eval", step=self.step, epoch=epoch, **scores, keep_ratios=ratios or kept)
-        reporter.message(
-            f"epoch {epoch}: {_describe(scores)} (teacher {self.teacher_top1}) keep ratios {ratios or kept}"
-        )
+        shown = ", ".join(f"{r:.4g}" for r in ratios or kept)
+        reporter.message(f"epoch {epoch}: {_describe(scores)} (teacher {self.teacher_top1}) keep ratios [{shown}]")
