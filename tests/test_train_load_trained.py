@@ -15,7 +15,8 @@ from tiny_runs import ONE_EPOCH, SYNTHETIC, TINY_VIT
 import tokenprune
 from tokenprune.errors import CheckpointError
 from tokenprune.nn.recorder import SparsityRecorder
-from tokenprune.train import finetune, load_trained, load_weights
+from tokenprune.train import finetune, load_trained, load_trained_original, load_weights
+from tokenprune.train.api import load_trained_pair
 from tokenprune.train.checkpoint import load_checkpoint, save_checkpoint
 
 # Layer scale at 1 so that the fast paths matter: the check below must see a wrong rebuild, not a tiny residual.
@@ -44,6 +45,12 @@ def test_a_sparse_vit_run_is_rebuilt_exactly_with_learned_ratios(tmp_path):
     assert _same_outputs(loaded, result.model, torch.randn(3, 1, 16, 16))
     assert [s.keep_ratio for s in tokenprune.selectors(loaded)] == result.metrics["keep_ratios"]
     assert tokenprune.config_of(loaded).learned
+    # Both sides of a report from one read: the same models as the two loaders give one at a time.
+    x = torch.randn(3, 1, 16, 16)
+    dense, sparse = load_trained_pair(tmp_path / "vit" / "final.pt")
+    assert _same_outputs(sparse, loaded, x)
+    assert _same_outputs(dense, load_trained_original(tmp_path / "vit" / "final.pt"), x)
+    assert not tokenprune.selectors(dense) and not _same_outputs(dense, sparse, x)
     # The learned ratios are fixed only when the run ends: its last.pt cannot give the run's model.
     with pytest.raises(CheckpointError, match="being learned.*final.pt"):
         load_trained(tmp_path / "vit" / "last.pt")

@@ -73,15 +73,14 @@ def load_pair(
 
     path = model_file(path)
     if _is_run(path):
-        from .train.api import load_trained, load_trained_original
+        from .train.api import load_trained_pair
 
-        sparse = load_trained(path)
+        dense, sparse = load_trained_pair(path)
         if find_config(sparse) is None:
             raise CheckpointError(
                 f"{path} is the checkpoint of a dense run (no sparsify configuration): there is no sparse model to "
                 "compare. Report the run of the sparse student, or `tokenprune convert` a model name."
             )
-        dense = load_trained_original(path)
     else:
         from .io import load, load_original
 

@@ -7,6 +7,7 @@ checkpoint) and ``final.pt`` (the weights, the sparsify configuration with any l
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ __all__ = [
     "cli_main",
     "build_teacher",
     "load_trained",
+    "load_trained_pair",
     "load_trained_original",
     "load_weights",
 ]
@@ -87,7 +89,6 @@ def build_teacher(recipe: Recipe) -> nn.Module:
 def _read_run(path: Path, model: nn.Module | None) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, nn.Module]:
     """A run checkpoint's weights, its sparsify configuration (None for a dense run) and a fresh dense architecture
     (the recipe's, or a copy of `model`), after the checks both loaders share."""
-    import copy
     import dataclasses
 
     from ..errors import CheckpointError
@@ -133,12 +134,16 @@ def load_trained(path: str | os.PathLike[str], *, model: nn.Module | None = None
             being learned (they are fixed in ``final.pt``), or weights that do not fit the architecture.
         ConfigError: a stored recipe this tokenprune cannot build.
     """
+    path = Path(path)
+    return _trained(path, *_read_run(path, model))
+
+
+def _trained(path: Path, state: dict, config: dict | None, dense: nn.Module) -> nn.Module:
+    """The run's model: `dense` sparsified again with `config` (in place), the trained weights `state` loaded."""
     from ..config import SparsifyConfig
     from ..io.model_file import resparsify
     from ..io.weights import check_fit
 
-    path = Path(path)
-    state, config, dense = _read_run(path, model)
     recorded = ("kind", "chain", "prefix_tokens")  # a model= of another architecture is refused, not mis-loaded
     trained = (
         dense if config is None else resparsify(dense, SparsifyConfig.from_dict(config), str(path), recorded=recorded)
@@ -157,10 +162,26 @@ def load_trained_original(path: str | os.PathLike[str], *, model: nn.Module | No
     Raises:
         CheckpointError, ConfigError: as `load_trained`.
     """
-    from ..io.weights import check_fit
-
     path = Path(path)
     state, _, dense = _read_run(path, model)
+    return _original(path, state, dense)
+
+
+def load_trained_pair(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> tuple[nn.Module, nn.Module]:
+    """(`load_trained_original`, `load_trained`) of one run, the checkpoint read and the architecture built once.
+
+    Raises:
+        CheckpointError, ConfigError: as `load_trained`.
+    """
+    path = Path(path)
+    state, config, dense = _read_run(path, model)
+    return _original(path, state, copy.deepcopy(dense)), _trained(path, state, config, dense)
+
+
+def _original(path: Path, state: dict, dense: nn.Module) -> nn.Module:
+    """`dense` with the backbone weights of the run's `state` (its stages' weights left out)."""
+    from ..io.weights import check_fit
+
     expected = dense.state_dict()
     state = {k: v for k, v in state.items() if k in expected}
     check_fit(expected, state, path, f"the dense model of the run in {path.parent}")
