@@ -113,7 +113,7 @@ REFUSED = {
     "regnetx_002": (dict(), "would not save compute"),
     "mixer_s16_224": (dict(), "mixes the token axis"),
     "xcit_nano_12_p16_224": (dict(img_size=64, depth=4), "mixes the token axis"),
-    "coat_lite_tiny": (dict(), "reshapes the token axis"),
+    "coat_lite_tiny": (dict(), "uses the token count"),  # asserts N == 1 + H * W, then folds tokens into a grid
 }
 
 

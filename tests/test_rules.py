@@ -197,6 +197,14 @@ def _token_cases() -> list[Case]:
         Case("metadata", _a("ndim"), lambda m, x: x * x.ndim),
         Case("metadata", _a("dtype"), lambda m, x: x.to(x.dtype)),
         Case("metadata", _a("device"), lambda m, x: x.to(x.device)),
+        # the token count sets the shape of the same tokens; used as a value it differs between the executions
+        Case("metadata", _m("size"), lambda m, x: x.view(x.size(0), x.size(1) * 1, 2, -1).expand(x.shape[:2] + (2, -1))
+             .flatten(2)),
+        Case("metadata", _a("shape"), lambda m, x: x - x.sum(1, keepdim=True) / x.shape[1],
+             refused="getattr.*uses the token count \\(getitem.*\\) as a value"),
+        Case("metadata", _m("size"), lambda m, x: x * (x.size(1) // 2), refused="size.*uses the token count"),
+        Case("metadata", _a("shape"), lambda m, x: x + torch.arange(x.shape[1]).unsqueeze(-1),
+             refused="uses the token count"),
         Case("glu", _mod(nn.GLU), lambda m, x: m.mod(torch.cat([x, x.sigmoid()], -1)), mod=lambda: nn.GLU(-1)),
         Case("glu", _f(F.glu), lambda m, x: F.glu(torch.cat([x, x.sigmoid()], -1), -1)),
         Case("glu", _f(F.glu), lambda m, x: torch.cat([x[:, :1], F.glu(x[:, 1:], 1).repeat(1, 2, 1)], 1),

@@ -66,7 +66,8 @@ _rms_norm_module, _rms_norm = getattr(nn, "RMSNorm", None), getattr(F, "rms_norm
 
 RULES: tuple[Rule, ...] = (
     Rule("metadata", _methods("size", "dim") + _attrs("shape", "ndim", "dtype", "device"),
-         "reads shape or type, not values: shapes follow the tokens left at run time", token=T.metadata),
+         "reads shape or type, not values: shapes follow the tokens left at run time, so a token count may only set "
+         "a shape", reads=("dim", "uses of a token count"), token=T.metadata),
     Rule("unary", _functions(
             operator.neg, torch.neg, torch.exp, torch.sqrt, torch.rsqrt, torch.sigmoid, torch.tanh, torch.relu,
             torch.clamp, torch.erf, torch.abs, torch.square, F.gelu, F.relu, F.silu, F.hardswish, F.mish, F.dropout,

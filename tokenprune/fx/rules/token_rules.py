@@ -104,7 +104,54 @@ class Values:
 
 # -- reads that carry no tokens --------------------------------------------------------------------------------------
 def metadata(values: Values, node: fx.Node) -> Effect:
+    """Shape, rank, dtype or device: no values. A token axis's length (`x.shape[1]`, `x.size(1)`) is the number of
+    tokens left, all of them in masked execution and the kept ones in pruned execution: it may set the shape of the
+    same tokens (reshape, view, expand), never a value (`x.sum(1) / x.shape[1]`, `torch.arange(n)`)."""
+    t = values.tokens(node.args[0]) if node.args else None
+    is_size = node.target == "size" or (node.op == "call_function" and node.args[1:2] == ("shape",))
+    if t is not None and is_size:
+        reason = _count_as_value(node, t.axes, len(_shape(node.args[0])))
+        if reason is not None:
+            raise Refused(reason)
     return Effect(None)
+
+
+#: Ops whose arguments after the first are a shape: a token count there sizes the same tokens.
+_SHAPE_ARGS = {("call_method", m) for m in ("reshape", "view", "expand", "unflatten")} | {
+    ("call_function", torch.reshape)
+}
+_INT_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod}
+
+
+def _count_as_value(node: fx.Node, axes: tuple[int, ...], rank: int) -> str | None:
+    """Why the token counts that `node` (a size read) yields are used as a value, or None when every use sets a shape.
+
+    Follows the counts through indexing of the size and integer arithmetic, by the graph's users."""
+    dim = arg(node, 1, "dim") if node.target == "size" else None
+    start = "size" if dim is None else "count" if _dim(dim, rank) in axes else None
+    frontier = [(node, start)] if start else []
+    while frontier:
+        value, kind = frontier.pop()
+        for user in value.users:
+            if (user.op, user.target) in _SHAPE_ARGS and user.args[0] is not value:
+                continue
+            if kind == "size" and user.op == "call_function" and user.target is operator.getitem:
+                index = user.args[1]
+                if isinstance(index, int):
+                    if _dim(index, rank) in axes:
+                        frontier.append((user, "count"))
+                    continue
+                frontier.append((user, "size"))  # a slice of the size: still sizes, some of them token counts
+                continue
+            if user.target in _INT_ARITHMETIC and node_shape(user) is None:  # numbers, or sizes concatenated
+                frontier.append((user, kind))
+                continue
+            what = "the token count" if kind == "count" else "a size holding the token count"
+            return (
+                f"uses {what} ({value.name}) as a value at {user.name}: it counts every token in masked execution "
+                "and the kept ones in pruned execution (only a shape may follow it: reshape, view, expand)"
+            )
+    return None
 
 
 # -- element-wise ----------------------------------------------------------------------------------------------------
