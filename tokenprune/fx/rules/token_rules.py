@@ -116,7 +116,8 @@ def metadata(values: Values, node: fx.Node) -> Effect:
     return Effect(None)
 
 
-#: Ops whose arguments after the first are a shape: a token count there sizes the same tokens.
+#: Ops whose arguments after the first are a shape: a token count there sizes a token value, whose axes the reshape
+#: rule checks (a constant reshaped to the token count would fail in pruned execution: the self-check refuses it).
 _SHAPE_ARGS = {("call_method", m) for m in ("reshape", "view", "expand", "unflatten")} | {
     ("call_function", torch.reshape)
 }
