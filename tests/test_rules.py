@@ -200,9 +200,12 @@ def _token_cases() -> list[Case]:
         # the token count sets the shape of the same tokens; used as a value it differs between the executions
         Case("metadata", _m("size"), lambda m, x: x.view(x.size(0), x.size(1) * 1, 2, -1).expand(x.shape[:2] + (2, -1))
              .flatten(2)),
+        Case("metadata", _a("shape"), lambda m, x: x * torch.ones(x.shape[:1] + x.shape[2:]).unsqueeze(1)
+             * x.shape[1:][1] ** -0.5),  # the batch and channel sizes used as values: not token counts
         Case("metadata", _a("shape"), lambda m, x: x - x.sum(1, keepdim=True) / x.shape[1],
              refused="getattr.*uses the token count \\(getitem.*\\) as a value"),
         Case("metadata", _m("size"), lambda m, x: x * (x.size(1) // 2), refused="size.*uses the token count"),
+        Case("metadata", _a("shape"), lambda m, x: x * x.shape[-2:][0], refused="shape.*uses the token count"),
         Case("metadata", _a("shape"), lambda m, x: x + torch.arange(x.shape[1]).unsqueeze(-1),
              refused="uses the token count"),
         Case("glu", _mod(nn.GLU), lambda m, x: m.mod(torch.cat([x, x.sigmoid()], -1)), mod=lambda: nn.GLU(-1)),

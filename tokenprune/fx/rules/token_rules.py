@@ -127,32 +127,52 @@ _INT_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, 
 def _count_as_value(node: fx.Node, axes: tuple[int, ...], rank: int) -> str | None:
     """Why the token counts that `node` (a size read) yields are used as a value, or None when every use sets a shape.
 
-    Follows the counts through indexing of the size and integer arithmetic, by the graph's users."""
+    Follows them by the graph's users through indexing of the size, integer arithmetic and sizes concatenated. A
+    size is tracked as which of its entries are token counts (True), other dims (False) or unknown (None)."""
+    count = "count"
     dim = arg(node, 1, "dim") if node.target == "size" else None
-    start = "size" if dim is None else "count" if _dim(dim, rank) in axes else None
-    frontier = [(node, start)] if start else []
+    if dim is None:
+        frontier: list = [(node, tuple(d in axes for d in range(rank)))]
+    else:
+        frontier = [(node, count)] if _dim(dim, rank) in axes else []
     while frontier:
-        value, kind = frontier.pop()
+        value, held = frontier.pop()
+        if isinstance(held, tuple) and not any(h is not False for h in held):
+            continue  # a size without token counts (the batch and channel dims): anything may use it
         for user in value.users:
             if (user.op, user.target) in _SHAPE_ARGS and user.args[0] is not value:
                 continue
-            if kind == "size" and user.op == "call_function" and user.target is operator.getitem:
+            if held is not count and user.op == "call_function" and user.target is operator.getitem:
                 index = user.args[1]
-                if isinstance(index, int):
-                    if _dim(index, rank) in axes:
-                        frontier.append((user, "count"))
-                    continue
-                frontier.append((user, "size"))  # a slice of the size: still sizes, some of them token counts
+                if isinstance(index, slice):
+                    frontier.append((user, held[index] if held is not None else None))
+                elif isinstance(index, int) and held is not None and -len(held) <= index < len(held):
+                    if held[index] is not False:
+                        frontier.append((user, count))
+                else:
+                    frontier.append((user, count))  # an entry of a size whose layout is not known: maybe a count
                 continue
-            if user.target in _INT_ARITHMETIC and node_shape(user) is None:  # numbers, or sizes concatenated
-                frontier.append((user, kind))
+            if user.target in _INT_ARITHMETIC and node_shape(user) is None:
+                frontier.append((user, count if held is count else _concatenated(user, value, held)))
                 continue
-            what = "the token count" if kind == "count" else "a size holding the token count"
+            what = "the token count" if held is count else "a size holding the token count"
             return (
                 f"uses {what} ({value.name}) as a value at {user.name}: it counts every token in masked execution "
                 "and the kept ones in pruned execution (only a shape may follow it: reshape, view, expand)"
             )
     return None
+
+
+def _concatenated(user: fx.Node, value: fx.Node, held: tuple | None) -> tuple | None:
+    """Which entries of `size + other` (or `other + size`) are token counts; None when the other's length is not
+    known here (another size)."""
+    if held is None or user.target is not operator.add or len(user.args) != 2:
+        return None
+    left, right = user.args
+    other = right if left is value else left
+    if not isinstance(other, (tuple, list)) or value not in (left, right):
+        return None
+    return (held + (False,) * len(other)) if left is value else ((False,) * len(other) + held)
 
 
 # -- element-wise ----------------------------------------------------------------------------------------------------
