@@ -226,8 +226,24 @@ def test_original_names_kept_and_stochastic_depth_survives():
 @pytest.mark.parametrize("builder", [torchvision.models.resnet50, lambda: timm.create_model("resnet50")])
 def test_resnet_bottleneck_is_refused(builder):
     model = builder().eval()
-    with pytest.raises(UnsupportedModelError, match="3x3 conv.*bottleneck"):
+    with pytest.raises(UnsupportedModelError, match="3x3 conv.*bottleneck") as refused:
         tokenprune.sparsify(model, example_inputs=torch.randn(1, 3, 64, 64))
+    assert str(refused.value).count("bottleneck") == 1  # the explanation once, however many runs were looked at
+
+
+def test_windowed_mlp_is_refused_for_its_layout_not_as_a_bottleneck():
+    """MaxViT runs its MLP on window partitions [B, windows, P*P, C]: per location, the same channels, but not the
+    block's [B, C, H, W] grid. The refusal says so (and never calls it a bottleneck, which it is not)."""
+    from torchvision.models.maxvit import MaxVit
+
+    model = MaxVit(
+        input_size=(64, 64), stem_channels=16, partition_size=2, block_channels=[16, 32], block_layers=[2, 2],
+        head_dim=8, stochastic_depth_prob=0.0,
+    ).eval()  # fmt: skip
+    with pytest.raises(UnsupportedModelError, match=r"mlp_layer_0 .. .* works on \[1, 64, 4, 16\], not on the "
+                       r"block's feature map \[1, 16, 16, 16\] \(its locations rearranged") as refused:  # fmt: skip
+        tokenprune.sparsify(model, example_inputs=torch.randn(1, 3, 64, 64))
+    assert "bottleneck" not in str(refused.value)
 
 
 class _ToyBlock(nn.Module):

@@ -216,6 +216,7 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, where: str) -> SlowPath:
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
     found: list[SlowPath] = []
     reasons: list[str] = []
+    bottleneck = False
     for add in gm.graph.nodes:
         is_add = (add.op == "call_function" and add.target in _RESIDUAL_ADDS) or (
             add.op == "call_method" and add.target in ("add", "add_")
@@ -234,12 +235,18 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, where: str) -> SlowPath:
                 continue
             shape_in, shape_out = node_shape(entry), node_shape(branch)
             layout = _entry_layout(shape_in, chain) if shape_in else None
-            if shape_in != shape_out or layout is None:
+            if shape_in != shape_out:
+                bottleneck = True
                 reasons.append(
                     f"the per-location run {run[0].name} .. {branch.name} after {_describe(gm, entry)} maps "
-                    f"{list(shape_in or ())} to {list(shape_out or ())}; a C -> C fast path cannot stand in for it. "
-                    "The block's spatial op sits inside its residual branch between pointwise layers (a bottleneck), "
-                    "so the pointwise layers before it would run on every location anyway"
+                    f"{list(shape_in or ())} to {list(shape_out or ())}"
+                )
+                continue
+            if layout is None:
+                reasons.append(
+                    f"the per-location run {run[0].name} .. {branch.name} after {_describe(gm, entry)} works on "
+                    f"{list(shape_in or ())}, not on the block's feature map {list(chain.shape)} (its locations "
+                    "rearranged, e.g. into windows)"
                 )
                 continue
             current, data, block = layout, entry, rules.Block(gm, x, rules.lookup)
@@ -274,6 +281,12 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, where: str) -> SlowPath:
             "block's slow path (docs/design.md §2.4), so it refuses."
         )
     why = "; ".join(reasons) or "no residual add has a branch ending in per-location Linear/1x1 conv layers"
+    if bottleneck:
+        why += (
+            ". A C -> C fast path cannot stand in for a run that changes the channels: the block's spatial op sits "
+            "inside its residual branch between pointwise layers (a bottleneck), so the pointwise layers before it "
+            "would run on every location anyway"
+        )
     raise UnsupportedModelError(
         f"{where}: no slow path found ({why}). Spatial sparsification (docs/design.md §2.4) needs blocks whose "
         "residual branch "
