@@ -187,6 +187,9 @@ def test_bad_options_exit_2(tmp_path: Path, args: list[str], words: str):
 def test_missing_file(tmp_path: Path):
     result = run("report", tmp_path / "nope.safetensors")
     assert result.exit_code == EXIT_ERROR and "does not exist" in result.stderr
+    result = run("report", tmp_path / "runs" / "student")  # a run folder that is not there is not a model name
+    assert result.exit_code == EXIT_ERROR and "no such file or folder" in result.stderr
+    assert "unknown model" not in result.stderr
 
 
 def test_truncated_file(converted: Path, tmp_path: Path):
@@ -258,6 +261,8 @@ def test_finetune_input_errors(tmp_path: Path):
     assert result.exit_code == EXIT_ERROR and "none.yaml" in result.stderr
     result = run("finetune", "stray")
     assert result.exit_code == EXIT_ERROR and "KEY=VALUE" in result.stderr
+    result = run("finetune", "recipes/deit_s.yaml")  # the recipe given without --recipe
+    assert result.exit_code == EXIT_ERROR and "--recipe recipes/deit_s.yaml" in result.stderr
 
 
 def test_finetune_checks_its_output_paths_before_training(tmp_path: Path, monkeypatch):

@@ -85,8 +85,12 @@ def test_a_guess_the_model_does_not_take_is_named_in_the_refusal():
 
     model = nn.Sequential(nn.PixelUnshuffle(2), nn.Conv2d(12, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     assert inputs.input_size(model) == (12, 224, 224)
-    with pytest.raises(UnsupportedModelError, match=r"input it guessed, \[2, 12, 224, 224\].*example_inputs="):
+    with pytest.raises(UnsupportedModelError, match=r"fails on an input tokenprune guessed, \[2, 12, 224, 224\].*"
+                       r"example_inputs="):  # fmt: skip
         tokenprune.sparsify(model)
+    with pytest.raises(UnsupportedModelError, match=r"fails on the example input given, \[1, 5, 32, 32\]") as given:
+        tokenprune.sparsify(model, example_inputs=torch.randn(1, 5, 32, 32))
+    assert "please report" not in str(given.value)  # the user's input, not a tokenprune bug
     with pytest.raises(UnsupportedModelError, match="no chain of blocks") as given:
         tokenprune.sparsify(model, example_inputs=torch.randn(1, 3, 32, 32))
     assert "guessed" not in str(given.value)

@@ -251,6 +251,13 @@ def _analyse(
         except TokenPruneError:
             raise
         except Exception as e:  # noqa: BLE001 - a model tokenprune cannot analyse gets a reason, never a raw traceback
+            if example is not None and not _runs_on(model, example):
+                given = "the example input given" if example_inputs is not None else "an input tokenprune guessed"
+                raise UnsupportedModelError(
+                    f"{name}: the model itself fails on {given}, {list(example.shape)} ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else ''}). Pass an input the model takes (example_inputs= "
+                    "in Python, --input-size C,H,W on the command line)."
+                ) from e
             guessed = ""
             # reason: a stem that is not the image's first convolution (space-to-depth) misleads the guess
             if example_inputs is None and example is not None:
@@ -264,6 +271,16 @@ def _analyse(
                 f"{str(e).splitlines()[0] if str(e) else ''}); it refuses it rather than guess.{guessed} The cause is "
                 "chained to this error; please report it with the model's name."
             ) from e
+
+
+def _runs_on(model: nn.Module, example: torch.Tensor) -> bool:
+    """Whether the unmodified model's forward runs on `example` (asked after the analysis failed: was it the input?)."""
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception:  # noqa: BLE001 - any failure of the user's own model on this input answers the question
+        return False
+    return True
 
 
 def _chain(model: nn.Module, example: torch.Tensor, name: str) -> Chain:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..errors import ConfigError, TokenPruneError
+from ..errors import CheckpointError, ConfigError, TokenPruneError
 from ._options import (
     MEASURE_OPTIONS,
     MODEL_OPTIONS,
@@ -230,6 +231,11 @@ def report(
             )
         name, dense, sparse = load_pair(path, dense_weights=dense_checkpoint)
     else:
+        if "/" in model or os.sep in model:
+            raise CheckpointError(
+                f"{model}: no such file or folder. MODEL is a timm/torchvision model name, a file written by convert "
+                "or tokenprune.save, or a finetune run's final.pt or folder."
+            )
         if dense_checkpoint is not None:
             raise ConfigError(
                 f"--dense-checkpoint applies to model files and runs; {model} is a model name, whose dense and "
@@ -319,13 +325,13 @@ def finetune(
     the run folder holds recipe.yaml, metrics.jsonl, last.pt and final.pt, and --save also writes a tokenprune
     file. For several GPUs: torchrun --nproc_per_node N -m tokenprune.train --recipe FILE [KEY=VALUE ...].
     """
-    import os
-
     from ..train import finetune as run_finetune
 
     bad = [a for a in ctx.args if "=" not in a]
     if bad:
-        raise ConfigError(f"unexpected arguments {bad}; overrides are KEY=VALUE, e.g. optim.epochs=1.")
+        recipes = [a for a in bad if a.endswith((".yaml", ".yml"))]
+        hint = f" A recipe is given with --recipe, e.g. --recipe {recipes[0]}." if recipes else ""
+        raise ConfigError(f"unexpected arguments {bad}; overrides are KEY=VALUE, e.g. optim.epochs=1.{hint}")
     _check_writable(save_path, "--save")  # before training: a run must not end unable to write its result
     _check_writable(json_path, "--json")
     result = run_finetune(str(recipe) if recipe else None, overrides=list(ctx.args))
