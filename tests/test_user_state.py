@@ -159,6 +159,14 @@ def test_data_parallel_is_refused_naming_the_model():
         tokenprune.sparsify(wrapped)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.script is deprecated; users still have such models
+def test_torchscript_model_is_refused_with_what_to_pass():
+    scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))
+    with pytest.raises(UnsupportedModelError, match="TorchScript module.*Sparsify the Python model") as refused:
+        tokenprune.sparsify(scripted, example_inputs=torch.randn(1, 3, 16, 16))
+    assert "please report" not in str(refused.value)
+
+
 def test_tracing_keeps_every_flag():
     """The pass traces each block in eval and in train mode; every submodule gets its own flag back."""
     from tokenprune.fx.tracing import trace

@@ -167,7 +167,8 @@ def sparsify(
 
 
 def refuse_wrappers(model: object) -> None:
-    """Refuse a torch.compile, DataParallel or DDP wrapper, at the top or inside the model, before anything runs it.
+    """Refuse a torch.compile, DataParallel or DDP wrapper, at the top or inside the model, or a TorchScript model,
+    before anything runs it.
 
     Tracing and the discovery forward need the modules themselves: run through dynamo, the discovery hooks are
     compiled on every call (memory grows without bound, #21), and the rewrite would be of the wrapper, not the model.
@@ -177,6 +178,12 @@ def refuse_wrappers(model: object) -> None:
     """
     if not isinstance(model, nn.Module):
         return
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            f"{model.original_name}: the model is a TorchScript module (torch.jit.script or trace); torch.fx cannot "
+            "trace compiled TorchScript, and its Python code is gone. Sparsify the Python model it was made from "
+            "(then export the sparsified one: tokenprune export)."
+        )
     for where, module in model.named_modules():
         if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
             inner, attr, then = module._orig_mod, "_orig_mod", "torch.compile the sparsified model"
