@@ -30,6 +30,11 @@ MODELS = {
         ("timm", "test_vit", {"img_size": [32, 32], "num_classes": 7}),
     ),
     "test_convnext": (lambda: timm.create_model("test_convnext"), 32, ("timm", "test_convnext", {})),  # spatial
+    "vit_tiny_patch16_224.augreg_in21k": (  # a tag other than the default: its pretrained_cfg (mean 0.5, 21843 classes)
+        lambda: timm.create_model("vit_tiny_patch16_224.augreg_in21k", img_size=32),
+        32,
+        ("timm", "vit_tiny_patch16_224.augreg_in21k", {"img_size": [32, 32]}),
+    ),
 }
 SLOW_MODELS = {  # the models of the core and spatial tables
     "deit_tiny_distilled_patch16_224": (
@@ -91,6 +96,8 @@ def test_round_trip_of_library_models(name: str, tmp_path: Path):
         tokenprune.save(sparse, tmp_path / "m.safetensors")
     loaded = tokenprune.load(tmp_path / "m.safetensors")
     assert tokenprune.config_of(loaded).source == {"library": library, "name": arch, "kwargs": kwargs}
+    if hasattr(dense, "pretrained_cfg"):  # what timm's data pipeline reads: the same mean, std and crop
+        assert loaded.pretrained_cfg == dense.pretrained_cfg
     backbone = {k: v for k, v in sparse.state_dict().items() if k in dense.state_dict()}
     dense.load_state_dict(backbone, strict=True)  # the randomized weights
     with torch.no_grad():

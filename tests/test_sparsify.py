@@ -191,3 +191,26 @@ def test_masked_softmax_matches_softmax_over_kept_tokens_with_bounded_gate_gradi
     assert policy.grad.abs().max() < 2 * 3 * 5 * 5
     # Kept keys and the scores still get their ordinary gradients.
     assert policy.grad[:, [0, 2, 3]].abs().sum() > 0
+
+
+@pytest.mark.parametrize("build", [
+    lambda: timm.create_model("vit_base_patch16_clip_224.openai", depth=4, embed_dim=64, num_heads=2),
+    lambda: timm.create_model("convnext_atto", num_classes=7),
+    lambda: torchvision.models.VisionTransformer(224, 16, num_layers=4, num_heads=2, hidden_dim=64, mlp_dim=128,
+                                                 num_classes=7),
+])  # fmt: skip
+def test_sparse_model_carries_the_originals_data_attributes(build):
+    """A timm pipeline reads the model's `pretrained_cfg` (`resolve_model_data_config`): a sparse CLIP model without it
+    was fed ImageNet's mean and std. The plain-data attributes come along, through deepcopy and pickle; methods do not
+    (they would run the dense code)."""
+    dense = build().eval()
+    sparse = tokenprune.sparsify(dense, example_inputs=torch.randn(2, 3, 224, 224))
+    public = {k: v for k, v in vars(dense).items() if not k.startswith("_") and k != "training"}
+    assert public and {"num_classes"} <= set(public)
+    for model in (sparse, copy.deepcopy(sparse), pickle.loads(pickle.dumps(sparse))):
+        for key, value in public.items():
+            if isinstance(value, (int, float, str, dict, tuple, list)):
+                assert getattr(model, key) == value, key
+        if hasattr(dense, "pretrained_cfg"):
+            assert timm.data.resolve_model_data_config(model) == timm.data.resolve_model_data_config(dense)
+        assert not hasattr(model, "forward_features") and not hasattr(model, "reset_classifier")

@@ -9,9 +9,11 @@ back exactly as it was (the self-check in `tokenprune.sparsify` may still refuse
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.fx as fx
 from torch import nn
+from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from ._graph import set_submodule
 from .discovery import Chain
@@ -100,8 +102,37 @@ def apply_plan(model: nn.Module, plan: Plan) -> Applied:
         sparse = fx.GraphModule(gm, gm.graph, type(model).__name__)
         for child_name, child in model.named_children():
             setattr(sparse, child_name, child)
+        _carry_attributes(model, sparse)
     except BaseException:
         applied.rollback()  # a half-applied plan is never left behind
         raise
     applied.model = sparse
     return applied
+
+
+def _is_plain(value: Any) -> bool:
+    """Data that describes a model and cannot carry behaviour: numbers, strings, None, and containers of them."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _carry_attributes(model: nn.Module, sparse: fx.GraphModule) -> None:
+    """Give the sparse model the original's public plain-data attributes: timm's ``pretrained_cfg`` (the mean, std
+    and crop `timm.data.resolve_model_data_config` reads: without it a CLIP model would be fed ImageNet statistics),
+    ``num_classes``, ``num_features``, torchvision's ``image_size``, ... — facts as of the trace. Methods are not
+    carried (`forward_features`, `reset_classifier` would run or change the dense code, not the graph), nor is anything
+    that is not plain data. Recorded in the GraphModule's meta too, which `deepcopy` restores them from (pickling keeps
+    them as they are)."""
+    carried = {
+        key: value
+        for key, value in vars(model).items()
+        if not key.startswith("_") and key != "training" and not hasattr(sparse, key) and _is_plain(value)
+    }
+    for key, value in carried.items():
+        setattr(sparse, key, value)
+    sparse.meta.setdefault(_USER_PRESERVED_ATTRIBUTES_KEY, {}).update(carried)

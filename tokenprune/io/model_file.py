@@ -80,13 +80,35 @@ def _same_function(sparse: nn.Module, rebuilt: nn.Module, size: tuple[int, ...])
     return outputs_close(expected, got, rtol=1e-5, atol=1e-6)  # every output of a multi-output model
 
 
+def _non_default_tag(model: nn.Module, name: str | None) -> str | None:
+    """The timm pretrained tag the model was made with (``vit_base_patch16_clip_224.openai``) when it is not the
+    architecture's default one, else None.
+
+    The tag selects the pretrained_cfg a rebuilt model gets (mean, std, crop, default class count): without it a
+    loaded CLIP model would get the default tag's crop."""
+    tag = (getattr(model, "pretrained_cfg", None) or {}).get("tag")
+    if not tag or not name:
+        return None
+    try:
+        from timm.models import get_pretrained_cfg
+
+        default = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - not a timm name: no tag to keep
+        return None
+    return tag if default is not None and default.tag != tag else None
+
+
 def _inferred(model: nn.Module, config: SparsifyConfig, state: dict[str, torch.Tensor]) -> dict[str, Any] | None:
     """The source of a model made by timm or torchvision, confirmed by rebuilding it and comparing outputs."""
     from ..nn.recorder import find_recorder
 
     # reason: a features_only timm model has other module names than its classifier; sparsify kept its keywords.
     extra = getattr(find_recorder(model), "dense_kwargs", None)
-    source = infer_source(config.model_name, config.input_size, state, extra)
+    names = [config.model_name]
+    tag = _non_default_tag(model, config.model_name)
+    if tag is not None:
+        names.insert(0, f"{config.model_name}.{tag}")
+    source = next((s for n in names if (s := infer_source(n, config.input_size, state, extra))), None)
     if source is None or not config.input_size:
         return None
     try:
