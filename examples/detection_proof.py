@@ -38,9 +38,9 @@ import json
 from pathlib import Path
 
 import torch
+from proof_stages import student_figures
 from segmentation_proof import _common, run_stages  # the same four stages; only the recipe and the report differ
 
-import tokenprune
 from tokenprune.detect import collate
 from tokenprune.detect.metrics import DetectionScores
 from tokenprune.measure import compare, profile_flops
@@ -107,15 +107,8 @@ def report(args: argparse.Namespace) -> dict:
             "random_locations": random,
             "keep_all": keep_all,
             "keep_none": keep_none,
-            "gmacs": sparse,
-            "backbone_flops_vs_dense": sparse["backbone"] / dense["backbone"],
+            **student_figures(student, out / "student", dense, sparse, speed),
             "body_flops_vs_dense": sparse["body"] / dense["body"],
-            "flops_vs_dense": sparse["total"] / dense["total"],
-            "keep_ratios": [s.keep_ratio for s in tokenprune.selectors(student)],
-            "epochs": load_recipe(out / "student" / "recipe.yaml").optim.epochs,
-            "backbone_images_per_s": speed["sparse"]["images_per_s"],
-            "dense_backbone_images_per_s": speed["dense"]["images_per_s"],
-            "backbone_speedup": speed["paired_speedup"],
         }
         if "control" in results:
             results["student"]["map_gap_to_control"] = results["control"]["map"] - results["student"]["map"]

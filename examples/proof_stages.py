@@ -1,4 +1,5 @@
-"""The dense stages every proof script trains: the teacher from scratch and the dense control.
+"""The dense stages every proof script trains: the teacher from scratch and the dense control; and the figures every
+dense-prediction proof reports for its student.
 
 One place for what makes them comparable across proofs: the teacher trains from random weights with no
 sparsification; the control fine-tunes the teacher as long as the students, at the backbone's learning rate (a
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import tokenprune
 from tokenprune.train import load_recipe
 
 
@@ -35,3 +37,19 @@ def dense_overrides(recipe: Path, common: list[str], checkpoint: Path, *, epochs
         f"optim.epochs={epochs}",
         f"run.output_dir={out_dir}",
     ]
+
+
+def student_figures(student, run: Path, dense: dict[str, float], sparse: dict[str, float], speed: dict) -> dict:
+    """The student's entries a dense-prediction proof reports besides its task scores: GMACs against the teacher's
+    (`dense`, `sparse`: {"backbone", "total", ...} per image), keep ratios, epochs (from the run's recipe.yaml) and the
+    backbones' throughput (`tokenprune.measure.compare`'s result)."""
+    return {
+        "gmacs": sparse,
+        "backbone_flops_vs_dense": sparse["backbone"] / dense["backbone"],
+        "flops_vs_dense": sparse["total"] / dense["total"],
+        "keep_ratios": [s.keep_ratio for s in tokenprune.selectors(student)],
+        "epochs": load_recipe(run / "recipe.yaml").optim.epochs,
+        "backbone_images_per_s": speed["sparse"]["images_per_s"],
+        "dense_backbone_images_per_s": speed["dense"]["images_per_s"],
+        "backbone_speedup": speed["paired_speedup"],
+    }

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 import torch
-from proof_stages import dense_overrides, teacher_overrides
+from proof_stages import dense_overrides, student_figures, teacher_overrides
 
 import tokenprune
 from tokenprune.measure.ablation import fixed_keep, random_decisions
@@ -169,20 +169,12 @@ def report(args: argparse.Namespace) -> dict:
         speed = compare(
             dense_backbone, backbone, (1, size, size), batch_size=args.speed_batch, repeats=args.speed_repeats
         )
-        epochs = load_recipe(out / "student" / "recipe.yaml").optim.epochs
         results["student"] = {
             **scores(student, data.val, k),
             "random_locations": random_location_scores(student, data.val, k),
             "keep_all": fixed_keep_scores(student, data.val, k, 1.0),
             "keep_none": fixed_keep_scores(student, data.val, k, 0.0),
-            "gmacs": sparse,
-            "backbone_flops_vs_dense": sparse["backbone"] / dense["backbone"],
-            "flops_vs_dense": sparse["total"] / dense["total"],
-            "keep_ratios": [s.keep_ratio for s in tokenprune.selectors(student)],
-            "epochs": epochs,
-            "backbone_images_per_s": speed["sparse"]["images_per_s"],
-            "dense_backbone_images_per_s": speed["dense"]["images_per_s"],
-            "backbone_speedup": speed["paired_speedup"],
+            **student_figures(student, out / "student", dense, sparse, speed),
         }
         if "control" in results:
             results["student"]["miou_gap_to_control"] = results["control"]["miou"] - results["student"]["miou"]
