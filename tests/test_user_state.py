@@ -167,6 +167,19 @@ def test_torchscript_model_is_refused_with_what_to_pass():
     assert "please report" not in str(refused.value)
 
 
+@pytest.mark.parametrize("kind", ["deit", "convnext"])
+def test_sparsify_under_inference_mode_returns_a_trainable_model(kind):
+    """An evaluation script under `torch.inference_mode()` may sparsify too: the copy and the predictors must still be
+    ordinary tensors, or the model could never be fine-tuned ("Inference tensors cannot be saved for backward")."""
+    model = _model(kind)
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 64, 64)  # an inference tensor as the example input too
+        sparse = tokenprune.sparsify(model, 0.7, example_inputs=x)
+    assert not any(p.is_inference() for p in sparse.parameters())
+    sparse.train()(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for n, p in sparse.named_parameters() if "tokenprune_stage" in n)
+
+
 def test_tracing_keeps_every_flag():
     """The pass traces each block in eval and in train mode; every submodule gets its own flag back."""
     from tokenprune.fx.tracing import trace

@@ -62,6 +62,9 @@ def example_input(model: nn.Module, example_inputs: torch.Tensor | None = None, 
                 f"{model_name(model)}: example_inputs must be one image tensor [B, C, H, W], "
                 f"got {type(example_inputs).__name__}."
             )
+        if example_inputs.is_inference():  # made under torch.inference_mode: autograd may not record it
+            with torch.inference_mode(False):
+                example_inputs = example_inputs.clone()
         return example_inputs.to(dtype) if example_inputs.is_floating_point() else example_inputs
     size = input_size(model)
     if size is None:

@@ -69,6 +69,9 @@ def _warn_tiny_keep(chain: Chain, prefix: int, keep_ratios: list[float], name: s
             )
 
 
+# reason: under a caller's `torch.inference_mode()` the copy and the new predictors would be inference tensors, which
+# can never be trained; the result's tensors are ordinary ones, as the model's are.
+@torch.inference_mode(False)
 def sparsify(
     model: nn.Module,
     ratio: float = 0.7,
@@ -116,7 +119,7 @@ def sparsify(
     Raises:
         ConfigError: for a bad ratio, locations or keep ratios.
         UnsupportedModelError: when the model can't be traced, has no chain, or can't be rewritten exactly, or is
-            wrapped by torch.compile, DataParallel or DDP (pass the module inside).
+            wrapped by torch.compile, DataParallel or DDP (pass the module inside), or is TorchScript.
     """
     refuse_wrappers(model)
     name = model_name(model)
