@@ -246,6 +246,16 @@ def test_windowed_mlp_is_refused_for_its_layout_not_as_a_bottleneck():
     assert "bottleneck" not in str(refused.value)
 
 
+def test_a_run_that_only_reorders_axes_is_not_called_a_bottleneck():
+    """ConvNeXt zepto RMS normalises with a hand-written norm (x * rsqrt(mean(x^2))), where the walk back stops: its
+    run maps channels-last to channels-first, the same sizes. The refusal says where the walk stopped, and not that
+    the channels change."""
+    model = timm.create_model("convnext_zepto_rms").eval()
+    with pytest.raises(UnsupportedModelError, match=r"the same sizes in another order.*walk back stopped at mul") as no:
+        tokenprune.sparsify(model, example_inputs=torch.randn(1, 3, 64, 64))
+    assert "bottleneck" not in str(no.value)
+
+
 class _ToyBlock(nn.Module):
     """A MetaFormer-style block in [B, C, H, W]: depthwise conv, then a 1x1-conv MLP (no known class names)."""
 

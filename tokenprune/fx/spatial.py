@@ -236,11 +236,20 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, where: str) -> SlowPath:
             shape_in, shape_out = node_shape(entry), node_shape(branch)
             layout = _entry_layout(shape_in, chain) if shape_in else None
             if shape_in != shape_out:
-                bottleneck = True
-                reasons.append(
+                maps = (
                     f"the per-location run {run[0].name} .. {branch.name} after {_describe(gm, entry)} maps "
                     f"{list(shape_in or ())} to {list(shape_out or ())}"
                 )
+                if sorted(shape_in or ()) == sorted(shape_out or ()):  # the same sizes: an axis order, not channels
+                    inputs = [a.name for a in entry.all_input_nodes if depends_on(a, {x})]
+                    maps += (
+                        f" (the same sizes in another order: the run starts inside the block's layout change, where "
+                        f"the walk back stopped at {entry.name}, which combines {len(inputs)} values computed from the "
+                        f"block input ({', '.join(inputs)}), e.g. a hand-written norm)"
+                    )
+                else:
+                    bottleneck = True
+                reasons.append(maps)
                 continue
             if layout is None:
                 reasons.append(
