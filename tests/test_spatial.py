@@ -256,6 +256,42 @@ def test_a_run_that_only_reorders_axes_is_not_called_a_bottleneck():
     assert "bottleneck" not in str(no.value)
 
 
+def test_a_unit_with_two_mlps_gets_two_slow_paths_each_checked(monkeypatch):
+    """DaViT's chain units hold a spatial and a channel block, each ending in an MLP of the same cost: both become slow
+    paths under the same decisions (`fast_path`, `fast_path_1`; the channel attention's projection, 8x cheaper, stays
+    dense). The self-check sees the second path: written back at the wrong locations, the model is refused."""
+    import importlib
+
+    sparsify_module = importlib.import_module("tokenprune.sparsify")  # the package rebinds the name to the function
+    model = timm.create_model("davit_tiny").eval()
+    sparse = tokenprune.sparsify(model, 0.7)
+    units = [m for m in sparse.modules() if isinstance(getattr(m, "fast_path", None), AsymmetricPath)]
+    assert units and all(isinstance(getattr(u, "fast_path_1", None), AsymmetricPath) for u in units)
+    assert all(sum(isinstance(m, AsymmetricPath) for m in u.modules()) == 2 for u in units)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        pruned = sparse(x)
+        tokenprune.set_execution(sparse, "masked")
+        torch.testing.assert_close(sparse(x), pruned, rtol=1e-4, atol=1e-5)
+
+    real = sparsify_module.apply_plan
+
+    def second_path_misplaced(target, plan):
+        applied = real(target, plan)
+        for unit in applied.model.modules():
+            path = getattr(unit, "fast_path_1", None)
+            if isinstance(path, AsymmetricPath):
+                forward = path.forward
+                path.forward = lambda entry, slow, mask=None, keep=None, drop=None, f=forward: f(
+                    entry, slow, mask, None if keep is None else keep.roll(1, dims=1), drop
+                )
+        return applied
+
+    monkeypatch.setattr(sparsify_module, "apply_plan", second_path_misplaced)
+    with pytest.raises(UnsupportedModelError, match="self-check failed"):
+        tokenprune.sparsify(model, 0.7)
+
+
 class _ToyBlock(nn.Module):
     """A MetaFormer-style block in [B, C, H, W]: depthwise conv, then a 1x1-conv MLP (no known class names)."""
 

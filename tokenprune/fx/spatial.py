@@ -10,8 +10,10 @@ The structural rule that finds a block's slow path, with no class names:
    constants such as a layer scale, permutes, stochastic depth). The run starts after the last op that mixes
    locations (ConvNeXt's depthwise 7x7 conv) or at the residual stream itself (Swin's MLP residual, norm2 -> mlp ->
    add). That maximal run is the slow path.
-3. Accept it when it holds a Linear/1x1 conv (there is compute to save), maps its input's shape to the same shape in
-   the same layout (a C -> C fast path can stand in for it), and is the only such run in the block.
+3. Accept it when it holds a Linear/1x1 conv (there is compute to save) and maps its input's shape to the same shape
+   in the same layout (a C -> C fast path can stand in for it). Of several accepted runs, those within a factor of 2
+   of the costliest are the block's slow paths: the MLP, not attention's output projection (8 C^2 against C^2 per
+   location); both MLPs of a unit that holds two transformer blocks (DaViT, MaxViT).
 
 ResNet's bottleneck fails rule 3: the run after its 3x3 conv maps 256 to 1024 channels, and the 1x1 conv before the
 3x3 conv (the spatial mixing sits *inside* the branch) would still run everywhere; it gets UnsupportedModelError.
@@ -45,7 +47,7 @@ from .rules.scaler import STOCHASTIC_DEPTH, scaler_refusal
 from .rules.token_rules import Refused, example_like
 from .tracing import call_leaf, trace
 
-__all__ = ["SlowPath", "find_slow_path", "plan_spatial", "final_map", "FinalMap", "BLOCK_INPUTS"]
+__all__ = ["SlowPath", "find_slow_paths", "plan_spatial", "final_map", "FinalMap", "BLOCK_INPUTS"]
 
 #: Names of the block inputs the rewrite adds: a stage's mask (masked execution), kept and dropped locations (gathered).
 BLOCK_INPUTS = ("tokenprune_mask", "tokenprune_keep", "tokenprune_drop")
@@ -207,11 +209,15 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     return f"{node.target if node.op == 'call_module' else node.name}"
 
 
-def find_slow_path(gm: fx.GraphModule, chain: Chain, where: str) -> SlowPath:
-    """Find the slow path of a traced, shape-propagated block by the structural rule of this module's docstring.
+def find_slow_paths(gm: fx.GraphModule, chain: Chain, where: str) -> list[SlowPath]:
+    """Find the slow paths of a traced, shape-propagated block by the structural rule of this module's docstring.
+
+    Usually one: of several acceptable runs (attention's output projection, the MLP) the MLP, with clearly the most
+    compute per location. A unit of the chain that holds two transformer blocks (DaViT's spatial and channel blocks,
+    MaxViT's block and grid attention) has two MLPs of the same cost: each is a slow path, under the same decisions.
 
     Raises:
-        UnsupportedModelError: no residual branch, or none (or more than one) ending in an acceptable run.
+        UnsupportedModelError: no residual branch, or none ending in an acceptable run.
     """
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
     found: list[SlowPath] = []
@@ -276,19 +282,11 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, where: str) -> SlowPath:
                     _has_layer_scale(gm, exit_, x), _norm_eps(gm, nodes),
                 )
             )  # fmt: skip
-    if len(found) == 1:
-        return found[0]
     if found:
-        # Several branches end in per-location layers (attention's output projection, the MLP): the slow path is the
-        # MLP, the one with clearly the most compute per location (8 C^2 against C^2 for a projection).
-        ranked = sorted(found, key=lambda p: _path_macs(gm, p), reverse=True)
-        if _path_macs(gm, ranked[0]) >= 2 * _path_macs(gm, ranked[1]):
-            return ranked[0]
-        raise UnsupportedModelError(
-            f"{where}: {len(found)} residual branches end in per-location MLPs "
-            f"({', '.join(p.exit.name for p in found)}) of similar cost; tokenprune cannot tell which one is the "
-            "block's slow path (docs/design.md §2.4), so it refuses."
-        )
+        # Several branches end in per-location layers (attention's output projection, the MLP): the slow paths are
+        # the MLPs, the runs within a factor of 2 of the costliest (8 C^2 per location against C^2 for a projection).
+        top = max(_path_macs(gm, p) for p in found)
+        return [p for p in found if 2 * _path_macs(gm, p) > top]
     why = "; ".join(reasons) or "no residual add has a branch ending in per-location Linear/1x1 conv layers"
     if bottleneck:
         why += (
@@ -306,8 +304,8 @@ def find_slow_path(gm: fx.GraphModule, chain: Chain, where: str) -> SlowPath:
 
 def _asymmetric_block(
     call: Call, node: fx.Node, chain: Chain, where: str, fast_path: str = "block"
-) -> tuple[fx.GraphModule, SlowPath]:
-    """Trace one block and route its slow path through an `AsymmetricPath` (gather before, mix/scatter after)."""
+) -> tuple[fx.GraphModule, list[SlowPath]]:
+    """Trace one block and route each slow path through an `AsymmetricPath` (gather before, mix/scatter after)."""
     concrete, runtime = block_inputs(call, node, where)
     if runtime:
         raise UnsupportedModelError(
@@ -316,9 +314,7 @@ def _asymmetric_block(
         )
     gm = trace(call.module, concrete_args=concrete, name=where)
     ShapeProp(gm).propagate(*call.args[:1])
-    path = find_slow_path(gm, chain, where)
-    if fast_path == "scaled":  # every fast path scaled, epsilon 1e-6 (config.FAST_PATHS)
-        path.layer_scale, path.eps = True, 1e-6
+    paths = find_slow_paths(gm, chain, where)
     graph = gm.graph
     last = next(n for n in graph.nodes if n.op == "placeholder")
     inputs = []
@@ -327,26 +323,29 @@ def _asymmetric_block(
             last = graph.placeholder(name, default_value=None)
         inputs.append(last)
     mask, keep, drop = inputs
-    with graph.inserting_after(last if path.entry.op == "placeholder" else path.entry):
-        thin = call_leaf(graph, gather_locations, (path.entry, keep, path.channel, path.spatial))
-    for n in path.nodes:
-        n.replace_input_with(path.entry, thin)
-    name = "fast_path"
-    while hasattr(call.module, name):
-        name = "tokenprune_" + name
     param = next(call.module.parameters())
-    scale = FAST_PATH_INIT if path.layer_scale else None
-    fast = AsymmetricPath(path.dim, path.channel, path.spatial, scale, path.eps)
-    gm.add_submodule(name, fast.to(param.device, param.dtype))
-    with graph.inserting_after(path.exit):
-        mixed = graph.call_module(name, (path.entry, path.exit, mask, keep, drop))
-    path.exit.replace_all_uses_with(mixed, delete_user_cb=lambda user: user is not mixed)
+    for i, path in enumerate(paths):
+        if fast_path == "scaled":  # every fast path scaled, epsilon 1e-6 (config.FAST_PATHS)
+            path.layer_scale, path.eps = True, 1e-6
+        with graph.inserting_after(last if path.entry.op == "placeholder" else path.entry):
+            thin = call_leaf(graph, gather_locations, (path.entry, keep, path.channel, path.spatial))
+        for n in path.nodes:
+            n.replace_input_with(path.entry, thin)
+        name = "fast_path" if i == 0 else f"fast_path_{i}"  # reason: a one-path block keeps the name files know
+        while hasattr(call.module, name):
+            name = "tokenprune_" + name
+        scale = FAST_PATH_INIT if path.layer_scale else None
+        fast = AsymmetricPath(path.dim, path.channel, path.spatial, scale, path.eps)
+        gm.add_submodule(name, fast.to(param.device, param.dtype))
+        with graph.inserting_after(path.exit):
+            mixed = graph.call_module(name, (path.entry, path.exit, mask, keep, drop))
+        path.exit.replace_all_uses_with(mixed, delete_user_cb=lambda user, m=mixed: user is not m)
     graph.lint()
     block = fx.GraphModule(gm, graph, type(call.module).__name__)
     # Put back the original children so `block.mlp` keeps its type and the state_dict its names.
     for child_name, child in call.module.named_children():
         setattr(block, child_name, child)
-    return block, path
+    return block, paths
 
 
 def plan_spatial(
@@ -374,14 +373,15 @@ def plan_spatial(
     for i, (call, node) in enumerate(zip(chain.calls, nodes)):
         if i >= locations[0]:
             where = f"{name} block {call.name}"
-            block, path = _asymmetric_block(call, node, chain, where, fast_path)
+            block, paths = _asymmetric_block(call, node, chain, where, fast_path)
             plan.replace[call.name] = block
-            plan.notes.append(
-                f"block {call.name}: slow path {path.nodes[0].name} .. {path.exit.name} "
-                f"({_path_macs(block, path)} MACs per location) beside a fast path"
-                + ("" if path.layer_scale else " without a layer scale (the block has none)")
-                + (f"; both scaled by {', '.join(n.name for n in path.scalers)}" if path.scalers else "")
-            )
+            for path in paths:
+                plan.notes.append(
+                    f"block {call.name}: slow path {path.nodes[0].name} .. {path.exit.name} "
+                    f"({_path_macs(block, path)} MACs per location) beside a fast path"
+                    + ("" if path.layer_scale else " without a layer scale (the block has none)")
+                    + (f"; both scaled by {', '.join(n.name for n in path.scalers)}" if path.scalers else "")
+                )
     channel = 1 if chain.layout == "BCHW" else 3
     graph, mask, keep, drop = gm.graph, None, None, None
     stage_at = {loc: s for s, loc in enumerate(locations)}
