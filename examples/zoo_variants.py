@@ -105,6 +105,11 @@ NAMED = [
     _e("FocalNet LRF", "focalnet_tiny_lrf"),
     _e("MambaOut kobe", "mambaout_kobe"),
     _e("CAFormer S36", "caformer_s36"),
+    _e("MaxViT pico", "maxvit_pico_rw_256"),
+    _e("MaxViT tiny pm", "maxvit_tiny_pm_256"),
+    _e("MaxxViT rmlp nano", "maxxvit_rmlp_nano_rw_256"),
+    _e("MaxxViT-V2 nano", "maxxvitv2_nano_rw_256"),
+    _e("DaViT small", "davit_small"),
 ]
 
 BAD = ("wrong", "crash", "costlier", "timeout")
