@@ -94,3 +94,11 @@ def test_a_guess_the_model_does_not_take_is_named_in_the_refusal():
     with pytest.raises(UnsupportedModelError, match="no chain of blocks") as given:
         tokenprune.sparsify(model, example_inputs=torch.randn(1, 3, 32, 32))
     assert "guessed" not in str(given.value)
+
+
+def test_a_model_built_at_another_size_is_analysed_at_it():
+    """timm's MaxViT family has no patch embedding to record the size it was built for; the model's own `img_size`
+    does (its pretrained_cfg still says 256, and the model fails there: windows no longer divide the map)."""
+    model = timm.create_model("maxvit_rmlp_pico_rw_256", img_size=128).eval()
+    assert model.pretrained_cfg["input_size"] == (3, 256, 256)
+    assert inputs.input_size(model) == (3, 128, 128)

@@ -18,7 +18,8 @@ def input_size(model: nn.Module) -> tuple[int, int, int] | None:
     """(C, H, W) a model is built for, or None when nothing tells.
 
     In order: the patch embedding's ``img_size`` when it holds the model's first convolution (the size the model was
-    built for, which may differ from the pretrained one), timm's ``pretrained_cfg["input_size"]``, torchvision ViT's
+    built for, which may differ from the pretrained one), the model's own ``img_size`` (timm's MaxViT family),
+    timm's ``pretrained_cfg["input_size"]``, torchvision ViT's
     ``image_size``, and for other models with a convolutional stem 224 x 224 (what ImageNet classifiers are built and
     counted at). The channels are the model's own ``in_chans`` (timm records what it was built with), else its first
     convolution's input channels.
@@ -35,6 +36,9 @@ def input_size(model: nn.Module) -> tuple[int, int, int] | None:
     if embed is not None and stem is not None and any(m is stem for m in embed.modules()):
         img_size = embed.img_size if isinstance(embed.img_size, (tuple, list)) else (embed.img_size, embed.img_size)
         return (int(chans), *(int(v) for v in img_size))
+    own = _pair(getattr(model, "img_size", None))
+    if own is not None and chans is not None:  # reason: timm's MaxViT family records the size it was built for here
+        return (int(chans), *own)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if "input_size" in cfg:  # reason: the pretrained size; `chans` are those the model was built with
         channels, height, width = (int(v) for v in cfg["input_size"])
@@ -42,6 +46,15 @@ def input_size(model: nn.Module) -> tuple[int, int, int] | None:
     if isinstance(getattr(model, "image_size", None), int):  # torchvision VisionTransformer
         return (3, model.image_size, model.image_size)
     return (int(chans), 224, 224) if chans is not None else None
+
+
+def _pair(value: object) -> tuple[int, int] | None:
+    """(H, W) from an image size given as one int or a pair of ints, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value):
+        return (int(value[0]), int(value[1]))
+    return None
 
 
 def example_input(model: nn.Module, example_inputs: torch.Tensor | None = None, batch: int = 2) -> torch.Tensor:
