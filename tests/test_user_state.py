@@ -180,6 +180,23 @@ def test_sparsify_under_inference_mode_returns_a_trainable_model(kind):
     assert all(p.grad is not None for n, p in sparse.named_parameters() if "tokenprune_stage" in n)
 
 
+def test_a_model_made_under_inference_mode_sparsifies_for_evaluation():
+    """Its tensors are inference tensors, which only inference mode may touch (the analysis, the self-check's unit
+    weights written into it and restored): the result is like the model, for evaluation, inside the mode or out."""
+    with torch.inference_mode():
+        model = _model("deit").eval()
+    for inplace in (False, True):
+        sparse = tokenprune.sparsify(model, 0.7, example_inputs=torch.randn(2, 3, 64, 64), inplace=inplace)
+        with torch.inference_mode():
+            assert sparse.eval()(torch.randn(2, 3, 64, 64)).shape[0] == 2
+
+
+def test_not_a_module_is_refused_with_a_reason():
+    for entry_point in (tokenprune.sparsify, tokenprune.plan):
+        with pytest.raises(UnsupportedModelError, match="expects a torch.nn.Module, got str"):
+            entry_point("deit_tiny_patch16_224")
+
+
 def test_tracing_keeps_every_flag():
     """The pass traces each block in eval and in train mode; every submodule gets its own flag back."""
     from tokenprune.fx.tracing import trace

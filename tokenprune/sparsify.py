@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
@@ -69,9 +70,6 @@ def _warn_tiny_keep(chain: Chain, prefix: int, keep_ratios: list[float], name: s
             )
 
 
-# reason: under a caller's `torch.inference_mode()` the copy and the new predictors would be inference tensors, which
-# can never be trained; the result's tensors are ordinary ones, as the model's are.
-@torch.inference_mode(False)
 def sparsify(
     model: nn.Module,
     ratio: float = 0.7,
@@ -121,7 +119,19 @@ def sparsify(
         UnsupportedModelError: when the model can't be traced, has no chain, or can't be rewritten exactly, or is
             wrapped by torch.compile, DataParallel or DDP (pass the module inside), or is TorchScript.
     """
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}.")
     refuse_wrappers(model)
+    # reason: the result's tensors are like the model's. Under a caller's `torch.inference_mode()` the copy and the
+    # new predictors of an ordinary model would be inference tensors, which can never be trained; a model made under
+    # inference mode has inference tensors, which the analysis (and the self-check's unit weights) may only touch
+    # in that mode, and its result can only be evaluated, as the model itself.
+    made_in_inference = any(t.is_inference() for t in itertools.chain(model.parameters(), model.buffers()))
+    with torch.inference_mode(made_in_inference):
+        return _sparsify(model, ratio, locations, keep_ratios, example_inputs, inplace, scorer, decisions, fast_path)
+
+
+def _sparsify(model, ratio, locations, keep_ratios, example_inputs, inplace, scorer, decisions, fast_path) -> nn.Module:
     name = model_name(model)
     target = model if inplace else copy.deepcopy(model)
     originals = {id(m) for m in target.modules()}
