@@ -290,9 +290,9 @@ def find_slow_paths(gm: fx.GraphModule, chain: Chain, where: str) -> list[SlowPa
     why = "; ".join(reasons) or "no residual add has a branch ending in per-location Linear/1x1 conv layers"
     if bottleneck:
         why += (
-            ". A C -> C fast path cannot stand in for a run that changes the channels: the block's spatial op sits "
-            "inside its residual branch between pointwise layers (a bottleneck), so the pointwise layers before it "
-            "would run on every location anyway"
+            ". A C -> C fast path cannot stand in for a run that changes the channels: the run starts inside the "
+            "residual branch, after an op that mixes locations (a bottleneck's 3x3 conv, a global norm such as "
+            "ConvNeXt V2's GRN), so the pointwise layers before that op would run on every location anyway"
         )
     raise UnsupportedModelError(
         f"{where}: no slow path found ({why}). Spatial sparsification (docs/design.md §2.4) needs blocks whose "
