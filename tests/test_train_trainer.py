@@ -134,6 +134,26 @@ def test_finetune_given_student_and_teacher(tmp_path):
         finetune(model=student, overrides=[*overrides, f"run.output_dir={tmp_path / 'b'}"])
 
 
+def test_a_class_count_other_than_the_datasets_is_refused_saying_where_to_set_it(tmp_path):
+    """Built from the recipe: set model.kwargs.num_classes. Passed in (a sparse model, which carries the original's
+    `num_classes`): build it so before sparsifying."""
+    import timm
+
+    with pytest.raises(
+        ConfigError, match=r"predicts 4 classes but the dataset has 3; set model\.kwargs\.num_classes=3"
+    ):
+        _run(tmp_path, "recipe", "data.num_classes=3")
+    dense = timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=4, in_chans=1
+    )
+    sparse = tokenprune.sparsify(dense, 0.7, locations=[1, 2, 3], example_inputs=torch.randn(1, 1, 16, 16))
+    overrides = [o for o in TINY if not o.startswith(("model.", "sparsify."))]
+    with pytest.raises(ConfigError, match="predicts 4 classes but the dataset has 3; build it with num_classes=3"):
+        finetune(
+            model=sparse, teacher=dense, overrides=[*overrides, "data.num_classes=3", f"run.output_dir={tmp_path}"]
+        )
+
+
 def test_resume_auto_refuses_another_recipe_and_reruns_of_a_finished_run_train_nothing(tmp_path):
     first = _run(tmp_path, "run", "optim.epochs=1")
     recipe_yaml = (tmp_path / "run" / "recipe.yaml").read_text()

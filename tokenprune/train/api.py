@@ -253,7 +253,8 @@ def finetune(
     try:
         # The same seed on every rank, so predictors start equal (DDP also broadcasts rank 0's weights).
         torch.manual_seed(run.seed)
-        if model is None:
+        built = model is None
+        if built:
             teacher = build_teacher(recipe)
             size, chans = _input_geometry(recipe, teacher)
             if recipe.sparsify.enabled:
@@ -283,10 +284,12 @@ def finetune(
             data = build_datasets(recipe.data, img_size=size, in_chans=chans, seed=run.seed, model=teacher or model)
         classes = getattr(teacher if teacher is not None else model, "num_classes", None)
         if isinstance(classes, int) and classes != data.num_classes:
-            raise ConfigError(
-                f"the model predicts {classes} classes but the dataset has {data.num_classes}; "
-                f"set model.kwargs.num_classes={data.num_classes} (and a matching checkpoint)."
+            fix = (
+                f"set model.kwargs.num_classes={data.num_classes} (and a matching checkpoint)"
+                if built
+                else f"build it with num_classes={data.num_classes} (timm, torchvision) before sparsifying"
             )
+            raise ConfigError(f"the model predicts {classes} classes but the dataset has {data.num_classes}; {fix}.")
         out = Path(run.output_dir)
         trainer = Trainer(recipe, model, teacher, data, info)  # refuses a foreign or finished run in `out` first
         if info.main:
