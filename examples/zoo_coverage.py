@@ -99,6 +99,32 @@ def _latest_rows(zoo: list, jsonl: Path) -> list[dict] | None:
     return None if any(r is None for r in rows) else rows
 
 
+def select(entries: list, only: str | None) -> list:
+    """The entries whose family or model name is in the comma-separated `only` (all of them without it)."""
+    if not only:
+        return list(entries)
+    wanted = set(only.split(","))
+    return [e for e in entries if e.family in wanted or e.name in wanted]
+
+
+def check_entries(entries: list, jsonl: Path, *, jobs: int, timeout: float, flops: bool = True, build=None) -> list:
+    """Check each entry in a process of its own, `jobs` at a time; append each row to `jsonl` and print a line, in
+    the entries' order whatever finishes first. Returns the rows."""
+    rows = []
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    with open(jsonl, "a") as log, ThreadPoolExecutor(max(1, jobs)) as pool:
+        runs = [pool.submit(_run, entry, timeout, flops, build) for entry in entries]
+        for entry, run in zip(entries, runs):
+            row = run.result()
+            rows.append(row)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            ratio = f"macs {row['macs_ratio']:.3f}" if row.get("macs_ratio") else ""
+            label = entry.name if entry.family == entry.name else f"{entry.family:<32} {entry.name}"
+            print(f"{row['outcome']:>9}  {label:<72} {ratio:<11} {row.get('reason', '')[:160]}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from zoo_harness import ZOO
 
@@ -115,21 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         help="write docs/zoo.md for the whole zoo: the models checked now, the others' latest rows in --jsonl",
     )
     args = parser.parse_args(argv)
-    entries = ZOO
-    if args.only:
-        wanted = set(args.only.split(","))
-        entries = [e for e in ZOO if e.family in wanted or e.name in wanted]
-    rows = []
-    Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.jsonl, "a") as log, ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        runs = [pool.submit(_run, entry, args.timeout, not args.no_flops) for entry in entries]
-        for entry, run in zip(entries, runs):  # in the zoo's order, whatever finishes first
-            row = run.result()
-            rows.append(row)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            ratio = f" macs {row['macs_ratio']:.3f}" if row.get("macs_ratio") else ""
-            print(f"{row['outcome']:>9}  {entry.name:<40}{ratio}  {row.get('reason', '')[:160]}", flush=True)
+    entries = select(ZOO, args.only)
+    rows = check_entries(entries, Path(args.jsonl), jobs=args.jobs, timeout=args.timeout, flops=not args.no_flops)
     if args.update:
         rows = _latest_rows(ZOO, Path(args.jsonl))
         if rows is None:

@@ -13,14 +13,12 @@ reason; never wrong, crashed or costlier. Prints one line per variant and a summ
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import timm.layers as layers
 from timm.models import vision_transformer as vit
-from zoo_coverage import ROOT, _run
+from zoo_coverage import ROOT, check_entries, select
 from zoo_harness import _e, build_with_timm
 
 SMALL = dict(img_size=64, depth=4)
@@ -122,21 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="variants checked at once (one process and thread each)")
     parser.add_argument("--jsonl", default=str(ROOT / "runs" / "zoo_variants.jsonl"))
     args = parser.parse_args(argv)
-    entries = OPTIONS + NAMED
-    if args.only:
-        wanted = set(args.only.split(","))
-        entries = [e for e in entries if e.family in wanted or e.name in wanted]
-    Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
+    entries = select(OPTIONS + NAMED, args.only)
+    rows = check_entries(entries, Path(args.jsonl), jobs=args.jobs, timeout=args.timeout, build=build_with_timm)
     counts: dict[str, int] = {}
-    with open(args.jsonl, "a") as log, ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        runs = [pool.submit(_run, entry, args.timeout, True, build_with_timm) for entry in entries]
-        for entry, run in zip(entries, runs):
-            row = run.result()
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            counts[row["outcome"]] = counts.get(row["outcome"], 0) + 1
-            ratio = f"macs {row['macs_ratio']:.3f}" if row.get("macs_ratio") else ""
-            print(f"{row['outcome']:>9}  {entry.family:<32} {entry.name:<38} {ratio:<11} {row['reason'][:120]}")
+    for row in rows:
+        counts[row["outcome"]] = counts.get(row["outcome"], 0) + 1
     print("summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(entries)})")
     return 1 if any(counts.get(b) for b in BAD) else 0
 
