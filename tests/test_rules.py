@@ -451,6 +451,10 @@ class SpatialFn(Fn):
     def mlp(self, t):
         return self.down(F.gelu(self.up(self.norm(t))))
 
+    def grn(self, t, total):
+        """ConvNeXt V2's global response norm of channels-last `t` given its per-sample `total` over the locations."""
+        return t + self.c * (t * (total / (total.mean(-1, keepdim=True) + 1e-6)))
+
 
 class SpatialBlock(nn.Module):
     def __init__(self, make: Callable[[], nn.Module]) -> None:
@@ -510,6 +514,27 @@ SPATIAL_CASES = [
     Case("permute", _m("permute"), lambda m, y: _first(m.mlp(_last(y)))),
     Case("permute", _f(torch.permute), lambda m, y: torch.permute(m.mlp(torch.permute(y, (0, 2, 3, 1))), (0, 3, 1, 2))),
     Case("permute", _m("permute"), lambda m, y: m.mlp(_last(y)).permute(0, 3, 2, 1), refused="mixes locations"),
+    # sums over the locations (GRN): per sample, over the kept locations in both executions
+    Case("reduction", _m("sum"), lambda m, y: _first(m.grn(m.mlp(_last(y)), (m.mlp(_last(y)) ** 2).sum((1, 2), True)))),
+    Case("reduction", _f(torch.sum), lambda m, y: _first(m.mlp(m.grn(t := _last(y), torch.sum(t.abs(), (1, 2), True)))
+         )),  # fmt: skip
+    Case("reduction", _m("mean"), lambda m, y: _first(m.mlp((t := _last(y)) - t.mean(-1, keepdim=True)))),  # channels
+    Case("reduction", _m("mean"), lambda m, y: _first(m.grn(t := m.mlp(_last(y)), t.abs().mean((1, 2), True))),
+         refused="no slow path"),  # fmt: skip
+    # statistics over the channels: a hand-written norm, per location (ConvNeXt RMS); over the locations they mix them
+    Case("variance", _f(torch.var), lambda m, y: _first(m.mlp((t := _last(y)) * torch.rsqrt(torch.var(t, dim=-1,
+         keepdim=True) + 1e-6)))),  # fmt: skip
+    Case("variance", _m("var"), lambda m, y: _first(m.mlp((t := _last(y)) * (t.var(-1, keepdim=True) + 1e-6).rsqrt()))),
+    Case("variance", _f(torch.std), lambda m, y: _first(m.mlp((t := _last(y)) / (torch.std(t, -1, keepdim=True) + 1)))),
+    Case("variance", _m("std"), lambda m, y: _first(m.mlp((t := _last(y)) / (t.std(-1, keepdim=True) + 1.0)))),
+    Case("variance", _m("var"), lambda m, y: _first(m.grn(t := m.mlp(_last(y)), t.var((1, 2), keepdim=True))),
+         refused="no slow path"),  # fmt: skip
+    Case("norm", _m("norm"), lambda m, y: _first(m.grn(t := m.mlp(_last(y)), t.norm(p=2, dim=(1, 2), keepdim=True)))),
+    Case("norm", _f(torch.norm), lambda m, y: _first(m.grn(t := m.mlp(_last(y)), torch.norm(t, 1, (1, 2), True)))),
+    Case("norm", _f(torch.linalg.vector_norm), lambda m, y: _first(m.grn(t := m.mlp(_last(y)),
+         torch.linalg.vector_norm(t, float("inf"), (1, 2), True)))),  # fmt: skip
+    Case("norm", _m("norm"), lambda m, y: _first(m.grn(t := m.mlp(_last(y)), t.norm(p=2, dim=(1,), keepdim=True))),
+         refused="no slow path"),  # fmt: skip
     Case("module_call", _mod(timm.layers.DropPath), lambda m, y: m.mod(_first(m.mlp(_last(y)))),
          mod=lambda: timm.layers.DropPath(0.2)),
     Case("module_call", _mod(torchvision.ops.StochasticDepth), lambda m, y: m.mod(_first(m.mlp(_last(y)))),

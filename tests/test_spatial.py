@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from timm.layers.grn import GlobalResponseNorm
 from torch import nn
 
 import tokenprune
@@ -24,7 +25,20 @@ MODELS = {
     "timm_swin_tiny": (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=64), 64),
     "tv_swin_t": (lambda: torchvision.models.swin_t(), 64),
     "timm_convnext_atto": (lambda: timm.create_model("convnext_atto"), 64),  # conv_mlp: 1x1 convs, LayerNorm2d
+    # ConvNeXt V2: GRN's L2 norm over the locations inside the MLP; channels first (conv_mlp) and last
+    "timm_convnextv2_atto": (lambda: _grn_filled(timm.create_model("convnextv2_atto")), 64),
+    "timm_convnextv2_atto_last": (lambda: _grn_filled(timm.create_model("convnextv2_atto", conv_mlp=False)), 64),
 }
+
+
+def _grn_filled(model: nn.Module) -> nn.Module:
+    """GRN's weight and bias start at zero (the norm is an identity): give them values so its statistics count."""
+    for m in model.modules():
+        if isinstance(m, GlobalResponseNorm):
+            nn.init.normal_(m.weight, std=0.5)
+            nn.init.normal_(m.bias, std=0.1)
+    return model
+
 
 _DENSE: dict[str, nn.Module] = {}
 _SPARSE: dict[str, nn.Module] = {}
@@ -223,6 +237,24 @@ def test_original_names_kept_and_stochastic_depth_survives():
     assert any(isinstance(m, torchvision.ops.StochasticDepth) for m in called)
 
 
+def test_grn_sums_the_kept_locations_in_both_executions(monkeypatch):
+    """ConvNeXt V2's GRN reads every location of the MLP's hidden map. Its slow path is the whole MLP, GRN inside, and
+    masked execution zeroes the dropped locations before GRN's norm so it sums the kept ones, as the gathered slow
+    path does. Without that zeroing the two executions differ, and the self-check refuses the model."""
+    import tokenprune.fx.spatial as spatial_pass
+
+    name = "timm_convnextv2_atto_last"
+    block = next(m for m in sparse(name).modules() if isinstance(getattr(m, "fast_path", None), AsymmetricPath))
+    order = [n.name for n in block.graph.nodes]
+    # both pointwise layers, and GRN between them, run on the gathered locations; the zeroing comes before GRN's norm
+    path = ["gather_locations", "mlp_fc1", "mask_locations", "norm", "mlp_fc2", "fast_path"]
+    assert [order.index(n) for n in path] == sorted(order.index(n) for n in path)
+
+    monkeypatch.setattr(spatial_pass, "mask_locations", lambda x, mask, keep, spatial: x)
+    with pytest.raises(UnsupportedModelError, match="self-check failed"):
+        tokenprune.sparsify(dense(name), 0.7, example_inputs=images(name, 2))
+
+
 @pytest.mark.parametrize("builder", [torchvision.models.resnet50, lambda: timm.create_model("resnet50")])
 def test_resnet_bottleneck_is_refused(builder):
     model = builder().eval()
@@ -246,12 +278,59 @@ def test_windowed_mlp_is_refused_for_its_layout_not_as_a_bottleneck():
     assert "bottleneck" not in str(refused.value)
 
 
-def test_a_run_that_only_reorders_axes_is_not_called_a_bottleneck():
-    """ConvNeXt zepto RMS normalises with a hand-written norm (x * rsqrt(mean(x^2))), where the walk back stops: its
-    run maps channels-last to channels-first, the same sizes. The refusal says where the walk stopped, and not that
-    the channels change."""
+def test_a_hand_written_norm_is_per_location():
+    """ConvNeXt zepto RMS normalises with a hand-written norm, x * rsqrt(var(x) + eps) over the channels: a diamond
+    whose statistic is one value per location. The slow path takes it in (it was refused until 2026-12-07: the walk
+    back stopped at the multiplication), and masked and gathered execution agree."""
     model = timm.create_model("convnext_zepto_rms").eval()
-    with pytest.raises(UnsupportedModelError, match=r"the same sizes in another order.*walk back stopped at mul") as no:
+    x = torch.randn(2, 3, 64, 64)
+    sparse = tokenprune.sparsify(model, 0.7, example_inputs=x)
+    block = next(m for m in sparse.modules() if isinstance(getattr(m, "fast_path", None), AsymmetricPath))
+    order = [n.name for n in block.graph.nodes]
+    assert order.index("gather_locations") < order.index("var") < order.index("mlp_fc1")
+    randomize_fast_paths(sparse)
+    with torch.no_grad():
+        gathered = sparse(x)
+        masked = tokenprune.set_execution(sparse, "masked")(x)
+    torch.testing.assert_close(gathered, masked, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        # the squeeze-excitation's mean over the locations mixes them: the run restarts after the diamond's join
+        ("mobilenetv3_small_100", r"the per-location run conv_pwl \.\. drop_path after mul maps \[1, 240, 4, 4\]"),
+        # the branch ends in a depthwise 7x7 conv; the map before it has 4C channels, whose layout is read all the same
+        ("starnet_s050", r"no residual add has a branch ending in per-location Linear/1x1 conv layers"),
+    ],
+)
+def test_where_a_run_restarts_is_read_through_diamonds_and_expanded_maps(name, reason):
+    with pytest.raises(UnsupportedModelError, match=reason):
+        tokenprune.sparsify(timm.create_model(name).eval(), example_inputs=torch.randn(1, 3, 64, 64))
+
+
+class _ChannelsLastMaxNorm(nn.Module):
+    """Depthwise conv, then x / amax(x) over the channels (an op without a rule) and a channels-last MLP."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.mix = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.up, self.down = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        t = self.mix(x).permute(0, 2, 3, 1)
+        t = t / t.amax(-1, keepdim=True)
+        return x + self.down(torch.relu(self.up(t))).permute(0, 3, 1, 2)
+
+
+def test_a_run_that_only_reorders_axes_is_not_called_a_bottleneck():
+    """Where the walk back stops at an op that combines two values of the block (a norm written with an op the table
+    does not know), the run left maps channels-last to channels-first, the same sizes: the refusal says where the
+    walk stopped, and not that the channels change."""
+    model = _ToyNet(_ChannelsLastMaxNorm, dim=24).eval()  # reason: C = 16 = H = W would leave the layout ambiguous
+    with pytest.raises(
+        UnsupportedModelError, match=r"the same sizes in another order.*walk back stopped at truediv"
+    ) as no:
         tokenprune.sparsify(model, example_inputs=torch.randn(1, 3, 64, 64))
     assert "bottleneck" not in str(no.value)
 

@@ -4,12 +4,14 @@ The structural rule that finds a block's slow path, with no class names:
 
 1. Trace the block and find its residual adds: adds whose two operands both depend on the block's input.
 2. From the branch operand walk back over ops with a spatial rule in the op-rule table (`fx/rules/`), as long as
-   each has one input that depends on the block's input and nothing outside the run reads it; then forward, each
-   rule reads its op's arguments and gives the map's layout after it, or None where it mixes locations (LayerNorm
-   over the channel dim alone, Linear with channels last, BatchNorm and 1x1 convs channels first, per-channel
-   constants such as a layer scale, permutes, stochastic depth). The run starts after the last op that mixes
-   locations (ConvNeXt's depthwise 7x7 conv) or at the residual stream itself (Swin's MLP residual, norm2 -> mlp ->
-   add). That maximal run is the slow path.
+   each has one input that depends on the block's input and nothing outside the run reads it (or, combining several,
+   they all come from one node of the run through such ops: a closed diamond); then forward, each rule reads its
+   op's arguments and gives the map's layout after it, or None where it mixes locations (LayerNorm over the channel
+   dim alone, Linear with channels last, BatchNorm and 1x1 convs channels first, per-channel constants such as a
+   layer scale, permutes, stochastic depth; a sum over all the locations gives a per-sample value, exact over the
+   kept ones: ConvNeXt V2's GRN). The run starts after the last op that mixes locations (ConvNeXt's depthwise 7x7
+   conv) or at the residual stream itself (Swin's MLP residual, norm2 -> mlp -> add). That maximal run is the slow
+   path.
 3. Accept it when it holds a Linear/1x1 conv (there is compute to save) and maps its input's shape to the same shape
    in the same layout (a C -> C fast path can stand in for it). Of several accepted runs, those within a factor of 2
    of the costliest are the block's slow paths: the MLP, not attention's output projection (8 C^2 against C^2 per
@@ -37,7 +39,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
-from ..nn.asymmetric import FAST_PATH_INIT, AsymmetricPath, gather_locations
+from ..nn.asymmetric import FAST_PATH_INIT, AsymmetricPath, gather_locations, mask_locations
 from ..nn.spatial_predictor import SpatialRecorder, SpatialSelector
 from . import rules
 from ._graph import applied_norm, block_inputs, chain_nodes, node_shape
@@ -72,6 +74,9 @@ class SlowPath:
     scalers: list[fx.Node] = field(default_factory=list)
     layer_scale: bool = True
     eps: float = 1e-6
+    #: the nodes that sum the map over its locations (GRN's norm), each with its input's spatial dims: masked
+    #: execution zeroes the dropped locations of that input (`mask_locations`), so the sum is over the kept ones
+    sums: list[tuple[fx.Node, tuple[int, ...]]] = field(default_factory=list)
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -87,55 +92,134 @@ def _spatial_rule(gm: fx.GraphModule, node: fx.Node):
 
 
 def _entry_layout(shape: tuple[int, ...], chain: Chain) -> tuple[int, tuple[int, ...]] | None:
+    """The layout of a map inside a block, from its shape: the chain's channels and locations in some order; failing
+    that, the chain's locations with another channel count (an expanded hidden map: MobileNet's 6C after its 1x1
+    conv). None when the locations are not the chain's (windows)."""
     c, h, w = (chain.shape[1], *chain.shape[2:]) if chain.layout == "BCHW" else (chain.shape[3], *chain.shape[1:3])
-    channels_first, channels_last = (shape[1:] == (c, h, w)), (shape[1:] == (h, w, c))
-    if len(shape) == 3 and shape[1:] == (h * w, c):
+    first = chain.layout == "BCHW"
+    return _layout_of(shape, h, w, c, first) or _layout_of(shape, h, w, None, first)
+
+
+def _layout_of(shape: tuple[int, ...], h: int, w: int, c: int | None, prefer_first: bool):
+    """The layout of `shape` holding H x W locations of `c` channels (None: any count), or None."""
+    if len(shape) == 3 and shape[1] == h * w and c in (None, shape[2]):
         return 2, (1,)  # locations flattened row-major, as Swin's `x.reshape(B, -1, C)` does
-    if channels_first and (chain.layout == "BCHW" or not channels_last):
+    if len(shape) != 4:
+        return None
+    channels_first = shape[2:] == (h, w) and c in (None, shape[1])
+    channels_last = shape[1:3] == (h, w) and c in (None, shape[3])
+    if channels_first and (prefer_first or not channels_last):
         return 1, (2, 3)
-    if channels_last:
-        return 3, (1, 2)
-    return None
+    return (3, (1, 2)) if channels_last else None
 
 
-def _walk_back(gm: fx.GraphModule, exit_: fx.Node, x: fx.Node) -> tuple[fx.Node, list]:
-    """The maximal run of nodes with a spatial rule ending at `exit_`, and the node feeding it."""
+def _walk_back(gm: fx.GraphModule, exit_: fx.Node, x: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """The maximal run of nodes with a spatial rule ending at `exit_`, in graph order, and the node feeding it.
+
+    The run is a chain, but for closed diamonds: a node that combines several values computed from the block input
+    (GRN's `x + gamma * x * norm(x)`) is crossed when they all come from one earlier node of the run (`_diamond`)."""
     run: list[fx.Node] = []
     node = exit_
     while _spatial_rule(gm, node) is not None:
         if run and any(u not in run for u in node.users):
             break  # its value is also read outside the branch (the residual stream itself)
         data = [a for a in node.all_input_nodes if depends_on(a, {x})]
+        inner: list[fx.Node] = []
         if len(data) != 1:
-            break
-        run.append(node)
+            found = _diamond(gm, node, data, x)
+            if found is None:
+                break
+            data, inner = [found[0]], found[1]
+        run += [node, *reversed(inner)]
         node = data[0]
-    return node, run[::-1]
+    return node, sorted(run, key=_order(gm))
+
+
+def _order(gm: fx.GraphModule):
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return position.__getitem__
+
+
+def _diamond(gm: fx.GraphModule, join: fx.Node, data: list[fx.Node], x: fx.Node):
+    """(fork, the nodes between it and `join`) when every value `join` combines is computed from one earlier node
+    (the fork) by nodes with a spatial rule that nothing but `join` and each other reads; None otherwise."""
+    ancestors: set[fx.Node] = set()
+    stack = list(data)
+    while stack:
+        n = stack.pop()
+        if n not in ancestors and depends_on(n, {x}):
+            ancestors.add(n)
+            stack.extend(n.all_input_nodes)
+    for fork in sorted(ancestors, key=_order(gm), reverse=True):
+        if fork is x:
+            return None
+        inner = [n for n in ancestors if n is not fork and depends_on(n, {fork})]
+        if not all(depends_on(d, {fork}) for d in data) or any(_spatial_rule(gm, n) is None for n in inner):
+            continue
+        inside = {fork, *inner}
+        closed = all(
+            all(a in inside for a in n.all_input_nodes if depends_on(a, {x}))
+            and all(u in inside or u is join for u in n.users)
+            for n in inner
+        )
+        if closed:
+            return fork, sorted(inner, key=_order(gm))
+    return None
+
+
+def _propagate(
+    gm: fx.GraphModule, x: fx.Node, entry: fx.Node, layout, run: list[fx.Node]
+) -> tuple[dict[fx.Node, tuple], int | None]:
+    """The layout of each node of `run` fed `entry` in `layout`, by the table's spatial rules, and the position of the
+    first node that mixes locations (None when none does)."""
+    block = rules.Block(gm, x, rules.lookup, {entry: layout})
+    for i, node in enumerate(run):
+        data = [a for a in node.all_input_nodes if a in block.states]
+        after = _spatial_rule(gm, node)(block, node, data[0], block.states[data[0]]) if data else None
+        if after is None:
+            return block.states, i
+        block.states[node] = after
+    return block.states, None
+
+
+def _cuts(entry: fx.Node, run: list[fx.Node]) -> set[int]:
+    """Positions in `run` whose node alone carries everything before it to what follows (a run may restart after it)."""
+    cuts, seen, members = set(), {entry}, set(run)
+    for i, node in enumerate(run):
+        seen.add(node)
+        if all(u in seen for n in seen if n is not node for u in n.users if u in members):
+            cuts.add(i)
+    return cuts
 
 
 def _per_location(
     gm: fx.GraphModule, entry: fx.Node, run: list[fx.Node], x: fx.Node, chain: Chain
 ) -> tuple[fx.Node, list[fx.Node]]:
     """The run without its front up to the last node that mixes locations (a rule answering None for the layout it
-    gets: ConvNeXt's depthwise 7x7 conv, which has a conv rule but is not 1x1), and the node feeding what is left."""
-    block, start = rules.Block(gm, x, rules.lookup), 0
+    gets: ConvNeXt's depthwise 7x7 conv, which has a conv rule but is not 1x1), and the node feeding what is left. A
+    node inside a diamond that mixes them drops the front up to the diamond's join."""
+    cuts, start = _cuts(entry, run), 0
     while start < len(run):
         feed = entry if start == 0 else run[start - 1]
         shape = node_shape(feed)
         current = _entry_layout(shape, chain) if shape else None
         if current is None:
             break
-        data, mixing = feed, None
-        for i in range(start, len(run)):
-            current = _spatial_rule(gm, run[i])(block, run[i], data, current)
-            if current is None:
-                mixing = i
-                break
-            data = run[i]
+        _, mixing = _propagate(gm, x, feed, current, run[start:])
         if mixing is None:
             break
-        start = mixing + 1
+        start = min((c for c in cuts if c >= start + mixing), default=len(run) - 1) + 1
     return (entry if start == 0 else run[start - 1]), run[start:]
+
+
+def _location_sums(states: dict, nodes: list[fx.Node]) -> list[tuple[fx.Node, tuple[int, ...]]]:
+    """The nodes of a slow path that turn a map into a per-sample value (`spatial_rules.location_sum`)."""
+    sums = []
+    for n in nodes:  # reason: only a location sum makes a per-sample value of a map (binary keeps a map a map)
+        data = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        if not states[n][1] and data in states and states[data][1]:
+            sums.append((n, states[data][1]))
+    return sums
 
 
 def _trailing_scalers(gm: fx.GraphModule, run: list[fx.Node]) -> list[fx.Node]:
@@ -264,14 +348,10 @@ def find_slow_paths(gm: fx.GraphModule, chain: Chain, where: str) -> list[SlowPa
                     "rearranged, e.g. into windows)"
                 )
                 continue
-            current, data, block = layout, entry, rules.Block(gm, x, rules.lookup)
-            for node in run:
-                current = _spatial_rule(gm, node)(block, node, data, current)
-                if current is None:
-                    break
-                data = node
-            if current != layout:
-                reasons.append(f"{_describe(gm, data)} in the run ending at {branch.name} mixes locations")
+            states, mixing = _propagate(gm, x, entry, layout, run)
+            if mixing is not None or states[branch] != layout:
+                mixer = run[mixing] if mixing is not None else branch
+                reasons.append(f"{_describe(gm, mixer)} in the run ending at {branch.name} mixes locations")
                 continue
             scalers = _trailing_scalers(gm, run)
             exit_ = run[-len(scalers) - 1]
@@ -279,7 +359,7 @@ def find_slow_paths(gm: fx.GraphModule, chain: Chain, where: str) -> list[SlowPa
             found.append(
                 SlowPath(
                     entry, exit_, nodes, layout[0], layout[1], shape_in[layout[0]], scalers,
-                    _has_layer_scale(gm, exit_, x), _norm_eps(gm, nodes),
+                    _has_layer_scale(gm, exit_, x), _norm_eps(gm, nodes), _location_sums(states, nodes),
                 )
             )  # fmt: skip
     if found:
@@ -291,8 +371,8 @@ def find_slow_paths(gm: fx.GraphModule, chain: Chain, where: str) -> list[SlowPa
     if bottleneck:
         why += (
             ". A C -> C fast path cannot stand in for a run that changes the channels: the run starts inside the "
-            "residual branch, after an op that mixes locations (a bottleneck's 3x3 conv, a global norm such as "
-            "ConvNeXt V2's GRN), so the pointwise layers before that op would run on every location anyway"
+            "residual branch, after an op that mixes locations (a bottleneck's 3x3 conv, a squeeze-and-excitation's "
+            "mean over the locations), so the pointwise layers before that op would run on every location anyway"
         )
     raise UnsupportedModelError(
         f"{where}: no slow path found ({why}). Spatial sparsification (docs/design.md §2.4) needs blocks whose "
@@ -331,6 +411,10 @@ def _asymmetric_block(
             thin = call_leaf(graph, gather_locations, (path.entry, keep, path.channel, path.spatial))
         for n in path.nodes:
             n.replace_input_with(path.entry, thin)
+        for total, spatial in path.sums:
+            with graph.inserting_before(total):
+                zeroed = call_leaf(graph, mask_locations, (total.args[0], mask, keep, spatial))
+            total.update_arg(0, zeroed)
         name = "fast_path" if i == 0 else f"fast_path_{i}"  # reason: a one-path block keeps the name files know
         while hasattr(call.module, name):
             name = "tokenprune_" + name

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["FastPath", "AsymmetricPath", "gather_locations", "FAST_PATH_INIT"]
+__all__ = ["FastPath", "AsymmetricPath", "gather_locations", "mask_locations", "FAST_PATH_INIT"]
 
 #: Initial layer scale of the fast path: ConvNeXt's layer_scale_init_value, so a freshly inserted fast path adds
 #: (almost) nothing and a dropped location starts as "branch skipped" (docs/design.md §1.2).
@@ -76,6 +76,29 @@ def gather_locations(
         return x
     kept = _gather_rows(x, keep, channel, spatial)
     return _map(kept, (keep.shape[1],) + (1,) * (len(spatial) - 1), channel)  # W' = 1: k rows of one location
+
+
+def _location_mask(mask: torch.Tensor, like: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """The [B, H*W, 1] hard mask shaped to broadcast over map `like` (its spatial dims `spatial`), in its dtype."""
+    shape = [like.shape[0]] + [like.shape[d] if d in spatial else 1 for d in range(1, like.dim())]
+    return mask.to(like.dtype).reshape(shape)
+
+
+def mask_locations(
+    x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None, spatial: tuple[int, ...]
+) -> torch.Tensor:
+    """`x` with the dropped locations zeroed in masked execution, for a sum over the locations inside a slow path
+    (ConvNeXt V2's GRN), so it sums the kept locations as gathered execution does; `x` itself in the others.
+
+    Args:
+        x: a map inside the slow path, full size in masked execution.
+        mask: [B, H*W, 1] hard keep mask, or None (dense, gathered).
+        keep: [B, k] kept location indices (gathered execution: `x` holds only those), or None.
+        spatial: the adjacent spatial dims of `x`, in row-major order.
+    """
+    if mask is None or keep is not None:
+        return x
+    return x * _location_mask(mask, x, spatial)
 
 
 class FastPath(nn.Module):
@@ -165,8 +188,7 @@ class AsymmetricPath(nn.Module):
             return self._scatter(entry, slow, keep, drop)
         if mask is None:
             return slow
-        shape = [entry.shape[0]] + [entry.shape[d] if d in self.spatial else 1 for d in range(1, entry.dim())]
-        m = mask.to(slow.dtype).reshape(shape)
+        m = _location_mask(mask, slow, self.spatial)
         # Straight-through: m is a hard 0/1 sample whose gradient reaches the predictor (docs/design.md §1.2).
         return slow * m + self._fast(entry, self.channel) * (1.0 - m)
 

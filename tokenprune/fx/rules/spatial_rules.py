@@ -3,13 +3,19 @@
 Each function takes the walk's `Block` (the traced block and its input), the node, its data input and that input's
 layout (channel dim, spatial dims), and returns the output's layout, or None when the node mixes locations (or
 changes what a C -> C fast path could stand in for). The table (`rules/table.py`) says which op each one serves.
+
+A layout with no spatial dims, (channel, ()), is a *per-sample* value: the map summed over all its locations
+(`location_sum`: ConvNeXt V2's GRN takes an L2 norm over H and W). Computed on the kept locations only it is what the
+gathered slow path computes; masked execution gets the same value by zeroing the dropped locations before the sum
+(the rewrite inserts `nn.asymmetric.mask_locations` there), so such a sum is exact where a mean or a max would not be.
+Ops on per-sample values, and a map combined with one per location (`binary`), keep the run per location.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -32,6 +38,8 @@ class Block:
     #: the rule table's lookup (`rules.lookup`), for rules that check a module's own code op by op; passed in by the
     #: walker because the table imports these rules
     lookup: Callable[[fx.GraphModule, fx.Node], object]
+    #: the layouts of the nodes walked so far, for ops that combine two values computed from the block input
+    states: dict[fx.Node, Layout] = field(default_factory=dict)
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.gm.get_submodule(node.target)
@@ -59,14 +67,42 @@ def cast(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout |
 
 
 def binary(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout | None:
-    """x op c: per location when every other operand is a number or a constant that is 1 off the channel dim."""
-    if same_shape(block, node, data, layout) is None:
+    """x op c: per location when every other operand is a number, a constant that is 1 off the channel dim, or a
+    value the walk has reached (`Block.states`): a map in the same layout (of size 1 on the channels for a value
+    computed per location, as a hand-written norm's), or a per-sample value that broadcasts over the locations
+    (GRN's `x * norm`). With a map among the operands the result is a map; of per-sample values only, one."""
+    operands = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
+    states = {**block.states, data: layout}
+    reached = [a for a in operands if depends_on(a, {block.x})]
+    if any(a not in states for a in reached):
+        return None
+    maps = [a for a in reached if states[a][1]]
+    full = [a for a in maps if node_shape(a) == node_shape(node)] or [data]
+    result = states[full[0]]
+    if same_shape(block, node, full[0], result) is None:
         return None
     rank = len(node_shape(node))
-    others = [a for a in (*node.args, *node.kwargs.values()) if a is not data]
-    nodes = [o for o in others if isinstance(o, fx.Node)]
-    ok = all(not depends_on(o, {block.x}) and _per_channel(o, rank, layout[0]) for o in nodes)
-    return layout if ok else None
+    for a in reached:
+        if states[a][1] and not (states[a] == result and _per_location_of(a, full[0], result[0])):
+            return None
+        if not states[a][1] and not _broadcasts(a, rank, result):
+            return None
+    others = [a for a in operands if a not in reached]
+    return result if all(_per_channel(o, rank, result[0]) for o in others) else None
+
+
+def _per_location_of(value: fx.Node, like: fx.Node, channel: int) -> bool:
+    """Whether map `value` has `like`'s shape, but for a channel dim of size 1."""
+    shape, full = node_shape(value), node_shape(like)
+    if shape is None or full is None or len(shape) != len(full):
+        return False
+    return all(s == f or (d == channel and s == 1) for d, (s, f) in enumerate(zip(shape, full)))
+
+
+def _broadcasts(value: fx.Node, rank: int, layout: Layout) -> bool:
+    """Whether per-sample `value` broadcasts over the locations: of the map's rank, size 1 on its spatial dims."""
+    shape = node_shape(value)
+    return shape is not None and len(shape) == rank and all(shape[d] == 1 for d in layout[1])
 
 
 def _per_channel(other: fx.Node, rank: int, channel: int) -> bool:
@@ -97,6 +133,45 @@ def normalize(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Lay
     """F.normalize over `dim` (default 1): per location when `dim` is the channel dim."""
     kept = _locations_kept(node, data, layout)
     return layout if kept and arg(node, 2, "dim", 1) % (kept[1] + 1) == layout[0] else None
+
+
+#: The reductions `location_sum` serves: (position of `dim`, of `keepdim`, the name and position of the norm's order).
+_REDUCTIONS = {
+    "sum": (1, 2, None), torch.sum: (1, 2, None), "mean": (1, 2, None), torch.mean: (1, 2, None),
+    "var": (1, 3, None), torch.var: (1, 3, None), "std": (1, 3, None), torch.std: (1, 3, None),
+    "norm": (2, 3, ("p", 1)), torch.norm: (2, 3, ("p", 1)), torch.linalg.vector_norm: (2, 3, ("ord", 1)),
+}  # fmt: skip
+
+
+#: Those whose zero terms add nothing, so that over the locations they are exact over the kept ones.
+_SUMS = frozenset({"sum", torch.sum, "norm", torch.norm, torch.linalg.vector_norm})
+
+
+def location_sum(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout | None:
+    """A reduction with keepdim=True (`_REDUCTIONS`). A sum or a p-norm (p > 0) over exactly the map's spatial dims:
+    a per-sample value (zeroed locations add nothing, so masked execution, zeroing the dropped ones first, sums the
+    kept ones only, as gathered execution does). Any of them over dims that are neither the batch nor a location
+    (the channels): per location. Over a per-sample value: per sample. A mean or variance over the locations, or a
+    sum over some of them, mixes them."""
+    dim_at, keepdim_at, order = _REDUCTIONS[node.target]
+    shape = node_shape(data)
+    if node.args[0] is not data or not arg(node, keepdim_at, "keepdim", False) or not shape:
+        return None
+    dims = arg(node, dim_at, "dim")
+    dims = range(len(shape)) if dims is None else (dims,) if isinstance(dims, int) else dims
+    dims = {int(d) % len(shape) for d in dims}
+    if 0 in dims:
+        return None
+    if not layout[1]:
+        return layout  # a per-sample value reduced further: still one per sample
+    if not dims & set(layout[1]):
+        return layout if _locations_kept(node, data, layout) else None
+    spatial = list(layout[1])
+    adjacent = spatial == list(range(spatial[0], spatial[0] + len(spatial)))
+    if dims != set(spatial) or not adjacent or node.target not in _SUMS:
+        return None
+    p = arg(node, order[1], order[0], 2) if order else 1
+    return (layout[0], ()) if p == "fro" or (isinstance(p, (int, float)) and p > 0) else None
 
 
 def channels_first(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout | None:

@@ -124,7 +124,14 @@ RULES: tuple[Rule, ...] = (
          + _functions(torch.unbind, torch.chunk, torch.split, torch.tensor_split), "parts of a dim other than tokens",
          reads=("dim",), token=T.split),
     Rule("reduction", _methods("mean", "sum") + _functions(torch.mean, torch.sum),
-         "over tokens: a mean/sum over kept tokens only", reads=("dim",), token=M.reduction),
+         "over tokens: a mean/sum over kept tokens only; over a map's locations, a sum (the dropped ones zeroed in "
+         "masked execution)", reads=("dim", "keepdim"), token=M.reduction, spatial=S.location_sum),
+    Rule("variance", _methods("var", "std") + _functions(torch.var, torch.std),
+         "a statistic over `dim`: over the channels per location (a hand-written norm); over the locations it mixes "
+         "them", reads=("dim", "keepdim"), spatial=S.location_sum),
+    Rule("norm", _methods("norm") + _functions(torch.norm, torch.linalg.vector_norm),
+         "a p-norm over `dim`: over a map's locations a sum of |x|^p, exact over the kept ones when p > 0",
+         reads=("p", "dim", "keepdim"), spatial=S.location_sum),
     Rule("softmax", _methods("softmax") + _functions(F.softmax, torch.softmax) + _modules(nn.Softmax),
          "over token keys (the last dim): masked attention weights", reads=("dim",), token=M.softmax),
     Rule("matmul", _functions(operator.matmul, torch.matmul, torch.bmm) + _methods("matmul", "bmm"),
