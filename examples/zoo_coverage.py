@@ -67,9 +67,10 @@ def _table(rows: list[dict]) -> str:
     lines = [
         "# Zoo coverage",
         "",
-        "One small model per family, random weights, `tokenprune.sparsify(model, 0.7)`; then, independently of the",
-        "self-check inside `sparsify`: masked vs pruned execution for the same decisions, keep-all vs the original,",
-        "gradients to every predictor, and fvcore multiply-adds of the eval model vs the dense one.",
+        "One small model per family, random weights (all-zero weights filled), `tokenprune.sparsify(model, 0.7)`;",
+        "then, independently of the self-check inside `sparsify`: masked vs pruned execution for the same decisions,",
+        "keep-all vs the original (both also with every layer scale at 1), gradients to every predictor, and fvcore",
+        "multiply-adds of the eval model vs the dense one.",
         "Made by `python examples/zoo_coverage.py` (timm and torchvision versions in the header below).",
         "",
         "Summary: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(rows)}).",

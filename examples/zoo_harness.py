@@ -3,11 +3,12 @@
 A test harness, not part of the package: `examples/zoo_coverage.py` runs it over `ZOO` and writes docs/zoo.md;
 tests/test_zoo.py loads this file and runs a subset.
 
-`check_model` builds a model with random weights, sparsifies it at rho = 0.7 and checks, *independently of the
-self-check inside `sparsify`*: eval runs; masked and pruned execution agree for the same decisions; keep-all equals
-the original — both with the model's own weights and with its layer scales set to 1 (found here by name, not by the
-self-check's graph rule: at timm's 1e-5/1e-6 init a wrong block hides behind its scale); every predictor gets a
-gradient in training; the eval model costs fewer multiply-adds (fvcore) than the dense one.
+`check_model` builds a model with random weights (all-zero weights filled), sparsifies it at rho = 0.7 and checks,
+*independently of the self-check inside `sparsify`*: eval runs; masked and pruned execution agree for the same
+decisions; keep-all equals the original — both with the model's own weights and with its layer scales set to 1
+(found here by name, not by the self-check's graph rule: at timm's 1e-5/1e-6 init a wrong block hides behind its
+scale); every predictor gets a gradient in training; the eval model costs fewer multiply-adds (fvcore) than the
+dense one.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ ZOO: list[ZooEntry] = [
     _e("efficientnet", "efficientnet_b0"),
     _e("mobilenetv3", "mobilenetv3_small_100"),
     _e("densenet", "densenet121"),
-    _e("mobilenetv5", "mobilenetv5_300m"),
+    _e("mobilenetv5", "mobilenetv5_300m", pretrained_cfg_overlay={"input_size": (3, 256, 256)}),  # not 768: minutes
     # torchvision
     _e("torchvision vit", "vit_b_16", "torchvision"),
     _e("torchvision swin", "swin_t", "torchvision"),
@@ -179,11 +180,14 @@ def build_with_timm(entry: ZooEntry) -> nn.Module:
     return timm.create_model(entry.name, **dict(entry.kwargs))
 
 
-def _randomize_zero_heads(model: nn.Module) -> None:
-    # reason: torchvision zero-initialises some classifiers, which would make logits (and every check) vacuous.
-    for m in model.modules():
-        if isinstance(m, nn.Linear) and not m.weight.any():
-            nn.init.normal_(m.weight, std=0.02)
+def _randomize_zero_weights(model: nn.Module) -> None:
+    """Give every all-zero parameter but a bias random values (std 0.02, timm's init): torchvision zero-initialises
+    some classifiers, which would make logits (and every check) vacuous, and a zero weight can switch off what a
+    check must see (ConvNeXt V2's GRN, an identity at init; a zero relative position bias table)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith("bias") and p.numel() and not p.any():
+                nn.init.normal_(p, std=0.02)
 
 
 #: Layer scales by name (timm `LayerScale.gamma`, ConvNeXt `gamma`, CaiT/EVA `gamma_1/2`, MetaFormer `Scale.scale`,
@@ -252,7 +256,7 @@ def check_model(entry: ZooEntry, *, flops: bool = True, seed: int = 0, build=Non
         except TokenPruneError as e:
             result.outcome, result.reason = "unavailable", str(e).splitlines()[0]
             return result
-        _randomize_zero_heads(dense)
+        _randomize_zero_weights(dense)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:

@@ -95,6 +95,8 @@ NAMED = [
     _e("ConvNeXt layer scale 1", "convnext_atto", ls_init_value=1.0),
     _e("ConvNeXt no layer scale", "convnext_atto", ls_init_value=None),
     _e("ConvNeXt head norm first", "convnext_atto", head_norm_first=True),
+    _e("ConvNeXt V2 channels-last MLP", "convnextv2_atto", conv_mlp=False),
+    _e("ConvNeXt V2 tiny", "convnextv2_tiny"),
     _e("Swin S3", "swin_s3_tiny_224"),
     _e("Swin-V2 CR norm stages", "swinv2_cr_tiny_ns_224"),
     _e("Hiera abswin", "hiera_small_abswin_256"),

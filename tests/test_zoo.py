@@ -110,3 +110,20 @@ def test_the_harness_sees_through_small_layer_scales(monkeypatch):
     assert result.outcome == "wrong" and result.masked_vs_pruned > 1, (result.outcome, result.reason)
     monkeypatch.setattr(harness, "unit_layer_scales", lambda *models: contextlib.nullcontext())
     assert check_model(_e("cait_xxs24_224", img_size=64, depth=4), flops=False).outcome == "works"
+
+
+def test_the_harness_sees_through_zero_weights(monkeypatch):
+    """Self-check off, masked execution's zeroing before ConvNeXt V2's GRN removed: the harness reports "wrong", because
+    it fills GRN's zero-initialised weights first (an identity at init, GRN would hide its statistics otherwise)."""
+    import importlib
+
+    import tokenprune.fx.spatial as spatial_pass
+
+    sparsify_module = importlib.import_module("tokenprune.sparsify")  # reason: the package exports the function
+    monkeypatch.setattr(spatial_pass, "mask_locations", lambda x, mask, keep, spatial: x)
+    monkeypatch.setattr(sparsify_module, "self_check", lambda *args, **kwargs: None)
+    entry = _e("convnextv2_atto", pretrained_cfg_overlay={"input_size": (3, 64, 64)})
+    result = check_model(entry, flops=False)
+    assert result.outcome == "wrong" and result.masked_vs_pruned > 1, (result.outcome, result.reason)
+    monkeypatch.setattr(harness, "_randomize_zero_weights", lambda model: None)
+    assert check_model(entry, flops=False).outcome == "works"
