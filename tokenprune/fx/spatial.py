@@ -100,7 +100,9 @@ def _entry_layout(shape: tuple[int, ...], chain: Chain) -> tuple[int, tuple[int,
     return _layout_of(shape, h, w, c, first) or _layout_of(shape, h, w, None, first)
 
 
-def _layout_of(shape: tuple[int, ...], h: int, w: int, c: int | None, prefer_first: bool):
+def _layout_of(
+    shape: tuple[int, ...], h: int, w: int, c: int | None, prefer_first: bool
+) -> tuple[int, tuple[int, ...]] | None:
     """The layout of `shape` holding H x W locations of `c` channels (None: any count), or None."""
     if len(shape) == 3 and shape[1] == h * w and c in (None, shape[2]):
         return 2, (1,)  # locations flattened row-major, as Swin's `x.reshape(B, -1, C)` does
