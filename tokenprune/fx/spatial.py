@@ -45,6 +45,7 @@ from . import rules
 from ._graph import applied_norm, block_inputs, chain_nodes, node_shape
 from .discovery import Call, Chain, depends_on
 from .plan import RECORDER, Plan
+from .rules import spatial_rules
 from .rules.scaler import STOCHASTIC_DEPTH, scaler_refusal
 from .rules.token_rules import Refused, example_like
 from .tracing import call_leaf, trace
@@ -91,28 +92,58 @@ def _spatial_rule(gm: fx.GraphModule, node: fx.Node):
     return rule.spatial if rule is not None else None
 
 
-def _entry_layout(shape: tuple[int, ...], chain: Chain) -> tuple[int, tuple[int, ...]] | None:
-    """The layout of a map inside a block, from its shape: the chain's channels and locations in some order; failing
-    that, the chain's locations with another channel count (an expanded hidden map: MobileNet's 6C after its 1x1
-    conv). None when the locations are not the chain's (windows)."""
-    c, h, w = (chain.shape[1], *chain.shape[2:]) if chain.layout == "BCHW" else (chain.shape[3], *chain.shape[1:3])
-    first = chain.layout == "BCHW"
-    return _layout_of(shape, h, w, c, first) or _layout_of(shape, h, w, None, first)
-
-
-def _layout_of(
-    shape: tuple[int, ...], h: int, w: int, c: int | None, prefer_first: bool
-) -> tuple[int, tuple[int, ...]] | None:
-    """The layout of `shape` holding H x W locations of `c` channels (None: any count), or None."""
-    if len(shape) == 3 and shape[1] == h * w and c in (None, shape[2]):
-        return 2, (1,)  # locations flattened row-major, as Swin's `x.reshape(B, -1, C)` does
-    if len(shape) != 4:
+def _entry_layout(node: fx.Node, chain: Chain, x: fx.Node) -> tuple[int, tuple[int, ...]] | None:
+    """The layout of map `node` inside a block, from its shape: the chain's channels and locations in some order;
+    failing that, the chain's locations with another channel count (an expanded hidden map: MobileNet's 6C after its
+    1x1 conv). None when the locations are not the chain's (windows). Where the shape fits two layouts (C = H = W),
+    the permutes between the block's input and `node` decide (`_permuted_layout`)."""
+    shape = node_shape(node)
+    if not shape:
         return None
-    channels_first = shape[2:] == (h, w) and c in (None, shape[1])
-    channels_last = shape[1:3] == (h, w) and c in (None, shape[3])
-    if channels_first and (prefer_first or not channels_last):
-        return 1, (2, 3)
-    return (3, (1, 2)) if channels_last else None
+    c, h, w = (chain.shape[1], *chain.shape[2:]) if chain.layout == "BCHW" else (chain.shape[3], *chain.shape[1:3])
+    first = (1, (2, 3)) if chain.layout == "BCHW" else (3, (1, 2))
+    for channels in (c, None):
+        fits = _layouts_of(shape, h, w, channels)
+        if len(fits) > 1:
+            permuted = _permuted_layout(node, x, first)
+            return permuted if permuted in fits else first if first in fits else fits[0]
+        if fits:
+            return fits[0]
+    return None
+
+
+def _layouts_of(shape: tuple[int, ...], h: int, w: int, c: int | None) -> list[tuple[int, tuple[int, ...]]]:
+    """The layouts in which `shape` holds H x W locations of `c` channels (None: any count)."""
+    if len(shape) == 3:
+        return [(2, (1,))] if shape[1] == h * w and c in (None, shape[2]) else []  # Swin's `x.reshape(B, -1, C)`
+    if len(shape) != 4:
+        return []
+    fits = [(1, (2, 3))] if shape[2:] == (h, w) and c in (None, shape[1]) else []
+    return fits + ([(3, (1, 2))] if shape[1:3] == (h, w) and c in (None, shape[3]) else [])
+
+
+#: Ops that move or reinterpret dims without a permute's explicit order: the layout cannot be followed through them.
+_DIM_MOVERS = frozenset({"transpose", "movedim", "swapaxes", "reshape", "view", "flatten", "unflatten"})
+
+
+def _permuted_layout(node: fx.Node, x: fx.Node, layout: tuple[int, tuple[int, ...]]):
+    """The layout of the block's input (`layout`) carried to `node` through the permutes on the way (following each
+    op's first input computed from it; other ops that keep the rank keep the layout), or None where the way holds an
+    op that moves dims otherwise or changes the rank."""
+    permutes: list[fx.Node] = []
+    while node is not x:
+        data = [a for a in node.all_input_nodes if depends_on(a, {x})]
+        name = getattr(node.target, "__name__", node.target)
+        shape_in, shape = (node_shape(data[0]) if data else None), node_shape(node)
+        moves = name in _DIM_MOVERS or node.target is getattr  # reason: `.mT`, `.T` are attribute reads
+        if not data or moves or not shape_in or not shape or len(shape_in) != len(shape):
+            return None
+        if name == "permute":
+            permutes.append(node)
+        node = data[0]
+    for p in reversed(permutes):
+        layout = spatial_rules.permute(None, p, None, layout)
+    return layout
 
 
 def _walk_back(gm: fx.GraphModule, exit_: fx.Node, x: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
@@ -203,8 +234,7 @@ def _per_location(
     cuts, start = _cuts(entry, run), 0
     while start < len(run):
         feed = entry if start == 0 else run[start - 1]
-        shape = node_shape(feed)
-        current = _entry_layout(shape, chain) if shape else None
+        current = _entry_layout(feed, chain, x)
         if current is None:
             break
         _, mixing = _propagate(gm, x, feed, current, run[start:])
@@ -288,6 +318,15 @@ def _norm_eps(gm: fx.GraphModule, nodes: list[fx.Node]) -> float:
     return 1e-6
 
 
+def _inside_a_layout_change(entry: fx.Node, x: fx.Node) -> str:
+    """Why a run can start inside the block's layout change: where the walk back stopped."""
+    inputs = [a.name for a in entry.all_input_nodes if depends_on(a, {x})]
+    return (
+        f"the run starts inside the block's layout change, where the walk back stopped at {entry.name}, which "
+        f"combines {len(inputs)} values computed from the block input ({', '.join(inputs)}), e.g. a hand-written norm"
+    )
+
+
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     m = _module(gm, node)
     if isinstance(m, nn.Conv2d):
@@ -326,19 +365,14 @@ def find_slow_paths(gm: fx.GraphModule, chain: Chain, where: str) -> list[SlowPa
             if not params:
                 continue
             shape_in, shape_out = node_shape(entry), node_shape(branch)
-            layout = _entry_layout(shape_in, chain) if shape_in else None
+            layout = _entry_layout(entry, chain, x)
             if shape_in != shape_out:
                 maps = (
                     f"the per-location run {run[0].name} .. {branch.name} after {_describe(gm, entry)} maps "
                     f"{list(shape_in or ())} to {list(shape_out or ())}"
                 )
                 if sorted(shape_in or ()) == sorted(shape_out or ()):  # the same sizes: an axis order, not channels
-                    inputs = [a.name for a in entry.all_input_nodes if depends_on(a, {x})]
-                    maps += (
-                        f" (the same sizes in another order: the run starts inside the block's layout change, where "
-                        f"the walk back stopped at {entry.name}, which combines {len(inputs)} values computed from the "
-                        f"block input ({', '.join(inputs)}), e.g. a hand-written norm)"
-                    )
+                    maps += f" (the same sizes in another order: {_inside_a_layout_change(entry, x)})"
                 else:
                     bottleneck = True
                 reasons.append(maps)
@@ -351,6 +385,13 @@ def find_slow_paths(gm: fx.GraphModule, chain: Chain, where: str) -> list[SlowPa
                 )
                 continue
             states, mixing = _propagate(gm, x, entry, layout, run)
+            if mixing is None and states[branch] != layout and states[branch][1]:
+                reasons.append(
+                    f"the per-location run {run[0].name} .. {branch.name} after {_describe(gm, entry)} gives its map "
+                    f"back in another layout, {states[branch]} for {layout} as (channel dim, spatial dims) "
+                    f"({_inside_a_layout_change(entry, x)})"
+                )
+                continue
             if mixing is not None or states[branch] != layout:
                 mixer = run[mixing] if mixing is not None else branch
                 reasons.append(f"{_describe(gm, mixer)} in the run ending at {branch.name} mixes locations")
