@@ -385,7 +385,8 @@ def find_slow_paths(gm: fx.GraphModule, chain: Chain, where: str) -> list[SlowPa
                 )
                 continue
             states, mixing = _propagate(gm, x, entry, layout, run)
-            if mixing is None and states[branch] != layout and states[branch][1]:
+            combined = sum(depends_on(a, {x}) for a in entry.all_input_nodes) > 1
+            if mixing is None and states[branch] != layout and states[branch][1] and combined:
                 reasons.append(
                     f"the per-location run {run[0].name} .. {branch.name} after {_describe(gm, entry)} gives its map "
                     f"back in another layout, {states[branch]} for {layout} as (channel dim, spatial dims) "
