@@ -161,6 +161,33 @@ def test_layout_is_read_off_the_image_grid_then_the_block():
     assert layout((2, 2, 4, 8), (16, 32), nn.Sequential(nn.Conv2d(2, 2, 3), nn.LayerNorm(8))) == "BCHW"
 
 
+class _ChannelsLast(nn.Module):
+    """A residual block on [B, H, W, C] maps (a MaxxViT partition block's form), or on [B, C, H, W] maps when it
+    permutes to channels-last first (ConvNeXt's form without its depthwise conv)."""
+
+    def __init__(self, dim: int, permute: bool) -> None:
+        super().__init__()
+        self.permute = permute
+        self.norm, self.fc = nn.LayerNorm(dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.permute(0, 2, 3, 1) if self.permute else x
+        y = self.fc(self.norm(y))
+        return x + (y.permute(0, 3, 1, 2) if self.permute else y)
+
+
+@pytest.mark.parametrize("permute, expected", [(False, "BHWC"), (True, "BCHW")])
+def test_layout_of_a_square_map_with_as_many_channels_as_rows_is_read_by_running_the_block(permute, expected):
+    """[B, 8, 8, 8] from a 32 x 32 image fits both layouts and every layer counts 8 features; the dim of the block's
+    input that its first layer reads as features decides (MaxxViT rmlp nano at 256: 64 channels on a 64 x 64 map was
+    taken for channels-first and refused with a wrong reason)."""
+    from tokenprune.fx.discovery import Call, _layout
+
+    block = _ChannelsLast(8, permute).eval()
+    x = torch.randn(2, 8, 8, 8)
+    assert _layout(Call("b", block, (x,), {}, block(x), 0), (32, 32)) == expected
+
+
 def test_shallow_stages_chain_is_blocks_not_layer_norms():
     """Swin with depths (1, 1, 2, 1): patch_embed.norm -> layers.0.blocks.0.norm1 is a run of two LayerNorms as long
     as stage 2's blocks; the chain is the blocks."""

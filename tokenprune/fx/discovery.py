@@ -102,7 +102,9 @@ def _layout(call: Call, image: tuple[int, int]) -> str:
 
     A map [B, a, b, c] is [B, C, H, W] when (b, c) is the image grid at some stride and [B, H, W, C] when (a, b) is;
     when both fit (a square image whose map has as many channels as rows), the block's first layer with a feature
-    count (LayerNorm, Linear, convolution) names the channel dim.
+    count (LayerNorm, Linear, convolution) names the channel dim: the dim of the block's input that this layer reads
+    as features, found by running the block (`_channel_dim`), or failing that (the layer reads something computed
+    from the input) its feature count.
     """
     shape = tuple(call.output.shape)
     if len(shape) == 3:
@@ -110,8 +112,41 @@ def _layout(call: Call, image: tuple[int, int]) -> str:
     last, first = _downsampled(shape[1:3], image), _downsampled(shape[2:4], image)
     if last != first:
         return "BHWC" if last else "BCHW"
+    if (dim := _channel_dim(call)) in (1, 3):
+        return "BCHW" if dim == 1 else "BHWC"
     channels = next((c for m in call.module.modules() if (c := _features(m)) is not None), None)
     return "BHWC" if channels == shape[3] and channels != shape[1] else "BCHW"
+
+
+def _channel_dim(call: Call) -> int | None:
+    """The dim of the block's input that the first layer with a feature count to run reads as its features, when that
+    layer reads the input itself or a permutation of it (a channels-last block's LayerNorm reads its last dim; a
+    channels-first block may permute to channels-last first); None otherwise. Runs the block once, in eval mode."""
+    x = call.args[0] if call.args else None
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return None
+    first: list[tuple[nn.Module, torch.Tensor]] = []
+
+    def record(module, args):
+        if not first and args and isinstance(args[0], torch.Tensor):
+            first.append((module, args[0]))
+
+    handles = [m.register_forward_pre_hook(record) for m in call.module.modules() if _features(m) is not None]
+    try:
+        with torch.no_grad():
+            call.module(*call.args, **call.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    if not first:
+        return None
+    layer, seen = first[0]
+    features = 1 if isinstance(layer, nn.modules.conv._ConvNd) else seen.dim() - 1
+    for order in itertools.permutations(range(1, 4)):
+        moved = x.permute(0, *order)
+        if seen.shape == moved.shape and torch.equal(seen, moved):
+            return order[features - 1]
+    return None
 
 
 def _features(module: nn.Module) -> int | None:
