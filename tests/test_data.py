@@ -16,6 +16,7 @@ from tokenprune.train.data import (
     ResumableSampler,
     SeededDataset,
     build_datasets,
+    default_workers,
     make_loader,
 )
 from tokenprune.train.recipe import DataSection
@@ -120,3 +121,19 @@ def test_seeded_augmentation_is_per_sample_and_leaves_global_rng():
     first = [b[0] for b in loader]
     loader.sampler.set_epoch(0, start=2)
     assert torch.equal(next(iter(loader))[0], first[1])
+
+
+@pytest.mark.parametrize(
+    "cpus, processes, expected", [(1, None, 0), (2, None, 1), (16, None, 4), (16, "8", 1), (16, "4", 3), (2, "x", 1)]
+)
+def test_default_workers_fit_the_cpus_this_process_may_use(monkeypatch, cpus, processes, expected):
+    """A recipe that leaves data.workers null never asks for more loader processes than the CPUs allow (PyTorch warns
+    and may freeze): up to 4, within this process's CPU affinity, shared among torchrun's processes on the machine."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: cpus)
+    if processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    assert default_workers() == expected
+    assert DataSection().workers is None  # the recipe's default is this rule, not a fixed count

@@ -10,6 +10,7 @@ augmentation randomness is seeded from (seed, epoch, index) whatever the number 
 from __future__ import annotations
 
 import gzip
+import os
 import random
 import struct
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ __all__ = [
     "DataBundle",
     "build_datasets",
     "make_loader",
+    "default_workers",
 ]
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -347,6 +349,18 @@ def build_datasets(data, *, img_size: int, in_chans: int, seed: int = 0, model=N
             indices = split.indices if isinstance(split, torch.utils.data.Subset) else range(len(base))
             check_image_files([base.samples[i][0] for i in indices], getattr(data, "check_images", "header"))
     return bundle
+
+
+def default_workers() -> int:
+    """DataLoader workers when a recipe leaves `data.workers` null: up to 4, within the CPUs this process may use
+    (its affinity, as a container or `taskset` limits it), shared among the training processes on this machine
+    (torchrun's LOCAL_WORLD_SIZE), one CPU left for each process itself. 1 on a 2-core machine, 0 on one core."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        here = 1
+    return max(0, min(4, cpus // here - 1))
 
 
 def make_loader(

@@ -179,7 +179,13 @@ class DataSection:
     synthetic_size: int = key(64, "Images per split of the synthetic source.", ge=1, le=1 << 24)
     train_subset: int | None = key(None, "Use only the first N training images (null: all).", ge=1)
     val_subset: int | None = key(None, "Use only the first N validation images (null: all).", ge=1)
-    workers: int = key(4, "DataLoader worker processes.", ge=0, le=1024)
+    workers: int | None = key(
+        None,
+        "DataLoader worker processes per training process (null: up to 4, within the CPUs this process may use, "
+        "shared among the training processes on its machine, one left for the process itself).",
+        ge=0,
+        le=1024,
+    )
     augment: dict[str, Any] = key(
         doc="Keywords of timm.data.create_transform in training (auto_augment, re_prob, "
         "...); segmentation sources take hflip.",

@@ -28,7 +28,7 @@ from ..errors import ConfigError, DataError, TrainingError
 from ..measure.cost import ComputeModel
 from ..nn.recorder import find_config as config_of
 from .checkpoint import check_output_dir, load_checkpoint, remove_stale_temps, save_checkpoint
-from .data import DataBundle, make_loader
+from .data import DataBundle, default_workers, make_loader
 from .datacheck import batches, fingerprint
 from .distributed import DistInfo, all_reduce_sum, barrier
 from .losses import LossOutput, LossWeights, SparsificationLoss, hook_teacher
@@ -113,9 +113,10 @@ class Trainer:
             raise ConfigError(f"optim.accum_steps={self.accum} must be at least 1.")
         if self.detection:
             from ..detect import collate
+        workers = default_workers() if recipe.data.workers is None else recipe.data.workers
         loader = partial(
             make_loader, batch_size=o.batch_size, rank=info.rank, world=info.world, seed=run.seed,
-            workers=recipe.data.workers, pin_memory=self.device.type == "cuda",
+            workers=workers, pin_memory=self.device.type == "cuda",
             collate_fn=collate if self.detection else None,
         )  # fmt: skip
         self.train_loader = loader(data.train, train=True)
