@@ -37,7 +37,10 @@ EPILOG = (
 
 app = typer.Typer(
     name="tokenprune",
-    help="Dynamic token sparsification (DynamicViT) for timm and torchvision vision transformers.",
+    help=(
+        "Dynamic spatial sparsification (DynamicViT) for timm and torchvision models: vision transformers, "
+        "hierarchical ViTs and CNNs."
+    ),
     epilog=EPILOG,
     no_args_is_help=True,
     add_completion=False,
@@ -394,7 +397,7 @@ def _main(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """Dynamic token sparsification (DynamicViT) for timm and torchvision vision transformers."""
+    """Dynamic spatial sparsification (DynamicViT) for timm and torchvision models."""
 
 
 def main() -> None:
