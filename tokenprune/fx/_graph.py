@@ -4,14 +4,31 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
 from .discovery import Call, Chain
 
-__all__ = ["node_shape", "chain_nodes", "block_inputs", "recorded_inputs", "set_submodule", "applied_norm"]
+__all__ = [
+    "propagate_shapes",
+    "node_shape",
+    "chain_nodes",
+    "block_inputs",
+    "recorded_inputs",
+    "set_submodule",
+    "applied_norm",
+]
+
+
+def propagate_shapes(gm: fx.GraphModule, *inputs: object) -> None:
+    """Run `gm` on `inputs`, recording each node's shape (`node_shape`). Without autograd: a recorded graph keeps every
+    intermediate value alive (MobileNetV5 at 768²: 16.8 GB and 23 s, against 2.8 GB and 10 s)."""
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*inputs)
 
 
 def node_shape(node: object) -> tuple[int, ...] | None:

@@ -10,6 +10,8 @@ no attribute names.
 from __future__ import annotations
 
 import itertools
+import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -52,13 +54,52 @@ class Chain:
         return tuple(self.calls[0].output.shape)
 
 
-def _record_calls(model: nn.Module, example: torch.Tensor) -> tuple[list[Call], object]:
-    calls: list[Call] = []
-    started: dict[int, int] = {}
-    counter = itertools.count()
+@dataclass
+class _Seen:
+    """One module call seen in the first forward: where it sits and which tensors it links, not the tensors."""
+
+    name: str
+    module: nn.Module
+    input: int  # key of its first input tensor (`_Keys`)
+    output: int  # key of its output tensor
+    shape: tuple[int, ...]
+    order: int  # when the call started: outer modules start before the modules inside them
+    nth: int  # which call of this module it is (a module may run several times)
+    call: Call | None = None  # the call with its tensors, while they fit in KEEP_BYTES
+
+
+#: Bytes of call outputs the first forward may keep so that the chain's calls need no second forward. Beyond it every
+#: kept tensor is let go and a second forward records only the chain's calls (`_replay`): MobileNetV5 at 768² would
+#: otherwise hold 13 GB of outputs at once (a plain forward peaks at 2.7 GB).
+KEEP_BYTES = 1 << 30
+
+
+class _Keys:
+    """One number per tensor object, without keeping the tensor alive: a freed tensor's id may be reused, so an id
+    counts as the same tensor only while a weak reference to it still returns that object."""
+
+    def __init__(self) -> None:
+        self._seen: dict[int, tuple[weakref.ref, int]] = {}
+        self._next = itertools.count()
+
+    def __call__(self, t: torch.Tensor) -> int:
+        entry = self._seen.get(id(t))
+        if entry is None or entry[0]() is not t:
+            entry = self._seen[id(t)] = (weakref.ref(t), next(self._next))
+        return entry[1]
+
+
+def _same_shape_calls(model: nn.Module, example: torch.Tensor) -> tuple[list[_Seen], object]:
+    """Every module call whose first input and output are tensors of one shape (3 or 4 dims), in call order, and the
+    model's output; each with its tensors (`_Seen.call`) unless their outputs together outgrow `KEEP_BYTES`."""
+    seen: list[_Seen] = []
+    started: dict[int, tuple[int, int]] = {}
+    counter, keys, runs = itertools.count(), _Keys(), {}
+    held = [0]  # bytes of the outputs kept; None once over KEEP_BYTES
 
     def pre_hook(module, args):
-        started[id(module)] = next(counter)
+        runs[id(module)] = runs.get(id(module), -1) + 1
+        started[id(module)] = (next(counter), runs[id(module)])
 
     def hook(name):
         def fn(module, args, kwargs, output):
@@ -70,22 +111,58 @@ def _record_calls(model: nn.Module, example: torch.Tensor) -> tuple[list[Call], 
                 and output.shape == x.shape
                 and output.dim() in (3, 4)
             ):
-                calls.append(Call(name, module, args, kwargs, output, started[id(module)]))
+                order, nth = started[id(module)]
+                seen.append(_Seen(name, module, keys(x), keys(output), tuple(output.shape), order, nth))
+                if held[0] is not None:
+                    seen[-1].call = Call(name, module, args, kwargs, output, order)
+                    held[0] += output.nbytes
+                    if held[0] > KEEP_BYTES:
+                        held[0] = None
+                        for c in seen:
+                            c.call = None
 
         return fn
 
+    with _hooked(model, pre_hook, hook), torch.no_grad():
+        output = model(example)
+    return sorted(seen, key=lambda c: c.order), output
+
+
+def _replay(model: nn.Module, example: torch.Tensor, run: list[_Seen]) -> list[Call]:
+    """The calls of `run` with their arguments and outputs, from a second forward that keeps only those."""
+    wanted = {(id(c.module), c.nth): c for c in run}
+    calls: dict[int, Call] = {}
+    runs: dict[int, int] = {}
+    modules = {id(c.module) for c in run}
+
+    def pre_hook(module, args):
+        runs[id(module)] = runs.get(id(module), -1) + 1
+
+    def hook(name):
+        def fn(module, args, kwargs, output):
+            c = wanted.get((id(module), runs[id(module)]))
+            if c is not None:
+                calls[id(c)] = Call(c.name, module, args, kwargs, output, c.order)
+
+        return fn
+
+    with _hooked(model, pre_hook, hook, lambda m: id(m) in modules), torch.no_grad():
+        model(example)
+    return [calls[id(c)] for c in run]
+
+
+@contextmanager
+def _hooked(model: nn.Module, pre_hook, hook, where=lambda m: True):
     handles = []
     for name, module in model.named_modules():
-        if name:
+        if name and where(module):
             handles.append(module.register_forward_pre_hook(pre_hook))
             handles.append(module.register_forward_hook(hook(name), with_kwargs=True))
     try:
-        with torch.no_grad():
-            output = model(example)
+        yield
     finally:
         for h in handles:
             h.remove()
-    return sorted(calls, key=lambda c: c.order), output
 
 
 def _downsampled(size: tuple[int, int], image: tuple[int, int]) -> bool:
@@ -160,21 +237,23 @@ def _features(module: nn.Module) -> int | None:
 
 
 def find_chain(model: nn.Module, example: torch.Tensor) -> Chain | None:
-    """Run `model` once on `example` and return its longest chain of same-type blocks (None if shorter than 2)."""
-    calls, output = _record_calls(model, example)
-    by_input: dict[int, list[Call]] = {}
-    for c in calls:
-        by_input.setdefault(id(c.args[0]), []).append(c)
+    """Run `model` on `example` and return its longest chain of same-type blocks (None if shorter than 2), found from
+    the calls' shapes and links; a second forward records the chain's own calls where the first could not keep them
+    (`KEEP_BYTES`)."""
+    seen, output = _same_shape_calls(model, example)
+    by_input: dict[int, list[_Seen]] = {}
+    for c in seen:
+        by_input.setdefault(c.input, []).append(c)
 
-    def successor(c: Call) -> Call | None:
+    def successor(c: _Seen) -> _Seen | None:
         # The outermost same-type call that consumes c's output (a block's first sub-module consumes it too).
-        nxt = [d for d in by_input.get(id(c.output), []) if not d.name.startswith(c.name + ".")]
+        nxt = [d for d in by_input.get(c.output, []) if not d.name.startswith(c.name + ".")]
         nxt = [d for d in nxt if type(d.module) is type(c.module)]
         return min(nxt, key=lambda d: d.order) if nxt else None
 
-    best: list[Call] = []
-    heads = {id(c) for c in calls} - {id(s) for c in calls if (s := successor(c)) is not None}
-    for c in calls:
+    best: list[_Seen] = []
+    heads = {id(c) for c in seen} - {id(s) for c in seen if (s := successor(c)) is not None}
+    for c in seen:
         if id(c) not in heads:
             continue
         run = [c]
@@ -182,10 +261,13 @@ def find_chain(model: nn.Module, example: torch.Tensor) -> Chain | None:
             run.append(s)
         if _rank(run) > _rank(best):
             best = run
-    return Chain(best, _layout(best[0], tuple(example.shape[-2:])), output) if len(best) >= 2 else None
+    if len(best) < 2:
+        return None
+    calls = [c.call for c in best] if all(c.call is not None for c in best) else _replay(model, example, best)
+    return Chain(calls, _layout(calls[0], tuple(example.shape[-2:])), output)
 
 
-def _rank(run: list[Call]) -> tuple[bool, int]:
+def _rank(run: list[_Seen]) -> tuple[bool, int]:
     # reason: blocks are composite (modules with submodules); a run of single layers is not a chain of blocks, even
     # when it is as long (Swin with depths (1, 1, 2, 1): patch_embed.norm -> layers.0.blocks.0.norm1 is a run of 2).
     return (bool(run) and next(run[0].module.children(), None) is not None, len(run))

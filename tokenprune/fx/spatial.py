@@ -36,13 +36,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
 from ..nn.asymmetric import FAST_PATH_INIT, AsymmetricPath, gather_locations, mask_locations
 from ..nn.spatial_predictor import SpatialRecorder, SpatialSelector
 from . import rules
-from ._graph import applied_norm, block_inputs, chain_nodes, node_shape
+from ._graph import applied_norm, block_inputs, chain_nodes, node_shape, propagate_shapes
 from .discovery import Call, Chain, depends_on
 from .plan import RECORDER, Plan
 from .rules import spatial_rules
@@ -437,7 +436,7 @@ def _asymmetric_block(
             "the spatial rewrite handles blocks called with the map alone."
         )
     gm = trace(call.module, concrete_args=concrete, name=where)
-    ShapeProp(gm).propagate(*call.args[:1])
+    propagate_shapes(gm, *call.args[:1])
     paths = find_slow_paths(gm, chain, where)
     graph = gm.graph
     last = next(n for n in graph.nodes if n.op == "placeholder")
@@ -495,7 +494,7 @@ def plan_spatial(
             its fast path would cost as much as the slow path it replaces (the sparse model would not be cheaper).
     """
     gm = trace(model, leaves=[c.module for c in chain.calls], name=name)
-    ShapeProp(gm).propagate(example)
+    propagate_shapes(gm, example)
     nodes = chain_nodes(gm, chain, name)
     plan = Plan(name=name, kind="spatial", chain=chain, locations=locations, keep_ratios=keep_ratios)
     for i, (call, node) in enumerate(zip(chain.calls, nodes)):

@@ -10,7 +10,6 @@ import operator
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import UnsupportedModelError
 from ..nn import tokenops
@@ -18,7 +17,7 @@ from ..nn.recorder import SparsityRecorder
 from ..nn.scorer import SCORES_MODULE, AttentionScores
 from ..nn.select import TokenSelector
 from . import tokenflow
-from ._graph import applied_norm, block_inputs, chain_nodes, node_shape, recorded_inputs
+from ._graph import applied_norm, block_inputs, chain_nodes, node_shape, propagate_shapes, recorded_inputs
 from .discovery import Call, Chain, depends_on, prefix_token_count
 from .plan import RECORDER, Plan
 from .tracing import call_leaf, trace
@@ -47,7 +46,7 @@ def _block(
             )
     gm = trace(call.module, concrete_args=concrete, name=where)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    ShapeProp(gm).propagate(call.args[0], *recorded_inputs(call, [p.target for p in placeholders[1:]]))
+    propagate_shapes(gm, call.args[0], *recorded_inputs(call, [p.target for p in placeholders[1:]]))
     root = tokenflow.TokenSet(tokens, prefix, ("root",))
     flow, outputs = tokenflow.analyse(gm, {placeholders[0]: tokenflow.Tokens((1,), root)}, where)
     if len(outputs) != 1 or outputs[0] is None or outputs[0].axes != (1,) or outputs[0].tset is not root:
@@ -132,7 +131,7 @@ def plan_tokens(
     With scorer "attention", the block before each stage also returns its attention scores for the stage.
     """
     gm = trace(model, leaves=[c.module for c in chain.calls], name=name)
-    ShapeProp(gm).propagate(example)
+    propagate_shapes(gm, example)
     nodes = chain_nodes(gm, chain, name)
     image = next(n for n in gm.graph.nodes if n.op == "placeholder")
     prefix = prefix_token_count(nodes[0].args[0], image)

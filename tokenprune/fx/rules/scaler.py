@@ -19,7 +19,8 @@ import weakref
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+
+from .._graph import propagate_shapes
 
 __all__ = ["scaler_refusal", "STOCHASTIC_DEPTH"]
 
@@ -93,8 +94,8 @@ def _mode_refusal(gm: fx.GraphModule, example: torch.Tensor) -> str | None:
     scale = out.args[1] if out.args[0] is x else out.args[0]
     if _reads_values(scale, x, {}):
         return f"scales its input by {getattr(scale, 'name', scale)}, which is computed from the input's values"
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        ShapeProp(gm).propagate(example)
+    with torch.random.fork_rng(devices=[]):
+        propagate_shapes(gm, example)
     meta = scale.meta.get("tensor_meta") if isinstance(scale, fx.Node) else None
     if isinstance(scale, fx.Node) and not _one_per_sample(tuple(meta.shape) if meta else None, example.dim()):
         return f"scales its input by {scale.name}, which is not one value per sample"

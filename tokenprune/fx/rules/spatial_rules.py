@@ -20,9 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from .._graph import node_shape
+from .._graph import node_shape, propagate_shapes
 from ..discovery import depends_on
 from .token_rules import arg
 
@@ -227,8 +226,8 @@ def _own_code_keeps(block: Block, module: nn.Module, mode: bool, example: torch.
     try:
         graph = _Tracer().trace(copy_, concrete_args=forward_defaults(copy_) or None)
         gm = fx.GraphModule(copy_, graph)
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            ShapeProp(gm).propagate(example)
+        with torch.random.fork_rng(devices=[]):
+            propagate_shapes(gm, example)
     except Exception:  # reason: torch.fx raises many types; a module that cannot be traced proves nothing
         return False
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
