@@ -92,3 +92,24 @@ def test_sparsify_runs_the_model_without_autograd(name):
             m.register_forward_hook(lambda *_: grad.append(torch.is_grad_enabled()))
     tokenprune.sparsify(model, 0.7, example_inputs=torch.randn(shape))
     assert grad and not any(grad)
+
+
+class _Fickle(_Shared):
+    """Skips its last block on every second forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        x = self.embed(x)
+        for block in self.blocks[: 3 if self.calls % 2 else 2]:
+            x = block(x)
+        return x
+
+
+def test_a_forward_that_changes_between_runs_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(discovery, "KEEP_BYTES", 0)
+    with pytest.raises(tokenprune.UnsupportedModelError, match=r"^fickle: .* called blocks\.2 the first time"):
+        discovery.find_chain(_Fickle().eval(), torch.randn(2, 3, 32, 32), "fickle")

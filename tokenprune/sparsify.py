@@ -304,7 +304,7 @@ def _runs_on(model: nn.Module, example: torch.Tensor) -> bool:
 
 
 def _chain(model: nn.Module, example: torch.Tensor, name: str) -> Chain:
-    chain = find_chain(model, example)
+    chain = find_chain(model, example, name)
     if chain is None:
         raise UnsupportedModelError(
             f"{name}: no chain of blocks mapping tokens [B, N, C] (or feature maps) to the same shape was "
@@ -347,7 +347,7 @@ def _traceable_part(
         raise refusal
     for path, x in image_batch_inputs(model, example).items():
         inner, where = model.get_submodule(path), f"{name}.{path}"
-        found = find_chain(inner, x)
+        found = find_chain(inner, x, where)
         if found is None:
             continue
         try:

@@ -18,6 +18,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..errors import UnsupportedModelError
+
 __all__ = ["SHAPE_ONLY", "Call", "Chain", "find_chain", "prefix_token_count", "depends_on"]
 
 
@@ -62,7 +64,6 @@ class _Seen:
     module: nn.Module
     input: int  # key of its first input tensor (`_Keys`)
     output: int  # key of its output tensor
-    shape: tuple[int, ...]
     order: int  # when the call started: outer modules start before the modules inside them
     nth: int  # which call of this module it is (a module may run several times)
     call: Call | None = None  # the call with its tensors, while they fit in KEEP_BYTES
@@ -95,7 +96,8 @@ def _same_shape_calls(model: nn.Module, example: torch.Tensor) -> tuple[list[_Se
     seen: list[_Seen] = []
     started: dict[int, tuple[int, int]] = {}
     counter, keys, runs = itertools.count(), _Keys(), {}
-    held = [0]  # bytes of the outputs kept; None once over KEEP_BYTES
+    held = 0  # bytes of the outputs kept
+    keeping = True  # until they outgrow KEEP_BYTES
 
     def pre_hook(module, args):
         runs[id(module)] = runs.get(id(module), -1) + 1
@@ -103,6 +105,7 @@ def _same_shape_calls(model: nn.Module, example: torch.Tensor) -> tuple[list[_Se
 
     def hook(name):
         def fn(module, args, kwargs, output):
+            nonlocal held, keeping
             x = args[0] if args else None
             if (
                 isinstance(x, torch.Tensor)
@@ -112,12 +115,12 @@ def _same_shape_calls(model: nn.Module, example: torch.Tensor) -> tuple[list[_Se
                 and output.dim() in (3, 4)
             ):
                 order, nth = started[id(module)]
-                seen.append(_Seen(name, module, keys(x), keys(output), tuple(output.shape), order, nth))
-                if held[0] is not None:
+                seen.append(_Seen(name, module, keys(x), keys(output), order, nth))
+                if keeping:
                     seen[-1].call = Call(name, module, args, kwargs, output, order)
-                    held[0] += output.nbytes
-                    if held[0] > KEEP_BYTES:
-                        held[0] = None
+                    held += output.nbytes
+                    if held > KEEP_BYTES:
+                        keeping = False
                         for c in seen:
                             c.call = None
 
@@ -128,8 +131,12 @@ def _same_shape_calls(model: nn.Module, example: torch.Tensor) -> tuple[list[_Se
     return sorted(seen, key=lambda c: c.order), output
 
 
-def _replay(model: nn.Module, example: torch.Tensor, run: list[_Seen]) -> list[Call]:
-    """The calls of `run` with their arguments and outputs, from a second forward that keeps only those."""
+def _replay(model: nn.Module, example: torch.Tensor, run: list[_Seen], name: str) -> list[Call]:
+    """The calls of `run` with their arguments and outputs, from a second forward that keeps only those.
+
+    Raises:
+        UnsupportedModelError: the second forward did not make those calls (a forward that changes between runs).
+    """
     wanted = {(id(c.module), c.nth): c for c in run}
     calls: dict[int, Call] = {}
     runs: dict[int, int] = {}
@@ -148,6 +155,13 @@ def _replay(model: nn.Module, example: torch.Tensor, run: list[_Seen]) -> list[C
 
     with _hooked(model, pre_hook, hook, lambda m: id(m) in modules), torch.no_grad():
         model(example)
+    if len(calls) < len(run):
+        missing = next(c.name for c in run if id(c) not in calls)
+        raise UnsupportedModelError(
+            f"{name}: run twice on the same example in eval mode, its forward called {missing} the first time but "
+            "not the second; the analysis needs a forward that does the same every time. Make the model "
+            "deterministic in eval mode (or pass a smaller example_inputs, which needs no second run)."
+        )
     return [calls[id(c)] for c in run]
 
 
@@ -236,7 +250,7 @@ def _features(module: nn.Module) -> int | None:
     return None
 
 
-def find_chain(model: nn.Module, example: torch.Tensor) -> Chain | None:
+def find_chain(model: nn.Module, example: torch.Tensor, name: str = "the model") -> Chain | None:
     """Run `model` on `example` and return its longest chain of same-type blocks (None if shorter than 2), found from
     the calls' shapes and links; a second forward records the chain's own calls where the first could not keep them
     (`KEEP_BYTES`)."""
@@ -263,7 +277,7 @@ def find_chain(model: nn.Module, example: torch.Tensor) -> Chain | None:
             best = run
     if len(best) < 2:
         return None
-    calls = [c.call for c in best] if all(c.call is not None for c in best) else _replay(model, example, best)
+    calls = [c.call for c in best] if all(c.call is not None for c in best) else _replay(model, example, best, name)
     return Chain(calls, _layout(calls[0], tuple(example.shape[-2:])), output)
 
 
