@@ -20,7 +20,7 @@ from .fx.analysis import build_plan
 from .fx.discovery import Chain, find_chain
 from .fx.plan import Plan, apply_plan
 from .fx.selfcheck import self_check
-from .fx.tracing import kept_training_flags, model_name, trace
+from .fx.tracing import kept_training_flags, model_name, released_fx_wraps, trace
 from .inputs import example_input
 from .io.source import timm_feature_kwargs
 from .measure.backbone import image_batch_inputs
@@ -127,8 +127,11 @@ def sparsify(
     # inference mode has inference tensors, which the analysis (and the self-check's unit weights) may only touch
     # in that mode, and its result can only be evaluated, as the model itself.
     made_in_inference = any(t.is_inference() for t in itertools.chain(model.parameters(), model.buffers()))
-    with torch.inference_mode(made_in_inference):
-        return _sparsify(model, ratio, locations, keep_ratios, example_inputs, inplace, scorer, decisions, fast_path)
+    with released_fx_wraps() as result, torch.inference_mode(made_in_inference):
+        result.append(
+            _sparsify(model, ratio, locations, keep_ratios, example_inputs, inplace, scorer, decisions, fast_path)
+        )
+    return result[0]
 
 
 def _sparsify(model, ratio, locations, keep_ratios, example_inputs, inplace, scorer, decisions, fast_path) -> nn.Module:

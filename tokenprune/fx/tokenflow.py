@@ -180,7 +180,7 @@ def apply(
         args, kwargs = fx.node.map_arg((args, kwargs), lambda a, n=node: substituted.get((n, a), a))
         with graph.inserting_before(node):
             new = call_leaf(graph, fn, tuple(resolve(a) for a in args), dict(kwargs))
-        new.meta = {**node.meta, "is_wrapped": True}
+        new.meta = {k: v for k, v in node.meta.items() if k != "is_wrapped"}  # reason: `call_leaf`
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         replaced[node] = new

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import weakref
 from collections.abc import Iterable, Iterator
 
 import torch
 import torch.fx as fx
+import torch.fx._symbolic_trace as _symbolic_trace
 from torch import nn
 
 from ..errors import UnsupportedModelError
@@ -21,6 +23,7 @@ __all__ = [
     "call_leaf",
     "training_dependent",
     "kept_training_flags",
+    "released_fx_wraps",
 ]
 
 
@@ -125,6 +128,40 @@ def trace(
         train_gm = _trace_once(module.train(), leaves=leaves, concrete_args=concrete_args, name=name)
     _merge_modes(eval_gm, train_gm, name)
     return eval_gm
+
+
+@contextlib.contextmanager
+def released_fx_wraps() -> Iterator[list[nn.Module]]:
+    """Leave torch.fx's table of wrapped functions as it was, but for the graphs of the model the block builds.
+
+    A model's own `torch.fx.wrap`-ed functions (Swin's `window_reverse`, torchvision's relative position bias) become
+    calls marked ``is_wrapped``, and every compiled graph holding one registers its code's globals in a
+    process-wide table that torch.fx never empties and every later trace walks (docs/design.md §2.2): each
+    `sparsify` of a Swin added ~20 entries, for graphs analysed and thrown away. On exit, entries added inside are
+    dropped unless they belong to a graph of the model the caller appended to the yielded list, and those go when
+    that model is freed. Nothing happens where torch.fx has no such table.
+    """
+    table = getattr(_symbolic_trace, "_wrapped_fns_to_patch", None)
+    before = set(table) if isinstance(table, dict) else set()
+    kept: list[nn.Module] = []
+    try:
+        yield kept
+    finally:
+        if isinstance(table, dict):
+            graphs = [gm for m in kept for gm in m.modules() if isinstance(gm, fx.GraphModule)]
+            live = {id(getattr(type(gm).forward, "__globals__", None)) for gm in graphs}
+            added = [key for key in table if key not in before]
+            for key in added:
+                if key[0] not in live:
+                    del table[key]
+            owned = [key for key in added if key in table]
+            if owned and kept:
+                weakref.finalize(kept[0], _forget, table, owned)
+
+
+def _forget(table: dict, keys: list) -> None:
+    for key in keys:
+        table.pop(key, None)
 
 
 @contextlib.contextmanager
@@ -265,7 +302,6 @@ def _topological(graph: fx.Graph, nodes: list[fx.Node]) -> list[fx.Node]:
 
 
 def call_leaf(graph: fx.Graph, fn, args: tuple, kwargs: dict | None = None) -> fx.Node:
-    """Insert a call of one of tokenprune's functions that re-tracing (e.g. when unpickling) keeps as one call."""
-    node = graph.call_function(fn, args, kwargs)
-    node.meta["is_wrapped"] = True
-    return node
+    """Insert a call of one of tokenprune's functions; decorated with `nn.leaf.one_call`, it stays one call when the
+    graph is traced again (unpickling re-traces). No ``is_wrapped`` mark: it leaks (docs/design.md §2.2)."""
+    return graph.call_function(fn, args, kwargs)

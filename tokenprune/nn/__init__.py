@@ -1,4 +1,5 @@
-"""Modules and functions that the graph rewrite inserts. They know nothing of torch.fx."""
+"""Modules and functions that the graph rewrite inserts. They know nothing of torch.fx, except that the functions
+record themselves as one call when a rewritten graph is traced again (`leaf.one_call`)."""
 
 from .masked import fused_masked_attention, masked_attention, masked_mha, masked_sdpa, masked_softmax
 from .predictor import TokenPredictor

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .leaf import one_call
+
 __all__ = ["FastPath", "AsymmetricPath", "gather_locations", "mask_locations", "FAST_PATH_INIT"]
 
 #: Initial layer scale of the fast path: ConvNeXt's layer_scale_init_value, so a freshly inserted fast path adds
@@ -58,6 +60,7 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor, channel: int, spatial: tu
     return flat[batch, index]
 
 
+@one_call
 def gather_locations(
     x: torch.Tensor, keep: torch.Tensor | None, channel: int, spatial: tuple[int, ...]
 ) -> torch.Tensor:
@@ -84,6 +87,7 @@ def _location_mask(mask: torch.Tensor, like: torch.Tensor, spatial: tuple[int, .
     return mask.to(like.dtype).reshape(shape)
 
 
+@one_call
 def mask_locations(
     x: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor | None, spatial: tuple[int, ...]
 ) -> torch.Tensor:

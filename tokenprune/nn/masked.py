@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .leaf import one_call
+
 __all__ = [
     "masked_softmax",
     "gated_softmax",
@@ -42,6 +44,7 @@ def _attention_gate(policy: torch.Tensor, n: int) -> torch.Tensor:
     return keep + (1.0 - keep) * eye
 
 
+@one_call
 def masked_softmax(scores: torch.Tensor, policy: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
     """Softmax over the last dim of attention scores [B, H, N, N], restricted to kept tokens.
 
@@ -192,6 +195,7 @@ def fused_masked_attention(
     return out
 
 
+@one_call
 def masked_sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -225,6 +229,7 @@ def masked_sdpa(
     return fused_masked_attention(q, k, v, policy, attn_mask=attn_mask, scale=scale)
 
 
+@one_call
 def masked_mha(
     mha: nn.MultiheadAttention,
     query: torch.Tensor,

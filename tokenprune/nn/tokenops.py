@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .leaf import one_call
 from .masked import gated_softmax, masked_sdpa
 
 __all__ = [
@@ -38,16 +39,19 @@ __all__ = [
 ]
 
 
+@one_call
 def slice_policy(policy: torch.Tensor | None, start: int, stop: int | None) -> torch.Tensor | None:
     """The keep policy of ``x[:, start:stop]`` (the slice's bounds lie in the never-pruned prefix, or stop is None)."""
     return None if policy is None else policy[:, start:stop]
 
 
+@one_call
 def slice_index(index: torch.Tensor | None, start: int, stop: int | None) -> torch.Tensor | None:
     """The positions of ``x[:, start:stop]``'s tokens in the slice's own full-length sequence."""
     return None if index is None else index[:, start:stop] - start
 
 
+@one_call
 def cat_policy(batch_like: torch.Tensor, parts: list) -> torch.Tensor | None:
     """Keep policy of a concatenation along the token axis; `parts` is a list of (policy or None, count, is_tokens).
 
@@ -63,6 +67,7 @@ def cat_policy(batch_like: torch.Tensor, parts: list) -> torch.Tensor | None:
     return torch.cat([p.to(batch_like.dtype) for p in pieces], dim=1)
 
 
+@one_call
 def cat_index(batch_like: torch.Tensor, parts: list) -> torch.Tensor | None:
     """Positions of a concatenation's tokens in its full-length sequence; `parts` as in `cat_policy`, with
     (index or None, full-length count, is_tokens) and each part's *current* length read from the index."""
@@ -78,6 +83,7 @@ def cat_index(batch_like: torch.Tensor, parts: list) -> torch.Tensor | None:
     return torch.cat(pieces, dim=1)
 
 
+@one_call
 def gather_positions(value: torch.Tensor, index: torch.Tensor | None, dims: tuple[int, ...], rank: int) -> torch.Tensor:
     """Restrict a position-indexed constant to the tokens left in pruned execution.
 
@@ -111,6 +117,7 @@ def _key_gate(policy: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return policy.reshape(policy.shape[0], *([1] * (scores.dim() - 2)), n).float()
 
 
+@one_call
 def masked_cross_softmax(scores: torch.Tensor, policy: torch.Tensor | None, dim: int = -1) -> torch.Tensor:
     """Softmax over keys that are tokens, for queries that are not (class attention, attention pooling).
 
@@ -125,6 +132,7 @@ def masked_cross_softmax(scores: torch.Tensor, policy: torch.Tensor | None, dim:
     return gated_softmax(scores, _key_gate(policy, scores))
 
 
+@one_call
 def masked_cross_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, policy: torch.Tensor | None, *args, **kwargs
 ) -> torch.Tensor:
@@ -138,11 +146,13 @@ def _policy_like(x: torch.Tensor, policy: torch.Tensor, dim: int) -> torch.Tenso
     return policy.reshape(shape).to(x.dtype)
 
 
+@one_call
 def zero_dropped(x: torch.Tensor, policy: torch.Tensor | None, dim: int) -> torch.Tensor:
     """`x` with dropped tokens (along `dim`) set to zero: a contraction over tokens then sums kept tokens only."""
     return x if policy is None else x * _policy_like(x, policy, dim)
 
 
+@one_call
 def masked_token_sum(x: torch.Tensor, policy: torch.Tensor | None, dim: int = 1, keepdim: bool = False) -> torch.Tensor:
     """Sum over the token dimension `dim` of kept tokens only."""
     if policy is None:
@@ -150,6 +160,7 @@ def masked_token_sum(x: torch.Tensor, policy: torch.Tensor | None, dim: int = 1,
     return (x * _policy_like(x, policy, dim)).sum(dim=dim, keepdim=keepdim)
 
 
+@one_call
 def masked_token_mean(
     x: torch.Tensor, policy: torch.Tensor | None, dim: int = 1, keepdim: bool = False
 ) -> torch.Tensor:
@@ -160,6 +171,7 @@ def masked_token_mean(
     return (x * weight).sum(dim=dim, keepdim=keepdim) / weight.sum(dim=dim, keepdim=keepdim).clamp_min(1.0)
 
 
+@one_call
 def refill(
     canvas: torch.Tensor | None, x: torch.Tensor, policy: torch.Tensor | None, index: torch.Tensor | None
 ) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from ...nn import tokenops
+from ...nn.leaf import one_call
 from ...nn.masked import masked_mha, masked_sdpa, masked_softmax, supports_masked_mha
 from .effects import Effect, Mask, Policy, Refused, Rewrite, Tokens
 from .token_rules import Values, _dim, _shape, arg
@@ -70,6 +71,7 @@ def softmax(values: Values, node: fx.Node) -> Effect:
     return Effect(Tokens(t.axes, t.tset, weights=True), rewrite)
 
 
+@one_call
 def masked_softmax_single_head(scores: torch.Tensor, policy: torch.Tensor | None) -> torch.Tensor:
     """`masked_softmax` for scores without a heads dim, [B, N, N] (it gates [B, heads, N, N])."""
     return masked_softmax(scores.unsqueeze(1), policy).squeeze(1)
