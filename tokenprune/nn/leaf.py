@@ -23,20 +23,16 @@ __all__ = ["one_call", "is_one_call"]
 F = TypeVar("F", bound=Callable)
 
 
-def _proxy_in(value) -> Proxy | None:
-    """The first `Proxy` in `value`, looking into lists, tuples and dict values (a concatenation's parts)."""
-    if isinstance(value, Proxy):
-        return value
-    if isinstance(value, (list, tuple)):
-        items = value
-    elif isinstance(value, dict):
-        items = value.values()
-    else:
-        return None
-    for item in items:
-        found = _proxy_in(item)
-        if found is not None:
-            return found
+def _proxy_in(values) -> Proxy | None:
+    """The first `Proxy` among `values`, looking into lists, tuples and dicts (a concatenation's parts). Cheap: it
+    runs on every call of an inserted function, in the eval forward too."""
+    for value in values:
+        if isinstance(value, Proxy):
+            return value
+        if isinstance(value, (list, tuple, dict)):
+            found = _proxy_in(value.values() if isinstance(value, dict) else value)
+            if found is not None:
+                return found
     return None
 
 
@@ -45,7 +41,9 @@ def one_call(fn: F) -> F:
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        proxy = _proxy_in((args, kwargs))  # reason: `or` would call a Proxy's __bool__, which raises
+        proxy = _proxy_in(args)
+        if proxy is None and kwargs:  # reason: not `or`: a Proxy's __bool__ raises
+            proxy = _proxy_in(kwargs.values())
         if proxy is None:
             return fn(*args, **kwargs)
         return proxy.tracer.create_proxy("call_function", call, args, kwargs)
