@@ -139,7 +139,8 @@ def released_fx_wraps() -> Iterator[list[nn.Module]]:
     process-wide table that torch.fx never empties and every later trace walks (docs/design.md §2.2): each
     `sparsify` of a Swin added ~20 entries, for graphs analysed and thrown away. On exit, entries added inside are
     dropped unless they belong to a graph of the model the caller appended to the yielded list, and those go when
-    that model is freed. Nothing happens where torch.fx has no such table.
+    that model is freed. Nothing happens where torch.fx has no such table. Like torch.fx's tracing, which patches
+    module globals, not for threads tracing at the same time.
     """
     table = getattr(_symbolic_trace, "_wrapped_fns_to_patch", None)
     before = set(table) if isinstance(table, dict) else set()
