@@ -147,18 +147,22 @@ def test_one_call_finds_a_proxy_inside_a_list():
 @pytest.mark.skipif(not hasattr(symbolic_trace, "_wrapped_fns_to_patch"), reason="torch.fx has no wrap table")
 @pytest.mark.parametrize("name", MODELS)
 def test_torch_fx_wrap_table_is_left_as_it_was(name):
-    """`sparsify` leaves torch.fx's table of wrapped functions as it found it, but for the graphs of the model it
-    returns, which go with that model. Unpickling registers nothing for tokenprune's functions (it does for the
-    models' own wrapped functions: torch.fx's design)."""
+    """`sparsify` adds nothing to torch.fx's table of wrapped functions but for the graphs of the model it returns,
+    which go with that model. Unpickling registers nothing for tokenprune's functions (it does for the models' own
+    wrapped functions: torch.fx's design). Entries may also go meanwhile: a model an earlier test made, freed."""
     table = symbolic_trace._wrapped_fns_to_patch
     before = set(table)
+
+    def added() -> Counter:
+        return Counter(fn for _, fn in set(table) - before)
+
     sparse, _ = _sparse(name)
     graphs = {id(type(gm).forward.__globals__) for gm in sparse.modules() if isinstance(gm, fx.GraphModule)}
     assert {globals_id for globals_id, _ in set(table) - before} <= graphs  # none for graphs thrown away
     if name not in LIBRARY_WRAPS:
-        assert set(table) == before
+        assert not added()
         pickle.loads(pickle.dumps(sparse))
-        assert set(table) == before, Counter(fn for _, fn in set(table) - before)
+        assert not added()
     del sparse
     gc.collect()
-    assert set(table) <= before, Counter(fn for _, fn in set(table) - before)
+    assert not added()
