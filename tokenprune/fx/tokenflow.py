@@ -180,7 +180,8 @@ def apply(
         args, kwargs = fx.node.map_arg((args, kwargs), lambda a, n=node: substituted.get((n, a), a))
         with graph.inserting_before(node):
             new = call_leaf(graph, fn, tuple(resolve(a) for a in args), dict(kwargs))
-        new.meta = {k: v for k, v in node.meta.items() if k != "is_wrapped"}  # reason: `call_leaf`
+        # reason: an inherited is_wrapped mark would register the new call with torch.fx (see `call_leaf`)
+        new.meta = {k: v for k, v in node.meta.items() if k != "is_wrapped"}
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         replaced[node] = new

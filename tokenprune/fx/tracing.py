@@ -132,7 +132,7 @@ def trace(
 
 @contextlib.contextmanager
 def released_fx_wraps() -> Iterator[list[nn.Module]]:
-    """Leave torch.fx's table of wrapped functions as it was, but for the graphs of the model the block builds.
+    """Leave torch.fx's table of wrapped functions as it was, but for the graphs of the model built inside.
 
     A model's own `torch.fx.wrap`-ed functions (Swin's `window_reverse`, torchvision's relative position bias) become
     calls marked ``is_wrapped``, and every compiled graph holding one registers its code's globals in a
