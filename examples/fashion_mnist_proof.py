@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from proof_stages import dense_overrides, teacher_overrides
+from proof_stages import dense_overrides, teacher_overrides, top1
 
 import tokenprune
 from tokenprune.measure.ablation import random_decisions
@@ -86,18 +86,6 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
             overrides += [f"sparsify.warm_start_steps={args.warm_steps}", f"sparsify.warm_start_lr={args.warm_lr:g}"]
     result = finetune(RECIPE, overrides=_common(args) + overrides)
     return result.metrics
-
-
-@torch.no_grad()
-def top1(model: torch.nn.Module, dataset, batch_size: int = 500) -> float:
-    """Top-1 (%) in eval mode over the whole dataset."""
-    model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    correct = total = 0
-    for x, y in loader:
-        correct += int((model(x).argmax(-1) == y).sum())
-        total += y.numel()
-    return 100.0 * correct / total
 
 
 def random_selection_top1(student: torch.nn.Module, dataset) -> float:

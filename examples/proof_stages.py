@@ -1,5 +1,5 @@
-"""The dense stages every proof script trains: the teacher from scratch and the dense control; and the figures every
-dense-prediction proof reports for its student.
+"""The dense stages every proof script trains: the teacher from scratch and the dense control; the figures every
+dense-prediction proof reports for its student; top-1 for the classification proofs.
 
 One place for what makes them comparable across proofs: the teacher trains from random weights with no
 sparsification; the control fine-tunes the teacher as long as the students, at the backbone's learning rate (a
@@ -10,6 +10,8 @@ optim.backbone_lr_scale``).
 from __future__ import annotations
 
 from pathlib import Path
+
+import torch
 
 import tokenprune
 from tokenprune.train import load_recipe
@@ -53,3 +55,14 @@ def student_figures(student, run: Path, dense: dict[str, float], sparse: dict[st
         "dense_backbone_images_per_s": speed["dense"]["images_per_s"],
         "backbone_speedup": speed["paired_speedup"],
     }
+
+
+@torch.no_grad()
+def top1(model: torch.nn.Module, dataset, batch_size: int = 250) -> float:
+    """Top-1 (%) in eval mode over the whole dataset."""
+    model.eval()
+    correct = total = 0
+    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        correct += int((model(x).argmax(-1) == y).sum())
+        total += y.numel()
+    return 100.0 * correct / total

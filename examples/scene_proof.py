@@ -62,7 +62,7 @@ import time
 from pathlib import Path
 
 import torch
-from proof_stages import dense_overrides, teacher_overrides
+from proof_stages import dense_overrides, teacher_overrides, top1
 
 import tokenprune
 from tokenprune.measure.ablation import use_random_scores
@@ -200,17 +200,6 @@ def run(name: str, args: argparse.Namespace, rho: float = 0.7) -> dict:
     else:
         raise SystemExit(f"unknown stage {name!r}; use teacher, {', '.join(STUDENTS)}, students, curve, report")
     return finetune(RECIPE, overrides=_common(args) + overrides).metrics
-
-
-@torch.no_grad()
-def top1(model: torch.nn.Module, dataset, batch_size: int = 250) -> float:
-    """Top-1 (%) in eval mode over the whole dataset."""
-    model.eval()
-    correct = total = 0
-    for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        correct += int((model(x).argmax(-1) == y).sum())
-        total += y.numel()
-    return 100.0 * correct / total
 
 
 def _loaded(path: Path, random: bool = False) -> torch.nn.Module:

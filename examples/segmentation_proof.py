@@ -50,8 +50,16 @@ from tokenprune.train.metrics import confusion_matrix, segmentation_scores
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "segmentation_fmnist_cpu.yaml"
 
 
+#: The data-size options of a proof's command line: (option, recipe key, default, help).
+SCENE_COUNTS = (
+    ("scenes", "data.scenes", 6000, "training scenes"),
+    ("val-scenes", "data.val_scenes", 1000, "test scenes"),
+)
+
+
 def _common(args: argparse.Namespace) -> list[str]:
-    common = [f"run.threads={args.threads}", f"data.scenes={args.scenes}", f"data.val_scenes={args.val_scenes}"]
+    counts = [f"{key}={getattr(args, option.replace('-', '_'))}" for option, key, _, _ in args.counts]
+    common = [f"run.threads={args.threads}", *counts]
     if args.data_root:
         common.append(f"data.root={args.data_root}")
     return common + list(args.set or [])
@@ -224,18 +232,23 @@ def _markdown(results: dict, args: argparse.Namespace) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_stages(doc: str, recipe: Path, report_stage, out: str, teacher_epochs: float, student_epochs: float) -> None:
-    """The command line of a dense-prediction proof: parse the options, run the stages asked for in order.
+def run_stages(
+    doc: str, recipe: Path, report_stage, out: str, teacher_epochs: float, student_epochs: float,
+    counts: tuple = SCENE_COUNTS,
+) -> None:  # fmt: skip
+    """The command line of a proof with stages teacher, student, control, report: parse the options, run the stages
+    asked for in order.
 
-    `report_stage(args)` is the proof's own report; the training stages are `run_stage` on `recipe`."""
+    `report_stage(args)` is the proof's own report; the training stages are `run_stage` on `recipe`; `counts` are the
+    options that size its data (`SCENE_COUNTS`' form)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", default=out, help="where the runs and the results go")
     parser.add_argument("--stages", default="teacher,student,control,report")
     parser.add_argument("--teacher-epochs", type=float, default=teacher_epochs)
     parser.add_argument("--teacher-lr", type=float, default=2e-3)
     parser.add_argument("--student-epochs", type=float, default=student_epochs)
-    parser.add_argument("--scenes", type=int, default=6000, help="training scenes")
-    parser.add_argument("--val-scenes", type=int, default=1000, help="test scenes")
+    for option, _, default, text in counts:
+        parser.add_argument(f"--{option}", type=int, default=default, help=text)
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--speed-batch", type=int, default=64)
@@ -246,6 +259,7 @@ def run_stages(doc: str, recipe: Path, report_stage, out: str, teacher_epochs: f
     )  # fmt: skip
     parser.add_argument("--speed-repeats", type=int, default=10)
     args = parser.parse_args()
+    args.counts = counts
     torch.set_num_threads(args.threads)
     for stage in args.stages.split(","):
         start = time.time()

@@ -276,3 +276,27 @@ def test_proof_stages_chain_and_a_rerun_skips_finished_work(tmp_path, idx_root, 
     assert "trained student" in capsys.readouterr().out
     with Image.open(picture) as drawn:
         assert drawn.height > 2 * 112 and drawn.width > 3 * 112  # two canvases, three stage panels each
+
+
+@pytest.mark.slow
+def test_spatial_proof_stages_chain_into_a_report(tmp_path, idx_root, monkeypatch):
+    """examples/spatial_scene_proof.py (a sparsified ConvNeXt classifier on these images): teacher, student, control
+    and report chain on a few items, and the report measures the student against the rest."""
+    import runpy
+    import sys
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.syspath_prepend(str(examples))  # the proof imports its neighbours, as `python examples/...` allows
+    out = tmp_path / "spatial"
+    argv = ["spatial_scene_proof.py", "--out", str(out), "--data-root", str(idx_root), "--train-subset", "8",
+            "--val-subset", "4", "--teacher-epochs", "1", "--student-epochs", "1", "--speed-repeats", "0",
+            "--set", "optim.batch_size=4"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(examples / "spatial_scene_proof.py"), run_name="__main__")
+    results = json.loads((out / "results.json").read_text())
+    assert results["test_images"] == 12  # the whole test split, not the per-epoch subset
+    student = results["student"]
+    assert student["keep_ratios"] == [0.7, 0.5, 0.3] and 0.5 < student["flops_vs_dense"] < 0.85
+    assert {"random_locations_top1", "keep_all_top1", "keep_one_top1", "gap_to_control"} <= set(student)
+    assert results["control"]["epochs"] == 1 and student["speedup"] is None
+    assert "random locations" in (out / "results.md").read_text()
