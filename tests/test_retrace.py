@@ -167,3 +167,14 @@ def test_torch_fx_wrap_table_is_left_as_it_was(name):
     del sparse
     gc.collect()
     assert not added()
+
+
+@pytest.mark.skipif(not hasattr(symbolic_trace, "_wrapped_fns_to_patch"), reason="torch.fx has no wrap table")
+@pytest.mark.parametrize("name", sorted(LIBRARY_WRAPS))
+def test_plan_leaves_the_wrap_table_as_it_was(name):
+    """`plan` traces the model (the graphs register their wrapped functions) and returns no model: nothing stays."""
+    build, size, _ = MODELS[name]
+    table = symbolic_trace._wrapped_fns_to_patch
+    before = set(table)
+    tokenprune.plan(build().eval(), 0.7, example_inputs=torch.randn(1, 3, size, size))
+    assert not set(table) - before

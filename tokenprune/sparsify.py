@@ -400,7 +400,8 @@ def plan(
     """
     refuse_wrappers(model)
     name = model_name(model)
-    return _analyse(model, ratio, locations, keep_ratios, example_inputs, name, scorer, decisions, fast_path)[0]
+    with released_fx_wraps():  # the graphs analysed here are thrown away: leave torch.fx's table as it was
+        return _analyse(model, ratio, locations, keep_ratios, example_inputs, name, scorer, decisions, fast_path)[0]
 
 
 def set_execution(model: nn.Module, execution: str) -> nn.Module:

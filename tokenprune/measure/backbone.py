@@ -121,10 +121,11 @@ def image_batch_inputs(
 def _traces(model: nn.Module, chain: Sequence[str]) -> bool:
     """Whether tokenprune's tracer traces `model` with the chain's blocks as leaves (as the graph pass does)."""
     from ..errors import UnsupportedModelError
-    from ..fx.tracing import trace
+    from ..fx.tracing import released_fx_wraps, trace
 
     try:
-        trace(model, leaves=[model.get_submodule(name) for name in chain])
+        with released_fx_wraps():  # a graph thrown away: torch.fx's table as it was
+            trace(model, leaves=[model.get_submodule(name) for name in chain])
     except UnsupportedModelError:
         return False
     return True
