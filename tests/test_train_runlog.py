@@ -81,3 +81,22 @@ def test_an_unwritable_metrics_file_is_a_training_error_naming_it(tmp_path):
     (tmp_path / "m.jsonl").mkdir()  # a folder where the file should be
     with pytest.raises(TrainingError, match=r"cannot append to \S+m\.jsonl"):
         writer.write("train", step=1)
+
+
+def test_a_run_starts_by_saying_what_it_trains(tmp_path, capsys):
+    """One line: the model and its stages, the data and the input size (with a note when the size is the model's
+    default rather than the recipe's: images are resized to it), the steps and the device."""
+    from tiny_runs import ONE_EPOCH, SYNTHETIC, TINY_VIT
+
+    from tokenprune.train import finetune
+
+    finetune(overrides=[*TINY_VIT, *SYNTHETIC, *ONE_EPOCH, f"run.output_dir={tmp_path / 'sparse'}"])
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(f"{tmp_path / 'sparse'}: vit_tiny_patch16_224, 3 token stages keeping 0.7/0.49/0.343")
+    assert "16 training and 16 evaluation images (synthetic), input 1x16x16;" in line
+    assert line.endswith("2 steps of 8 images (1 epoch) on cpu")
+
+    dense = ["model.name=resnet10t", "model.kwargs={num_classes: 4, in_chans: 1}", "sparsify.enabled=false"]
+    finetune(overrides=[*SYNTHETIC, *ONE_EPOCH, *dense, f"run.output_dir={tmp_path / 'dense'}"])
+    line = capsys.readouterr().out.splitlines()[0]
+    assert ": resnet10t, dense;" in line and "(the model's; data.img_size sets it)" in line

@@ -205,6 +205,33 @@ def _input_geometry(recipe: Recipe, model: nn.Module) -> tuple[int, int]:
     return int(size), int(chans)
 
 
+def run_summary(recipe: Recipe, trainer: Trainer, size: int, chans: int) -> str:
+    """One line saying what a run trains, on what and how long: printed when it starts.
+
+    The input size is the one the data is made at; when the recipe does not set it, it is the model's default size,
+    which may differ from the images' own (a 112 px canvas is upsampled for a 224 px model): the line says so."""
+    from ..fx.tracing import model_name
+
+    config = trainer.config
+    name = (config.model_name if config else None) or model_name(trainer.student)
+    if config is None:
+        what = "dense"
+    else:
+        kept = "/".join(f"{r:g}" for r in config.keep_ratios)
+        what = f"{len(config.keep_ratios)} {config.kind} stages keeping {kept} ({config.scorer})"
+    size_note = (
+        "" if recipe.data.img_size or recipe.model.kwargs.get("img_size") else " (the model's; data.img_size sets it)"
+    )
+    o = recipe.optim
+    batch = o.batch_size * trainer.info.world * trainer.accum
+    epochs = f"{o.epochs:g} epoch{'' if o.epochs == 1 else 's'}"
+    return (
+        f"{trainer.out}: {name}, {what}; {len(trainer.train_loader.dataset):,} training and "
+        f"{len(trainer.val_loader.dataset):,} evaluation images ({recipe.data.source}), input {chans}x{size}x{size}"
+        f"{size_note}; {trainer.total_steps:,} steps of {batch} images ({epochs}) on {trainer.device}"
+    )
+
+
 def _coerce_recipe(recipe: Recipe | str | os.PathLike[str] | dict | None, overrides: Sequence[str]) -> Recipe:
     if isinstance(recipe, Recipe):
         from .recipe import apply_overrides
@@ -294,6 +321,7 @@ def finetune(
         trainer = Trainer(recipe, model, teacher, data, info)  # refuses a foreign or finished run in `out` first
         if info.main:
             save_recipe(recipe, out / "recipe.yaml")
+            print(run_summary(recipe, trainer, size, chans), flush=True)
         barrier(info)
         metrics = trainer.fit()  # ends with the final phase: evaluation and final.pt
         return FinetuneResult(model.eval(), teacher, metrics, out, recipe)
