@@ -18,8 +18,9 @@ its third stage is 7x7 = 49 locations and 9 blocks. Stages (each resumable: reru
    (what the choice can be worth); GMACs (tokenprune.measure, fvcore-based) and the CPU speed-up (dense vs sparse,
    timed interleaved in one process); written to ``<out>/results.json`` and ``<out>/results.md``.
 
-Sizing, measured at 1 thread on the idle 2-core machine, batch 64: dense training ~88 images/s, so ~17 min teacher
-(3 epochs x 30,000), then student and control side by side on the two cores. Run it in the background::
+Sizing, measured through the harness at 1 thread on the 2-core machine, batch 64: dense training ~77 images/s, so
+~20 min teacher (3 epochs x 30,000), then student and control side by side on the two cores. Run it in the
+background::
 
     nohup python examples/spatial_scene_proof.py --out runs/spatial --stages teacher > runs/spatial.log 2>&1 &
     # then --stages student and --stages control in two processes, then --stages report alone on the idle machine
