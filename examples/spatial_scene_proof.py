@@ -80,12 +80,15 @@ def report(args: argparse.Namespace) -> dict:
             keep_all = top1(student, test)
         with fixed_keep(student, 0.0):
             keep_one = top1(student, test)
+        pruned, masked = predictions(student, test), predictions(tokenprune.set_execution(student, "masked"), test)
+        tokenprune.set_execution(student, "auto")
         sparse = profile_flops(student, example).gmacs
         speed = None  # --speed-repeats 0 skips the timing
         if args.speed_repeats > 0:
             speed = compare(teacher, student, (1, size, size), batch_size=args.speed_batch, repeats=args.speed_repeats)
         results["student"] = {
             "top1": top1(student, test),
+            "masked_agrees": int((pruned == masked).sum()),  # predictions of masked and pruned execution
             "random_locations_top1": random_top1,
             "keep_all_top1": keep_all,
             "keep_one_top1": keep_one,
@@ -102,6 +105,13 @@ def report(args: argparse.Namespace) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(_markdown(results, args))
     return results
+
+
+@torch.no_grad()
+def predictions(model: torch.nn.Module, dataset, batch_size: int = 250) -> torch.Tensor:
+    """The predicted class of every image, in eval mode."""
+    model.eval()
+    return torch.cat([model(x).argmax(-1) for x, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size)])
 
 
 def _markdown(results: dict, args: argparse.Namespace) -> str:
@@ -137,6 +147,8 @@ def _markdown(results: dict, args: argparse.Namespace) -> str:
             lines.append(f"- top-1 within 1.0 point of the control: gap {s['gap_to_control']:+.2f}")
         lines += [
             f"- FLOPs <= 0.85x dense: {s['flops_vs_dense']:.3f}x",
+            f"- masked execution (training's computation, eval decisions) predicts as pruned on {s['masked_agrees']:,} "
+            f"of {results['test_images']:,} test images",
             f"- predictors beat random locations: {s['top1']:.2f} vs {s['random_locations_top1']:.2f} "
             f"(every location on the slow path: {s['keep_all_top1']:.2f}; one per stage: {s['keep_one_top1']:.2f})",
         ]

@@ -299,4 +299,5 @@ def test_spatial_proof_stages_chain_into_a_report(tmp_path, idx_root, monkeypatc
     assert student["keep_ratios"] == [0.7, 0.5, 0.3] and 0.5 < student["flops_vs_dense"] < 0.85
     assert {"random_locations_top1", "keep_all_top1", "keep_one_top1", "gap_to_control"} <= set(student)
     assert results["control"]["epochs"] == 1 and student["speedup"] is None
+    assert student["masked_agrees"] == 12  # the trained student's two executions predict alike
     assert "random locations" in (out / "results.md").read_text()
