@@ -99,4 +99,11 @@ def test_a_run_starts_by_saying_what_it_trains(tmp_path, capsys):
     dense = ["model.name=resnet10t", "model.kwargs={num_classes: 4, in_chans: 1}", "sparsify.enabled=false"]
     finetune(overrides=[*SYNTHETIC, *ONE_EPOCH, *dense, f"run.output_dir={tmp_path / 'dense'}"])
     line = capsys.readouterr().out.splitlines()[0]
-    assert ": resnet10t, dense;" in line and "(the model's; data.img_size sets it)" in line
+    assert ": resnet10t, dense;" in line and "input 1x176x176 (the model's default size; data.img_size sets it)" in line
+
+    from tokenprune.train import build_datasets, load_recipe
+
+    recipe = load_recipe(None, [*TINY_VIT, *SYNTHETIC, *ONE_EPOCH])
+    data = build_datasets(recipe.data, img_size=16, in_chans=1, seed=0)
+    finetune(recipe, data=data, overrides=[f"run.output_dir={tmp_path / 'given'}"])
+    assert "images (datasets passed to finetune), input 1x16x16;" in capsys.readouterr().out.splitlines()[0]

@@ -205,11 +205,12 @@ def _input_geometry(recipe: Recipe, model: nn.Module) -> tuple[int, int]:
     return int(size), int(chans)
 
 
-def run_summary(recipe: Recipe, trainer: Trainer, size: int, chans: int) -> str:
+def run_summary(recipe: Recipe, trainer: Trainer, given: bool = False) -> str:
     """One line saying what a run trains, on what and how long: printed when it starts.
 
-    The input size is the one the data is made at; when the recipe does not set it, it is the model's default size,
-    which may differ from the images' own (a 112 px canvas is upsampled for a 224 px model): the line says so."""
+    The input is the shape of the first training image as the data makes it. When the recipe sets no size, that is
+    the model's default size, which may differ from the images' own (a 112 px canvas upsampled for a 224 px model):
+    the line says so. `given`: the datasets were passed to `finetune`, not made from ``recipe.data``."""
     from ..fx.tracing import model_name
 
     config = trainer.config
@@ -219,16 +220,18 @@ def run_summary(recipe: Recipe, trainer: Trainer, size: int, chans: int) -> str:
     else:
         kept = "/".join(f"{r:g}" for r in config.keep_ratios)
         what = f"{len(config.keep_ratios)} {config.kind} stages keeping {kept} ({config.scorer})"
-    size_note = (
-        "" if recipe.data.img_size or recipe.model.kwargs.get("img_size") else " (the model's; data.img_size sets it)"
-    )
+    train, val = trainer.train_loader.dataset, trainer.val_loader.dataset
+    image = train[0][0]
+    shape = "x".join(str(n) for n in image.shape) if isinstance(image, torch.Tensor) else "?"
+    sized = recipe.data.img_size or recipe.model.kwargs.get("img_size")
+    note = " (the model's default size; data.img_size sets it)" if not (given or sized) else ""
+    source = "datasets passed to finetune" if given else recipe.data.source
     o = recipe.optim
     batch = o.batch_size * trainer.info.world * trainer.accum
     epochs = f"{o.epochs:g} epoch{'' if o.epochs == 1 else 's'}"
     return (
-        f"{trainer.out}: {name}, {what}; {len(trainer.train_loader.dataset):,} training and "
-        f"{len(trainer.val_loader.dataset):,} evaluation images ({recipe.data.source}), input {chans}x{size}x{size}"
-        f"{size_note}; {trainer.total_steps:,} steps of {batch} images ({epochs}) on {trainer.device}"
+        f"{trainer.out}: {name}, {what}; {len(train):,} training and {len(val):,} evaluation images ({source}), "
+        f"input {shape}{note}; {trainer.total_steps:,} steps of {batch} images ({epochs}) on {trainer.device}"
     )
 
 
@@ -307,7 +310,8 @@ def finetune(
             raise ConfigError("the student shares parameters with the teacher; sparsify without inplace=True.")
         if config_of(model) is not None and teacher is None and (recipe.loss.kl > 0 or recipe.loss.distill > 0):
             raise ConfigError("pass teacher=<the model given to sparsify>, or set loss.kl=0 and loss.distill=0.")
-        if data is None:
+        given = data is not None
+        if not given:
             data = build_datasets(recipe.data, img_size=size, in_chans=chans, seed=run.seed, model=teacher or model)
         classes = getattr(teacher if teacher is not None else model, "num_classes", None)
         if isinstance(classes, int) and classes != data.num_classes:
@@ -321,7 +325,7 @@ def finetune(
         trainer = Trainer(recipe, model, teacher, data, info)  # refuses a foreign or finished run in `out` first
         if info.main:
             save_recipe(recipe, out / "recipe.yaml")
-            print(run_summary(recipe, trainer, size, chans), flush=True)
+            print(run_summary(recipe, trainer, given), flush=True)
         barrier(info)
         metrics = trainer.fit()  # ends with the final phase: evaluation and final.pt
         return FinetuneResult(model.eval(), teacher, metrics, out, recipe)
