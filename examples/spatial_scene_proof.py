@@ -84,14 +84,15 @@ def report(args: argparse.Namespace) -> dict:
             keep_all = top1(student, test)
         with fixed_keep(student, 0.0):
             keep_one = top1(student, test)
-        pruned, masked = predictions(student, test), predictions(tokenprune.set_execution(student, "masked"), test)
+        pruned, labels = predictions(student, test)
+        masked, _ = predictions(tokenprune.set_execution(student, "masked"), test)
         tokenprune.set_execution(student, "auto")
         sparse = profile_flops(student, example).gmacs
         speed = None  # --speed-repeats 0 skips the timing
         if args.speed_repeats > 0:
             speed = compare(teacher, student, (1, size, size), batch_size=args.speed_batch, repeats=args.speed_repeats)
         results["student"] = {
-            "top1": top1(student, test),
+            "top1": 100.0 * int((pruned == labels).sum()) / len(labels),  # the pruned predictions' top-1
             "masked_agrees": int((pruned == masked).sum()),  # predictions of masked and pruned execution
             "random_locations_top1": random_top1,
             "keep_all_top1": keep_all,
@@ -112,10 +113,11 @@ def report(args: argparse.Namespace) -> dict:
 
 
 @torch.no_grad()
-def predictions(model: torch.nn.Module, dataset, batch_size: int = 250) -> torch.Tensor:
-    """The predicted class of every image, in eval mode."""
+def predictions(model: torch.nn.Module, dataset, batch_size: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class, label) of every image, in eval mode."""
     model.eval()
-    return torch.cat([model(x).argmax(-1) for x, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size)])
+    pairs = [(model(x).argmax(-1), y) for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size)]
+    return torch.cat([p for p, _ in pairs]), torch.cat([y for _, y in pairs])
 
 
 def _markdown(results: dict, args: argparse.Namespace) -> str:
