@@ -22,6 +22,7 @@ import torch.fx._symbolic_trace as symbolic_trace
 import torchvision
 
 import tokenprune
+from tokenprune.measure.backbone import find_backbone
 from tokenprune.nn import tokenops
 from tokenprune.nn.leaf import is_one_call, one_call
 
@@ -177,4 +178,27 @@ def test_plan_leaves_the_wrap_table_as_it_was(name):
     table = symbolic_trace._wrapped_fns_to_patch
     before = set(table)
     tokenprune.plan(build().eval(), 0.7, example_inputs=torch.randn(1, 3, size, size))
+    assert not set(table) - before
+
+
+@pytest.mark.skipif(not hasattr(symbolic_trace, "_wrapped_fns_to_patch"), reason="torch.fx has no wrap table")
+def test_backbone_probe_leaves_the_wrap_table_as_it_was():
+    """Locating the backbone of a model that calls it on something other than its input traces the model once (to
+    tell a detector that makes its own batch from a traceable wrapper); that graph is thrown away, so is its entry."""
+    build, size, _ = MODELS["swin_tiny"]
+
+    class Scaled(torch.nn.Module):  # calls its backbone on a new tensor: the hooks cannot find it, the trace runs
+        def __init__(self):
+            super().__init__()
+            self.backbone = build()
+
+        def forward(self, x):
+            return self.backbone(x * 2)
+
+    model = Scaled().eval()
+    x = torch.randn(1, 3, size, size)
+    chain = tokenprune.config_of(tokenprune.sparsify(model.backbone, 0.7, example_inputs=x)).chain
+    table = symbolic_trace._wrapped_fns_to_patch
+    before = set(table)
+    assert find_backbone(model, [f"backbone.{name}" for name in chain], x) is None  # traceable: no batch of its own
     assert not set(table) - before
