@@ -70,12 +70,12 @@ def report(args: argparse.Namespace) -> dict:
         "test_images": len(test),
         "canvas": size,
         "threads": torch.get_num_threads(),
-        "teacher": {"top1": top1(teacher, test), "gmacs": dense},
+        "model": recipe.model.name,
+        "teacher": {"top1": top1(teacher, test), "gmacs": dense, "epochs": _epochs(out / "teacher")},
     }
     if (out / "control" / "final.pt").is_file():
         control = load_trained(out / "control" / "final.pt")
-        epochs = load_recipe(out / "control" / "recipe.yaml").optim.epochs
-        results["control"] = {"top1": top1(control, test), "gmacs": dense, "epochs": epochs}
+        results["control"] = {"top1": top1(control, test), "gmacs": dense, "epochs": _epochs(out / "control")}
     if (out / "student" / "final.pt").is_file():
         student = load_trained(out / "student" / "final.pt").eval()
         with random_decisions(student):
@@ -100,7 +100,7 @@ def report(args: argparse.Namespace) -> dict:
             "gmacs": sparse,
             "flops_vs_dense": sparse / dense,
             "keep_ratios": [s.keep_ratio for s in tokenprune.selectors(student)],
-            "epochs": load_recipe(out / "student" / "recipe.yaml").optim.epochs,
+            "epochs": _epochs(out / "student"),
             "images_per_s": speed and speed["sparse"]["images_per_s"],
             "dense_images_per_s": speed and speed["dense"]["images_per_s"],
             "speedup": speed and speed["paired_speedup"],
@@ -110,6 +110,11 @@ def report(args: argparse.Namespace) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(_markdown(results, args))
     return results
+
+
+def _epochs(run: Path) -> float:
+    """The epochs a stage's run trained, from the recipe it saved."""
+    return load_recipe(run / "recipe.yaml").optim.epochs
 
 
 @torch.no_grad()
@@ -124,13 +129,13 @@ def _markdown(results: dict, args: argparse.Namespace) -> str:
     t = results["teacher"]
     lines = [
         f"Spatial classification proof (`python examples/spatial_scene_proof.py --out {args.out}`): Fashion-MNIST "
-        f"objects, {results['canvas']}x{results['canvas']}, 10 classes, {results['test_images']} test images, "
-        f"{results['threads']} CPU thread(s). GMACs per image.",
+        f"objects, {results['canvas']}x{results['canvas']}, 10 classes, `{results['model']}`, "
+        f"{results['test_images']} test images, {results['threads']} CPU thread(s). GMACs per image.",
         "",
         f"| model | top-1 | top-1, random locations | GMACs | x dense FLOPs | images/s (CPU, batch {args.speed_batch}) "
         "| speed-up |",
         "|---|---|---|---|---|---|---|",
-        f"| teacher (dense) | {t['top1']:.2f} | - | {t['gmacs']:.4f} | 1.00 | - | - |",
+        f"| teacher (dense, {t['epochs']:g} epochs) | {t['top1']:.2f} | - | {t['gmacs']:.4f} | 1.00 | - | - |",
     ]
     if "control" in results:
         c = results["control"]
