@@ -17,6 +17,7 @@ from torch import nn
 import tokenprune
 from tokenprune import UnsupportedModelError
 from tokenprune.fx.selfcheck import max_difference
+from tokenprune.measure.ablation import fixed_keep
 
 
 class _GridBlock(nn.Module):
@@ -196,15 +197,15 @@ def test_shallow_stages_chain_is_blocks_not_layer_norms():
 
 
 class _SpatialGridBlock(nn.Module):
-    """A [B, C, H, W] block that is also told the grid size as numbers; it scales its MLP by them."""
+    """A [B, C, H, W] block that is also told the grid size as numbers; it scales its MLP's input by them."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.mix = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
-        self.up, self.act, self.down = nn.Conv2d(dim, 2 * dim, 1), nn.GELU(), nn.Conv2d(2 * dim, dim, 1)
+        self.up, self.act, self.down = nn.Conv2d(dim, 4 * dim, 1), nn.GELU(), nn.Conv2d(4 * dim, dim, 1)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        return x + self.down(self.act(self.up(self.mix(x)))) * (64.0 / (height * width)) ** 0.5
+        return x + self.down(self.act(self.up(self.mix(x) * (64.0 / (height * width)) ** 0.5)))
 
 
 class _SpatialGridNet(nn.Module):
@@ -221,8 +222,12 @@ class _SpatialGridNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def test_spatial_block_taking_grid_size_is_refused_not_frozen():
-    """The spatial rewrite takes blocks called with the map alone; a block told the grid size is refused by name
-    rather than rewritten with the example's size baked in."""
-    with pytest.raises(UnsupportedModelError, match=r"block blocks\.\d+: .*run-time input\(s\) 'height', 'width'"):
-        tokenprune.sparsify(_SpatialGridNet().eval(), example_inputs=torch.randn(2, 3, 32, 32))
+def test_spatial_block_taking_grid_size_takes_it_at_run_time():
+    """A block told the grid size takes it as a run-time input, not with the example's size baked in: at another
+    input size the rewritten model with every location kept is still the original."""
+    torch.manual_seed(0)
+    dense = _SpatialGridNet().eval()
+    sparse = tokenprune.sparsify(dense, 0.7, example_inputs=torch.randn(2, 3, 32, 32)).eval()
+    x = torch.randn(2, 3, 48, 64)
+    with torch.no_grad(), fixed_keep(sparse, 1.0):
+        torch.testing.assert_close(sparse(x), dense(x), atol=1e-5, rtol=1e-5)

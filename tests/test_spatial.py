@@ -15,6 +15,7 @@ from torch import nn
 
 import tokenprune
 from tokenprune.errors import UnsupportedModelError
+from tokenprune.measure.ablation import fixed_keep
 from tokenprune.nn.asymmetric import AsymmetricPath
 from tokenprune.nn.spatial_predictor import SpatialSelector
 
@@ -407,6 +408,68 @@ def test_structural_rule_on_an_unknown_model():
         gathered = result(x)
         tokenprune.set_execution(result, "masked")
         torch.testing.assert_close(result(x), gathered, atol=1e-5, rtol=1e-4)
+
+
+class _ContextBlock(nn.Module):
+    """A [B, C, H, W] block called with a second map besides its own, the stage's context (as GCViT's blocks take the
+    stage's global query); `into` says where the context goes: into what mixes locations, into the MLP's input, or
+    (as a gate over the MLP's hidden map) between the MLP's layers."""
+
+    def __init__(self, dim: int, into: str) -> None:
+        super().__init__()
+        self.into = into
+        self.mix = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm = nn.BatchNorm2d(dim)
+        self.up, self.act, self.down = nn.Conv2d(dim, 2 * dim, 1), nn.GELU(), nn.Conv2d(2 * dim, dim, 1)
+
+    def forward(self, x, context):
+        x = x + self.mix(x * context if self.into == "mixer" else x)
+        h = self.norm(x)
+        h = self.act(self.up(h + context if self.into == "mlp" else h))
+        return x + self.down(h * context.repeat(1, 2, 1, 1) if self.into == "hidden" else h)
+
+
+class _ContextNet(nn.Module):
+    def __init__(self, into: str, dim: int = 16, depth: int = 5) -> None:
+        super().__init__()
+        self.stem, self.context = nn.Conv2d(3, dim, 4, stride=4), nn.Conv2d(dim, dim, 1)
+        nn.init.zeros_(self.context.bias)  # filled by the self-check: its context is not the one discovery recorded
+        self.blocks = nn.ModuleList(_ContextBlock(dim, into) for _ in range(depth))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        context = torch.sigmoid(self.context(x))  # a map computed from the map, before the chain
+        for block in self.blocks:
+            x = block(x, context)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize(("into", "slow_path"), [("mixer", "norm .. down"), ("mlp", "up .. down")])
+def test_a_block_input_besides_the_map_is_passed_on_and_read_where_it_lines_up(into, slow_path):
+    """The block takes the context as a run-time input. The slow path runs on the kept locations only, so it starts
+    after the last op that reads the context map (an operand like any other: inside a run only what broadcasts over
+    the locations); exact in both executions, and with every location kept each block is the original on the context
+    of its own run (the self-check's too: not the one recorded when the chain was found, from another input)."""
+    torch.manual_seed(0)
+    dense_model, x = _ContextNet(into).eval(), torch.randn(2, 3, 32, 32)
+    assert f"slow path {slow_path} (" in tokenprune.plan(dense_model, 0.7, example_inputs=x).describe()
+    model = tokenprune.sparsify(dense_model, 0.7, example_inputs=x).eval()
+    randomize_fast_paths(model)
+    with torch.no_grad():
+        gathered = model(x)
+        assert not torch.allclose(gathered, dense_model(x), atol=1e-4)
+        with fixed_keep(model, 1.0):
+            torch.testing.assert_close(model(x), dense_model(x), atol=1e-5, rtol=1e-5)
+        tokenprune.set_execution(model, "masked")
+        torch.testing.assert_close(model(x), gathered, atol=1e-5, rtol=1e-4)
+
+
+def test_a_block_input_read_between_the_mlp_layers_leaves_no_slow_path():
+    """The context gates the MLP's hidden map, location by location: the run after it (the last layer) changes the
+    channels, so no C -> C slow path exists and the model is refused, not gathered against a whole map."""
+    with pytest.raises(UnsupportedModelError, match="no slow path found"):
+        tokenprune.sparsify(_ContextNet("hidden").eval(), 0.7, example_inputs=torch.randn(2, 3, 32, 32))
 
 
 class _ChannelChangingBranch(nn.Module):

@@ -53,6 +53,7 @@ WORKS = [
     _e("swin_tiny_patch4_window7_224", img_size=112, depths=(1, 1, 4, 1)),  # spatial, window attention
     _e("repvit_m0_9"),  # spatial, two per-location branches: the MLP is chosen
     _e("maxvit_rmlp_pico_rw_256", img_size=128),  # spatial, two MLPs per unit (block and grid attention), MBConv dense
+    _e("gcvit_xxtiny"),  # spatial, blocks also take the stage's global query (a run-time input)
     _e("crossvit_tiny_240"),  # two token streams; the head that combines them reads a refilled token set
 ]
 

@@ -91,6 +91,14 @@ def block_inputs(call: Call, node: fx.Node, where: str) -> tuple[dict[str, objec
     return concrete, runtime
 
 
+def runtime_kwargs(block: fx.GraphModule, call: Call, node: fx.Node, where: str) -> dict[str, object]:
+    """What the top-level graph passes for the run-time inputs (`block_inputs`) the traced `block` still takes, by
+    name (tracing drops an input the block does not use: GCViT's blocks without global attention ignore its query)."""
+    _, runtime = block_inputs(call, node, where)
+    taken = {n.target for n in block.graph.nodes if n.op == "placeholder"}
+    return {k: v for k, v in runtime.items() if k in taken}
+
+
 def recorded_inputs(call: Call, names: list[str]) -> list[object]:
     """The values a recorded call passed for the named arguments, to propagate shapes through the traced block."""
     bound = inspect.signature(call.module.forward).bind(*call.args, **call.kwargs)

@@ -31,6 +31,7 @@ compared value's scale (fp32: 1e-3 and 1e-4); a non-finite value in any comparis
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import operator
 from collections.abc import Iterator
@@ -47,6 +48,8 @@ from ..nn.recorder import selectors
 from ..nn.select import TokenSelector
 from ..nn.spatial_predictor import SpatialSelector
 from .discovery import Chain
+from .spatial import BLOCK_INPUTS as SPATIAL_INPUTS
+from .token import BLOCK_INPUTS as TOKEN_INPUTS
 from .tracing import kept_training_flags
 
 __all__ = ["self_check", "max_difference", "branch_scales", "check_weights", "check_values", "tolerances"]
@@ -275,6 +278,10 @@ def _in_fp32(modules: list[nn.Module]) -> Iterator[None]:
 # ---------------------------------------------------------------- running
 
 
+#: The inputs the rewrite adds to a block (the decisions); the block's own run-time inputs are the rest.
+_REWRITE_INPUTS = frozenset((*SPATIAL_INPUTS, *TOKEN_INPUTS))
+
+
 class _Run:
     """One forward of the sparsified model in an execution mode, with each hooked block's (input, output).
 
@@ -290,13 +297,15 @@ class _Run:
         for sel in stages:
             sel.execution = execution
         self.blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.inputs: dict[str, dict[str, object]] = {}  # each block's other run-time inputs in this run, by name
         self.scores: list[torch.Tensor | None] = [None] * len(stages)
         self.decision: list[torch.Tensor | None] = [None] * len(stages)  # masked: own masks over the first stage's
 
         def record(name):
             # A block that also returns attention scores for the next stage (scorer "attention"): (tokens, scores).
-            def hook(module, args, out):
+            def hook(module, args, kwargs, out):
                 self.blocks[name] = (args[0], out[0] if isinstance(out, tuple) else out)
+                self.inputs[name] = {k: v for k, v in kwargs.items() if k not in _REWRITE_INPUTS}
 
             return hook
 
@@ -320,7 +329,7 @@ class _Run:
 
             return hook
 
-        handles = [model.get_submodule(n).register_forward_hook(record(n)) for n in hooks]
+        handles = [model.get_submodule(n).register_forward_hook(record(n), with_kwargs=True) for n in hooks]
         handles += [sel.predictor.register_forward_hook(scored(s)) for s, sel in enumerate(stages)]
         handles += [sel.register_forward_hook(decided(s)) for s, sel in enumerate(stages)]
         try:
@@ -464,8 +473,12 @@ def _check_blocks_keep_all(model: nn.Module, chain: Chain, example: torch.Tensor
         # The original block is no longer in the model: `model.eval()` did not reach its own flag (its children are
         # shared, and `self_check` puts their flags back when it ends).
         call.module.eval()
+        # The arguments recorded when the chain was found, but for the run-time inputs this run passed (GCViT's global
+        # query is computed from this run's map and weights, not the discovery's).
+        bound = inspect.signature(call.module.forward).bind(x, *call.args[1:], **call.kwargs)
+        bound.arguments.update(run.inputs[block])
         with torch.no_grad():
-            args, kwargs = _floats_like((call.args[1:], call.kwargs), x.dtype)  # recorded in the model's dtype
+            args, kwargs = _floats_like((bound.args[1:], bound.kwargs), x.dtype)  # recorded in the model's dtype
             original = call.module(x, *args, **kwargs)
         original = original[0] if isinstance(original, tuple) else original
         d = _update_difference(x, y, x, original) if y.shape == original.shape else None

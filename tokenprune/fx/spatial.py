@@ -41,7 +41,15 @@ from ..errors import UnsupportedModelError
 from ..nn.asymmetric import FAST_PATH_INIT, AsymmetricPath, gather_locations, mask_locations
 from ..nn.spatial_predictor import SpatialRecorder, SpatialSelector
 from . import rules
-from ._graph import applied_norm, block_inputs, chain_nodes, node_shape, propagate_shapes
+from ._graph import (
+    applied_norm,
+    block_inputs,
+    chain_nodes,
+    node_shape,
+    propagate_shapes,
+    recorded_inputs,
+    runtime_kwargs,
+)
 from .discovery import Call, Chain, depends_on
 from .plan import RECORDER, Plan
 from .rules import spatial_rules
@@ -429,17 +437,14 @@ def _asymmetric_block(
     call: Call, node: fx.Node, chain: Chain, where: str, fast_path: str = "block"
 ) -> tuple[fx.GraphModule, list[SlowPath]]:
     """Trace one block and route each slow path through an `AsymmetricPath` (gather before, mix/scatter after)."""
-    concrete, runtime = block_inputs(call, node, where)
-    if runtime:
-        raise UnsupportedModelError(
-            f"{where}: the block takes the run-time input(s) {', '.join(map(repr, runtime))} besides its feature map; "
-            "the spatial rewrite handles blocks called with the map alone."
-        )
+    concrete, _ = block_inputs(call, node, where)
     gm = trace(call.module, concrete_args=concrete, name=where)
-    propagate_shapes(gm, *call.args[:1])
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    propagate_shapes(gm, call.args[0], *recorded_inputs(call, [p.target for p in placeholders[1:]]))
+    # reason: the block's other run-time inputs (GCViT's global query) are operands like any other: the rules keep
+    # inside a slow path only those that broadcast over the locations, so they meet the kept locations exactly.
     paths = find_slow_paths(gm, chain, where)
-    graph = gm.graph
-    last = next(n for n in graph.nodes if n.op == "placeholder")
+    graph, last = gm.graph, placeholders[-1]
     inputs = []
     for name in BLOCK_INPUTS:
         with graph.inserting_after(last):
@@ -523,7 +528,8 @@ def plan_spatial(
                 out = graph.call_module(target, (node.args[0], mask, keep))
                 mask, keep, drop = (graph.call_function(operator.getitem, (out, j)) for j in range(3))
         if call.name in plan.replace:
-            node.args, node.kwargs = node.args[:1], dict(zip(BLOCK_INPUTS, (mask, keep, drop)))
+            runtime = runtime_kwargs(plan.replace[call.name], call, node, name)
+            node.args, node.kwargs = node.args[:1], {**runtime, **dict(zip(BLOCK_INPUTS, (mask, keep, drop)))}
 
     recorder = SpatialRecorder(chain.names[-1], 0)
     plan.add[RECORDER] = recorder

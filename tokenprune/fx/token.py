@@ -17,7 +17,15 @@ from ..nn.recorder import SparsityRecorder
 from ..nn.scorer import SCORES_MODULE, AttentionScores
 from ..nn.select import TokenSelector
 from . import tokenflow
-from ._graph import applied_norm, block_inputs, chain_nodes, node_shape, propagate_shapes, recorded_inputs
+from ._graph import (
+    applied_norm,
+    block_inputs,
+    chain_nodes,
+    node_shape,
+    propagate_shapes,
+    recorded_inputs,
+    runtime_kwargs,
+)
 from .discovery import Call, Chain, depends_on, prefix_token_count
 from .plan import RECORDER, Plan
 from .tracing import call_leaf, trace
@@ -176,16 +184,8 @@ def plan_tokens(
                 x, policy, index = (graph.call_function(operator.getitem, (out, j)) for j in range(3))
             node.update_arg(0, x)
         if call.name in plan.replace:
-            block = plan.replace[call.name]
-            inputs = [n.target for n in block.graph.nodes if n.op == "placeholder"][1:-2]
-            _, runtime = block_inputs(call, node, name)
-            node.args, node.kwargs = (
-                node.args[:1],
-                {
-                    **{k: runtime[k] for k in inputs},
-                    **dict(zip(BLOCK_INPUTS, (policy, index))),
-                },
-            )
+            runtime = runtime_kwargs(plan.replace[call.name], call, node, name)
+            node.args, node.kwargs = node.args[:1], {**runtime, **dict(zip(BLOCK_INPUTS, (policy, index)))}
         if i in scored:
             with graph.inserting_after(node):
                 score = graph.call_function(operator.getitem, (node, 1))
