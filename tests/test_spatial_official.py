@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import torchvision
 
 import tokenprune
+from tokenprune.measure.ablation import fixed_keep
 from tokenprune.nn.asymmetric import AsymmetricPath, FastPath
 from tokenprune.train.losses import LossWeights, hook_teacher, sparsity_terms
 
@@ -277,3 +278,22 @@ def test_final_map_names_are_qualified_in_the_whole_model():
     with torch.no_grad():
         t = _layer_norm_channels_first(teacher.net.forward_features(x), teacher.net.head.norm)
     assert got.item() == pytest.approx(((state.final_normed.permute(0, 2, 3, 1) - t) ** 2).mean().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "size"),
+    [("maxvit_rmlp_pico_rw_256", {"img_size": 128}, 128), ("fastvit_t8", {}, 128)],
+    ids=["maxvit", "fastvit"],
+)
+def test_final_map_is_the_one_the_head_pools_not_a_squeeze_excitations(name, kwargs, size):
+    """After the chain, MaxViT's last MBConv and FastViT's final conv pool the map in a squeeze-and-excitation to gate
+    it, before the head pools it: the final map is the one the head pools (what `forward_features` returns)."""
+    teacher = timm.create_model(name, **kwargs).eval()
+    x = torch.randn(2, 3, size, size)
+    student = tokenprune.sparsify(teacher, 0.7, example_inputs=x).eval()
+    with torch.no_grad(), fixed_keep(student, 1.0):
+        student(x)
+        expected = teacher.forward_features(x)
+    state = tokenprune.sparsity_state(student)
+    assert state.final_normed is not None, state.final_map
+    torch.testing.assert_close(state.final_normed, expected)

@@ -587,6 +587,22 @@ def _pool_input(node: fx.Node, reached: set[fx.Node]) -> tuple[fx.Node, int] | N
     return (data[0], c) if pools and c in (shape_in[1], shape_in[-1]) else None
 
 
+def _meets_a_map(pool: fx.Node) -> bool:
+    """Whether something computed from `pool`'s vector has more than one location again: a squeeze-and-excitation
+    gates the map it pooled (MaxViT's MBConv, GCViT's downsampling), the head's pooling only feeds the classifier."""
+    seen, stack = set(), list(pool.users)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        shape = node_shape(node)
+        if shape is not None and len(shape) >= 3 and sum(size > 1 for size in shape[1:]) > 1:
+            return True
+        stack.extend(node.users)
+    return False
+
+
 def _module_output(gm: fx.GraphModule, node: fx.Node) -> str | None:
     """The outermost module (called once) whose output is `node`: its last node is `node`, read outside it."""
     last: dict[str, fx.Node] = {}
@@ -634,9 +650,10 @@ def final_map(model: nn.Module, gm: fx.GraphModule, recorded: fx.Node) -> FinalM
         if any(a in reached for a in node.all_input_nodes):
             found = _pool_input(node, reached)
             reached.add(node)
-            if found is not None:
+            if found is not None and not _meets_a_map(node):
                 pool = node
                 break
+            found = None
     if found is None:
         return None
     point, c = found
