@@ -25,9 +25,9 @@ background::
     nohup python examples/spatial_scene_proof.py --out runs/spatial --stages teacher > runs/spatial.log 2>&1 &
     # then --stages student and --stages control in two processes, then --stages report alone on the idle machine
 
-With this proof's under-trained teacher the official objective's distillation holds the student back (measured in
-docs/results.md#spatial-classification-proof); ``--set loss.kl=0 --set loss.distill=0`` trains the student with CE
-and the ratio loss alone.
+With the default 3-epoch teacher, far from converged, the official objective's distillation holds the student back
+(measured in docs/results.md#spatial-classification-proof): ``--teacher-epochs 8`` (~1 h) gives a teacher it does
+not, and ``--set loss.kl=0 --set loss.distill=0`` trains the student with CE and the ratio loss alone.
 
 Needs ``apt-get install dataset-fashion-mnist`` (or ``--data-root`` pointing at the IDX .gz files).
 """
