@@ -197,22 +197,27 @@ def test_shallow_stages_chain_is_blocks_not_layer_norms():
 
 
 class _SpatialGridBlock(nn.Module):
-    """A [B, C, H, W] block that is also told the grid size as numbers; it scales its MLP's input by them."""
+    """A [B, C, H, W] block that is also told the grid size as numbers; it scales its MLP's input or its output by
+    a factor computed from them (a Python number, the same at every location)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, scaled: str) -> None:
         super().__init__()
+        self.scaled = scaled
         self.mix = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
         self.up, self.act, self.down = nn.Conv2d(dim, 4 * dim, 1), nn.GELU(), nn.Conv2d(4 * dim, dim, 1)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        return x + self.down(self.act(self.up(self.mix(x) * (64.0 / (height * width)) ** 0.5)))
+        factor = (64.0 / (height * width)) ** 0.5
+        if self.scaled == "input":
+            return x + self.down(self.act(self.up(self.mix(x) * factor)))
+        return x + self.down(self.act(self.up(self.mix(x)))) * factor
 
 
 class _SpatialGridNet(nn.Module):
-    def __init__(self, dim: int = 16, depth: int = 4) -> None:
+    def __init__(self, scaled: str = "input", dim: int = 16, depth: int = 4) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, dim, 4, stride=4)
-        self.blocks = nn.ModuleList(_SpatialGridBlock(dim) for _ in range(depth))
+        self.blocks = nn.ModuleList(_SpatialGridBlock(dim, scaled) for _ in range(depth))
         self.head = nn.Linear(dim, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,12 +227,19 @@ class _SpatialGridNet(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def test_spatial_block_taking_grid_size_takes_it_at_run_time():
+@pytest.mark.parametrize(("scaled", "slow_path"), [("input", "mul_1 .. down"), ("output", "up .. mul_1")])
+def test_spatial_block_taking_grid_size_takes_it_at_run_time(scaled, slow_path):
     """A block told the grid size takes it as a run-time input, not with the example's size baked in: at another
-    input size the rewritten model with every location kept is still the original."""
+    input size the rewritten model with every location kept is still the original. A number scales every location
+    alike, so it joins the slow path, before the MLP or after it (gathered, it scales the kept locations)."""
     torch.manual_seed(0)
-    dense = _SpatialGridNet().eval()
-    sparse = tokenprune.sparsify(dense, 0.7, example_inputs=torch.randn(2, 3, 32, 32)).eval()
+    dense, example = _SpatialGridNet(scaled).eval(), torch.randn(2, 3, 32, 32)
+    assert f"slow path {slow_path} (" in tokenprune.plan(dense, 0.7, example_inputs=example).describe()
+    sparse = tokenprune.sparsify(dense, 0.7, example_inputs=example).eval()
     x = torch.randn(2, 3, 48, 64)
-    with torch.no_grad(), fixed_keep(sparse, 1.0):
-        torch.testing.assert_close(sparse(x), dense(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        with fixed_keep(sparse, 1.0):
+            torch.testing.assert_close(sparse(x), dense(x), atol=1e-5, rtol=1e-5)
+        gathered = sparse(x)
+        tokenprune.set_execution(sparse, "masked")
+        torch.testing.assert_close(sparse(x), gathered, atol=1e-5, rtol=1e-4)

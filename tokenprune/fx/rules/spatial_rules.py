@@ -66,10 +66,11 @@ def cast(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout |
 
 
 def binary(block: Block, node: fx.Node, data: fx.Node, layout: Layout) -> Layout | None:
-    """x op c: per location when every other operand is a number, a constant that is 1 off the channel dim, or a
-    value the walk has reached (`Block.states`): a map in the same layout (of size 1 on the channels for a value
-    computed per location, as a hand-written norm's), or a per-sample value that broadcasts over the locations
-    (GRN's `x * norm`). With a map among the operands the result is a map; of per-sample values only, one."""
+    """x op c: per location when every other operand is a number (a literal, or one computed at run time), a
+    constant that is 1 off the channel dim, or a value the walk has reached (`Block.states`): a map in the same
+    layout (of size 1 on the channels for a value computed per location, as a hand-written norm's), or a per-sample
+    value that broadcasts over the locations (GRN's `x * norm`). With a map among the operands the result is a map;
+    of per-sample values only, one."""
     operands = [a for a in (*node.args, *node.kwargs.values()) if isinstance(a, fx.Node)]
     states = {**block.states, data: layout}
     reached = [a for a in operands if depends_on(a, {block.x})]
@@ -105,6 +106,10 @@ def _broadcasts(value: fx.Node, rank: int, layout: Layout) -> bool:
 
 
 def _per_channel(other: fx.Node, rank: int, channel: int) -> bool:
+    """Whether `other` is the same at every location: a Python number (a run-time input's grid size scaling the map)
+    or a tensor of size 1 off the channel dim."""
+    if other.meta.get("type") in (int, float, bool):
+        return True
     shape = node_shape(other)
     if shape is None or len(shape) > rank:
         return False
