@@ -57,6 +57,24 @@ def test_untraceable_model():
     assert info.value.__cause__ is None and info.value.__suppress_context__  # no torch.fx traceback chained
 
 
+@timm.layers.register_notrace_module
+class _OpaqueStage(nn.Module):
+    """Token blocks inside a module timm's registry marks untraceable: the trace keeps the stage as one call."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(*[timm.models.vision_transformer.Block(32, 2) for _ in range(4)])
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def test_blocks_inside_a_leaf_of_the_trace_are_refused_naming_it():
+    model = nn.Sequential(nn.Linear(8, 32), _OpaqueStage()).eval()
+    with pytest.raises(UnsupportedModelError, match=r"run inside 1 \(_OpaqueStage\), which the trace keeps as one"):
+        tokenprune.sparsify(model, 0.7, example_inputs=torch.randn(2, 10, 8))
+
+
 def test_cnn_without_token_chain_is_refused_until_supported():
     model = timm.create_model("resnet18").eval()
     with pytest.raises(UnsupportedModelError, match="resnet18"):

@@ -47,6 +47,14 @@ def chain_nodes(gm: fx.GraphModule, chain: Chain, name: str) -> list[fx.Node]:
     """The call nodes of the chain's blocks in the traced top-level graph, checked to run one after another."""
     by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     nodes = [by_target.get(block) for block in chain.names]
+    missing = next((block for block, n in zip(chain.names, nodes) if n is None), None)
+    leaf = next((t for t in by_target if missing and missing.startswith(f"{t}.")), None)
+    if leaf is not None:
+        raise UnsupportedModelError(
+            f"{name}: the blocks {chain.names[0]} .. {chain.names[-1]} run inside {leaf} "
+            f"({type(gm.get_submodule(leaf)).__name__}), which the trace keeps as one call (a leaf of the trace: "
+            "timm registers it as untraceable); tokenprune inserts its stages only between calls of the traced graph."
+        )
     linked = all(n is not None for n in nodes) and all(b.args and b.args[0] is a for a, b in zip(nodes, nodes[1:]))
     if not linked:
         raise UnsupportedModelError(
