@@ -279,7 +279,7 @@ def test_proof_stages_chain_and_a_rerun_skips_finished_work(tmp_path, idx_root, 
 
 
 @pytest.mark.slow
-def test_spatial_proof_stages_chain_into_a_report(tmp_path, idx_root, monkeypatch):
+def test_spatial_proof_stages_chain_into_a_report(tmp_path, idx_root, monkeypatch, capsys):
     """examples/spatial_scene_proof.py (a sparsified ConvNeXt classifier on these images): teacher, student, control
     and report chain on a few items, and the report measures the student against the rest."""
     import runpy
@@ -301,3 +301,26 @@ def test_spatial_proof_stages_chain_into_a_report(tmp_path, idx_root, monkeypatc
     assert results["control"]["epochs"] == 1 and student["speedup"] is None
     assert student["masked_agrees"] == 12  # the trained student's two executions predict alike
     assert "random locations" in (out / "results.md").read_text()
+    # where the student keeps its locations: shares of the object and of the background, per stage
+    monkeypatch.setattr(sys, "argv", ["kept_on_object.py", str(out / "student" / "final.pt")])
+    runpy.run_path(str(examples / "kept_on_object.py"), run_name="__main__")
+    rows = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\| \d \|", line)]
+    assert [row.split("|")[1].strip() for row in rows] == ["1", "2", "3"]
+    kept = [float(row.split("|")[2]) for row in rows]
+    assert kept == pytest.approx([0.7, 0.5, 0.3], abs=0.03)  # of 49 locations: 34, 24, 14 (top-k rounds down)
+
+
+def test_object_cover_is_the_share_of_the_box_each_cell_holds():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    try:
+        from kept_on_object import object_cover
+    finally:
+        sys.path.pop(0)
+    grid = object_cover((0, 0, 16), 112, (7, 7))  # the top-left cell exactly
+    assert grid[0] == 1.0 and grid.sum() == 1.0
+    grid = object_cover((8, 16, 16), 112, (7, 7)).view(7, 7)  # rows 8..24, columns 16..32: two cells, one column
+    assert grid[0, 1] == grid[1, 1] == 0.5 and grid.sum() == 1.0
+    grid = object_cover((30, 50, 40), 112, (7, 7))
+    assert float(grid.sum()) == pytest.approx(1.0) and (grid >= 0).all()
