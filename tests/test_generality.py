@@ -19,6 +19,7 @@ from torch import nn
 import tokenprune
 from tokenprune import UnsupportedModelError
 from tokenprune.fx.selfcheck import max_difference
+from tokenprune.measure.ablation import fixed_keep
 
 # name -> constructor keywords that keep it small (4 blocks: stages before blocks 1, 2, 3)
 MODELS = {
@@ -160,6 +161,68 @@ def test_attention_dropout_stays_on_in_training():
     sparse.eval()
     with torch.no_grad():
         assert torch.equal(sparse(x), sparse(x)), "dropout must be off in eval"
+
+
+class _CachedScale(nn.Module):
+    """A learned per-channel scale that evaluation reads from a cache, as LeViT's and EfficientFormer's attention read
+    their bias table: both modes compute the same value, on different paths."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.randn(dim) * 0.1)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def forward(self, x):
+        if self.training:
+            return x * self.log_scale.exp()
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.log_scale.exp()
+        return x * self.cache[key]
+
+
+class _CachedViT(nn.Module):
+    """A tiny ViT whose embedding goes through `_CachedScale` before the blocks (or, with `own`, whose own forward
+    branches on the training flag)."""
+
+    def __init__(self, own: bool = False) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 32, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, 32))
+        self.blocks = nn.Sequential(*[timm.models.vision_transformer.Block(32, 2) for _ in range(4)])
+        self.fc = nn.Linear(32, 5)
+        self.own, self.embed_scale = own, _CachedScale(32)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = self.embed_scale(x) if not self.own else x * 2.0 if self.training else x + 0.0
+        x = self.blocks(torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1))
+        return self.fc(x[:, 0])
+
+
+def test_a_module_branching_on_the_training_flag_is_kept_as_one_call():
+    """Its two traces part, so tracing through it would freeze one mode; kept as a call, each mode runs its own path
+    (evaluation fills the cache) and with every token kept the rewritten model is the original."""
+    torch.manual_seed(0)
+    dense, x = _CachedViT().eval(), torch.randn(2, 3, 64, 64)
+    sparse = tokenprune.sparsify(dense, 0.7, example_inputs=x)
+    assert [n.target for n in sparse.graph.nodes if n.target == "embed_scale"] == ["embed_scale"]
+    with torch.no_grad(), fixed_keep(sparse, 1.0):
+        sparse.eval().embed_scale.cache.clear()
+        torch.testing.assert_close(sparse(x), dense(x), atol=1e-5, rtol=1e-5)
+        assert list(sparse.embed_scale.cache) == ["cpu"]  # the evaluation path ran, at run time
+        sparse.train()(x)
+        assert not sparse.embed_scale.cache  # train() emptied it, and the training path did not fill it
+
+
+def test_a_model_branching_on_the_training_flag_in_its_own_forward_is_refused():
+    with pytest.raises(UnsupportedModelError, match=r"different path in training than in eval.*_CachedViT's own"):
+        tokenprune.sparsify(_CachedViT(own=True).eval(), 0.7, example_inputs=torch.randn(2, 3, 64, 64))
 
 
 def test_plan_describes_without_changing_the_model():

@@ -123,11 +123,40 @@ def trace(
     """
     name = name or model_name(module)
     leaves = [*leaves, *training_dependent(module, name)]
-    with kept_training_flags(module):
-        eval_gm = _trace_once(module.eval(), leaves=leaves, concrete_args=concrete_args, name=name)
-        train_gm = _trace_once(module.train(), leaves=leaves, concrete_args=concrete_args, name=name)
-    _merge_modes(eval_gm, train_gm, name)
-    return eval_gm
+    while True:
+        with kept_training_flags(module):
+            eval_gm = _trace_once(module.eval(), leaves=leaves, concrete_args=concrete_args, name=name)
+            train_gm = _trace_once(module.train(), leaves=leaves, concrete_args=concrete_args, name=name)
+        parted = _merge_modes(eval_gm, train_gm)
+        if parted is None:
+            return eval_gm
+        branching = _branching_modules(module, parted, leaves)
+        if not branching:
+            raise UnsupportedModelError(
+                f"{name}: its forward takes a different path in training than in evaluation (first at "
+                f"{parted.name}, in {type(module).__name__}'s own forward). tokenprune rewrites one traced graph for "
+                "both, so it refuses rather than freeze either mode; move the branch on self.training into a "
+                "submodule (tokenprune keeps such a module as one call)."
+            )
+        leaves += branching
+
+
+def _branching_modules(root: nn.Module, parted: fx.Node, leaves: list[nn.Module]) -> list[nn.Module]:
+    """The modules to keep as calls so that both modes trace alike: every module of the type whose forward made the
+    node where the traces part (LeViT's and EfficientFormer's attention reads a cache of its bias table in
+    evaluation only); its code is its type's, so each of them branches the same way. Empty when that is the root's
+    own forward or already a call."""
+    stack = parted.meta.get("nn_module_stack") or {}
+    if not stack:
+        return []
+    entry = list(stack.values())[-1]
+    qualname = entry[0] if isinstance(entry, tuple) else list(stack)[-1]
+    try:
+        kind = type(root.get_submodule(qualname))
+    except AttributeError:
+        return []
+    held = {id(m) for m in leaves}
+    return [m for m in root.modules() if type(m) is kind and m is not root and id(m) not in held]
 
 
 @contextlib.contextmanager
@@ -190,7 +219,9 @@ class ModeValue(nn.Module):
 MODE_VALUE = "tokenprune_mode"
 
 
-def _merge_modes(eval_gm: fx.GraphModule, train_gm: fx.GraphModule, name: str) -> None:
+def _merge_modes(eval_gm: fx.GraphModule, train_gm: fx.GraphModule) -> fx.Node | None:
+    """Make `eval_gm` serve both modes when the two traces differ only in plain constants (each becomes a
+    `ModeValue`); else return the evaluation trace's node where they first part, and leave it as it was."""
     eval_nodes, train_nodes = list(eval_gm.graph.nodes), list(train_gm.graph.nodes)
     mapping = dict(zip(train_nodes, eval_nodes))
     differing: list[tuple[fx.Node, str | int, object, object]] = []
@@ -198,41 +229,30 @@ def _merge_modes(eval_gm: fx.GraphModule, train_gm: fx.GraphModule, name: str) -
         if e.op == t.op == "get_attr" and e.target != t.target and _same_constant(eval_gm, train_gm, e, t):
             continue  # the tracer numbers the tensor constants it creates; the same value is the same constant
         if (e.op, e.target) != (t.op, t.target) or len(e.args) != len(t.args) or set(e.kwargs) != set(t.kwargs):
-            break
+            return e
         pairs = [*enumerate(zip(e.args, t.args)), *((k, (e.kwargs[k], t.kwargs[k])) for k in e.kwargs)]
         for key, (ea, ta) in pairs:
             ta_mapped = fx.node.map_arg(ta, lambda n: mapping.get(n, n))
             if ea == ta_mapped or (isinstance(ea, float) and isinstance(ta, float) and ea != ea and ta != ta):
                 continue
             if isinstance(ea, fx.Node) or isinstance(ta, fx.Node) or not _is_plain(ea) or not _is_plain(ta):
-                differing = None
-                break
+                return e
             differing.append((e, key, ta, ea))
-        if differing is None:
-            break
-    else:
-        if len(eval_nodes) == len(train_nodes):
-            if differing:
-                eval_gm.add_module(MODE_VALUE, ModeValue())
-                graph = eval_gm.graph
-                for node, key, train_value, eval_value in differing:
-                    with graph.inserting_before(node):
-                        value = graph.call_module(MODE_VALUE, (train_value, eval_value))
-                    if isinstance(key, int):
-                        node.update_arg(key, value)
-                    else:
-                        node.update_kwarg(key, value)
-                graph.lint()
-                eval_gm.recompile()
-            return
-    where = next(
-        (e.name for e, t in zip(eval_nodes, train_nodes) if (e.op, e.target) != (t.op, t.target)), eval_nodes[-1].name
-    )
-    raise UnsupportedModelError(
-        f"{name}: its forward takes a different path in training than in evaluation (first at {where}). tokenprune "
-        "rewrites one traced graph for both, so it refuses rather than freeze either mode; keep the module that "
-        "branches on self.training a leaf (timm.layers.register_notrace_module)."
-    )
+    if len(eval_nodes) != len(train_nodes):
+        return eval_nodes[min(len(eval_nodes), len(train_nodes)) - 1]
+    if differing:
+        eval_gm.add_module(MODE_VALUE, ModeValue())
+        graph = eval_gm.graph
+        for node, key, train_value, eval_value in differing:
+            with graph.inserting_before(node):
+                value = graph.call_module(MODE_VALUE, (train_value, eval_value))
+            if isinstance(key, int):
+                node.update_arg(key, value)
+            else:
+                node.update_kwarg(key, value)
+        graph.lint()
+        eval_gm.recompile()
+    return None
 
 
 def _same_constant(eval_gm: fx.GraphModule, train_gm: fx.GraphModule, e: fx.Node, t: fx.Node) -> bool:
