@@ -54,6 +54,8 @@ WORKS = [
     _e("repvit_m0_9"),  # spatial, two per-location branches: the MLP is chosen
     _e("maxvit_rmlp_pico_rw_256", img_size=128),  # spatial, two MLPs per unit (block and grid attention), MBConv dense
     _e("gcvit_xxtiny"),  # spatial, blocks also take the stage's global query (a run-time input)
+    # spatial; its attention (a later stage) reads a bias cache in eval only: kept as a call, traced in neither mode
+    _e("efficientformer_l1", depths=(1, 1, 4, 2), embed_dims=(16, 32, 64, 96)),
     _e("crossvit_tiny_240"),  # two token streams; the head that combines them reads a refilled token set
 ]
 
@@ -63,6 +65,7 @@ REFUSED = {
     "pvt_v2_b0": _e("pvt_v2_b0"),  # a conv over the token grid inside the block
     "mixer_s16_224": _e("mixer_s16_224"),  # token-mixing MLP
     "xcit_nano_12_p16_224": _e("xcit_nano_12_p16_224"),  # normalisation over tokens (cross-covariance attention)
+    "levit_128s": _e("levit_128s"),  # its attention, kept as a call (eval reads a bias cache), is opaque in the chain
 }
 
 
