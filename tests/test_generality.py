@@ -186,17 +186,39 @@ class _CachedScale(nn.Module):
         return x * self.cache[key]
 
 
-class _CachedViT(nn.Module):
-    """A tiny ViT whose embedding goes through `_CachedScale` before the blocks (or, with `own`, whose own forward
-    branches on the training flag)."""
+class _Chooser(nn.Module):
+    """Calls one submodule in training and another in evaluation: the traces part at a call of a module torch.fx
+    keeps as a call anyway (a Linear), so it is this module's forward that branches."""
 
-    def __init__(self, own: bool = False) -> None:
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.a.load_state_dict(self.b.state_dict())
+        self.cache: dict[str, int] = {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.cache = {}
+        return self
+
+    def forward(self, x):
+        if self.training:
+            return self.a(x)
+        self.cache["cpu"] = 1  # marks the evaluation path, as `_CachedScale`'s cache does
+        return self.b(x)
+
+
+class _CachedViT(nn.Module):
+    """A tiny ViT whose embedding goes through a module that branches on the training flag before the blocks (or,
+    with `own`, whose own forward branches on it)."""
+
+    def __init__(self, embed: type[nn.Module] = _CachedScale, own: bool = False) -> None:
         super().__init__()
         self.patch = nn.Conv2d(3, 32, 8, 8)
         self.cls = nn.Parameter(torch.randn(1, 1, 32))
         self.blocks = nn.Sequential(*[timm.models.vision_transformer.Block(32, 2) for _ in range(4)])
         self.fc = nn.Linear(32, 5)
-        self.own, self.embed_scale = own, _CachedScale(32)
+        self.own, self.embed_scale = own, embed(32)
 
     def forward(self, x):
         x = self.patch(x).flatten(2).transpose(1, 2)
@@ -205,11 +227,12 @@ class _CachedViT(nn.Module):
         return self.fc(x[:, 0])
 
 
-def test_a_module_branching_on_the_training_flag_is_kept_as_one_call():
+@pytest.mark.parametrize("embed", [_CachedScale, _Chooser], ids=lambda c: c.__name__)
+def test_a_module_branching_on_the_training_flag_is_kept_as_one_call(embed):
     """Its two traces part, so tracing through it would freeze one mode; kept as a call, each mode runs its own path
     (evaluation fills the cache) and with every token kept the rewritten model is the original."""
     torch.manual_seed(0)
-    dense, x = _CachedViT().eval(), torch.randn(2, 3, 64, 64)
+    dense, x = _CachedViT(embed).eval(), torch.randn(2, 3, 64, 64)
     sparse = tokenprune.sparsify(dense, 0.7, example_inputs=x)
     assert [n.target for n in sparse.graph.nodes if n.target == "embed_scale"] == ["embed_scale"]
     with torch.no_grad(), fixed_keep(sparse, 1.0):

@@ -144,19 +144,22 @@ def trace(
 def _branching_modules(root: nn.Module, parted: fx.Node, leaves: list[nn.Module]) -> list[nn.Module]:
     """The modules to keep as calls so that both modes trace alike: every module of the type whose forward made the
     node where the traces part (LeViT's and EfficientFormer's attention reads a cache of its bias table in
-    evaluation only); its code is its type's, so each of them branches the same way. Empty when that is the root's
-    own forward or already a call."""
+    evaluation only); its code is its type's, so each of them branches the same way. That is the innermost module
+    on the node's stack that is not a call already (a call the traces part at was chosen by its caller). Empty when
+    only the root's own forward is left."""
+    tracer = _Tracer(leaves)
     stack = parted.meta.get("nn_module_stack") or {}
-    if not stack:
-        return []
-    entry = list(stack.values())[-1]
-    qualname = entry[0] if isinstance(entry, tuple) else list(stack)[-1]
-    try:
-        kind = type(root.get_submodule(qualname))
-    except AttributeError:
-        return []
-    held = {id(m) for m in leaves}
-    return [m for m in root.modules() if type(m) is kind and m is not root and id(m) not in held]
+    for key, entry in reversed(stack.items()):
+        qualname = entry[0] if isinstance(entry, tuple) else key
+        try:
+            module = root.get_submodule(qualname)
+        except AttributeError:
+            return []
+        if module is not root and not tracer.is_leaf_module(module, qualname):
+            kind = type(module)
+            same = [(name, m) for name, m in root.named_modules() if type(m) is kind and m is not root]
+            return [m for name, m in same if not tracer.is_leaf_module(m, name)]
+    return []
 
 
 @contextlib.contextmanager
