@@ -52,8 +52,9 @@ def chain_nodes(gm: fx.GraphModule, chain: Chain, name: str) -> list[fx.Node]:
     if leaf is not None:
         raise UnsupportedModelError(
             f"{name}: the blocks {chain.names[0]} .. {chain.names[-1]} run inside {leaf} "
-            f"({type(gm.get_submodule(leaf)).__name__}), which the trace keeps as one call (a leaf of the trace: "
-            "timm registers it as untraceable); tokenprune inserts its stages only between calls of the traced graph."
+            f"({type(gm.get_submodule(leaf)).__name__}), which the trace keeps as one call (timm registers it as "
+            "untraceable, or its forward branches on self.training); tokenprune inserts its stages only between calls "
+            "of the traced graph."
         )
     linked = all(n is not None for n in nodes) and all(b.args and b.args[0] is a for a, b in zip(nodes, nodes[1:]))
     if not linked:
