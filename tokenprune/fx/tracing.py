@@ -116,10 +116,12 @@ def trace(
 
     Python reads of ``self.training`` are frozen by tracing (``dropout_p=p if self.training else 0.``). Both traces
     must take the same path; constants that differ between them become a `ModeValue` call that picks by the training
-    flag at run time, so fine-tuning keeps attention dropout and inference drops it.
+    flag at run time, so fine-tuning keeps attention dropout and inference drops it. Where the paths differ, the
+    modules whose forward branched are kept as calls (`_branching_modules`) and the module is traced again.
 
     Raises:
-        UnsupportedModelError: when torch.fx cannot trace it, or training and evaluation take different paths.
+        UnsupportedModelError: when torch.fx cannot trace it, or its own forward takes different paths in training
+            and evaluation.
     """
     name = name or model_name(module)
     leaves = [*leaves, *training_dependent(module, name)]
