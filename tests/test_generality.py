@@ -163,19 +163,26 @@ def test_attention_dropout_stays_on_in_training():
         assert torch.equal(sparse(x), sparse(x)), "dropout must be off in eval"
 
 
-class _CachedScale(nn.Module):
+class _Cached(nn.Module):
+    """A module with a cache that evaluation fills and `train()` empties, as LeViT's attention has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: dict[str, object] = {}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.cache = {}
+        return self
+
+
+class _CachedScale(_Cached):
     """A learned per-channel scale that evaluation reads from a cache, as LeViT's and EfficientFormer's attention read
     their bias table: both modes compute the same value, on different paths."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.log_scale = nn.Parameter(torch.randn(dim) * 0.1)
-        self.cache: dict[str, torch.Tensor] = {}
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.cache = {}
-        return self
 
     def forward(self, x):
         if self.training:
@@ -186,7 +193,7 @@ class _CachedScale(nn.Module):
         return x * self.cache[key]
 
 
-class _Chooser(nn.Module):
+class _Chooser(_Cached):
     """Calls one submodule in training and another in evaluation: the traces part at a call of a module torch.fx
     keeps as a call anyway (a Linear), so it is this module's forward that branches."""
 
@@ -194,12 +201,6 @@ class _Chooser(nn.Module):
         super().__init__()
         self.a, self.b = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.a.load_state_dict(self.b.state_dict())
-        self.cache: dict[str, int] = {}
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.cache = {}
-        return self
 
     def forward(self, x):
         if self.training:
