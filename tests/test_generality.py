@@ -234,6 +234,8 @@ def test_a_module_branching_on_the_training_flag_is_kept_as_one_call(embed):
     (evaluation fills the cache) and with every token kept the rewritten model is the original."""
     torch.manual_seed(0)
     dense, x = _CachedViT(embed).eval(), torch.randn(2, 3, 64, 64)
+    said = "kept as calls, their forward branching on self.training (each mode runs its own path): "
+    assert f"{said}embed_scale ({embed.__name__})" in tokenprune.plan(dense, 0.7, example_inputs=x).describe()
     sparse = tokenprune.sparsify(dense, 0.7, example_inputs=x)
     assert [n.target for n in sparse.graph.nodes if n.target == "embed_scale"] == ["embed_scale"]
     with torch.no_grad(), fixed_keep(sparse, 1.0):

@@ -17,6 +17,7 @@ from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
 from ._graph import set_submodule
 from .discovery import Chain
+from .tracing import MODE_CALLS
 
 __all__ = ["Plan", "Applied", "RECORDER", "apply_plan"]
 
@@ -64,6 +65,12 @@ class Plan:
             "stages before blocks "
             + ", ".join(f"{self.chain.names[loc]} (keep {r:.3f})" for loc, r in zip(self.locations, self.keep_ratios)),
         ]
+        calls = self.graph_module.meta.get(MODE_CALLS) if self.graph_module is not None else None
+        if calls:
+            lines.append(
+                "kept as calls, their forward branching on self.training (each mode runs its own path): "
+                + ", ".join(calls)
+            )
         return "\n".join(lines + [f"  {n}" for n in self.notes])
 
 

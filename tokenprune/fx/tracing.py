@@ -125,12 +125,15 @@ def trace(
     """
     name = name or model_name(module)
     leaves = [*leaves, *training_dependent(module, name)]
+    kept: set[int] = set()  # the modules kept as calls because their forward branches on the training flag
     while True:
         with kept_training_flags(module):
             eval_gm = _trace_once(module.eval(), leaves=leaves, concrete_args=concrete_args, name=name)
             train_gm = _trace_once(module.train(), leaves=leaves, concrete_args=concrete_args, name=name)
         parted = _merge_modes(eval_gm, train_gm)
         if parted is None:
+            named = {id(m): n for n, m in module.named_modules()}
+            eval_gm.meta[MODE_CALLS] = [f"{named[id(m)]} ({type(m).__name__})" for m in leaves if id(m) in kept]
             return eval_gm
         branching = _branching_modules(module, parted, leaves)
         if not branching:
@@ -141,6 +144,7 @@ def trace(
                 "submodule (tokenprune keeps such a module as one call)."
             )
         leaves += branching
+        kept.update(id(m) for m in branching)
 
 
 def _branching_modules(root: nn.Module, parted: fx.Node, leaves: list[nn.Module]) -> list[nn.Module]:
@@ -222,6 +226,9 @@ class ModeValue(nn.Module):
 
 
 MODE_VALUE = "tokenprune_mode"
+#: `GraphModule.meta` key under which `trace` lists the modules it kept as calls because their forward branches on
+#: the training flag ("name (Type)"), for `Plan.describe`.
+MODE_CALLS = "tokenprune_mode_calls"
 
 
 def _merge_modes(eval_gm: fx.GraphModule, train_gm: fx.GraphModule) -> fx.Node | None:
