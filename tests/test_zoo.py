@@ -56,6 +56,16 @@ WORKS = [
     _e("gcvit_xxtiny"),  # spatial, blocks also take the stage's global query (a run-time input)
     # spatial; its attention (a later stage) reads a bias cache in eval only: kept as a call, traced in neither mode
     _e("efficientformer_l1", depths=(1, 1, 4, 2), embed_dims=(16, 32, 64, 96)),
+    # spatial; its block branches on the map's size (one window, or a padded partition: 7 x 7 in windows of 5), traced
+    # as the example takes it and guarded; its attention reads a bias cache in eval only (kept as a call)
+    _e(
+        "tiny_vit_5m_224",
+        pretrained_cfg_overlay={"input_size": (3, 112, 112)},
+        embed_dims=(16, 32, 64, 96),
+        depths=(1, 1, 4, 1),
+        num_heads=(1, 2, 4, 4),
+        window_sizes=(7, 7, 5, 7),
+    ),
     _e("crossvit_tiny_240"),  # two token streams; the head that combines them reads a refilled token set
 ]
 

@@ -2,7 +2,15 @@
 
 from ._version import __version__ as __version__
 from .config import SparsifyConfig
-from .errors import CheckpointError, ConfigError, DataError, TokenPruneError, TrainingError, UnsupportedModelError
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    InputError,
+    TokenPruneError,
+    TrainingError,
+    UnsupportedModelError,
+)
 from .export import export
 from .io import load, load_original, load_weights, read_weights, save
 from .measure import profile
@@ -36,4 +44,5 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "TrainingError",
+    "InputError",
 ]

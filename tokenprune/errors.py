@@ -9,6 +9,7 @@ __all__ = [
     "CheckpointError",
     "DataError",
     "TrainingError",
+    "InputError",
 ]
 
 
@@ -34,3 +35,8 @@ class DataError(TokenPruneError):
 
 class TrainingError(TokenPruneError):
     """Fine-tuning cannot go on (for example a non-finite loss)."""
+
+
+class InputError(TokenPruneError, ValueError):
+    """An input the sparsified model was not built for: one whose shape takes a branch of a block's forward that
+    tracing did not (tokenprune keeps the branches the example input took)."""

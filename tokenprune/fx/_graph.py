@@ -108,10 +108,15 @@ def runtime_kwargs(block: fx.GraphModule, call: Call, node: fx.Node, where: str)
     return {k: v for k, v in runtime.items() if k in taken}
 
 
+def recorded_arguments(call: Call) -> dict[str, object]:
+    """The values a recorded call passed, by argument name: the example of its block's trace (`fx.tracing.trace`)."""
+    return dict(inspect.signature(call.module.forward).bind(*call.args, **call.kwargs).arguments)
+
+
 def recorded_inputs(call: Call, names: list[str]) -> list[object]:
     """The values a recorded call passed for the named arguments, to propagate shapes through the traced block."""
-    bound = inspect.signature(call.module.forward).bind(*call.args, **call.kwargs)
-    return [bound.arguments[n] for n in names]
+    arguments = recorded_arguments(call)
+    return [arguments[n] for n in names]
 
 
 def applied_norm(model: nn.Module, node: fx.Node, channels: int, kinds: tuple[type[nn.Module], ...]) -> str | None:

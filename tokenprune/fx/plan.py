@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY
 
+from ..nn.branch import same_branch
 from ._graph import set_submodule
 from .discovery import Chain
 from .tracing import MODE_CALLS
@@ -70,6 +71,16 @@ class Plan:
             lines.append(
                 "kept as calls, their forward branching on self.training (each mode runs its own path): "
                 + ", ".join(calls)
+            )
+        branches: dict[str, list[str]] = {}
+        for where, gm in [("the model", self.graph_module), *self.replace.items()]:
+            nodes = gm.graph.nodes if isinstance(gm, fx.GraphModule) else ()
+            for text in dict.fromkeys(n.args[3] for n in nodes if n.op == "call_function" and n.target is same_branch):
+                branches.setdefault(text, []).append(where)
+        for branch, wheres in branches.items():
+            lines.append(
+                f"shape branch taken as the example input took it (an input taking the other raises InputError): "
+                f"{branch}, in {', '.join(wheres)}"
             )
         return "\n".join(lines + [f"  {n}" for n in self.notes])
 

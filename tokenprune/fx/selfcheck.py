@@ -42,7 +42,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import TokenPruneError, UnsupportedModelError
+from ..errors import InputError, TokenPruneError, UnsupportedModelError
 from ..nn.asymmetric import FastPath
 from ..nn.recorder import selectors
 from ..nn.select import TokenSelector
@@ -227,11 +227,21 @@ def check_values(module: nn.Module, values: dict[str, torch.Tensor]) -> Iterator
         with torch.no_grad():
             for p, value in params.values():
                 p.copy_(value)
+        _drop_caches(module)
         yield
     finally:
         with torch.no_grad():
             for p, value in saved:
                 p.copy_(value)
+        _drop_caches(module)
+
+
+def _drop_caches(module: nn.Module) -> None:
+    """Make modules that cache a value computed from their weights in evaluation (timm's attention bias cache in
+    TinyViT, LeViT, EfficientFormer) compute it again: by timm's convention, `train(True)` empties the cache. The
+    training flags are left as they were."""
+    with kept_training_flags(module):
+        module.train(True)
 
 
 def _floats_like(value: object, dtype: torch.dtype) -> object:
@@ -642,6 +652,8 @@ def _check_second_size(
             keep_all = _Run(model, image, "pruned", []).output
             for s, r in zip(stages, ratios):
                 s.keep_ratio = r
+        except InputError:
+            return  # a block's shape branch stops this size, by design (nn/branch.py): it cannot run wrong there
         except TokenPruneError:
             raise
         except Exception as e:  # noqa: BLE001 - the original runs at this size; the sparsified model must too

@@ -47,6 +47,7 @@ from ._graph import (
     chain_nodes,
     node_shape,
     propagate_shapes,
+    recorded_arguments,
     recorded_inputs,
     runtime_kwargs,
 )
@@ -438,7 +439,7 @@ def _asymmetric_block(
 ) -> tuple[fx.GraphModule, list[SlowPath]]:
     """Trace one block and route each slow path through an `AsymmetricPath` (gather before, mix/scatter after)."""
     concrete, _ = block_inputs(call, node, where)
-    gm = trace(call.module, concrete_args=concrete, name=where)
+    gm = trace(call.module, concrete_args=concrete, name=where, example=recorded_arguments(call))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     propagate_shapes(gm, call.args[0], *recorded_inputs(call, [p.target for p in placeholders[1:]]))
     # reason: the block's other run-time inputs (GCViT's global query) are operands like any other: the rules keep

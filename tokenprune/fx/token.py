@@ -23,6 +23,7 @@ from ._graph import (
     chain_nodes,
     node_shape,
     propagate_shapes,
+    recorded_arguments,
     recorded_inputs,
     runtime_kwargs,
 )
@@ -52,7 +53,7 @@ def _block(
                 "token stream?). tokenprune prunes one token sequence per chain and refuses rather than guess how "
                 "the two align."
             )
-    gm = trace(call.module, concrete_args=concrete, name=where)
+    gm = trace(call.module, concrete_args=concrete, name=where, example=recorded_arguments(call))
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     propagate_shapes(gm, call.args[0], *recorded_inputs(call, [p.target for p in placeholders[1:]]))
     root = tokenflow.TokenSet(tokens, prefix, ("root",))

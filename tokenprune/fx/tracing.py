@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import linecache
+import os
+import sys
 import weakref
 from collections.abc import Iterable, Iterator
 
@@ -13,6 +16,7 @@ import torch.fx._symbolic_trace as _symbolic_trace
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..nn.branch import same_branch
 
 __all__ = [
     "model_name",
@@ -42,16 +46,127 @@ def _timm_registry() -> tuple[set[type], tuple]:
 
 
 class _Tracer(fx.Tracer):
-    """Leaves: the modules the caller names, timm's registered no-trace modules, and torch.nn's own."""
+    """Leaves: the modules the caller names, timm's registered no-trace modules, and torch.nn's own.
 
-    def __init__(self, leaves: Iterable[nn.Module] = ()) -> None:
+    Given `example` (the traced forward's arguments by name), a Python branch on a value computed from shapes alone
+    is taken as the example takes it, and guarded (`_ShapeBranches`); without it, or on a value read from a tensor's
+    data, torch.fx's TraceError stands.
+    """
+
+    def __init__(
+        self, leaves: Iterable[nn.Module] = (), example: dict[str, object] | None = None, name: str = ""
+    ) -> None:
         self._leaf_types, functions = _timm_registry()
         # reason: timm registers functions whose int arguments would be Proxies (resample_abs_pos_embed, ...)
         super().__init__(autowrap_functions=functions)
         self._leaves = {id(m) for m in leaves}
+        self._branches = None if example is None else _ShapeBranches(self, example, name)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return id(m) in self._leaves or type(m) in self._leaf_types or super().is_leaf_module(m, qualname)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        taken = None if self._branches is None else self._branches.resolve(obj)
+        return super().to_bool(obj) if taken is None else taken
+
+
+#: What reads a tensor's shape, not its values: ``x.shape``, ``x.ndim``, ``x.size()``, ``x.dim()``.
+_SHAPE_ATTRS, _SHAPE_METHODS = {"shape", "ndim"}, {"size", "dim"}
+
+
+def _reads_shape(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) > 1 and node.args[1] in _SHAPE_ATTRS
+    return node.op == "call_method" and node.target in _SHAPE_METHODS
+
+
+class _ShapeBranches:
+    """Takes a traced forward's branches on shapes as the example input takes them.
+
+    A forward that branches on its input's shape (TinyViT's block: one window when the map is the window's size, a
+    padded partition otherwise) cannot be traced. When the condition is computed from shapes and Python numbers
+    only, its value is the example's: the graph so far is run on the example (its nodes are appended in order, so
+    each runs once), the branch taken is traced, and a `same_branch` call makes the graph raise `InputError` for an
+    input whose shapes take the other one. A condition that reads a tensor's values is left to torch.fx (refused):
+    frozen, it would stop legitimate inputs. The run changes nothing: modules in evaluation mode, no autograd,
+    buffers restored.
+    """
+
+    def __init__(self, tracer: _Tracer, example: dict[str, object], name: str) -> None:
+        self.tracer, self.example, self.name = tracer, example, name
+        self.values: dict[fx.Node, object] = {}
+
+    def resolve(self, proxy: fx.Proxy) -> bool | None:
+        node = proxy.node
+        if not self._from_shapes(node):
+            return None
+        taken = bool(self._value(node))
+        shapes = [list(v.shape) for v in self.example.values() if isinstance(v, torch.Tensor)]
+        where = f"{self.name} (traced with input {shapes[0]})" if shapes else self.name
+        branch = f"{type(self.tracer.root).__name__}.forward's branch on {_caller_source()}"
+        self.tracer.create_proxy("call_function", same_branch, (proxy, taken, where, branch), {})
+        return taken
+
+    def _from_shapes(self, node: fx.Node) -> bool:
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n in seen or _reads_shape(n):
+                continue
+            seen.add(n)
+            if n.op == "placeholder" and isinstance(self._value(n), torch.Tensor):
+                return False
+            if n.op in ("get_attr", "call_module"):
+                return False
+            stack.extend(n.all_input_nodes)
+        return True
+
+    def _value(self, node: fx.Node) -> object:
+        if node not in self.values:
+            root = self.tracer.root
+            held = [(b, b.clone()) for b in root.buffers()]
+            try:
+                with kept_training_flags(root), torch.no_grad():
+                    root.eval()
+                    for n in self.tracer.graph.nodes:
+                        if n not in self.values:
+                            self.values[n] = self._run(n)
+                        if n is node:
+                            break
+            finally:
+                for buffer, was in held:
+                    buffer.copy_(was)
+        return self.values[node]
+
+    def _run(self, n: fx.Node) -> object:
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), self.values.__getitem__)
+        if n.op == "placeholder":
+            return self.example.get(n.target, args[0] if args else None)
+        if n.op == "get_attr":
+            value = self.tracer.root
+            for part in str(n.target).split("."):
+                value = getattr(value, part)
+            return value
+        if n.op == "call_module":
+            return self.tracer.root.get_submodule(str(n.target))(*args, **kwargs)
+        if n.op == "call_method":
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
+        if n.op == "call_function":
+            return n.target(*args, **kwargs)
+        return None
+
+
+def _caller_source() -> str:
+    """``file:line `code` `` of the traced forward's line that branches (the first frame outside torch.fx and this
+    module)."""
+    frame = sys._getframe(1)
+    skip = (os.path.dirname(fx.__file__), __file__)
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame = frame.f_back
+    if frame is None:
+        return "a shape"
+    code = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+    return f"`{code}` ({os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno})"
 
 
 def model_name(model: nn.Module) -> str:
@@ -82,8 +197,9 @@ def _trace_once(
     leaves: Iterable[nn.Module] = (),
     concrete_args: dict[str, object] | None = None,
     name: str,
+    example: dict[str, object] | None = None,
 ) -> fx.GraphModule:
-    tracer = _Tracer(leaves)
+    tracer = _Tracer(leaves, example, name)
     before = set(vars(module))
     try:
         concrete = forward_defaults(module) if concrete_args is None else concrete_args
@@ -110,6 +226,7 @@ def trace(
     leaves: Iterable[nn.Module] = (),
     concrete_args: dict[str, object] | None = None,
     name: str | None = None,
+    example: dict[str, object] | None = None,
 ) -> fx.GraphModule:
     """Symbolically trace `module` in evaluation *and* training mode, specialising forward arguments after the first
     (to their defaults by default).
@@ -128,8 +245,10 @@ def trace(
     kept: set[int] = set()  # the modules kept as calls because their forward branches on the training flag
     while True:
         with kept_training_flags(module):
-            eval_gm = _trace_once(module.eval(), leaves=leaves, concrete_args=concrete_args, name=name)
-            train_gm = _trace_once(module.train(), leaves=leaves, concrete_args=concrete_args, name=name)
+            eval_gm, train_gm = (
+                _trace_once(module.train(mode), leaves=leaves, concrete_args=concrete_args, name=name, example=example)
+                for mode in (False, True)
+            )
         parted = _merge_modes(eval_gm, train_gm)
         if parted is None:
             named = {id(m): n for n, m in module.named_modules()}
