@@ -38,10 +38,10 @@ class _Cache(nn.Module):
         return self
 
     def forward(self, x):
-        if self.training:
+        if self.training or torch.jit.is_tracing():  # as timm's: a jit trace would freeze the cache as a constant
             return x + self.bias
         if "bias" not in self.cache:
-            self.cache["bias"] = self.bias.detach().clone()
+            self.cache["bias"] = self.bias.clone()  # as timm's (a gathered copy): with a grad_fn when autograd is on
         return x + self.cache["bias"]
 
 
@@ -151,6 +151,19 @@ def test_weight_caches_filled_during_the_self_check_are_dropped(monkeypatch):
     )  # the test's test: the user's model is left wrong
     user, _ = _cache_effect()
     assert user > 1e-3
+
+
+def test_a_model_holding_a_cache_computed_with_autograd_is_copied():
+    """Run in evaluation without `torch.no_grad()`, the cache holds a tensor with a grad_fn, which `copy.deepcopy`
+    refuses (a raw RuntimeError from `sparsify` for LeViT, EfficientFormer and TinyViT until 2026-12-07)."""
+    torch.manual_seed(0)
+    dense, x = _WindowNet().eval(), torch.randn(2, 3, 32, 32)
+    dense(x)
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        copy.deepcopy(dense)
+    sparse = tokenprune.sparsify(dense, 0.7, example_inputs=x)
+    with torch.no_grad(), fixed_keep(sparse.eval(), 1.0):
+        torch.testing.assert_close(sparse(x), dense(x), atol=1e-5, rtol=1e-5)
 
 
 def test_a_branch_on_tensor_values_is_still_refused():

@@ -8,6 +8,7 @@ backbone in a small segmentation model: the backbone's feature pyramid (``featur
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
@@ -27,6 +28,7 @@ __all__ = [
     "Segmenter",
     "segmenter",
     "create_model",
+    "copy_model",
     "resolve_library",
     "geometry_kwargs",
     "model_source",
@@ -243,3 +245,32 @@ def create_model(
         load_weights(model, checkpoint)
     model.tokenprune_source = source
     return model
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """`copy.deepcopy(model)`, also when a module holds a tensor computed with autograd.
+
+    torch deepcopies only tensors that are leaves of the autograd graph. A model run in evaluation without
+    `torch.no_grad()` may hold others: timm's attention bias cache (LeViT, EfficientFormer, TinyViT) stores a slice of
+    the bias table, with its grad_fn, on the first evaluation forward, and `deepcopy` of the model then failed. Such
+    tensors (in a module's own attributes, or in dicts, lists and tuples there) are copied detached; parameters and
+    buffers are leaves and copy as usual. The model itself is not changed.
+    """
+    memo: dict[int, object] = {}
+
+    def detach(value: object) -> None:
+        if isinstance(value, torch.Tensor):
+            if not value.is_leaf and id(value) not in memo:
+                memo[id(value)] = value.detach().clone()
+        elif isinstance(value, dict):
+            for item in value.values():
+                detach(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                detach(item)
+
+    for module in model.modules():
+        for key, value in vars(module).items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                detach(value)
+    return copy.deepcopy(model, memo)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import math
 import warnings
@@ -25,6 +24,7 @@ from .inputs import example_input
 from .io.source import timm_feature_kwargs
 from .measure.backbone import image_batch_inputs
 from .measure.cost import ComputeModel, refuse_costlier
+from .models import copy_model
 from .nn.recorder import config_of, find_config, find_recorder, selectors
 from .nn.select import EXECUTIONS, SCORERS
 
@@ -136,7 +136,7 @@ def sparsify(
 
 def _sparsify(model, ratio, locations, keep_ratios, example_inputs, inplace, scorer, decisions, fast_path) -> nn.Module:
     name = model_name(model)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else copy_model(model)
     originals = {id(m) for m in target.modules()}
     held = contextlib.ExitStack()
     flags = held.enter_context(kept_training_flags(target))  # every submodule's flag, put back whatever happens

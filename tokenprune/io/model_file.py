@@ -20,7 +20,6 @@ from a file is ever executed or fetched. Version 1 files (no digest) are still r
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -35,6 +34,7 @@ from torch import nn
 
 from ..config import FAST_PATHS, SparsifyConfig
 from ..errors import CheckpointError, ConfigError, TokenPruneError
+from ..models import copy_model
 from ..nn.select import SCORERS
 from ..outputs import outputs_close
 from .source import build, build_meta, check_source, describe, infer_source, state_shapes
@@ -73,7 +73,7 @@ def _same_function(sparse: nn.Module, rebuilt: nn.Module, size: tuple[int, ...])
     x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
-            expected = copy.deepcopy(sparse).to("cpu", torch.float32).eval()(x)
+            expected = copy_model(sparse).to("cpu", torch.float32).eval()(x)
             got = rebuilt.to(torch.float32).eval()(x)
     except Exception:  # noqa: BLE001 - a model that cannot run on the CPU cannot be confirmed
         return False
@@ -489,7 +489,7 @@ def load(path: str | os.PathLike[str], *, model: nn.Module | None = None) -> nn.
     _check_digest(path, meta, state)
     dense = _dense(path, source, model, config.input_size)
     if model is not None:
-        dense = copy.deepcopy(model)  # the caller's model stays exactly as it was (its mode included)
+        dense = copy_model(model)  # the caller's model stays exactly as it was (its mode included)
     recorded = ("kind", "chain", "prefix_tokens") if int(meta["format_version"]) >= 2 else ()  # version 1: absent
     sparse = resparsify(dense, config, str(path), recorded=recorded)
     expected = sparse.state_dict()

@@ -7,7 +7,6 @@ checkpoint) and ``final.pt`` (the weights, the sparsify configuration with any l
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -21,6 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError, TokenPruneError
 from ..io import load_weights  # one reader of weight files: weights only, checked fit
+from ..models import copy_model
 from .data import DataBundle, build_datasets
 from .distributed import barrier, cleanup_distributed, init_distributed
 from .recipe import Recipe, load_recipe, save_recipe
@@ -107,7 +107,7 @@ def _read_run(path: Path, model: nn.Module | None) -> tuple[dict[str, torch.Tens
             "finishes. Load its final.pt, or resume the run to finish it (run.resume=<this file>)."
         )
     if model is not None:
-        dense = copy.deepcopy(model)
+        dense = copy_model(model)
     else:  # the architecture only: the trained weights replace any the recipe names
         spec = dataclasses.replace(recipe.model, pretrained=False, checkpoint=None)
         dense = build_teacher(dataclasses.replace(recipe, model=spec))
@@ -175,7 +175,7 @@ def load_trained_pair(path: str | os.PathLike[str], *, model: nn.Module | None =
     """
     path = Path(path)
     state, config, dense = _read_run(path, model)
-    return _original(path, state, copy.deepcopy(dense)), _trained(path, state, config, dense)
+    return _original(path, state, copy_model(dense)), _trained(path, state, config, dense)
 
 
 def _original(path: Path, state: dict, dense: nn.Module) -> nn.Module:

@@ -12,13 +12,13 @@ kept. Then fine-tuning starts from predictors that already rank like attention.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models import copy_model
 from .distributed import DistInfo, all_reduce_sum
 
 __all__ = ["warm_start", "decision_nll"]
@@ -79,7 +79,7 @@ def warm_start(
     device = next(student.parameters()).device
     example = torch.zeros(1, *config.input_size, device=device)
     guide = sparsify(
-        copy.deepcopy(teacher).eval(),
+        copy_model(teacher).eval(),
         config.ratio,
         locations=config.locations,
         keep_ratios=config.keep_ratios,

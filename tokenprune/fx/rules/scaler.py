@@ -12,7 +12,6 @@ mixes tokens only sometimes. A module that cannot be traced on its own proves no
 from __future__ import annotations
 
 import builtins
-import copy
 import operator
 import weakref
 
@@ -20,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ...models import copy_model
 from .._graph import propagate_shapes
 
 __all__ = ["scaler_refusal", "STOCHASTIC_DEPTH"]
@@ -111,7 +111,7 @@ def scaler_refusal(module: nn.Module, example: torch.Tensor) -> str | None:
     known = _cache.setdefault(module, {})
     if key in known:
         return known[key]
-    probe, reason = copy.deepcopy(module), None  # reason: tracing parks tensor constants on the module it traces
+    probe, reason = copy_model(module), None  # reason: tracing parks tensor constants on the module it traces
     for mode in (True, False):
         probe.train(mode)
         try:

@@ -13,7 +13,6 @@ Ops on per-sample values, and a map combined with one per location (`binary`), k
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ...models import copy_model
 from .._graph import node_shape, propagate_shapes
 from ..discovery import depends_on
 from .token_rules import arg
@@ -227,7 +227,7 @@ def _own_code_keeps(block: Block, module: nn.Module, mode: bool, example: torch.
     """Whether `module`'s traced code in `mode` maps a map of `layout` to the same layout, every op per location."""
     from ..tracing import _Tracer, forward_defaults  # reason: tracing imports nothing of the rules; avoid a cycle
 
-    copy_ = copy.deepcopy(module).train(mode)  # reason: running the training code updates running statistics
+    copy_ = copy_model(module).train(mode)  # reason: running the training code updates running statistics
     try:
         graph = _Tracer().trace(copy_, concrete_args=forward_defaults(copy_) or None)
         gm = fx.GraphModule(copy_, graph)
