@@ -7,6 +7,7 @@ token chain (it differs between masked and pruned execution).
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import timm
@@ -109,6 +110,16 @@ def test_an_input_taking_the_other_branch_stops_with_input_error():
             sparse.eval()(other)
         with pytest.raises(InputError, match=r"`fits = .*` \(test_shape_branches\.py:\d+\) was True when the model"):
             sparse.train()(other)
+
+
+def test_the_guard_survives_pickling():
+    """Unpickling a GraphModule traces its code again: the guard stays one call (`nn.leaf.one_call`), still guarding."""
+    _, sparse, x = _sparse()
+    again = pickle.loads(pickle.dumps(sparse)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), sparse.eval()(x), rtol=0, atol=0)
+        with pytest.raises(InputError, match=r"blocks\.1 .* and is False for this input"):
+            again(torch.randn(1, 3, 48, 48))
 
 
 def test_without_the_guard_the_self_check_refuses_the_frozen_branch(monkeypatch):
