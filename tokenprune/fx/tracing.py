@@ -108,6 +108,8 @@ class _ShapeBranches:
         return taken
 
     def _from_shapes(self, node: fx.Node) -> bool:
+        if not _PLAIN_MODULE_METHODS:
+            return False  # reason: no way to run modules in the middle of a trace (a torch without these names)
         stack, seen = [node], set()
         while stack:
             n = stack.pop()
@@ -126,7 +128,7 @@ class _ShapeBranches:
             root = self.tracer.root
             held = [(b, b.clone()) for b in root.buffers()]
             try:
-                with kept_training_flags(root), torch.no_grad():
+                with _plain_modules(), kept_training_flags(root), torch.no_grad():
                     root.eval()
                     for n in self.tracer.graph.nodes:
                         if n not in self.values:
@@ -154,6 +156,33 @@ class _ShapeBranches:
         if n.op == "call_function":
             return n.target(*args, **kwargs)
         return None
+
+
+#: nn.Module's own __call__ and __getattr__, which torch.fx replaces while it traces (a module call records a node; a
+#: parameter read returns a Proxy). Empty where torch names them otherwise: shape branches are then refused.
+_PLAIN_MODULE_METHODS = {
+    name: method
+    for name, method in (
+        ("__call__", getattr(_symbolic_trace, "_orig_module_call", None)),
+        ("__getattr__", getattr(_symbolic_trace, "_orig_module_getattr", None)),
+    )
+    if method is not None
+}
+if len(_PLAIN_MODULE_METHODS) != 2:
+    _PLAIN_MODULE_METHODS = {}
+
+
+@contextlib.contextmanager
+def _plain_modules() -> Iterator[None]:
+    """Run modules for real inside a trace: nn.Module's own methods back for the duration, the tracer's after."""
+    patched = {name: getattr(nn.Module, name) for name in _PLAIN_MODULE_METHODS}
+    try:
+        for name, method in _PLAIN_MODULE_METHODS.items():
+            setattr(nn.Module, name, method)
+        yield
+    finally:
+        for name, method in patched.items():
+            setattr(nn.Module, name, method)
 
 
 def _caller_source() -> str:
