@@ -110,6 +110,8 @@ NAMED = [
     _e("MaxxViT rmlp nano", "maxxvit_rmlp_nano_rw_256"),
     _e("MaxxViT-V2 nano", "maxxvitv2_nano_rw_256"),
     _e("DaViT small", "davit_small"),
+    _e("TinyViT 21M", "tiny_vit_21m_224"),  # one window per block in the chain (14 x 14 map, window 14)
+    _e("TinyViT 21M 384", "tiny_vit_21m_384"),  # the same branch at 384 px (24 x 24 map, window 24)
 ]
 
 BAD = ("wrong", "crash", "costlier", "timeout")
