@@ -265,6 +265,9 @@ def trace(
     flag at run time, so fine-tuning keeps attention dropout and inference drops it. Where the paths differ, the
     modules whose forward branched are kept as calls (`_branching_modules`) and the module is traced again.
 
+    With `example` (the forward's arguments by name, as a recorded call passed them), a branch on shapes is taken as
+    the example takes it and guarded by a `same_branch` call (`_ShapeBranches`).
+
     Raises:
         UnsupportedModelError: when torch.fx cannot trace it, or its own forward takes different paths in training
             and evaluation.
