@@ -112,7 +112,9 @@ def sparsify(
         A `torch.fx.GraphModule` with the original weights under their original names plus the stages' weights;
         `tokenprune.config_of(result)` gives its `SparsifyConfig`. Its original submodules keep their training
         flags (a frozen ``patch_embed.eval()`` stays in eval mode); the stages and rewritten blocks take the flag of
-        the module they stand for or sit in. It runs at any input size the original model takes.
+        the module they stand for or sit in. It runs at any input size the original model takes, but where a
+        rewritten block branches on its input's shape (TinyViT): there only sizes taking the branches the example
+        took run, and others raise `InputError` (`tokenprune.plan(model).describe()` lists such branches).
 
     Raises:
         ConfigError: for a bad ratio, locations or keep ratios.
