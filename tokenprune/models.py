@@ -251,10 +251,10 @@ def copy_model(model: nn.Module) -> nn.Module:
     """`copy.deepcopy(model)`, also when a module holds a tensor computed with autograd.
 
     torch deepcopies only tensors that are leaves of the autograd graph. A model run in evaluation without
-    `torch.no_grad()` may hold others: timm's attention bias cache (LeViT, EfficientFormer, TinyViT) stores a slice of
-    the bias table, with its grad_fn, on the first evaluation forward, and `deepcopy` of the model then failed. Such
-    tensors (in a module's own attributes, or in dicts, lists and tuples there) are copied detached; parameters and
-    buffers are leaves and copy as usual. The model itself is not changed.
+    `torch.no_grad()` may hold others: timm's attention bias cache (LeViT, EfficientFormer, TinyViT) stores a
+    gathered copy of the bias table, with its grad_fn, on the first evaluation forward, and `deepcopy` of the model
+    then failed. Such tensors (in a module's own attributes, or in dicts, lists and tuples there) are copied
+    detached; parameters and buffers are leaves and copy as usual. The model itself is not changed.
     """
     memo: dict[int, object] = {}
 

@@ -72,9 +72,9 @@ class Plan:
                 "kept as calls, their forward branching on self.training (each mode runs its own path): "
                 + ", ".join(calls)
             )
-        branches: dict[str, list[str]] = {}
-        for where, gm in [("the model", self.graph_module), *self.replace.items()]:
-            nodes = gm.graph.nodes if isinstance(gm, fx.GraphModule) else ()
+        branches: dict[str, list[str]] = {}  # only rewritten blocks are traced with an example (fx/tracing.py)
+        for where, block in self.replace.items():
+            nodes = block.graph.nodes if isinstance(block, fx.GraphModule) else ()
             for text in dict.fromkeys(n.args[3] for n in nodes if n.op == "call_function" and n.target is same_branch):
                 branches.setdefault(text, []).append(where)
         for branch, wheres in branches.items():
