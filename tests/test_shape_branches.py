@@ -12,6 +12,7 @@ import pickle
 import pytest
 import timm
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -214,3 +215,53 @@ def test_a_token_chain_block_may_branch_on_channels_not_on_the_token_count():
         torch.testing.assert_close(tokenprune.set_execution(sparse, "masked")(x), sparse.eval()(x))
     with pytest.raises(UnsupportedModelError, match=r"block blocks\.1: .* uses the token count .* as a value"):
         tokenprune.sparsify(_CountingViT("tokens").eval(), 0.7, example_inputs=x)
+
+
+class _SizedBlock(nn.Module):
+    """A Twins-style block: the caller passes the map's (H, W) as a tuple, which the block unpacks (`h, w = size`)
+    and splats (`view(b, c, *size)`). Layer scale 1."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+
+    def forward(self, x, size):
+        h, w = size
+        b, c = x.shape[:2]
+        flat = x.flatten(2)
+        y = (self.dw(flat.view(b, c, h, w)) + flat.view(b, c, *size)).permute(0, 2, 3, 1)
+        return x + self.fc2(F.gelu(self.fc1(self.norm(y)))).permute(0, 3, 1, 2)
+
+
+class _SizedNet(nn.Module):
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 4, 4)
+        self.blocks = nn.ModuleList([_SizedBlock(dim) for _ in range(4)])
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        size = (x.shape[2], x.shape[3])
+        for block in self.blocks:
+            x = block(x, size)
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_block_taking_its_map_size_as_a_tuple_is_traced(monkeypatch):
+    """The size reaches the traced block as a run-time tuple of numbers: unpacked and splatted element by element, it
+    follows the input's size (no guard, any size runs). Without that, torch.fx cannot iterate the argument."""
+    torch.manual_seed(0)
+    dense, x = _SizedNet().eval(), torch.randn(2, 3, 32, 32)
+    sparse = tokenprune.sparsify(dense, 0.7, example_inputs=x)
+    with torch.no_grad():
+        for size in (32, 48):
+            y = torch.randn(2, 3, size, size)
+            torch.testing.assert_close(tokenprune.set_execution(sparse, "masked")(y), sparse.eval()(y))
+            tokenprune.set_execution(sparse, "auto")
+            with fixed_keep(sparse, 1.0):
+                torch.testing.assert_close(sparse(y), dense(y), atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(tracing._Tracer, "create_proxy", fx.Tracer.create_proxy)
+    with pytest.raises(UnsupportedModelError, match=r"cannot trace _SizedBlock .*Proxy object cannot be iterated"):
+        tokenprune.sparsify(dense, 0.7, example_inputs=x)

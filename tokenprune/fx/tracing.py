@@ -69,6 +69,31 @@ class _Tracer(fx.Tracer):
         taken = None if self._branches is None else self._branches.resolve(obj)
         return super().to_bool(obj) if taken is None else taken
 
+    def create_proxy(
+        self, kind: str, target: object, args: tuple, kwargs: dict, *rest: object, **options: object
+    ) -> fx.Proxy:
+        """A placeholder for an argument that the example passed as a tuple of numbers is a `_NumbersProxy`."""
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **options)
+        value = None if self._branches is None or kind != "placeholder" else self._branches.example.get(target)
+        if isinstance(value, (tuple, list)) and all(isinstance(v, (int, float, bool)) for v in value):
+            return _NumbersProxy(proxy.node, self, len(value))
+        return proxy
+
+
+class _NumbersProxy(fx.Proxy):
+    """A forward argument that the example passed as a tuple of numbers (Twins' blocks take their map's (H, W)):
+    unpacked, indexed and splatted like that tuple, each element read from the run-time argument (a getitem node)."""
+
+    def __init__(self, node: fx.Node, tracer: fx.Tracer, length: int) -> None:
+        super().__init__(node, tracer)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[fx.Proxy]:
+        return (self[i] for i in range(self.length))
+
 
 #: What reads a tensor's shape, not its values: ``x.shape``, ``x.ndim``, ``x.size()``, ``x.dim()``.
 _SHAPE_ATTRS, _SHAPE_METHODS = {"shape", "ndim"}, {"size", "dim"}
