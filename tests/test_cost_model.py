@@ -154,8 +154,16 @@ class _Net(torch.nn.Module):
         return self.head(self.blocks(self.stem(x)).mean((2, 3)))
 
 
-def test_spatial_block_that_saves_nothing_is_refused_by_the_measured_cost():
+def test_spatial_block_that_saves_nothing_is_refused_by_the_measured_cost(monkeypatch):
+    """Refused by the plan's structural count first (C^2 per location, as much as the fast path), and with that count
+    out of the way, by the cost measured on the rewritten model."""
+    from tokenprune.fx import spatial
+
     x = torch.randn(1, 3, 32, 32)
+    counted = r"_Net block blocks\.1: no slow path found \(the per-location run pw .. pw costs 256 multiply-adds .*"
+    with pytest.raises(UnsupportedModelError, match=counted + "would not save compute"):
+        tokenprune.sparsify(_Net(_PointwiseTail).eval(), 0.7, example_inputs=x)
+    monkeypatch.setattr(spatial, "_saves_compute", lambda block, path: True)
     refused = r"_Net: block blocks\.1 costs .* pruning it would not save compute"
     with pytest.raises(UnsupportedModelError, match=refused):
         tokenprune.sparsify(_Net(_PointwiseTail).eval(), 0.7, example_inputs=x)

@@ -112,8 +112,11 @@ def test_self_check_refuses_a_wrong_rewrite(monkeypatch):
 REFUSED = {
     "resnet18": (dict(), "no slow path"),
     "regnetx_002": (dict(), "would not save compute"),
-    "mixer_s16_224": (dict(), "mixes the token axis"),
-    "xcit_nano_12_p16_224": (dict(img_size=64, depth=4), "mixes the token axis"),
+    "gmlp_ti16_224": (dict(img_size=64), "mixes the token axis .* Sparsified spatially, it is refused too"),
+    "pvt_v2_b0": (
+        dict(),
+        "reshapes the token axis .* Sparsified spatially, it is refused too: .*would not save compute",
+    ),
     "coat_lite_tiny": (dict(), "uses the token count"),  # asserts N == 1 + H * W, then folds tokens into a grid
 }
 

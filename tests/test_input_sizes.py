@@ -103,11 +103,13 @@ def test_block_taking_grid_size_is_exact_at_other_sizes(as_tuple):
 
 def test_pvt_v2_takes_its_grid_size_and_is_refused_for_its_grid_convolution():
     """PVT-v2's blocks take (H, W) as a tuple; its MLP reshapes the tokens into that grid for a depthwise conv, which
-    pruned tokens do not fill: refused, naming that reshape (not an analysis crash, not a model fixed to 64 px)."""
+    pruned tokens do not fill: refused, naming that reshape (not an analysis crash, not a model fixed to 64 px); and
+    spatially, since the conv sits inside its MLP."""
     dense = timm.create_model(
         "pvt_v2_b0", depths=(1, 1, 3, 1), embed_dims=(16, 32, 64, 64), num_heads=(1, 1, 2, 2), num_classes=10
     ).eval()
-    with pytest.raises(UnsupportedModelError, match=r"pvt_v2_b0 block stages\.2\.blocks\.1: .*reshapes the token axis"):
+    refused = r"pvt_v2_b0 block stages\.2\.blocks\.1: .*reshapes the token axis .* Sparsified spatially, it is refused"
+    with pytest.raises(UnsupportedModelError, match=refused):
         tokenprune.sparsify(dense, 0.7, example_inputs=torch.randn(2, 3, 64, 64))
 
 

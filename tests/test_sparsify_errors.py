@@ -87,9 +87,12 @@ def test_no_chain_at_all():
         tokenprune.sparsify(model, 0.7, example_inputs=torch.randn(2, 3, 8, 8))
 
 
-def test_token_mixing_mlp_is_refused_naming_the_node():
-    model = timm.create_model("mixer_s16_224").eval()
-    with pytest.raises(UnsupportedModelError, match=r"mixer_s16_224 block blocks\.2: .*mixes the token axis"):
+def test_token_mixing_inside_the_mlp_is_refused_naming_the_node():
+    """gMLP's spatial gating unit mixes tokens between its MLP's Linears: refused as tokens (naming the node), and
+    spatially (no per-location MLP after it). MLP-Mixer, whose token mixing is a branch of its own, is sparsified
+    spatially (tests/test_zoo.py)."""
+    model = timm.create_model("gmlp_ti16_224", img_size=64).eval()
+    with pytest.raises(UnsupportedModelError, match=r"gmlp_ti16_224 block blocks\.8: .*mixes the token axis"):
         tokenprune.sparsify(model, 0.7)
 
 

@@ -67,14 +67,22 @@ WORKS = [
         window_sizes=(7, 7, 5, 7),
     ),
     _e("crossvit_tiny_240"),  # two token streams; the head that combines them reads a refilled token set
+    # token chains that are the image's grid, refused by the token rules, sparsified spatially over the grid:
+    _e("xcit_nano_12_p16_224", img_size=64, depth=4),  # cross-covariance attention normalises over the tokens
+    # blocks take their grid's (H, W) as a tuple; conditional position encoding and sub-sampled attention on the grid
+    _e("twins_svt_small", img_size=128, depths=(1, 1, 4, 1), embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8)),
+    _e("mixer_s16_224", img_size=64),  # token-mixing MLP (runs on the whole grid)
+    _e("resmlp_12_224", img_size=64),  # token-mixing Linear, affine norms
+    _e("convit_tiny", img_size=112),  # gated positional attention; the class token joins after the chain
 ]
 
 REFUSED = {
     "regnetx_002": _e("regnetx_002"),  # fast path would cost as much as the slow path
     "resnet18": _e("resnet18"),  # no per-location tail
-    "pvt_v2_b0": _e("pvt_v2_b0"),  # a conv over the token grid inside the block
-    "mixer_s16_224": _e("mixer_s16_224"),  # token-mixing MLP
-    "xcit_nano_12_p16_224": _e("xcit_nano_12_p16_224"),  # normalisation over tokens (cross-covariance attention)
+    # a conv over the token grid inside the block (tokens) and inside its MLP: spatially, only attention's output
+    # projection is a slow path, as costly as its fast path
+    "pvt_v2_b0": _e("pvt_v2_b0"),
+    "gmlp_ti16_224": _e("gmlp_ti16_224"),  # token mixing inside the MLP: refused as tokens and spatially
     "levit_128s": _e("levit_128s"),  # its attention, kept as a call (eval reads a bias cache), is opaque in the chain
 }
 

@@ -320,6 +320,30 @@ def _chain(model: nn.Module, example: torch.Tensor, name: str) -> Chain:
 
 
 def _plan_chain(model, chain, example, ratio, locations, keep_ratios, name, scorer, decisions, fast_path) -> Plan:
+    """The plan for `chain`; a token chain that the token rules (or the options) refuse is sparsified spatially when
+    its tokens are exactly the locations of the image's grid (no class token: Twins, XCiT; docs/design.md §1.2)."""
+    try:
+        return _plan_kind(model, chain, example, ratio, locations, keep_ratios, name, scorer, decisions, fast_path)
+    except (UnsupportedModelError, ConfigError) as refusal:
+        grid = chain.as_locations(tuple(example.shape[-2:]))
+        if grid is None or scorer != "predictor":
+            raise
+        try:
+            the_plan = _plan_kind(
+                model, grid, example, ratio, locations, keep_ratios, name, scorer, decisions, fast_path
+            )
+        except TokenPruneError as spatial:
+            if isinstance(refusal, ConfigError):
+                raise refusal from None
+            raise UnsupportedModelError(f"{refusal} Sparsified spatially, it is refused too: {spatial}") from None
+        why = str(refusal).removeprefix(f"{name} ").split(". ")[0]
+        the_plan.notes.insert(
+            0, f"sparsified spatially over the {grid.grid[0]}x{grid.grid[1]} grid of its tokens: {why}"
+        )
+        return the_plan
+
+
+def _plan_kind(model, chain, example, ratio, locations, keep_ratios, name, scorer, decisions, fast_path) -> Plan:
     locs = _check_locations(locations, len(chain.calls), chain.kind, name)
     ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
     the_plan = build_plan(model, chain, example, locs, ratios, name, scorer, decisions, fast_path)

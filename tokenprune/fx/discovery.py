@@ -40,9 +40,10 @@ class Chain:
     """The blocks to sparsify, in order, with the example shape flowing through them."""
 
     calls: list[Call]
-    layout: str  # "BNC" for token chains, "BCHW" or "BHWC" for spatial ones
+    layout: str  # "BNC" for token chains, "BCHW", "BHWC" or "BLC" (locations of `grid`, row-major) for spatial ones
     kind: str = field(init=False)
     reference: object = None  # the model's output on the example, before any change (for the self-check)
+    grid: tuple[int, int] | None = None  # (H, W) of a "BLC" chain's locations
 
     def __post_init__(self) -> None:
         self.kind = "token" if self.layout == "BNC" else "spatial"
@@ -54,6 +55,23 @@ class Chain:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.calls[0].output.shape)
+
+    @property
+    def channel(self) -> int:
+        """The channel dim of the chain's tensors."""
+        return {"BCHW": 1, "BHWC": 3}.get(self.layout, 2)
+
+    def as_locations(self, image: tuple[int, int]) -> Chain | None:
+        """This token chain as a spatial chain over its tokens ("BLC"), when they are exactly the locations of the
+        image's grid at one stride, row-major (no class token); else None."""
+        if self.layout != "BNC":
+            return None
+        (height, width), n = image, self.shape[1]
+        for s in range(1, max(image) + 1):
+            for h, w in itertools.product((height // s, -(-height // s)), (width // s, -(-width // s))):
+                if h * w == n:
+                    return Chain(self.calls, "BLC", self.reference, (h, w))
+        return None
 
 
 @dataclass

@@ -108,8 +108,9 @@ def _entry_layout(node: fx.Node, chain: Chain, x: fx.Node) -> tuple[int, tuple[i
     shape = node_shape(node)
     if not shape:
         return None
-    c, h, w = (chain.shape[1], *chain.shape[2:]) if chain.layout == "BCHW" else (chain.shape[3], *chain.shape[1:3])
-    first = (1, (2, 3)) if chain.layout == "BCHW" else (3, (1, 2))
+    c = chain.shape[chain.channel]
+    h, w = chain.grid or [chain.shape[d] for d in range(1, 4) if d != chain.channel]
+    first = {"BCHW": (1, (2, 3)), "BHWC": (3, (1, 2))}.get(chain.layout, (2, (1,)))
     for channels in (c, None):
         fits = _layouts_of(shape, h, w, channels)
         if len(fits) > 1:
@@ -414,6 +415,14 @@ def find_slow_paths(gm: fx.GraphModule, chain: Chain, where: str) -> list[SlowPa
                     _has_layer_scale(gm, exit_, x), _norm_eps(gm, nodes), _location_sums(states, nodes),
                 )
             )  # fmt: skip
+    for path in found:
+        if not _saves_compute(gm, path):
+            reasons.append(
+                f"the per-location run {path.nodes[0].name} .. {path.exit.name} costs {_path_macs(gm, path):,} "
+                f"multiply-adds per location, no more than the fast path that would stand in for it (LayerNorm + "
+                f"Linear({path.dim}, {path.dim})): pruning it would not save compute"
+            )
+    found = [p for p in found if _saves_compute(gm, p)]
     if found:
         # Several branches end in per-location layers (attention's output projection, the MLP): the slow paths are
         # the MLPs, the runs within a factor of 2 of the costliest (8 C^2 per location against C^2 for a projection).
@@ -515,7 +524,7 @@ def plan_spatial(
                     + ("" if path.layer_scale else " without a layer scale (the block has none)")
                     + (f"; both scaled by {', '.join(n.name for n in path.scalers)}" if path.scalers else "")
                 )
-    channel = 1 if chain.layout == "BCHW" else 3
+    channel = chain.channel
     graph, mask, keep, drop = gm.graph, None, None, None
     stage_at = {loc: s for s, loc in enumerate(locations)}
     for i, (call, node) in enumerate(zip(chain.calls, nodes)):
@@ -677,6 +686,13 @@ def final_map(model: nn.Module, gm: fx.GraphModule, recorded: fx.Node) -> FinalM
         after = next(iter(after.users))
     norm = _layer_norm(model, next(iter(after.users)), c) if len(after.users) == 1 else None
     return FinalMap(point, module, norm, channel, False)
+
+
+def _saves_compute(block: nn.Module, path: SlowPath) -> bool:
+    """Whether the slow path costs more per location than its fast path's Linear(C, C) (C^2 multiply-adds): attention's
+    output projection alone (PVT-v2, whose MLP holds a conv over the grid) or RegNet's last 1x1 conv does not. The
+    measured cost check after the rewrite (`measure.cost.refuse_costlier`) stays the last word."""
+    return _path_macs(block, path) > path.dim**2
 
 
 def _path_macs(block: nn.Module, path: SlowPath) -> int:
