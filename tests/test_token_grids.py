@@ -115,3 +115,26 @@ def test_a_grid_refused_both_ways_gives_both_reasons():
         match=r"reshapes the token axis .* Sparsified spatially, it is refused too: .*no slow path",
     ):
         tokenprune.sparsify(_GridNet(conv_in_mlp=True).eval(), 0.7, example_inputs=IMAGES)
+
+
+class _FoldedMlpBlock(nn.Module):
+    """Its MLP runs as 1x1 convs on the grid the block folds its tokens into."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Conv2d(dim, 4 * dim, 1), nn.GELU(), nn.Conv2d(4 * dim, dim, 1))
+
+    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        grid = self.norm(x).transpose(1, 2).reshape(x.shape[0], x.shape[2], h, w)
+        return x + self.mlp(grid).flatten(2).transpose(1, 2)
+
+
+def test_a_slow_path_on_a_folded_grid_is_not_taken():
+    """How a block numbers the grid it folds its tokens into is the block's own (row-major here, Hiera's unrolled
+    order elsewhere): a slow path is found only on the tokens themselves, whose numbering the stages share (the walk
+    back from the residual add stops at the unfolding, which has no spatial rule)."""
+    net = _GridNet()
+    net.blocks = nn.ModuleList([_FoldedMlpBlock(32) for _ in range(5)])
+    with pytest.raises(UnsupportedModelError, match=r"Sparsified spatially, it is refused too: .*no slow path found"):
+        tokenprune.sparsify(net.eval(), 0.7, example_inputs=IMAGES)

@@ -88,7 +88,9 @@ def sparsify(
     graph; a `TokenSelector` runs before each location. In train mode decisions are hard Gumbel samples and later
     blocks mask attention to dropped tokens (the output has the original's form); in eval mode the top-k tokens are
     gathered and later blocks run on fewer tokens. `tokenprune.sparsity_state(model)` returns what the last forward
-    decided.
+    decided. Feature-map chains (ConvNeXt, Swin) are sparsified spatially: the map stays whole and each block's MLP runs
+    at the kept locations only; so is a token chain that the token rules refuse when its tokens are exactly the image's
+    grid (no class token: XCiT, Twins, MLP-Mixer).
 
     Args:
         model: a timm or torchvision model (or any traceable model with such a chain).
