@@ -323,7 +323,7 @@ def _chain(model: nn.Module, example: torch.Tensor, name: str) -> Chain:
 
 def _plan_chain(model, chain, example, ratio, locations, keep_ratios, name, scorer, decisions, fast_path) -> Plan:
     """The plan for `chain`; a token chain that the token rules (or the options) refuse is sparsified spatially when
-    its tokens are exactly the locations of the image's grid (no class token: Twins, XCiT; docs/design.md §1.2)."""
+    its tokens are exactly the locations of the image's grid (no class token: Twins, XCiT; docs/design.md §2.1)."""
     try:
         return _plan_kind(model, chain, example, ratio, locations, keep_ratios, name, scorer, decisions, fast_path)
     except (UnsupportedModelError, ConfigError) as refusal:
