@@ -94,6 +94,13 @@ def test_the_options_of_a_spatial_chain_apply():
         tokenprune.sparsify(_GridNet(prefix=1).eval(), 0.7, example_inputs=IMAGES, decisions="independent")
 
 
+def test_the_attention_scorer_is_refused_with_both_reasons():
+    """Spatial chains take learned predictors only: the refusal says so besides the token rules' reason."""
+    refused = r"reshapes the token axis .* Sparsified spatially, it is refused too: .* Use scorer='predictor'"
+    with pytest.raises(UnsupportedModelError, match=refused):
+        tokenprune.sparsify(_GridNet().eval(), 0.7, example_inputs=IMAGES, scorer="attention")
+
+
 def test_with_a_class_token_the_token_refusal_stands():
     with pytest.raises(UnsupportedModelError, match="reshapes the token axis") as refused:
         tokenprune.sparsify(_GridNet(prefix=1).eval(), 0.7, example_inputs=IMAGES)

@@ -328,7 +328,7 @@ def _plan_chain(model, chain, example, ratio, locations, keep_ratios, name, scor
         return _plan_kind(model, chain, example, ratio, locations, keep_ratios, name, scorer, decisions, fast_path)
     except (UnsupportedModelError, ConfigError) as refusal:
         grid = chain.as_locations(tuple(example.shape[-2:]))
-        if grid is None or scorer != "predictor":
+        if grid is None:
             raise
         try:
             the_plan = _plan_kind(
