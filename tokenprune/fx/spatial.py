@@ -415,14 +415,14 @@ def find_slow_paths(gm: fx.GraphModule, chain: Chain, where: str) -> list[SlowPa
                     _has_layer_scale(gm, exit_, x), _norm_eps(gm, nodes), _location_sums(states, nodes),
                 )
             )  # fmt: skip
-    for path in found:
-        if not _saves_compute(gm, path):
-            reasons.append(
-                f"the per-location run {path.nodes[0].name} .. {path.exit.name} costs {_path_macs(gm, path):,} "
-                f"multiply-adds per location, no more than the fast path that would stand in for it (LayerNorm + "
-                f"Linear({path.dim}, {path.dim})): pruning it would not save compute"
-            )
-    found = [p for p in found if _saves_compute(gm, p)]
+    cheap = [p for p in found if not _saves_compute(gm, p)]
+    reasons += [
+        f"the per-location run {p.nodes[0].name} .. {p.exit.name} costs {_path_macs(gm, p):,} multiply-adds per "
+        f"location, no more than the fast path that would stand in for it (LayerNorm + Linear({p.dim}, {p.dim})): "
+        "pruning it would not save compute"
+        for p in cheap
+    ]
+    found = [p for p in found if p not in cheap]
     if found:
         # Several branches end in per-location layers (attention's output projection, the MLP): the slow paths are
         # the MLPs, the runs within a factor of 2 of the costliest (8 C^2 per location against C^2 for a projection).
