@@ -29,6 +29,13 @@ With the default 3-epoch teacher, far from converged, the official objective's d
 (measured in docs/results.md#spatial-classification-proof): ``--teacher-epochs 8`` (~1 h) gives a teacher it does
 not, and ``--set loss.kl=0 --set loss.distill=0`` trains the student with CE and the ratio loss alone.
 
+Other spatial classifiers go through the same stages with ``--set`` (docs/results.md#spatial-classification-proof):
+ConvNeXt V2 (``--set model.name=convnextv2_atto``, the same dims and depths), and XCiT, a token model without a class
+token in its blocks whose 49 tokens are sparsified as the locations of their 7x7 grid (docs/design.md §2.1)::
+
+    python examples/spatial_scene_proof.py --out runs/spatial_xcit --set model.name=xcit_nano_12_p16_224 \
+        --set 'model.kwargs={img_size: 112, in_chans: 1, num_classes: 10}'
+
 Needs ``apt-get install dataset-fashion-mnist`` (or ``--data-root`` pointing at the IDX .gz files).
 """
 

@@ -278,9 +278,19 @@ def test_proof_stages_chain_and_a_rerun_skips_finished_work(tmp_path, idx_root, 
         assert drawn.height > 2 * 112 and drawn.width > 3 * 112  # two canvases, three stage panels each
 
 
+#: The spatial proof's two routes: its own recipe (a ConvNeXt), and XCiT, a token chain without a class token that is
+#: sparsified spatially over its 7x7 grid of tokens (design.md §2.1).
+SPATIAL_ROUTES = {
+    "convnext_atto": [],
+    "xcit_nano_12_p16_224": ["--set", "model.name=xcit_nano_12_p16_224",
+                             "--set", "model.kwargs={img_size: 112, in_chans: 1, num_classes: 10}"],
+}  # fmt: skip
+
+
 @pytest.mark.slow
-def test_spatial_proof_stages_chain_into_a_report(tmp_path, idx_root, monkeypatch, capsys):
-    """examples/spatial_scene_proof.py (a sparsified ConvNeXt classifier on these images): teacher, student, control
+@pytest.mark.parametrize("route", SPATIAL_ROUTES)
+def test_spatial_proof_stages_chain_into_a_report(route, tmp_path, idx_root, monkeypatch, capsys):
+    """examples/spatial_scene_proof.py (a sparsified spatial classifier on these images): teacher, student, control
     and report chain on a few items, and the report measures the student against the rest."""
     import runpy
     import sys
@@ -290,11 +300,12 @@ def test_spatial_proof_stages_chain_into_a_report(tmp_path, idx_root, monkeypatc
     out = tmp_path / "spatial"
     argv = ["spatial_scene_proof.py", "--out", str(out), "--data-root", str(idx_root), "--train-subset", "8",
             "--val-subset", "4", "--teacher-epochs", "1", "--student-epochs", "1", "--speed-repeats", "0",
-            "--set", "optim.batch_size=4"]  # fmt: skip
+            "--set", "optim.batch_size=4", *SPATIAL_ROUTES[route]]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(str(examples / "spatial_scene_proof.py"), run_name="__main__")
     results = json.loads((out / "results.json").read_text())
     assert results["test_images"] == 12  # the whole test split, not the per-epoch subset
+    assert results["model"] == route
     student = results["student"]
     assert student["keep_ratios"] == [0.7, 0.5, 0.3] and 0.5 < student["flops_vs_dense"] < 0.85
     assert {"random_locations_top1", "keep_all_top1", "keep_one_top1", "gap_to_control"} <= set(student)
