@@ -66,6 +66,9 @@ def main() -> None:
             f"{result['paired_speedup']:>9.2f}x"
         )
         print(rows[-1], flush=True)
+        for warning in result["warnings"]:  # a machine too busy for the figures to be the models' own
+            rows[-1] += " (busy machine)"
+            print(f"WARNING, {name}: {warning}", flush=True)
     print("\n" + header + "\n" + "\n".join(rows))
 
 

@@ -115,6 +115,17 @@ def test_speedup_gate(converted: Path, threshold: str, code: int):
         assert len(error_lines(result)) == 1 and "speed-up" in result.stderr
 
 
+def test_threads_set_the_timing_threads_and_are_given_back(converted: Path, tmp_path: Path):
+    threads = torch.get_num_threads()
+    result = run("report", converted / "model.safetensors", *FAST, "--threads", "1", "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["threads"] == 1 and isinstance(report["warnings"], list)
+    assert torch.get_num_threads() == threads
+    result = run("report", converted / "model.safetensors", *FAST, "--threads", "0")
+    assert result.exit_code == EXIT_ERROR and "--threads 0" in result.stderr
+
+
 def test_speedup_gate_needs_timings(converted: Path):
     result = run("report", converted / "model.safetensors", "--flops-only", "--min-speedup", "1")
     assert result.exit_code == EXIT_ERROR and "--flops-only" in result.stderr

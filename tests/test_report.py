@@ -21,6 +21,7 @@ INPUT = [3, 32, 32]
 TOP_KEYS = {
     "schema_version", "model", "input_size", "ratio", "dense", "sparse", "flops_reduction", "speedup", "stages",
     "predictor_gmacs", "uncounted_ops", "versions", "device", "threads", "batch_size", "outputs", "split", "scorer",
+    "other_load", "warnings",
 }  # fmt: skip
 SIDE_KEYS = {"gmacs", "params_m", "throughput", "latency_ms"}
 STAGE_KEYS = {"location", "keep_ratio", "tokens", "gmacs"}
@@ -42,6 +43,7 @@ def check_schema(report: dict) -> None:
     assert set(report["versions"]) == {"torch", "timm", "torchvision", "tokenprune", "python"}
     assert isinstance(report["uncounted_ops"], list) and report["uncounted_ops"] == []
     assert all(set(stage) == STAGE_KEYS for stage in report["stages"])
+    assert isinstance(report["warnings"], list) and all(isinstance(w, str) for w in report["warnings"])
     assert report["flops_reduction"] == pytest.approx(1 - report["sparse"]["gmacs"] / report["dense"]["gmacs"])
     json.dumps(report)  # JSON-serialisable as is
 
@@ -66,7 +68,24 @@ def test_dense_vs_dense_flops_only() -> None:
     assert report["speedup"] is None
     assert report["dense"]["throughput"] is None and report["sparse"]["latency_ms"] is None
     assert report["batch_size"] == 2
+    assert report["other_load"] is None and report["warnings"] == []  # nothing timed, nothing to doubt
     check_renderings(report)
+
+
+def test_a_warning_reaches_the_table_the_markdown_and_a_failed_speed_gate() -> None:
+    from tokenprune.cli.gates import Gates, check_gates
+
+    dense = tiny_vit()
+    report = build_report("tiny", dense, dense, INPUT, batch_size=2, flops_only=True, ratio=0.7)
+    report.update(speedup=0.8, warnings=["other processes kept 1.0 of the 2 CPU cores busy"])
+    console = Console(record=True, width=400)
+    console.print(render_table(report))
+    caption = " ".join(console.export_text().split())  # rich wraps the caption to the table's width
+    assert "WARNING: other processes kept 1.0 of the 2 CPU cores busy" in caption
+    assert "WARNING: other processes kept 1.0" in to_markdown(report)
+    (failure,) = check_gates(report, Gates(min_speedup=1.1))
+    assert failure.startswith("speed-up 0.800x < required 1.100x") and "(but other processes kept 1.0" in failure
+    assert check_gates(report, Gates(min_speedup=0.5)) == []
 
 
 def _timed(model: nn.Module, pause: float) -> list[tuple[int, float]]:

@@ -3,7 +3,10 @@ whose forward sleeps a known time (machine load hardly changes a sleep; no asser
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,7 +14,15 @@ import torch
 from torch import nn
 
 from tokenprune.errors import TokenPruneError
-from tokenprune.measure.speed import compare, describe_device, measure_latency, measure_throughput, time_interleaved
+from tokenprune.measure import speed
+from tokenprune.measure.speed import (
+    compare,
+    contention_warnings,
+    describe_device,
+    measure_latency,
+    measure_throughput,
+    time_interleaved,
+)
 
 INPUT = (3, 8, 8)
 
@@ -147,3 +158,52 @@ def test_a_real_compile_runs() -> None:
     model = tiny()
     times = time_interleaved([model, model], INPUT, 2, warmup=1, repeats=2, compile=[False, True])
     assert [len(t) for t in times] == [2, 2] and all(s > 0 for t in times for s in t)
+
+
+def test_contention_warning_counts_cores_threads_and_device(monkeypatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert contention_warnings(None) == []  # not measured: nothing to say
+        assert contention_warnings(0.4) == []  # 2.4 cores asked of 2: within the half core left to the system
+        (warning,) = contention_warnings(1.0)
+        assert "1.0 of the 2 CPU cores" in warning and "2 thread(s)" in warning and "--threads" in warning
+        assert contention_warnings(1.0, "cuda") == []  # a GPU timing's host side is one thread
+        torch.set_num_threads(1)
+        assert contention_warnings(1.0) == []  # one thread beside one busy core: each has a core
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_other_processes_load_is_the_cpus_busy_time_less_this_process(monkeypatch) -> None:
+    """The arithmetic on two samples: 2 s of busy CPU time over 1 s of wall time, 1 s of it this process's own."""
+    samples = iter([(10.0, 1.0, 100.0), (12.0, 2.0, 101.0), (20.0, 3.0, 200.0), (20.1, 3.0, 200.1)])
+    monkeypatch.setattr(speed, "_cpu_sample", lambda: next(samples))
+    loads: list[float] = []
+    with speed._watch_others(loads):
+        pass
+    assert loads == [pytest.approx(1.0)]
+    with speed._watch_others(loads):
+        pass  # 0.1 s: shorter than MIN_WATCH_S, /proc/stat's ticks are too coarse to judge it
+    assert loads == [pytest.approx(1.0)]
+
+
+@pytest.mark.skipif(speed._cpu_sample() is None, reason="reads Linux's /proc/stat")
+def test_a_busy_process_beside_a_timing_is_seen() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # let it start spinning
+        loads: list[float] = []
+        with speed._watch_others(loads):
+            time.sleep(speed.MIN_WATCH_S + 0.3)  # this process idles, the child spins
+        assert len(loads) == 1 and loads[0] > 0.5
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_compare_reports_other_load_and_warnings() -> None:
+    result = compare(tiny(), tiny(), INPUT, 2, warmup=0, repeats=1, latency=False)
+    assert result["other_load"] is None  # a few milliseconds: not judged
+    assert result["warnings"] == []

@@ -138,7 +138,7 @@ def _measure_and_gate(
 
     report = measure(
         name, dense, sparse, gates=gates, flops_only=o.flops_only, batch_size=o.batch_size, warmup=o.warmup,
-        repeats=o.repeats, device=o.device, eval_data=o.eval_data, eval_limit=o.eval_limit,
+        repeats=o.repeats, device=o.device, threads=o.threads, eval_data=o.eval_data, eval_limit=o.eval_limit,
         eval_batch_size=o.eval_batch_size, dense_weights=dense_weights,
     )  # fmt: skip
     _write(json_path, json.dumps(report, indent=2) + "\n")

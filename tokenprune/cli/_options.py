@@ -75,6 +75,13 @@ FlopsOnly = Annotated[bool, typer.Option(help="Count FLOPs and parameters only; 
 Repeats = Annotated[int, typer.Option(help="Timed passes per model (medians are reported).")]
 Warmup = Annotated[int, typer.Option(help="Untimed passes per model before timing.")]
 Device = Annotated[str, typer.Option(help="Where timings and evaluation run, e.g. cpu or cuda.")]
+Threads = Annotated[
+    int | None,
+    typer.Option(
+        help="CPU threads while timing (default: torch's, one per core); on a machine other jobs share, at most "
+        "the free cores (the report warns when others kept too many busy).",
+    ),
+]
 Seed = Annotated[int, typer.Option(help="Seed of random initialisation (weights without a checkpoint, predictors).")]
 MinFlops = Annotated[
     float | None,
@@ -122,6 +129,7 @@ MEASURE_OPTIONS: dict[str, tuple[Any, Any]] = {
     "warmup": (Warmup, 3),
     "repeats": (Repeats, 10),
     "device": (Device, "cpu"),
+    "threads": (Threads, None),
     "min_flops_reduction": (MinFlops, None),
     "min_speedup": (MinSpeedup, None),
     "max_accuracy_drop": (MaxDrop, None),

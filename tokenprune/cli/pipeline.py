@@ -156,16 +156,18 @@ def measure(
     warmup: int = 3,
     repeats: int = 10,
     device: str = "cpu",
+    threads: int | None = None,
     eval_data: str | None = None,
     eval_limit: int | None = None,
     eval_batch_size: int = 64,
     dense_weights: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """The dense-vs-sparse report: FLOPs, parameters, timings unless `flops_only`, top-1 with `eval_data`;
-    `dense_weights` names the file the dense model's weights came from when they are not the sparse model's own.
+    """The dense-vs-sparse report: FLOPs, parameters, timings unless `flops_only` (with `threads` CPU threads, when
+    given), top-1 with `eval_data`; `dense_weights` names the file the dense model's weights came from when they are
+    not the sparse model's own.
 
     Raises:
-        ConfigError: gates that need what was not asked for (timings, evaluation data).
+        ConfigError: gates that need what was not asked for (timings, evaluation data); `threads` below 1.
     """
     from ..measure import build_report
     from ..nn.recorder import config_of
@@ -176,10 +178,17 @@ def measure(
         raise ConfigError("--min-speedup needs timings; drop --flops-only.")
     if gates.needs_accuracy and eval_data is None:
         raise ConfigError("--max-accuracy-drop needs --eval-data (an ImageFolder root or 'fashion-mnist').")
-    report = build_report(
-        name, dense, sparse, config.input_size, batch_size=batch_size, flops_only=flops_only, ratio=config.ratio,
-        warmup=warmup, repeats=repeats, device=device,
-    )  # fmt: skip
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads {threads}: give 1 or more CPU threads.")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    try:
+        report = build_report(
+            name, dense, sparse, config.input_size, batch_size=batch_size, flops_only=flops_only, ratio=config.ratio,
+            warmup=warmup, repeats=repeats, device=device,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(previous)
     report["dense_weights"] = None if dense_weights is None else str(dense_weights)
     if eval_data is not None:
         report["accuracy"] = accuracy_entry(

@@ -42,14 +42,18 @@ Report schema (``schema_version: 1``); every figure is per image, FLOPs are mult
       "device": str,                     # where timings ran, readable (e.g. "cpu (AMD EPYC ...)")
       "threads": int,                    # torch.get_num_threads() during timing
       "batch_size": int,                 # batch of the throughput figures; latency is always at batch 1
+      "other_load": float | null,        # CPU cores other processes kept busy while timing (null: not timed, not
+                                         #   Linux, or too short a timing to judge; `speed.compare`)
+      "warnings": [str],                 # what makes figures doubtful: a machine too busy for its timings
       "dense_weights": str | null        # (`tokenprune report`) the file the dense model's weights came from
     }                                    #   (--dense-checkpoint); null: the sparse model's own, without stages
 
-``scorer``, ``outputs``, ``split`` and ``dense_weights`` were added without a version change: readers of version 1
-that ignore unknown keys are unaffected. Timing fields are null when the report is built with ``flops_only=True``.
-Throughput (images/s at `batch_size`) and batch-1 latency (median ms) come from `speed.compare`, which interleaves
-dense and sparse runs in one process. A detector is timed at its backbone (``split.timed``): the rest runs unchanged,
-and the time of its post-processing follows the number of boxes, which random weights make meaningless.
+``scorer``, ``outputs``, ``split``, ``dense_weights``, ``other_load`` and ``warnings`` were added without a version
+change: readers of version 1 that ignore unknown keys are unaffected. Timing fields are null (``warnings`` empty)
+when the report is built with ``flops_only=True``. Throughput (images/s at `batch_size`) and batch-1 latency (median
+ms) come from `speed.compare`, which interleaves dense and sparse runs in one process. A detector is timed at its
+backbone (``split.timed``): the rest runs unchanged, and the time of its post-processing follows the number of boxes,
+which random weights make meaningless.
 """
 
 from __future__ import annotations
@@ -262,6 +266,8 @@ def build_report(
         "device": describe_device(device),
         "threads": torch.get_num_threads(),
         "batch_size": int(batch_size),
+        "other_load": timing["other_load"] if timing else None,
+        "warnings": list(timing["warnings"]) if timing else [],
     }
 
 
@@ -334,6 +340,8 @@ def _summary_line(report: dict[str, Any]) -> str:
         text += f"; {len(report['outputs'])} outputs ({', '.join(report['outputs'])})"
     if report["uncounted_ops"]:
         text += f"; UNCOUNTED ops (totals are lower bounds): {', '.join(report['uncounted_ops'])}"
+    for warning in report.get("warnings") or []:
+        text += f"; WARNING: {warning}"
     return text
 
 

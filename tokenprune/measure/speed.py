@@ -4,14 +4,22 @@ Timings are wall-clock medians of several runs, in eval mode under `torch.infere
 around each run. The input has the dtype of the model's parameters (convert a copy with ``.to(torch.bfloat16)`` to
 time bf16 inference). Machine noise (other processes, frequency scaling) shifts absolute figures, so `compare` times the
 two models in the same process with interleaved runs, which is what a speed-up should be computed from.
+
+Other processes can make the figures meaningless rather than merely noisy: with as many threads as cores and one core
+taken by another job, every parallel region waits for the thread that lost its core (measured: XCiT-nano 26x slower at
+2 threads than at 1 on a 2-core machine with one training job beside it, and its sparse/dense ratio 0.81x instead of
+1.19x). `compare` therefore watches, on Linux, how many cores other processes keep busy while it times, and says so in
+its ``warnings`` when they and its threads need more cores than there are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +27,14 @@ from torch import nn
 
 from ..errors import TokenPruneError
 
-__all__ = ["measure_throughput", "measure_latency", "compare", "describe_device", "time_interleaved", "COMPILE_MODES"]
+__all__ = [
+    "measure_throughput", "measure_latency", "compare", "describe_device", "time_interleaved", "COMPILE_MODES",
+    "contention_warnings",
+]  # fmt: skip
+
+#: Shortest timing (wall seconds) whose share of other processes' CPU time is judged: /proc/stat counts in ticks of
+#: 10 ms per core, too coarse for a shorter window.
+MIN_WATCH_S = 0.5
 
 
 def describe_device(device: str | torch.device) -> str:
@@ -155,6 +170,53 @@ def time_interleaved(
     return times
 
 
+def _cpu_sample() -> tuple[float, float, float] | None:
+    """(busy seconds of the CPUs this process may run on, this process's CPU seconds, wall seconds) now, from Linux's
+    /proc/stat (user, nice, system, irq, softirq and steal time: a hypervisor's steal is contention too); None where
+    it cannot be read."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+        cpus = os.sched_getaffinity(0)
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, AttributeError, ValueError):
+        return None
+    busy = 0
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = ([int(v) for v in fields] + [0] * 8)[:8]
+            busy += user + nice + system + irq + softirq + steal
+    return busy / tick, time.process_time(), time.perf_counter()
+
+
+@contextlib.contextmanager
+def _watch_others(loads: list[float]) -> Iterator[None]:
+    """Append to `loads` the cores that other processes kept busy during the block: the busy time of this process's
+    CPUs less its own CPU time, over the wall time (nothing for a block shorter than `MIN_WATCH_S`, or off Linux)."""
+    start = _cpu_sample()
+    yield
+    end = _cpu_sample()
+    if start is not None and end is not None and end[2] - start[2] >= MIN_WATCH_S:
+        others = (end[0] - start[0]) - (end[1] - start[1])
+        loads.append(max(0.0, others / (end[2] - start[2])))
+
+
+def contention_warnings(other_load: float | None, device: str | torch.device = "cpu") -> list[str]:
+    """The warning for timings during which other processes (`other_load` cores busy) and this one's threads needed
+    more cores than this process may use, with half a core to spare for the system; [] otherwise or when unknown."""
+    if other_load is None:
+        return []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = torch.get_num_threads() if torch.device(device).type == "cpu" else 1
+    if other_load + threads <= cores + 0.5:
+        return []
+    return [
+        f"other processes kept {other_load:.1f} of the {cores} CPU cores busy while {threads} thread(s) timed the "
+        "models, so threads waited for cores and the timings and speed-up are not the models' own: time on an idle "
+        "machine, or with fewer threads than free cores (tokenprune report --threads N, torch.set_num_threads)."
+    ]
+
+
 def _summary(seconds: list[float], batch_size: int, device: str | torch.device, compile: bool | str) -> dict[str, Any]:
     median = statistics.median(seconds)
     return {
@@ -241,12 +303,16 @@ def compare(
     Returns:
         ``{"dense": {...}, "sparse": {...}, "speedup": sparse/dense images per second (ratio of medians),
         "paired_speedup": median over interleaved pairs of dense time / sparse time (robust to drifts),
-        "latency_speedup": dense/sparse batch-1 latency or None}``; ``dense``/``sparse`` hold the
-        `measure_throughput` keys plus ``"batch1_latency_ms"`` (None without `latency`).
+        "latency_speedup": dense/sparse batch-1 latency or None, "other_load": the most CPU cores other processes
+        kept busy during a timing (None off Linux or for timings under `MIN_WATCH_S`), "warnings": [str]
+        (`contention_warnings`: the machine was too busy for the figures to mean anything)}``; ``dense``/``sparse``
+        hold the `measure_throughput` keys plus ``"batch1_latency_ms"`` (None without `latency`).
     """
-    dense_t, sparse_t = time_interleaved(
-        [dense, sparse], input_size, batch_size, warmup=warmup, repeats=repeats, device=device, compile=compile
-    )
+    loads: list[float] = []
+    with _watch_others(loads):
+        dense_t, sparse_t = time_interleaved(
+            [dense, sparse], input_size, batch_size, warmup=warmup, repeats=repeats, device=device, compile=compile
+        )
     result = {
         "dense": _summary(dense_t, batch_size, device, compile),
         "sparse": _summary(sparse_t, batch_size, device, compile),
@@ -259,10 +325,13 @@ def compare(
     for key in ("dense", "sparse"):
         result[key]["batch1_latency_ms"] = None
     if latency:
-        dense_l, sparse_l = time_interleaved(
-            [dense, sparse], input_size, 1, warmup=warmup, repeats=repeats, device=device, compile=compile
-        )
+        with _watch_others(loads):
+            dense_l, sparse_l = time_interleaved(
+                [dense, sparse], input_size, 1, warmup=warmup, repeats=repeats, device=device, compile=compile
+            )
         result["dense"]["batch1_latency_ms"] = statistics.median(dense_l) * 1e3
         result["sparse"]["batch1_latency_ms"] = statistics.median(sparse_l) * 1e3
         result["latency_speedup"] = result["dense"]["batch1_latency_ms"] / result["sparse"]["batch1_latency_ms"]
+    result["other_load"] = max(loads) if loads else None
+    result["warnings"] = contention_warnings(result["other_load"], device)
     return result
