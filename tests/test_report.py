@@ -84,7 +84,7 @@ def test_a_warning_reaches_the_table_the_markdown_and_a_failed_speed_gate() -> N
     assert "WARNING: other processes kept 1.0 of the 2 CPU cores busy" in caption
     assert "WARNING: other processes kept 1.0" in to_markdown(report)
     (failure,) = check_gates(report, Gates(min_speedup=1.1))
-    assert failure.startswith("speed-up 0.800x < required 1.100x") and "(but other processes kept 1.0" in failure
+    assert failure.startswith("speed-up 0.800x < required 1.100x") and "; WARNING: other processes kept 1.0" in failure
     assert check_gates(report, Gates(min_speedup=0.5)) == []
 
 

@@ -86,7 +86,7 @@ def check_gates(report: dict[str, Any], gates: Gates) -> list[str]:
         if got is None:
             raise ConfigError("--min-speedup needs timings; drop --flops-only.")
         if got < want:
-            doubt = "".join(f" (but {w})" for w in report.get("warnings") or [])
+            doubt = "".join(f"; WARNING: {w}" for w in report.get("warnings") or [])
             failures.append(f"speed-up {got:.3f}x < required {want:.3f}x (short by {want - got:.3f}x){doubt}")
     if gates.max_accuracy_drop is not None:
         acc, allowed = report.get("accuracy"), gates.max_accuracy_drop

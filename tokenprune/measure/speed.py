@@ -212,8 +212,8 @@ def contention_warnings(other_load: float | None, device: str | torch.device = "
         return []
     return [
         f"other processes kept {other_load:.1f} of the {cores} CPU cores busy while {threads} thread(s) timed the "
-        "models, so threads waited for cores and the timings and speed-up are not the models' own: time on an idle "
-        "machine, or with fewer threads than free cores (tokenprune report --threads N, torch.set_num_threads)."
+        "models: threads waited for cores, so the timings and the speed-up are not the models' own. Time on an idle "
+        "machine or with fewer threads than free cores: --threads N on the command line, torch.set_num_threads."
     ]
 
 
