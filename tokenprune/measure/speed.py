@@ -182,7 +182,7 @@ def _cpu_sample() -> tuple[float, float, float] | None:
         return None
     busy = 0
     for line in lines:
-        name, *fields = line.split()
+        name, *fields = line.split() or [""]
         if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
             user, nice, system, _idle, _iowait, irq, softirq, steal = ([int(v) for v in fields] + [0] * 8)[:8]
             busy += user + nice + system + irq + softirq + steal
