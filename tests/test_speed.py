@@ -207,3 +207,18 @@ def test_compare_reports_other_load_and_warnings() -> None:
     result = compare(tiny(), tiny(), INPUT, 2, warmup=0, repeats=1, latency=False)
     assert result["other_load"] is None  # a few milliseconds: not judged
     assert result["warnings"] == []
+
+
+def test_compare_warns_when_others_took_the_cores_its_threads_needed(monkeypatch) -> None:
+    """compare's own samples (faked: other processes busy on 1 core over a 1 s timing) reach its result."""
+    samples = iter([(0.0, 0.0, 0.0), (2.0, 1.0, 1.0)])  # 2 busy CPU-seconds, 1 of them this process's own
+    monkeypatch.setattr(speed, "_cpu_sample", lambda: next(samples))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        result = compare(tiny(), tiny(), INPUT, 2, warmup=0, repeats=1, latency=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert result["other_load"] == pytest.approx(1.0)
+    assert len(result["warnings"]) == 1 and "1.0 of the 2 CPU cores" in result["warnings"][0]
