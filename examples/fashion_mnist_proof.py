@@ -17,6 +17,10 @@ Stages (each resumable: rerunning a stage continues from its ``last.pt``):
 7. ``report``: top-1 of all of them on the full 10,000-image test set, plus the attention scorer with no training at
    all, GMACs (tokenprune.measure, fvcore-based) and CPU throughput, written to ``<out>/results.json`` and
    ``<out>/results.md``.
+8. ``student_r<rho>`` (e.g. ``student_r0.5``): the student fine-tuned at another base keep ratio.
+9. ``rekeep``: the rho = 0.7 student evaluated at other keep ratios without retraining
+   (``tokenprune.set_keep_ratios``), beside random tokens at the same counts and any ``student_r<rho>`` run
+   fine-tuned at that ratio; written to ``<out>/rekeep.json`` and ``<out>/rekeep.md``.
 
 Run everything in the background (about 3 hours at 1 thread in order; the teacher takes ~55 min, and the student,
 learned and control stages can run as three processes at once, ~55 min on 2 cores, see the README)::
@@ -52,6 +56,8 @@ def _common(args: argparse.Namespace) -> list[str]:
         common.append(f"data.root={args.data_root}")
     if args.train_subset:
         common.append(f"data.train_subset={args.train_subset}")
+    if args.batch_size:
+        common.append(f"optim.batch_size={args.batch_size}")
     return common
 
 
@@ -81,6 +87,8 @@ def run_stage(stage: str, args: argparse.Namespace) -> dict:
             overrides += ["learned_ratios.enabled=true", f"learned_ratios.target_flops={fixed_budget(args)}"]
         elif stage == "attention":
             overrides += ["sparsify.scorer=attention"]
+        elif stage.startswith("student_r"):
+            overrides += [f"sparsify.ratio={float(stage.removeprefix('student_r')):g}"]
         elif stage == "warm":
             overrides[1] = f"optim.epochs={args.student_epochs / 2:g}"
             overrides += [f"sparsify.warm_start_steps={args.warm_steps}", f"sparsify.warm_start_lr={args.warm_lr:g}"]
@@ -159,6 +167,55 @@ def report(args: argparse.Namespace) -> dict:
     return results
 
 
+REKEEP = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def rekeep(args: argparse.Namespace) -> dict:
+    """The rho = 0.7 student at each rho of REKEEP without retraining (`tokenprune.set_keep_ratios`), against random
+    tokens at the same counts and the student fine-tuned at that rho (stage ``student_r<rho>``) where it was run."""
+    from tokenprune.measure import profile_flops
+
+    out = Path(args.out)
+    recipe = load_recipe(RECIPE, [*_common(args), f"model.checkpoint={out / 'teacher' / 'final.pt'}"])
+    teacher = build_teacher(recipe).eval()
+    data = build_datasets(recipe.data, img_size=28, in_chans=1)
+    example = torch.randn(1, 1, 28, 28)
+    dense_gmacs = profile_flops(teacher, example).gmacs
+    student = load_trained(out / "student" / "final.pt").eval()
+    results: dict = {"test_images": len(data.val), "teacher_top1": top1(teacher, data.val), "rows": []}
+    for rho in REKEEP:
+        tokenprune.set_keep_ratios(student, ratio=rho)
+        row = {
+            "rho": rho,
+            "keep_ratios": tokenprune.config_of(student).keep_ratios,
+            "flops_vs_teacher": profile_flops(student, example).gmacs / dense_gmacs,
+            "top1": top1(student, data.val),
+            "random_selection_top1": random_selection_top1(student, data.val),
+            "trained_at_rho_top1": None,
+        }
+        trained = out / ("student" if rho == 0.7 else f"student_r{rho:g}") / "final.pt"
+        if trained.is_file():
+            row["trained_at_rho_top1"] = top1(load_trained(trained).eval(), data.val)
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    (out / "rekeep.json").write_text(json.dumps(results, indent=2))
+    lines = [
+        f"The rho = 0.7 student of `{args.out}` at other keep ratios, no retraining (teacher "
+        f"{results['teacher_top1']:.2f}, {results['test_images']} test images):",
+        "",
+        "| rho | x teacher FLOPs | 0.7 student, ratio changed | same counts, random tokens | fine-tuned at rho |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        trained = "-" if r["trained_at_rho_top1"] is None else f"{r['trained_at_rho_top1']:.2f}"
+        lines.append(
+            f"| {r['rho']:g} | {r['flops_vs_teacher']:.3f} | {r['top1']:.2f} | {r['random_selection_top1']:.2f} | "
+            f"{trained} |"
+        )
+    (out / "rekeep.md").write_text("\n".join(lines) + "\n")
+    return results
+
+
 def _markdown(results: dict, args: argparse.Namespace) -> str:
     teacher = results["teacher"]
     lines = [
@@ -206,6 +263,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=96, help="embedding width (3 heads)")
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     parser.add_argument("--train-subset", type=int, default=None, help="train on the first N images only")
+    parser.add_argument("--batch-size", type=int, default=None, help="optim.batch_size (default: the recipe's)")
     parser.add_argument(
         "--seed", type=int, default=0,
         help="run.seed of every stage (initialisation, data order, augmentation, Gumbel noise); the test set is fixed",
@@ -219,7 +277,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for stage in args.stages.split(","):
         start = time.time()
-        metrics = report(args) if stage == "report" else run_stage(stage, args)
+        job = {"report": report, "rekeep": rekeep}.get(stage)
+        metrics = job(args) if job else run_stage(stage, args)
         print(f"[{stage}] done in {time.time() - start:.0f}s: {json.dumps(metrics)}", flush=True)
 
 

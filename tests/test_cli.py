@@ -338,7 +338,8 @@ def test_report_on_a_file_names_every_model_option_it_would_ignore(converted: Pa
     args = ["--ratio", "0.5", "-k", "num_classes=3", "--seed", "3", "--scorer", "attention", "--flops-only"]
     result = run("report", converted / "model.safetensors", *args)
     assert result.exit_code == EXIT_ERROR
-    assert "--ratio, --model-kwarg, --seed, --scorer apply to model names" in result.stderr
+    assert "--model-kwarg, --seed, --scorer apply to model names" in result.stderr  # --ratio applies (rekeep)
+    assert "only --ratio or --keep-ratios may change what its stages keep" in " ".join(result.stderr.split())
 
 
 def test_convert_and_report_take_the_same_model_and_measurement_options():

@@ -16,7 +16,7 @@ from .io import load, load_original, load_weights, read_weights, save
 from .measure import profile
 from .models import create_model
 from .nn.recorder import selectors
-from .sparsify import config_of, plan, set_execution, sparsify
+from .sparsify import config_of, plan, set_execution, set_keep_ratios, sparsify
 from .state import SparsityState, sparsity_state
 from .visualize import visualize
 
@@ -25,6 +25,7 @@ __all__ = [
     "plan",
     "sparsity_state",
     "set_execution",
+    "set_keep_ratios",
     "selectors",
     "config_of",
     "profile",

@@ -240,13 +240,16 @@ def export(
 
     Returns:
         ``{"format", "file", "input_size" (of what was exported), "batch": "dynamic" | int, "max_abs_diff": float |
-        None, "module": "" (the model) or the exported submodule's qualified name}``.
+        None, "module": "" (the model) or the exported submodule's qualified name, "keep_ratios": the stages' keep
+        ratios, fixed in the exported graph (`tokenprune.set_keep_ratios` changes them before export)}``.
 
     Raises:
         ConfigError: unknown format; `backbone` for a model sparsified whole. UnsupportedModelError: the exporter
         failed, or the model cannot be exported whole (without `backbone`). TokenPruneError: the exported file
         disagrees with PyTorch beyond tolerance.
     """
+    from .nn.recorder import config_of
+
     if format not in FORMATS:
         raise ConfigError(f"format={format!r}; choose one of {', '.join(FORMATS)}.")
     model = model.eval()
@@ -286,4 +289,5 @@ def export(
         "batch": "dynamic" if dynamic_batch else batch_size,
         "max_abs_diff": diff,
         "module": part,
+        "keep_ratios": [float(r) for r in config_of(model).keep_ratios],  # fixed in the exported graph
     }

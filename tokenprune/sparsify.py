@@ -28,7 +28,7 @@ from .models import copy_model
 from .nn.recorder import config_of, find_config, find_recorder, selectors
 from .nn.select import EXECUTIONS, SCORERS
 
-__all__ = ["sparsify", "plan", "set_execution", "config_of", "find_config", "refuse_wrappers"]
+__all__ = ["sparsify", "plan", "set_execution", "set_keep_ratios", "config_of", "find_config", "refuse_wrappers"]
 
 
 def _check_locations(locations: Sequence[int] | None, depth: int, kind: str, name: str) -> list[int]:
@@ -60,13 +60,12 @@ def _check_keep_ratios(keep_ratios, ratio: float, stages: int, kind: str, name: 
     return values
 
 
-def _warn_tiny_keep(chain: Chain, prefix: int, keep_ratios: list[float], name: str) -> None:
-    patches = chain.shape[1] - prefix
+def _warn_tiny_keep(patches: int, keep_ratios: list[float], name: str, stacklevel: int = 4) -> None:
     for s, kr in enumerate(keep_ratios):
         if math.floor(kr * patches + 1e-6) < 1:
             warnings.warn(
                 f"{name}: stage {s} keeps {kr:.4f} of {patches} patch tokens, less than one; it keeps 1 instead.",
-                stacklevel=4,
+                stacklevel=stacklevel,
             )
 
 
@@ -169,7 +168,9 @@ def _sparsify(model, ratio, locations, keep_ratios, example_inputs, inplace, sco
         )
         dense = None if inplace else (model.get_submodule(part.path) if part.path else model)
         self_check(sparse, chain, the_plan.locations, part.example, the_plan.name, dense=dense)
-        refuse_costlier(ComputeModel.calibrate(sparse, part.example), the_plan.keep_ratios, chain.names, the_plan.name)
+        compute = ComputeModel.calibrate(sparse, part.example)
+        refuse_costlier(compute, the_plan.keep_ratios, chain.names, the_plan.name)
+        find_recorder(sparse).compute = compute  # reason: `set_keep_ratios` checks new ratios against it
         # reason: the GraphModule drops timm's feature_info; `save` needs it to record features_only (io/source.py).
         find_recorder(sparse).dense_kwargs = timm_feature_kwargs(model)
         if part.path:
@@ -350,7 +351,7 @@ def _plan_kind(model, chain, example, ratio, locations, keep_ratios, name, score
     ratios = _check_keep_ratios(keep_ratios, ratio, len(locs), chain.kind, name)
     the_plan = build_plan(model, chain, example, locs, ratios, name, scorer, decisions, fast_path)
     if chain.kind == "token":
-        _warn_tiny_keep(chain, the_plan.prefix, ratios, name)
+        _warn_tiny_keep(chain.shape[1] - the_plan.prefix, ratios, name)
     return the_plan
 
 
@@ -430,6 +431,62 @@ def plan(
     name = model_name(model)
     with released_fx_wraps():  # the graphs analysed here are thrown away: leave torch.fx's table as it was
         return _analyse(model, ratio, locations, keep_ratios, example_inputs, name, scorer, decisions, fast_path)[0]
+
+
+def set_keep_ratios(
+    model: nn.Module, keep_ratios: Sequence[float] | None = None, *, ratio: float | None = None
+) -> nn.Module:
+    """Change how many tokens (or locations) each stage of a sparsified model keeps, in place; returns `model`.
+
+    The predictors score tokens whatever is kept, so a model fine-tuned at one keep ratio can be evaluated, measured
+    or exported at another without retraining: a trade-off curve from one trained model. The new ratios are checked
+    as `sparsify` checks them (one per stage, in (0, 1], non-increasing) and refused, leaving the model as it was,
+    where the sparse chain would cost at least the dense one by the model's calibrated cost model (§2.5). Accuracy
+    away from the trained ratio is whatever the model gives: measure it (docs/results.md, "keep ratios changed after
+    training"). `config_of`, `save` and `export` see the new ratios.
+
+    Args:
+        model: a `tokenprune.sparsify` result (or a model `tokenprune.load` returned).
+        keep_ratios: per-stage fractions of the initial patch tokens (spatial models: of all locations).
+        ratio: base keep ratio rho instead, expanded with the model kind's default schedule (token models rho^s,
+            spatial models rho, rho - 0.2, rho - 0.4).
+
+    Raises:
+        ConfigError: neither or both given, a bad value, or a model that is not sparsified.
+        UnsupportedModelError: the chain would not be cheaper than the dense one at these ratios.
+    """
+    sels = selectors(model)
+    config = find_config(model)
+    if not sels or config is None:
+        raise ConfigError(f"{type(model).__name__} is not a sparsified model; pass the result of tokenprune.sparsify.")
+    if (keep_ratios is None) == (ratio is None):
+        raise ConfigError("set_keep_ratios takes keep_ratios or ratio, one of them.")
+    name = config.model_name or type(model).__name__
+    if ratio is not None:
+        ratio = check_ratio(ratio)
+    values = _check_keep_ratios(keep_ratios, ratio, len(sels), config.kind, name)
+    compute = _cost_model(model, config)
+    refuse_costlier(compute, values, config.chain, name)
+    if config.kind == "token":
+        _warn_tiny_keep(compute.patches, values, name, stacklevel=3)
+    for sel, value in zip(sels, values, strict=True):
+        sel.keep_ratio = value
+    recorder = find_recorder(model)
+    recorder.config.keep_ratios = values
+    if ratio is not None:
+        recorder.config.ratio = ratio
+    return model
+
+
+def _cost_model(model: nn.Module, config: SparsifyConfig) -> ComputeModel:
+    """The cost model `sparsify` calibrated (kept on the recorder), or one calibrated now at the configured input
+    size for a model that does not hold one (a model pickled by an older tokenprune)."""
+    compute = getattr(find_recorder(model), "compute", None)
+    if compute is None:
+        param = next(model.parameters())
+        example = torch.zeros(1, *config.input_size, device=param.device, dtype=param.dtype)
+        compute = find_recorder(model).compute = ComputeModel.calibrate(model, example)
+    return compute
 
 
 def set_execution(model: nn.Module, execution: str) -> nn.Module:

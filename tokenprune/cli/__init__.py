@@ -86,6 +86,28 @@ def _build(name: str, o: SimpleNamespace):
     )  # fmt: skip
 
 
+#: The model options a saved file or run still takes: what its stages keep (`tokenprune.set_keep_ratios`).
+_REKEEP = ("--ratio", "--keep-ratios")
+
+
+def _rekeep(sparse, o: SimpleNamespace, path: Path) -> list[float] | None:
+    """Apply --ratio/--keep-ratios to a loaded model; the keep ratios it was saved with when they changed it."""
+    from ..nn.recorder import config_of
+    from ..sparsify import set_keep_ratios
+
+    keep = parse_numbers(o.keep_ratios, float, "--keep-ratios")
+    if o.ratio is None and keep is None:
+        return None
+    if o.ratio is not None and keep is not None:
+        raise ConfigError("give --ratio or --keep-ratios, not both.")
+    saved = list(config_of(sparse).keep_ratios)
+    try:
+        set_keep_ratios(sparse, keep, ratio=o.ratio)
+    except TokenPruneError as e:
+        raise type(e)(f"{path}: {e}") from None
+    return saved
+
+
 def _gates(o: SimpleNamespace):
     """The gates the measurement options ask for, after checking the numbers (before any model is built)."""
     from .gates import Gates
@@ -128,23 +150,27 @@ def _measure_and_gate(
     json_path: Path | None,
     markdown_path: Path | None,
     dense_weights: Path | None = None,
+    saved_keep: list[float] | None = None,
 ) -> None:
     """Measure the pair, write the files, print the table, then apply the gates (files first, so CI can upload
     them)."""
     from rich.console import Console
 
     from ..measure import render_table
-    from .pipeline import gate, markdown, measure
+    from .pipeline import gate, markdown, measure, rekept_note
 
     report = measure(
         name, dense, sparse, gates=gates, flops_only=o.flops_only, batch_size=o.batch_size, warmup=o.warmup,
         repeats=o.repeats, device=o.device, threads=o.threads, eval_data=o.eval_data, eval_limit=o.eval_limit,
-        eval_batch_size=o.eval_batch_size, dense_weights=dense_weights,
+        eval_batch_size=o.eval_batch_size, dense_weights=dense_weights, saved_keep_ratios=saved_keep,
     )  # fmt: skip
     _write(json_path, json.dumps(report, indent=2) + "\n")
     _write(markdown_path, markdown(report))
     console = Console()
     console.print(render_table(report))
+    note = rekept_note(report)
+    if note:
+        console.print(note)
     acc = report.get("accuracy")
     if acc:
         console.print(
@@ -218,6 +244,8 @@ def report(
     tokenprune.save, or the final.pt of a finetune run (a folder: its model.safetensors, else its final.pt); a file's
     dense model is its architecture with the file's backbone weights (fine-tuned ones, for a fine-tuned model), or
     with --dense-checkpoint's: to gate the accuracy drop against the model you started from, name its weights there.
+    A file's stages keep what they were saved with, or what --ratio/--keep-ratios say (no retraining:
+    tokenprune.set_keep_ratios).
     GFLOPs are multiply-adds per image, per stage; throughput at --batch-size, latency at batch 1; top-1 with
     --eval-data.
     Prints a table, writes --json/--markdown, then applies the gates (exit 3 when one fails).
@@ -226,13 +254,16 @@ def report(
 
     gates = _gates(options)
     path = Path(model)
+    saved_keep = None
     if path.suffix in (".safetensors", ".pth", ".pt", ".bin") or path.exists():
-        extra = given(options, MODEL_OPTIONS)
+        extra = [o for o in given(options, MODEL_OPTIONS) if o not in _REKEEP]
         if extra:
             raise ConfigError(
-                f"{', '.join(extra)} apply to model names; {path} keeps the configuration it was saved with."
+                f"{', '.join(extra)} apply to model names; {path} keeps the configuration it was saved with (only "
+                "--ratio or --keep-ratios may change what its stages keep)."
             )
         name, dense, sparse = load_pair(path, dense_weights=dense_checkpoint)
+        saved_keep = _rekeep(sparse, options, path)
     else:
         if "/" in model or os.sep in model:
             raise CheckpointError(
@@ -246,7 +277,7 @@ def report(
             )
         name = model
         dense, sparse = _build(model, options)
-    _measure_and_gate(name, dense, sparse, options, gates, json_path, markdown_path, dense_checkpoint)
+    _measure_and_gate(name, dense, sparse, options, gates, json_path, markdown_path, dense_checkpoint, saved_keep)
 
 
 @app.command()
@@ -280,12 +311,20 @@ def export(
             "its transform makes, outputs its feature maps.",
         ),
     ] = False,
+    ratio: Annotated[
+        float | None, typer.Option("--ratio", "-r", help="Export at this base keep ratio instead of the saved one.")
+    ] = None,
+    keep_ratios: Annotated[
+        str | None, typer.Option(help="Export at these per-stage keep ratios, e.g. 0.6,0.36,0.216.")
+    ] = None,
     json_path: JsonOut = None,
 ) -> None:
     """Export a saved sparse model (top-k + gather) to ONNX or torch.export, verified against PyTorch.
 
     The exported graph accepts any batch size (unless --static-batch) but only the image size the model was
     sparsified at: the keep counts k = floor(rho * tokens) and the positional embeddings are fixed at export.
+    --ratio/--keep-ratios export the model keeping other counts than it was saved with (no retraining: measure the
+    accuracy there with `tokenprune report FILE --ratio ...`).
     ONNX: input "images" [B, C, H, W] float32, output "logits" (or one per feature map); torch-export: a .pt2 for
     torch.export.load. A detector exports its sparsified backbone only, with --backbone.
     """
@@ -301,6 +340,7 @@ def export(
     if out is None:  # a backbone alone gets its own name, so that nobody takes it for the whole model
         out = path.with_suffix((".backbone" if backbone else "") + (".onnx" if format == "onnx" else ".pt2"))
     model = load_model(path)
+    _rekeep(model, SimpleNamespace(ratio=ratio, keep_ratios=keep_ratios), path)
     info = export_model(
         model, out, format=format, dynamic_batch=dynamic_batch, batch_size=batch_size, verify=verify, backbone=backbone
     )
@@ -309,7 +349,8 @@ def export(
     checked = f", max |difference| from PyTorch {diff:.2e}" if diff is not None else ""
     size = "x".join(map(str, info["input_size"]))
     what = f"submodule {info['module']}, " if info["module"] else ""
-    typer.echo(f"wrote {info['file']} ({what}{format}, batch {info['batch']}, input {size}{checked})")
+    kept = "/".join(f"{r:g}" for r in info["keep_ratios"])
+    typer.echo(f"wrote {info['file']} ({what}{format}, batch {info['batch']}, input {size}, keep {kept}{checked})")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

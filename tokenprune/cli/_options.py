@@ -18,7 +18,9 @@ from ..errors import ConfigError
 
 # ---- option types -----------------------------------------------------------------------------------------------
 
-Ratio = Annotated[float | None, typer.Option("--ratio", "-r", help="Base keep ratio rho in (0, 1] (default 0.7).")]
+Ratio = Annotated[
+    float | None, typer.Option("--ratio", "-r", help="Base keep ratio rho in (0, 1] (default 0.7; a file: as saved).")
+]
 Locations = Annotated[
     str | None,
     typer.Option(help="Comma-separated block indices the stages precede, e.g. 3,6,9 (default D/4, D/2, 3D/4)."),

@@ -161,10 +161,11 @@ def measure(
     eval_limit: int | None = None,
     eval_batch_size: int = 64,
     dense_weights: str | os.PathLike[str] | None = None,
+    saved_keep_ratios: list[float] | None = None,
 ) -> dict[str, Any]:
     """The dense-vs-sparse report: FLOPs, parameters, timings unless `flops_only` (with `threads` CPU threads, when
     given), top-1 with `eval_data`; `dense_weights` names the file the dense model's weights came from when they are
-    not the sparse model's own.
+    not the sparse model's own; `saved_keep_ratios` the keep ratios a file was saved with when the report's differ.
 
     Raises:
         ConfigError: gates that need what was not asked for (timings, evaluation data); `threads` below 1.
@@ -190,6 +191,7 @@ def measure(
     finally:
         torch.set_num_threads(previous)
     report["dense_weights"] = None if dense_weights is None else str(dense_weights)
+    report["saved_keep_ratios"] = None if saved_keep_ratios is None else [float(r) for r in saved_keep_ratios]
     if eval_data is not None:
         report["accuracy"] = accuracy_entry(
             dense, sparse, eval_data, config.input_size, batch_size=eval_batch_size, limit=eval_limit, device=device
@@ -202,11 +204,23 @@ def gate(report: dict[str, Any], gates: Gates) -> list[str]:
     return check_gates(report, gates)
 
 
+def rekept_note(report: dict[str, Any]) -> str | None:
+    """The sentence saying the report's keep ratios are not the ones the file was saved with, or None."""
+    saved = report.get("saved_keep_ratios")
+    if saved is None:
+        return None
+    now = "/".join(f"{s['keep_ratio']:g}" for s in report["stages"])
+    return f"Keep ratios set to {now} for this report; the model was saved with {'/'.join(f'{r:g}' for r in saved)}."
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown, with the top-1 line when measured."""
     from ..measure import to_markdown
 
     text = to_markdown(report)
+    note = rekept_note(report)
+    if note:
+        text += f"\n{note}\n"
     acc = report.get("accuracy")
     if acc:
         text += (

@@ -45,15 +45,17 @@ Report schema (``schema_version: 1``); every figure is per image, FLOPs are mult
       "other_load": float | null,        # CPU cores other processes kept busy while timing (null: not timed, not
                                          #   Linux, or too short a timing to judge; `speed.compare`)
       "warnings": [str],                 # what makes figures doubtful: a machine too busy for its timings
-      "dense_weights": str | null        # (`tokenprune report`) the file the dense model's weights came from
-    }                                    #   (--dense-checkpoint); null: the sparse model's own, without stages
+      "dense_weights": str | null,       # (`tokenprune report`) the file the dense model's weights came from
+                                         #   (--dense-checkpoint); null: the sparse model's own, without stages
+      "saved_keep_ratios": [float] | null  # (`tokenprune report`) the keep ratios a file or run was saved with,
+    }                                    #   when --ratio/--keep-ratios changed them for this report; else null
 
-``scorer``, ``outputs``, ``split``, ``dense_weights``, ``other_load`` and ``warnings`` were added without a version
-change: readers of version 1 that ignore unknown keys are unaffected. Timing fields are null (``warnings`` empty)
-when the report is built with ``flops_only=True``. Throughput (images/s at `batch_size`) and batch-1 latency (median
-ms) come from `speed.compare`, which interleaves dense and sparse runs in one process. A detector is timed at its
-backbone (``split.timed``): the rest runs unchanged, and the time of its post-processing follows the number of boxes,
-which random weights make meaningless.
+``scorer``, ``outputs``, ``split``, ``dense_weights``, ``saved_keep_ratios``, ``other_load`` and ``warnings`` were
+added without a version change: readers of version 1 that ignore unknown keys are unaffected. Timing fields are null
+(``warnings`` empty) when the report is built with ``flops_only=True``. Throughput (images/s at `batch_size`) and
+batch-1 latency (median ms) come from `speed.compare`, which interleaves dense and sparse runs in one process. A
+detector is timed at its backbone (``split.timed``): the rest runs unchanged, and the time of its post-processing
+follows the number of boxes, which random weights make meaningless.
 """
 
 from __future__ import annotations

@@ -1,0 +1,187 @@
+"""`tokenprune.set_keep_ratios`: a sparsified model kept at other ratios than it was built (or trained) with.
+
+The property that makes it correct: the model it returns is the model `sparsify` builds at those ratios with the
+same weights (logits equal), so everything `sparsify` guarantees (masked ≡ pruned, the cost refusal) carries over;
+and a refused change leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+import tokenprune
+from tokenprune.cli import app
+from tokenprune.errors import ConfigError, UnsupportedModelError
+from tokenprune.nn.recorder import find_recorder
+
+# name -> (constructor, base keep ratio to move to): a token model with a class token, one without, a spatial model
+MODELS = {
+    "deit_tiny": (lambda: timm.create_model("deit_tiny_patch16_224", img_size=96), 0.5),
+    "vit_gap": (lambda: timm.create_model("vit_small_patch16_224", img_size=96, class_token=False, global_pool="avg"),
+                0.9),
+    "convnext_atto": (lambda: timm.create_model("convnext_atto"), 0.5),
+}  # fmt: skip
+
+
+def _unit_layer_scales(model: torch.nn.Module) -> torch.nn.Module:
+    """Layer scales at 1 and predictors at a visible gain, so no small scale hides a difference (random weights)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gamma", ".ls1.gamma", ".ls2.gamma")) or "layer_scale" in name:
+                p.fill_(1.0)
+    return model
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_set_keep_ratios_is_sparsify_at_those_ratios(name):
+    build, rho = MODELS[name]
+    dense = _unit_layer_scales(build().eval())
+    moved = tokenprune.sparsify(dense, 0.7)
+    built = tokenprune.sparsify(dense, rho)
+    with torch.no_grad():  # the predictors and fast paths of `moved`, trained or not, in the model built at rho
+        for (k, v), (k2, v2) in zip(moved.state_dict().items(), built.state_dict().items(), strict=True):
+            assert k == k2
+            v2.copy_(v + 0.05 * torch.randn_like(v) if "tokenprune" in k or "fast_path" in k else v)
+            v.copy_(v2)
+    tokenprune.set_keep_ratios(moved, ratio=rho)
+    assert tokenprune.config_of(moved).keep_ratios == tokenprune.config_of(built).keep_ratios
+    assert tokenprune.config_of(moved).ratio == rho
+    x = torch.randn(2, 3, 96, 96) if name != "convnext_atto" else torch.randn(2, 3, 224, 224)
+    moved.eval(), built.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(moved(x), built(x), rtol=0, atol=0)
+        state = tokenprune.sparsity_state(moved)
+        tokenprune.set_execution(moved, "masked")
+        torch.testing.assert_close(moved(x), built(x), rtol=1e-4, atol=1e-4)  # masked ≡ pruned at the new ratios
+    assert [d.shape for d in state.decisions] == [d.shape for d in tokenprune.sparsity_state(built).decisions]
+
+
+def test_a_lower_ratio_keeps_a_subset_of_the_first_stages_tokens():
+    """The predictors score every token whatever is kept: at a lower ratio the first stage keeps the top of the same
+    ranking."""
+    sparse = tokenprune.sparsify(timm.create_model("deit_tiny_patch16_224", img_size=96), 0.8).eval()
+    x = torch.randn(3, 3, 96, 96)
+    kept = []
+    for rho in (0.8, 0.5):
+        tokenprune.set_keep_ratios(sparse, ratio=rho)
+        with torch.no_grad():
+            sparse(x)
+        kept.append(tokenprune.selectors(sparse)[0].last_index)
+    assert kept[1].shape[1] == 18 and kept[0].shape[1] == 28  # floor(rho * 36)
+    for wide, narrow in zip(*kept, strict=True):
+        assert set(narrow.tolist()) <= set(wide.tolist())
+
+
+def test_refused_ratios_leave_the_model_as_it_was():
+    sparse = tokenprune.sparsify(timm.create_model("deit_tiny_patch16_224", img_size=96), 0.7)
+    before = tokenprune.config_of(sparse).keep_ratios
+    with pytest.raises(UnsupportedModelError, match="would not save compute"):
+        tokenprune.set_keep_ratios(sparse, [1.0, 1.0, 1.0])
+    for bad, match in (([0.5, 0.6, 0.4], "increase"), ([0.5], "one per location"), ([0.5, 0.3, 0.0], "keep_ratios")):
+        with pytest.raises(ConfigError, match=match):
+            tokenprune.set_keep_ratios(sparse, bad)
+    with pytest.raises(ConfigError, match="one of them"):
+        tokenprune.set_keep_ratios(sparse, [0.5, 0.3, 0.2], ratio=0.5)
+    with pytest.raises(ConfigError, match="one of them"):
+        tokenprune.set_keep_ratios(sparse)
+    with pytest.raises(ConfigError, match="not a sparsified model"):
+        tokenprune.set_keep_ratios(timm.create_model("deit_tiny_patch16_224", img_size=96), ratio=0.5)
+    assert tokenprune.config_of(sparse).keep_ratios == before
+    assert [s.keep_ratio for s in tokenprune.selectors(sparse)] == before
+
+
+def test_without_a_kept_cost_model_it_calibrates_one():
+    """A model that holds no cost model (pickled by an older tokenprune) is measured at its configured size."""
+    sparse = tokenprune.sparsify(timm.create_model("deit_tiny_patch16_224", img_size=96), 0.7)
+    kept = find_recorder(sparse).compute
+    del find_recorder(sparse).compute
+    with pytest.raises(UnsupportedModelError, match="would not save compute"):
+        tokenprune.set_keep_ratios(sparse, [1.0, 1.0, 1.0])
+    assert find_recorder(sparse).compute.blocks == kept.blocks
+    tokenprune.set_keep_ratios(sparse, ratio=0.6)
+    assert tokenprune.config_of(sparse).keep_ratios == pytest.approx([0.6, 0.36, 0.216])
+
+
+def test_saved_files_record_the_new_ratios(tmp_path):
+    sparse = tokenprune.sparsify(timm.create_model("deit_tiny_patch16_224", img_size=96), 0.7)
+    tokenprune.set_keep_ratios(sparse, [0.6, 0.4, 0.2])
+    path = tokenprune.save(sparse, tmp_path / "m.safetensors")
+    loaded = tokenprune.load(path)
+    assert tokenprune.config_of(loaded).keep_ratios == [0.6, 0.4, 0.2]
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), sparse.eval()(x), rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    sparse = tokenprune.sparsify(timm.create_model("deit_tiny_patch16_224", img_size=96), 0.7)
+    return tokenprune.save(sparse, tmp_path_factory.mktemp("rekeep") / "m.safetensors")
+
+
+def test_cli_report_of_a_file_at_other_keep_ratios(saved, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "r.json"
+    result = runner.invoke(
+        app, ["report", str(saved), "--keep-ratios", "0.5,0.3,0.2", "--flops-only", "--json", str(out),
+              "--markdown", str(tmp_path / "r.md")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert [s["keep_ratio"] for s in report["stages"]] == [0.5, 0.3, 0.2]
+    assert report["saved_keep_ratios"] == pytest.approx([0.7, 0.49, 0.343])
+    assert "saved with 0.7/0.49/0.343" in " ".join(result.output.split())
+    assert "Keep ratios set to 0.5/0.3/0.2" in (tmp_path / "r.md").read_text()
+    plain = tmp_path / "plain.json"
+    assert runner.invoke(app, ["report", str(saved), "--flops-only", "--json", str(plain)]).exit_code == 0
+    plain_report = json.loads(plain.read_text())
+    assert plain_report["saved_keep_ratios"] is None
+    assert report["flops_reduction"] > plain_report["flops_reduction"]
+    for args, message in ((["--locations", "3,6"], "apply to model names"),
+                          (["--ratio", "0.5", "--keep-ratios", "0.5,0.3,0.2"], "not both"),
+                          (["--ratio", "1.0"], "would not save compute")):  # fmt: skip
+        result = runner.invoke(app, ["report", str(saved), "--flops-only", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+@pytest.mark.slow
+def test_cli_export_at_another_ratio(saved, tmp_path):
+    pytest.importorskip("onnxruntime")
+    info = tmp_path / "e.json"
+    result = CliRunner().invoke(
+        app, ["export", str(saved), "--ratio", "0.5", "--out", str(tmp_path / "m.onnx"), "--json", str(info)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(info.read_text())["keep_ratios"] == [0.5, 0.25, 0.125]
+    assert "keep 0.5/0.25/0.125" in result.output
+
+
+@pytest.mark.slow
+def test_the_proof_measures_a_trained_student_at_other_ratios(fashion_mnist_like, tmp_path, monkeypatch, capsys):
+    """examples/fashion_mnist_proof.py: teacher, the rho = 0.7 student, one fine-tuned at 0.5, and the rekeep table
+    (the 0.7 student moved to each ratio, random tokens at the same counts, the 0.5 student beside its row)."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.syspath_prepend(str(examples))
+    out = tmp_path / "proof"
+    stages = "teacher,student,student_r0.5,rekeep"
+    argv = ["fashion_mnist_proof.py", "--out", str(out), "--data-root", str(fashion_mnist_like), "--width", "24",
+            "--batch-size", "8", "--teacher-epochs", "1", "--student-epochs", "1", "--stages", stages]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(examples / "fashion_mnist_proof.py"), run_name="__main__")
+    rows = json.loads((out / "rekeep.json").read_text())["rows"]
+    assert [r["rho"] for r in rows] == [0.5, 0.6, 0.7, 0.8, 0.9]
+    assert rows[0]["keep_ratios"] == pytest.approx([0.5, 0.25, 0.125])
+    flops = [r["flops_vs_teacher"] for r in rows]
+    assert flops == sorted(flops) and flops[-1] < 1
+    assert [r["trained_at_rho_top1"] is not None for r in rows] == [True, False, True, False, False]
+    assert (out / "student_r0.5" / "final.pt").is_file()
+    assert "| 0.5 |" in (out / "rekeep.md").read_text()
