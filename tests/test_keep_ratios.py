@@ -185,3 +185,16 @@ def test_the_proof_measures_a_trained_student_at_other_ratios(fashion_mnist_like
     assert [r["trained_at_rho_top1"] is not None for r in rows] == [True, False, True, False, False]
     assert (out / "student_r0.5" / "final.pt").is_file()
     assert "| 0.5 |" in (out / "rekeep.md").read_text()
+
+
+def test_visualize_draws_a_file_at_the_ratio_asked(saved, tmp_path):
+    """`tokenprune visualize FILE --ratio` keeps what it is asked (it used to ignore --ratio for files)."""
+    from PIL import Image
+
+    from tokenprune.visualize import visualize_files
+
+    image = tmp_path / "x.png"
+    Image.new("RGB", (96, 96), (90, 20, 200)).save(image)
+    with pytest.raises(UnsupportedModelError, match="would not save compute"):
+        visualize_files(str(saved), [image], tmp_path / "pictures", ratio=1.0)
+    assert visualize_files(str(saved), [image], tmp_path / "pictures", ratio=0.5)[0].is_file()

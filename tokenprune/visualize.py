@@ -180,15 +180,16 @@ def _read_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tenso
     return x.reshape(size[0], size[1], -1).permute(2, 0, 1)
 
 
-def _load_model(model: str, ratio: float, pretrained: bool) -> nn.Module:
+def _load_model(model: str, ratio: float | None, pretrained: bool) -> nn.Module:
     from .loaders import load_model
     from .models import create_model
-    from .sparsify import sparsify
+    from .sparsify import set_keep_ratios, sparsify
 
     path = Path(model)
     if path.suffix in (".safetensors", ".pt") or path.exists():
-        return load_model(path)
-    return sparsify(create_model(model, pretrained=pretrained).eval(), ratio).eval()
+        loaded = load_model(path)
+        return loaded if ratio is None else set_keep_ratios(loaded, ratio=ratio)
+    return sparsify(create_model(model, pretrained=pretrained).eval(), 0.7 if ratio is None else ratio).eval()
 
 
 def visualize_files(
@@ -196,7 +197,7 @@ def visualize_files(
     images: Sequence[str | Path],
     out: str | Path,
     *,
-    ratio: float = 0.7,
+    ratio: float | None = None,
     pretrained: bool = False,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -209,7 +210,8 @@ def visualize_files(
         images: image files Pillow reads; each is converted to the model's channel count and resized to the input
             size the model was sparsified for.
         out: output folder (created).
-        ratio: keep ratio when `model` is a name.
+        ratio: base keep ratio: a name is sparsified at it (default 0.7); a file keeps what it was saved with
+            unless it is given (`tokenprune.set_keep_ratios`).
         pretrained: download the library's weights when `model` is a name.
         mean: per-channel mean to normalise the [0, 1] images with; default ImageNet's for 3-channel models, else 0.5.
         std: per-channel std; default ImageNet's for 3-channel models, else 0.5.

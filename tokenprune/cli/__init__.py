@@ -400,7 +400,9 @@ def visualize(
     model: Annotated[str, typer.Argument(help="A file written by convert/save, or a model name (sparsified here).")],
     images: Annotated[list[Path], typer.Argument(help="Image files (any format Pillow reads).")],
     out: Annotated[Path, typer.Option(help="Folder for the pictures, <image stem>_kept.png.")],
-    ratio: Annotated[float, typer.Option("--ratio", "-r", help="Keep ratio when MODEL is a name.")] = 0.7,
+    ratio: Annotated[
+        float | None, typer.Option("--ratio", "-r", help="Base keep ratio (a name: default 0.7; a file: as saved).")
+    ] = None,
     pretrained: Pretrained = False,
     mean: Annotated[
         str | None, typer.Option(help="Normalisation mean per channel (default ImageNet's; 0.5 if 1 channel).")
