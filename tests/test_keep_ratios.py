@@ -109,10 +109,12 @@ def test_without_a_kept_cost_model_it_calibrates_one():
 
 def test_saved_files_record_the_new_ratios(tmp_path):
     sparse = tokenprune.sparsify(timm.create_model("deit_tiny_patch16_224", img_size=96), 0.7)
+    find_recorder(sparse).config.learned = True  # as a run with learned keep ratios leaves it
     tokenprune.set_keep_ratios(sparse, [0.6, 0.4, 0.2])
     path = tokenprune.save(sparse, tmp_path / "m.safetensors")
     loaded = tokenprune.load(path)
     assert tokenprune.config_of(loaded).keep_ratios == [0.6, 0.4, 0.2]
+    assert not tokenprune.config_of(loaded).learned  # set by hand: no longer the learned ones
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x), sparse.eval()(x), rtol=0, atol=0)

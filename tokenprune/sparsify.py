@@ -473,6 +473,7 @@ def set_keep_ratios(
         sel.keep_ratio = value
     recorder = find_recorder(model)
     recorder.config.keep_ratios = values
+    recorder.config.learned = False  # reason: set by hand now, whatever learned them before (`save` records it)
     if ratio is not None:
         recorder.config.ratio = ratio
     return model
