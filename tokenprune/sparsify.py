@@ -471,8 +471,7 @@ def set_keep_ratios(
         _warn_tiny_keep(compute.patches, values, name, stacklevel=3)
     for sel, value in zip(sels, values, strict=True):
         sel.keep_ratio = value
-    recorder = find_recorder(model)
-    recorder.config.keep_ratios = values
+    recorder = find_recorder(model)  # reason: its config's keep ratios are read from the stages (`config_of`)
     recorder.config.learned = False  # reason: set by hand now, whatever learned them before (`save` records it)
     if ratio is not None:
         recorder.config.ratio = ratio
