@@ -121,17 +121,23 @@ def _steps(path: Path) -> int | None:
     return finals[-1]["steps"] if finals else None
 
 
+def _teacher_and_data(args: argparse.Namespace):
+    """(teacher, datasets, example input, the teacher's GMACs) for the evaluating stages."""
+    from tokenprune.measure import profile_flops
+
+    recipe = load_recipe(RECIPE, [*_common(args), f"model.checkpoint={Path(args.out) / 'teacher' / 'final.pt'}"])
+    teacher = build_teacher(recipe).eval()
+    example = torch.randn(1, 1, 28, 28)
+    return teacher, build_datasets(recipe.data, img_size=28, in_chans=1), example, profile_flops(teacher, example).gmacs
+
+
 def report(args: argparse.Namespace) -> dict:
     """Re-evaluate the saved models from scratch and measure FLOPs and CPU throughput."""
     from tokenprune.measure import compare, profile_flops
 
     out = Path(args.out)
-    recipe = load_recipe(RECIPE, [*_common(args), f"model.checkpoint={out / 'teacher' / 'final.pt'}"])
-    teacher = build_teacher(recipe).eval()
-    data = build_datasets(recipe.data, img_size=28, in_chans=1)
-    example = torch.randn(1, 1, 28, 28)
+    teacher, data, example, dense_gmacs = _teacher_and_data(args)
     results: dict = {"test_images": len(data.val), "threads": torch.get_num_threads()}
-    dense_gmacs = profile_flops(teacher, example).gmacs
     results["teacher"] = {"top1": top1(teacher, data.val), "gmacs": dense_gmacs}
     if (out / "control" / "final.pt").is_file():
         control = load_trained(out / "control" / "final.pt")
@@ -176,11 +182,7 @@ def rekeep(args: argparse.Namespace) -> dict:
     from tokenprune.measure import profile_flops
 
     out = Path(args.out)
-    recipe = load_recipe(RECIPE, [*_common(args), f"model.checkpoint={out / 'teacher' / 'final.pt'}"])
-    teacher = build_teacher(recipe).eval()
-    data = build_datasets(recipe.data, img_size=28, in_chans=1)
-    example = torch.randn(1, 1, 28, 28)
-    dense_gmacs = profile_flops(teacher, example).gmacs
+    teacher, data, example, dense_gmacs = _teacher_and_data(args)
     student = load_trained(out / "student" / "final.pt").eval()
     results: dict = {"test_images": len(data.val), "teacher_top1": top1(teacher, data.val), "rows": []}
     for rho in REKEEP:

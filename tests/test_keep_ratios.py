@@ -29,7 +29,7 @@ MODELS = {
 
 
 def _unit_layer_scales(model: torch.nn.Module) -> torch.nn.Module:
-    """Layer scales at 1 and predictors at a visible gain, so no small scale hides a difference (random weights)."""
+    """Layer scales at 1, so no small scale hides a difference (random weights); the test perturbs the predictors."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("gamma", ".ls1.gamma", ".ls2.gamma")) or "layer_scale" in name:
