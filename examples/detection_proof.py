@@ -162,4 +162,4 @@ def _markdown(results: dict, args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    run_stages(__doc__, RECIPE, report, "runs/det", teacher_epochs=10.0, student_epochs=3.0)
+    run_stages(__doc__, RECIPE, {"report": report}, "runs/det", teacher_epochs=10.0, student_epochs=3.0)

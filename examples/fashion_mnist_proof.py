@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
 import torch
-from proof_stages import dense_overrides, teacher_overrides, top1
+from proof_stages import dense_overrides, rekeep, teacher_overrides, top1
 
 import tokenprune
 from tokenprune.measure.ablation import random_decisions
@@ -173,49 +174,10 @@ def report(args: argparse.Namespace) -> dict:
     return results
 
 
-REKEEP = (0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def rekeep(args: argparse.Namespace) -> dict:
-    """The rho = 0.7 student at each rho of REKEEP without retraining (`tokenprune.set_keep_ratios`), against random
-    tokens at the same counts and the student fine-tuned at that rho (stage ``student_r<rho>``) where it was run."""
-    from tokenprune.measure import profile_flops
-
-    out = Path(args.out)
-    teacher, data, example, dense_gmacs = _teacher_and_data(args)
-    student = load_trained(out / "student" / "final.pt").eval()
-    results: dict = {"test_images": len(data.val), "teacher_top1": top1(teacher, data.val), "rows": []}
-    for rho in REKEEP:
-        tokenprune.set_keep_ratios(student, ratio=rho)
-        row = {
-            "rho": rho,
-            "keep_ratios": tokenprune.config_of(student).keep_ratios,
-            "flops_vs_teacher": profile_flops(student, example).gmacs / dense_gmacs,
-            "top1": top1(student, data.val),
-            "random_selection_top1": random_selection_top1(student, data.val),
-            "trained_at_rho_top1": None,
-        }
-        trained = out / ("student" if rho == 0.7 else f"student_r{rho:g}") / "final.pt"
-        if trained.is_file():
-            row["trained_at_rho_top1"] = top1(load_trained(trained).eval(), data.val)
-        results["rows"].append(row)
-        print(json.dumps(row), flush=True)
-    (out / "rekeep.json").write_text(json.dumps(results, indent=2))
-    lines = [
-        f"The rho = 0.7 student of `{args.out}` at other keep ratios, no retraining (teacher "
-        f"{results['teacher_top1']:.2f}, {results['test_images']} test images):",
-        "",
-        "| rho | x teacher FLOPs | 0.7 student, ratio changed | same counts, random tokens | fine-tuned at rho |",
-        "|---|---|---|---|---|",
-    ]
-    for r in results["rows"]:
-        trained = "-" if r["trained_at_rho_top1"] is None else f"{r['trained_at_rho_top1']:.2f}"
-        lines.append(
-            f"| {r['rho']:g} | {r['flops_vs_teacher']:.3f} | {r['top1']:.2f} | {r['random_selection_top1']:.2f} | "
-            f"{trained} |"
-        )
-    (out / "rekeep.md").write_text("\n".join(lines) + "\n")
-    return results
+def rekeep_stage(args: argparse.Namespace) -> dict:
+    """Stage ``rekeep`` (proof_stages.rekeep) on the whole test set."""
+    _, data, example, _ = _teacher_and_data(args)
+    return rekeep(Path(args.out), data.val, example, f"python examples/fashion_mnist_proof.py --out {args.out}")
 
 
 def _markdown(results: dict, args: argparse.Namespace) -> str:
@@ -277,9 +239,13 @@ def main() -> None:
     parser.add_argument("--warm-lr", type=float, default=3e-3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    for stage in args.stages.split(","):
+    stages = args.stages.split(",")
+    for stage in stages:  # every name checked before an hour of training goes into the first
+        if not re.fullmatch(r"teacher|student|learned|control|attention|warm|report|rekeep|student_r[0-9.]+", stage):
+            raise SystemExit(f"unknown stage {stage!r}; use one of those in the module's docstring")
+    for stage in stages:
         start = time.time()
-        job = {"report": report, "rekeep": rekeep}.get(stage)
+        job = {"report": report, "rekeep": rekeep_stage}.get(stage)
         metrics = job(args) if job else run_stage(stage, args)
         print(f"[{stage}] done in {time.time() - start:.0f}s: {json.dumps(metrics)}", flush=True)
 

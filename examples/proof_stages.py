@@ -1,5 +1,6 @@
 """The dense stages every proof script trains: the teacher from scratch and the dense control; the figures every
-dense-prediction proof reports for its student; top-1 for the classification proofs.
+dense-prediction proof reports for its student; top-1 and the keep-ratio table (``rekeep``) for the classification
+proofs.
 
 One place for what makes them comparable across proofs: the teacher trains from random weights with no
 sparsification; the control fine-tunes the teacher as long as the students, at the backbone's learning rate (a
@@ -9,12 +10,18 @@ optim.backbone_lr_scale``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 import tokenprune
-from tokenprune.train import load_recipe
+from tokenprune.measure import profile_flops
+from tokenprune.measure.ablation import random_decisions
+from tokenprune.train import load_recipe, load_trained
+
+#: The base keep ratios the rho = 0.7 student is moved to by stage ``rekeep``.
+REKEEP = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def teacher_overrides(out_dir: Path, *, epochs: float, lr: float, warmup_epochs: float) -> list[str]:
@@ -66,3 +73,49 @@ def top1(model: torch.nn.Module, dataset, batch_size: int = 250) -> float:
         correct += int((model(x).argmax(-1) == y).sum())
         total += y.numel()
     return 100.0 * correct / total
+
+
+def rekeep(out: Path, test, example: torch.Tensor, label: str) -> dict:
+    """Stage ``rekeep`` of a classification proof: the rho = 0.7 student of `out` at each rho of REKEEP without
+    retraining (`tokenprune.set_keep_ratios`), against the same counts chosen at random and the student fine-tuned at
+    that rho (stage ``student_r<rho>``) where it was run; top-1 on the dataset `test`.
+
+    `example` is an input for the FLOP counts, `label` the command named in the table's heading. Writes
+    ``<out>/rekeep.json`` and ``<out>/rekeep.md``.
+    """
+    teacher = load_trained(out / "teacher" / "final.pt").eval()
+    student = load_trained(out / "student" / "final.pt").eval()
+    dense_gmacs = profile_flops(teacher, example).gmacs
+    results: dict = {"test_images": len(test), "teacher_top1": top1(teacher, test), "rows": []}
+    for rho in REKEEP:
+        tokenprune.set_keep_ratios(student, ratio=rho)
+        with random_decisions(student):
+            random_top1 = top1(student, test)
+        trained = out / ("student" if rho == 0.7 else f"student_r{rho:g}") / "final.pt"
+        row = {
+            "rho": rho,
+            "keep_ratios": tokenprune.config_of(student).keep_ratios,
+            "flops_vs_teacher": profile_flops(student, example).gmacs / dense_gmacs,
+            "top1": top1(student, test),
+            "random_selection_top1": random_top1,
+            "trained_at_rho_top1": top1(load_trained(trained).eval(), test) if trained.is_file() else None,
+        }
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    (out / "rekeep.json").write_text(json.dumps(results, indent=2))
+    lines = [
+        f"The rho = 0.7 student of `{label}` at other keep ratios, no retraining (teacher "
+        f"{results['teacher_top1']:.2f}, {results['test_images']} test images):",
+        "",
+        "| rho | keep ratios | x teacher FLOPs | 0.7 student, ratio moved | same counts, random | fine-tuned at rho |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["rows"]:
+        trained = "-" if r["trained_at_rho_top1"] is None else f"{r['trained_at_rho_top1']:.2f}"
+        ratios = "/".join(f"{k:.3g}" for k in r["keep_ratios"])
+        lines.append(
+            f"| {r['rho']:g} | {ratios} | {r['flops_vs_teacher']:.3f} | {r['top1']:.2f} | "
+            f"{r['random_selection_top1']:.2f} | {trained} |"
+        )
+    (out / "rekeep.md").write_text("\n".join(lines) + "\n")
+    return results

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -66,7 +67,8 @@ def _common(args: argparse.Namespace) -> list[str]:
 
 
 def run_stage(stage: str, args: argparse.Namespace, recipe: Path = RECIPE) -> dict:
-    """Train one stage (teacher, student or control) of `recipe` under `args.out`; its final metrics."""
+    """Train one stage (teacher, student, student_r<rho> or control) of `recipe` under `args.out`; its final
+    metrics."""
     out = Path(args.out)
     teacher_ckpt = out / "teacher" / "final.pt"
     if stage == "teacher":
@@ -76,14 +78,16 @@ def run_stage(stage: str, args: argparse.Namespace, recipe: Path = RECIPE) -> di
     elif stage == "control":
         control = out / "control"
         overrides = dense_overrides(recipe, _common(args), teacher_ckpt, epochs=args.student_epochs, out_dir=control)
-    elif stage == "student":
+    elif stage == "student" or stage.startswith("student_r"):  # student_r<rho>: fine-tuned at another base ratio
         overrides = [
             f"model.checkpoint={teacher_ckpt}",
             f"optim.epochs={args.student_epochs}",
-            f"run.output_dir={out / 'student'}",
+            f"run.output_dir={out / stage}",
         ]
+        if stage != "student":
+            overrides.append(f"sparsify.ratio={float(stage.removeprefix('student_r')):g}")
     else:
-        raise SystemExit(f"unknown stage {stage!r}; use teacher, student, control, report")
+        raise SystemExit(f"unknown stage {stage!r}; use teacher, student, student_r<rho>, control")
     return finetune(recipe, overrides=_common(args) + overrides).metrics
 
 
@@ -233,14 +237,15 @@ def _markdown(results: dict, args: argparse.Namespace) -> str:
 
 
 def run_stages(
-    doc: str, recipe: Path, report_stage, out: str, teacher_epochs: float, student_epochs: float,
+    doc: str, recipe: Path, jobs: dict, out: str, teacher_epochs: float, student_epochs: float,
     counts: tuple = SCENE_COUNTS,
 ) -> None:  # fmt: skip
     """The command line of a proof with stages teacher, student, control, report: parse the options, run the stages
     asked for in order.
 
-    `report_stage(args)` is the proof's own report; the training stages are `run_stage` on `recipe`; `counts` are the
-    options that size its data (`SCENE_COUNTS`' form)."""
+    `jobs` maps the proof's own evaluating stages to a function of the options (``{"report": report}``); the
+    training stages are `run_stage` on `recipe`; `counts` are the options that size its data (`SCENE_COUNTS`'
+    form)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", default=out, help="where the runs and the results go")
     parser.add_argument("--stages", default="teacher,student,control,report")
@@ -261,11 +266,16 @@ def run_stages(
     args = parser.parse_args()
     args.counts = counts
     torch.set_num_threads(args.threads)
-    for stage in args.stages.split(","):
+    stages = args.stages.split(",")
+    for stage in stages:  # every name checked before hours of training go into the first
+        if stage not in jobs and not re.fullmatch(r"teacher|student|control|student_r[0-9.]+", stage):
+            names = ", ".join(["teacher", "student", "student_r<rho>", "control", *jobs])
+            raise SystemExit(f"unknown stage {stage!r}; use {names}")
+    for stage in stages:
         start = time.time()
-        metrics = report_stage(args) if stage == "report" else run_stage(stage, args, recipe)
+        metrics = jobs[stage](args) if stage in jobs else run_stage(stage, args, recipe)
         print(f"[{stage}] done in {time.time() - start:.0f}s: {json.dumps(metrics)}", flush=True)
 
 
 if __name__ == "__main__":
-    run_stages(__doc__, RECIPE, report, "runs/seg", teacher_epochs=5.0, student_epochs=2.0)
+    run_stages(__doc__, RECIPE, {"report": report}, "runs/seg", teacher_epochs=5.0, student_epochs=2.0)

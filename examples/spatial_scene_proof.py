@@ -17,6 +17,10 @@ its third stage is 7x7 = 49 locations and 9 blocks. Stages (each resumable: reru
    the same keep counts (the predictors' ablation), with every location on the slow path and with one per stage
    (what the choice can be worth); GMACs (tokenprune.measure, fvcore-based) and the CPU speed-up (dense vs sparse,
    timed interleaved in one process); written to ``<out>/results.json`` and ``<out>/results.md``.
+5. ``student_r<rho>`` (e.g. ``student_r0.5``): the student fine-tuned at another base keep ratio (schedule rho,
+   rho - 0.2, rho - 0.4).
+6. ``rekeep``: the rho = 0.7 student evaluated at rho 0.5-0.9 without retraining (``tokenprune.set_keep_ratios``),
+   beside random locations at the same counts and any ``student_r<rho>`` run; ``<out>/rekeep.json`` and ``.md``.
 
 Sizing, measured through the harness at 1 thread on the 2-core machine, batch 64: dense training ~77 images/s, so
 ~20 min teacher (3 epochs x 30,000), then student and control side by side on the two cores. Run it in the
@@ -47,7 +51,7 @@ import json
 from pathlib import Path
 
 import torch
-from proof_stages import top1
+from proof_stages import rekeep, top1
 from segmentation_proof import _common, run_stages  # the same four stages; only the recipe and the report differ
 
 import tokenprune
@@ -66,11 +70,8 @@ COUNTS = (
 def report(args: argparse.Namespace) -> dict:
     """Re-evaluate the saved models on the whole test split; measure GMACs and the CPU speed-up."""
     out = Path(args.out)
-    recipe = load_recipe(RECIPE, [*_common(args), f"model.checkpoint={out / 'teacher' / 'final.pt'}"])
-    data = dataclasses.replace(recipe.data, val_subset=None)  # every test image
-    size = data.img_size
-    test = build_datasets(data, img_size=size, in_chans=1, seed=recipe.run.seed).val
-    example = torch.randn(1, 1, size, size)
+    recipe, test, example = _test_set(args)
+    size = example.shape[-1]
     teacher = build_teacher(recipe).eval()
     dense = profile_flops(teacher, example).gmacs
     results: dict = {
@@ -117,6 +118,20 @@ def report(args: argparse.Namespace) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(_markdown(results, args))
     return results
+
+
+def _test_set(args: argparse.Namespace):
+    """(recipe with the teacher's checkpoint, every test image, an example input) for the evaluating stages."""
+    recipe = load_recipe(RECIPE, [*_common(args), f"model.checkpoint={Path(args.out) / 'teacher' / 'final.pt'}"])
+    data = dataclasses.replace(recipe.data, val_subset=None)  # every test image
+    test = build_datasets(data, img_size=data.img_size, in_chans=1, seed=recipe.run.seed).val
+    return recipe, test, torch.randn(1, 1, data.img_size, data.img_size)
+
+
+def rekeep_stage(args: argparse.Namespace) -> dict:
+    """Stage ``rekeep`` (proof_stages.rekeep) on every test image."""
+    _, test, example = _test_set(args)
+    return rekeep(Path(args.out), test, example, f"python examples/spatial_scene_proof.py --out {args.out}")
 
 
 def _epochs(run: Path) -> float:
@@ -176,4 +191,5 @@ def _markdown(results: dict, args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    run_stages(__doc__, RECIPE, report, "runs/spatial", teacher_epochs=3.0, student_epochs=2.0, counts=COUNTS)
+    jobs = {"report": report, "rekeep": rekeep_stage}
+    run_stages(__doc__, RECIPE, jobs, "runs/spatial", teacher_epochs=3.0, student_epochs=2.0, counts=COUNTS)

@@ -189,6 +189,33 @@ def test_the_proof_measures_a_trained_student_at_other_ratios(fashion_mnist_like
     assert "| 0.5 |" in (out / "rekeep.md").read_text()
 
 
+@pytest.mark.slow
+def test_the_spatial_proof_measures_a_trained_student_at_other_ratios(fashion_mnist_like, tmp_path, monkeypatch):
+    """examples/spatial_scene_proof.py, the same stages on a sparsified ConvNeXt: its spatial schedule (rho, rho - 0.2,
+    rho - 0.4) moves with rho, and the FLOPs with it."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.syspath_prepend(str(examples))
+    out = tmp_path / "spatial"
+    argv = ["spatial_scene_proof.py", "--out", str(out), "--data-root", str(fashion_mnist_like), "--train-subset", "8",
+            "--val-subset", "4", "--teacher-epochs", "1", "--student-epochs", "1", "--set", "optim.batch_size=4",
+            "--stages", "teacher,student,student_r0.5,rekeep"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(examples / "spatial_scene_proof.py"), run_name="__main__")
+    results = json.loads((out / "rekeep.json").read_text())
+    rows = results["rows"]
+    assert results["test_images"] == 20  # the whole test split
+    assert [r["rho"] for r in rows] == [0.5, 0.6, 0.7, 0.8, 0.9]
+    assert rows[0]["keep_ratios"] == pytest.approx([0.5, 0.3, 0.1]) and rows[2]["keep_ratios"] == [0.7, 0.5, 0.3]
+    flops = [r["flops_vs_teacher"] for r in rows]
+    assert flops == sorted(flops) and flops[0] < flops[-1] < 1
+    assert [r["trained_at_rho_top1"] is not None for r in rows] == [True, False, True, False, False]
+    assert "| 0.5 | 0.5/0.3/0.1 |" in (out / "rekeep.md").read_text()
+
+
 def test_visualize_draws_a_file_at_the_ratio_asked(saved, tmp_path):
     """`tokenprune visualize FILE --ratio` keeps what it is asked (it used to ignore --ratio for files)."""
     from PIL import Image
