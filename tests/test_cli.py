@@ -47,9 +47,9 @@ def converted(tmp_path_factory) -> Path:
 def test_help_documents_commands_and_exit_codes():
     result = run("--help")
     assert result.exit_code == 0
-    for word in ("convert", "report", "export", "finetune", "Exit codes", "gate"):
+    for word in ("convert", "report", "sweep", "export", "finetune", "Exit codes", "gate"):
         assert word in result.output
-    for command in ("convert", "report", "export", "finetune"):
+    for command in ("convert", "report", "sweep", "export", "finetune"):
         assert run(command, "--help").exit_code == 0
 
 

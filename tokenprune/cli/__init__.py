@@ -1,4 +1,4 @@
-"""The ``tokenprune`` command: convert, report, export and fine-tune, with compression gates for CI."""
+"""The ``tokenprune`` command: convert, report, sweep, export and fine-tune, with compression gates for CI."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ import typer
 
 from ..errors import CheckpointError, ConfigError, TokenPruneError
 from ._options import (
+    EVAL_OPTIONS,
     MEASURE_OPTIONS,
+    MODEL_ARGUMENT,
     MODEL_OPTIONS,
+    DenseCheckpoint,
     JsonOut,
     MarkdownOut,
     Pretrained,
@@ -86,6 +89,38 @@ def _build(name: str, o: SimpleNamespace):
     )  # fmt: skip
 
 
+def _model_pair(
+    model: str, o: SimpleNamespace, dense_checkpoint: Path | None, keeps: tuple[str, ...], build_ratio=None
+):  # fmt: skip
+    """(name, dense, sparse, path) of MODEL: a file or run loaded (path set), whose configuration the model options
+    may not change but for the flags `keeps`; or a model name built and sparsified with them, at `build_ratio` when
+    given (path None)."""
+    from .pipeline import load_pair
+
+    path = Path(model)
+    if path.suffix in (".safetensors", ".pth", ".pt", ".bin") or path.exists():
+        extra = [flag for flag in given(o, MODEL_OPTIONS) if flag not in keeps]
+        if extra:
+            may = f" (only {' or '.join(keeps)} may change what its stages keep)" if keeps else ""
+            raise ConfigError(
+                f"{', '.join(extra)} apply to model names; {path} keeps the configuration it was saved with{may}."
+            )
+        return (*load_pair(path, dense_weights=dense_checkpoint), path)
+    if "/" in model or os.sep in model:
+        raise CheckpointError(
+            f"{model}: no such file or folder. MODEL is a timm/torchvision model name, a file written by convert "
+            "or tokenprune.save, or a finetune run's final.pt or folder."
+        )
+    if dense_checkpoint is not None:
+        raise ConfigError(
+            f"--dense-checkpoint applies to model files and runs; {model} is a model name, whose dense and "
+            "sparse versions both take --checkpoint."
+        )
+    if build_ratio is not None:
+        o = SimpleNamespace(**{**vars(o), "ratio": build_ratio})
+    return (model, *_build(model, o), None)
+
+
 #: The model options a saved file or run still takes: what its stages keep (`tokenprune.set_keep_ratios`).
 _REKEEP = ("--ratio", "--keep-ratios")
 
@@ -109,12 +144,16 @@ def _rekeep(sparse, o: SimpleNamespace, path: Path) -> list[float] | None:
 
 
 def _gates(o: SimpleNamespace):
-    """The gates the measurement options ask for, after checking the numbers (before any model is built)."""
+    """The gates the measurement options ask for, after checking the numbers (before any model is built); a command
+    without the timing options (`sweep`) has no speed gate."""
     from .gates import Gates
 
-    if o.batch_size < 1 or o.repeats < 1 or o.warmup < 0 or o.eval_batch_size < 1 or (o.eval_limit or 1) < 1:
-        raise ConfigError("--batch-size, --repeats, --eval-batch-size and --eval-limit must be >= 1, --warmup >= 0.")
-    return Gates(o.min_flops_reduction, o.min_speedup, o.max_accuracy_drop)
+    timing = hasattr(o, "batch_size")
+    if timing and (o.batch_size < 1 or o.repeats < 1 or o.warmup < 0):
+        raise ConfigError("--batch-size and --repeats must be >= 1, --warmup >= 0.")
+    if o.eval_batch_size < 1 or (o.eval_limit is not None and o.eval_limit < 1):
+        raise ConfigError("--eval-batch-size and --eval-limit must be >= 1.")
+    return Gates(o.min_flops_reduction, o.min_speedup if timing else None, o.max_accuracy_drop)
 
 
 def _write(path: Path | None, text: str) -> None:
@@ -218,23 +257,10 @@ def convert(
 @_handles_errors
 @with_options(MODEL_OPTIONS, MEASURE_OPTIONS)
 def report(
-    model: Annotated[
-        str,
-        typer.Argument(
-            help="A model name (sparsified on the fly), a file written by convert/save, or a finetune run's final.pt "
-            "(or its folder)."
-        ),
-    ],
+    model: Annotated[str, typer.Argument(help=MODEL_ARGUMENT)],
     json_path: JsonOut = None,
     markdown_path: MarkdownOut = None,
-    dense_checkpoint: Annotated[
-        Path | None,
-        typer.Option(
-            help="Weights for the dense side instead of the file's own backbone weights, e.g. the model a run was "
-            "fine-tuned from (its teacher's final.pt, the pretrained file); loaded strictly into the same "
-            "architecture. Files and runs only: a model name takes --checkpoint."
-        ),
-    ] = None,
+    dense_checkpoint: DenseCheckpoint = None,
     *,
     options: SimpleNamespace,
 ) -> None:
@@ -250,34 +276,71 @@ def report(
     --eval-data.
     Prints a table, writes --json/--markdown, then applies the gates (exit 3 when one fails).
     """
-    from .pipeline import load_pair
-
     gates = _gates(options)
-    path = Path(model)
-    saved_keep = None
-    if path.suffix in (".safetensors", ".pth", ".pt", ".bin") or path.exists():
-        extra = [o for o in given(options, MODEL_OPTIONS) if o not in _REKEEP]
-        if extra:
-            raise ConfigError(
-                f"{', '.join(extra)} apply to model names; {path} keeps the configuration it was saved with (only "
-                "--ratio or --keep-ratios may change what its stages keep)."
-            )
-        name, dense, sparse = load_pair(path, dense_weights=dense_checkpoint)
-        saved_keep = _rekeep(sparse, options, path)
-    else:
-        if "/" in model or os.sep in model:
-            raise CheckpointError(
-                f"{model}: no such file or folder. MODEL is a timm/torchvision model name, a file written by convert "
-                "or tokenprune.save, or a finetune run's final.pt or folder."
-            )
-        if dense_checkpoint is not None:
-            raise ConfigError(
-                f"--dense-checkpoint applies to model files and runs; {model} is a model name, whose dense and "
-                "sparse versions both take --checkpoint."
-            )
-        name = model
-        dense, sparse = _build(model, options)
+    name, dense, sparse, path = _model_pair(model, options, dense_checkpoint, keeps=_REKEEP)
+    saved_keep = None if path is None else _rekeep(sparse, options, path)
     _measure_and_gate(name, dense, sparse, options, gates, json_path, markdown_path, dense_checkpoint, saved_keep)
+
+
+@app.command()
+@_handles_errors
+@with_options(MODEL_OPTIONS, EVAL_OPTIONS)
+def sweep(
+    model: Annotated[str, typer.Argument(help=MODEL_ARGUMENT)],
+    ratios: Annotated[
+        str, typer.Option(help="Comma-separated base keep ratios rho to measure, each in (0, 1].")
+    ] = "0.5,0.6,0.7,0.8,0.9",
+    json_path: JsonOut = None,
+    markdown_path: MarkdownOut = None,
+    dense_checkpoint: DenseCheckpoint = None,
+    *,
+    options: SimpleNamespace,
+) -> None:
+    """Measure a sparse model at several keep ratios: GFLOPs and top-1 per ratio; choose the cheapest that passes.
+
+    Each ratio is set on the same model, without retraining (tokenprune.set_keep_ratios), so a fine-tuned file or
+    run shows what its budget could be; a model name is sparsified once (with the model options but --ratio and
+    --keep-ratios, which --ratios replaces) and moved the same way. Top-1 with --eval-data, the dense model
+    evaluated once on the same images. With --min-flops-reduction and/or --max-accuracy-drop, the lowest-cost ratio
+    passing both is chosen (JSON "chosen"); none passing is exit 3. No timing: time the chosen ratio with
+    `tokenprune report MODEL --ratio R`. A model fine-tuned at one ratio loses more at another than one fine-tuned
+    there, most when moved down: fine-tune again at the ratio chosen.
+    Prints a table, writes --json/--markdown, then applies the gates.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..nn.recorder import config_of
+    from .pipeline import check_sweep_ratios, sweep_failures, sweep_markdown, sweep_notes, sweep_rows
+    from .pipeline import sweep as run_sweep
+
+    rhos = check_sweep_ratios(parse_numbers(ratios, float, "--ratios") or [])
+    gates = _gates(options)
+    if options.ratio is not None or options.keep_ratios is not None:
+        raise ConfigError("--ratios sets what the stages keep in a sweep; drop --ratio/--keep-ratios.")
+    # reason: a model name is sparsified at the lowest ratio, the likeliest to cost less than the dense model (which
+    # `sparsify` requires), then moved like a file
+    name, dense, sparse, path = _model_pair(model, options, dense_checkpoint, keeps=(), build_ratio=min(rhos))
+    saved = None if path is None else list(config_of(sparse).keep_ratios)
+    result = run_sweep(
+        name, dense, sparse, rhos, gates=gates, eval_data=options.eval_data, eval_limit=options.eval_limit,
+        eval_batch_size=options.eval_batch_size, device=options.device, dense_weights=dense_checkpoint,
+        saved_keep_ratios=saved,
+    )  # fmt: skip
+    _write(json_path, json.dumps(result, indent=2) + "\n")
+    _write(markdown_path, sweep_markdown(result))
+    header, rows = sweep_rows(result)
+    table = Table(*header, title=f"{name}: keep-ratio sweep (no retraining)")
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    for note in sweep_notes(result):
+        console.print(note)
+    failures = sweep_failures(result)
+    if failures:
+        typer.echo(f"gate failed at every ratio: {' | '.join(failures)}", err=True)
+        raise typer.Exit(EXIT_GATE)
 
 
 @app.command()

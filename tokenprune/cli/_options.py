@@ -1,7 +1,8 @@
 """The command line's shared options, each declared once, and the parsing of their values.
 
-`convert` and `report` take the same model and measurement options: `with_options` adds a group to a command's
-signature (typer reads the signature) and hands the values to the command as one namespace.
+`convert` and `report` take the same model and measurement options, `sweep` the model and evaluation ones:
+`with_options` adds a group to a command's signature (typer reads the signature) and hands the values to the command
+as one namespace.
 """
 
 from __future__ import annotations
@@ -104,6 +105,18 @@ EvalData = Annotated[
 ]
 EvalLimit = Annotated[int | None, typer.Option(help="Evaluate only the first N images.")]
 EvalBatch = Annotated[int, typer.Option(help="Batch size of the evaluation.")]
+MODEL_ARGUMENT = (
+    "A model name (sparsified on the fly), a file written by convert/save, or a finetune run's final.pt (or its "
+    "folder)."
+)
+DenseCheckpoint = Annotated[
+    Path | None,
+    typer.Option(
+        help="Weights for the dense side instead of the file's own backbone weights, e.g. the model a run was "
+        "fine-tuned from (its teacher's final.pt, the pretrained file); loaded strictly into the same "
+        "architecture. Files and runs only: a model name takes --checkpoint."
+    ),
+]
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the figures as JSON to this file.")]
 MarkdownOut = Annotated[Path | None, typer.Option("--markdown", help="Write the report as Markdown to this file.")]
 
@@ -124,21 +137,26 @@ MODEL_OPTIONS: dict[str, tuple[Any, Any]] = {
     "scorer": (Scorer, "predictor"),
     "decisions": (Decisions, "auto"),
 }
-# How the dense/sparse pair is measured and gated.
-MEASURE_OPTIONS: dict[str, tuple[Any, Any]] = {
+# How the dense/sparse pair is timed.
+TIMING_OPTIONS: dict[str, tuple[Any, Any]] = {
     "batch_size": (BatchSize, 32),
     "flops_only": (FlopsOnly, False),
     "warmup": (Warmup, 3),
     "repeats": (Repeats, 10),
-    "device": (Device, "cpu"),
     "threads": (Threads, None),
-    "min_flops_reduction": (MinFlops, None),
     "min_speedup": (MinSpeedup, None),
+}
+# How the pair is evaluated, and the gates on FLOPs and accuracy (`sweep` takes these, not the timing ones).
+EVAL_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "device": (Device, "cpu"),
+    "min_flops_reduction": (MinFlops, None),
     "max_accuracy_drop": (MaxDrop, None),
     "eval_data": (EvalData, None),
     "eval_limit": (EvalLimit, None),
     "eval_batch_size": (EvalBatch, 64),
 }
+# How the dense/sparse pair is measured and gated.
+MEASURE_OPTIONS: dict[str, tuple[Any, Any]] = {**TIMING_OPTIONS, **EVAL_OPTIONS}
 
 
 def with_options(*groups: dict[str, tuple[Any, Any]]):

@@ -23,7 +23,15 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..errors import ConfigError, DataError
 
-__all__ = ["Gates", "check_gates", "eval_dataset", "evaluate_accuracy", "accuracy_entry", "FASHION_MNIST"]
+__all__ = [
+    "Gates",
+    "check_gates",
+    "eval_dataset",
+    "classifier_dataset",
+    "evaluate_accuracy",
+    "accuracy_entry",
+    "FASHION_MNIST",
+]
 
 FASHION_MNIST = "fashion-mnist"
 
@@ -147,6 +155,19 @@ def eval_dataset(spec: str | os.PathLike[str], input_size: tuple[int, int, int],
     return _imagefolder(root, input_size, model)
 
 
+def classifier_dataset(spec: str | os.PathLike[str], input_size: tuple[int, int, int], dense: nn.Module) -> Dataset:
+    """`eval_dataset`, checked against the classifier `dense`: no more classes than its head predicts."""
+    dataset = eval_dataset(spec, input_size, dense)
+    classes = getattr(dataset, "classes", None)
+    head = getattr(dense, "num_classes", None)
+    if classes is not None and isinstance(head, int) and len(classes) > head:
+        raise ConfigError(
+            f"{spec} has {len(classes)} classes but the model predicts {head}; pass a checkpoint trained on it and "
+            f"-k num_classes={len(classes)}."
+        )
+    return dataset
+
+
 @torch.inference_mode()
 def evaluate_accuracy(
     model: nn.Module, dataset: Dataset, *, batch_size: int = 64, limit: int | None = None, device: str = "cpu"
@@ -189,14 +210,7 @@ def accuracy_entry(
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Evaluate both models on the same images; the ``accuracy`` entry of a report (see the module docstring)."""
-    dataset = eval_dataset(spec, input_size, dense)
-    classes = getattr(dataset, "classes", None)
-    head = getattr(dense, "num_classes", None)
-    if classes is not None and isinstance(head, int) and len(classes) > head:
-        raise ConfigError(
-            f"{spec} has {len(classes)} classes but the model predicts {head}; pass a checkpoint trained on it and "
-            f"-k num_classes={len(classes)}."
-        )
+    dataset = classifier_dataset(spec, input_size, dense)
     kwargs = {"batch_size": batch_size, "limit": limit, "device": device}
     dense_top1 = evaluate_accuracy(dense, dataset, **kwargs)
     sparse_top1 = evaluate_accuracy(sparse, dataset, **kwargs)

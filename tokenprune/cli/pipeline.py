@@ -1,9 +1,10 @@
 """The convert/report pipeline, shared by the CLI and the examples: build a dense model, sparsify it (or load both
-from a file), measure the pair, apply the gates."""
+from a file), measure the pair, apply the gates; or measure the sparse model at several keep ratios (`sweep`)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,6 +25,11 @@ __all__ = [
     "measure",
     "gate",
     "markdown",
+    "sweep",
+    "choose",
+    "check_sweep_ratios",
+    "sweep_failures",
+    "sweep_markdown",
 ]
 
 
@@ -228,3 +234,210 @@ def markdown(report: dict[str, Any]) -> str:
             f"{acc['sparse_top1']:.2f}% (drop {acc['drop']:.2f} points).\n"
         )
     return text
+
+
+def sweep(
+    name: str,
+    dense: nn.Module,
+    sparse: nn.Module,
+    ratios: Sequence[float],
+    *,
+    gates: Gates | None = None,
+    eval_data: str | None = None,
+    eval_limit: int | None = None,
+    eval_batch_size: int = 64,
+    device: str = "cpu",
+    dense_weights: str | os.PathLike[str] | None = None,
+    saved_keep_ratios: list[float] | None = None,
+) -> dict[str, Any]:
+    """`sparse` at each base keep ratio of `ratios`, without retraining (`tokenprune.set_keep_ratios`): GFLOPs per
+    image, top-1 with `eval_data` (the dense model evaluated once, on the same images), each ratio checked against
+    the FLOPs and accuracy gates; the lowest-cost ratio that passes them all is ``chosen``. `sparse` is left at the
+    last ratio measured. The result (``schema_version: 1``, ``kind: "sweep"``)::
+
+        {"schema_version": 1, "kind": "sweep", "model": str, "input_size": [C, H, W], "scorer": str,
+         "dense_weights": str | null,            # as in the report
+         "saved_keep_ratios": [float] | null,    # what a file or run was saved with; null for a model name
+         "dense": {"gmacs": float | null, "top1": float | null},
+         "eval": {"data": str, "images": int} | null,
+         "gates": {"min_flops_reduction": float | null, "max_accuracy_drop": float | null},
+         "rows": [{"ratio": float, "keep_ratios": [float] | null, "gmacs": float | null,
+                   "flops_reduction": float | null, "top1": float | null, "drop": float | null,
+                   "failures": [str],            # one line per failed gate
+                   "refused": str | null}],      # why the ratio was refused (it would cost at least the dense)
+         "chosen": float | null,                 # null: no gate given, or no ratio passed them all
+         "uncounted_ops": [str], "versions": {...}}
+
+    Raises:
+        ConfigError: no ratio or one outside (0, 1]; a speed gate (a sweep does not time); the accuracy gate without
+            `eval_data`.
+    """
+    from ..errors import UnsupportedModelError
+    from ..measure import build_report
+    from ..nn.recorder import config_of
+    from ..sparsify import set_keep_ratios
+    from .gates import classifier_dataset, evaluate_accuracy
+
+    gates = gates or Gates(None, None, None)
+    _no_speed_gate(gates)
+    if gates.needs_accuracy and eval_data is None:
+        raise ConfigError("--max-accuracy-drop needs --eval-data (an ImageFolder root or 'fashion-mnist').")
+    ratios = check_sweep_ratios(ratios)
+    config = config_of(sparse)
+    input_size = tuple(config.input_size)
+    dataset, kwargs = None, {"batch_size": eval_batch_size, "limit": eval_limit, "device": device}
+    result: dict[str, Any] = {
+        "schema_version": 1,
+        "kind": "sweep",
+        "model": name,
+        "input_size": list(input_size),
+        "scorer": config.scorer,
+        "dense_weights": None if dense_weights is None else str(dense_weights),
+        "saved_keep_ratios": None if saved_keep_ratios is None else [float(r) for r in saved_keep_ratios],
+        "dense": {"gmacs": None, "top1": None},
+        "eval": None,
+        "gates": None,
+        "rows": [],
+        "chosen": None,
+        "uncounted_ops": [],
+        "versions": None,
+    }
+    if eval_data is not None:
+        dataset = classifier_dataset(eval_data, input_size, dense)
+        images = len(dataset) if eval_limit is None else min(eval_limit, len(dataset))
+        result["eval"] = {"data": str(eval_data), "images": images}
+        result["dense"]["top1"] = evaluate_accuracy(dense, dataset, **kwargs)
+    uncounted: set[str] = set()
+    for ratio in ratios:
+        row: dict[str, Any] = {"ratio": float(ratio), "keep_ratios": None, "gmacs": None, "flops_reduction": None}
+        row.update(top1=None, drop=None, failures=[], refused=None)
+        result["rows"].append(row)
+        try:
+            set_keep_ratios(sparse, ratio=ratio)
+        except UnsupportedModelError as e:
+            row["refused"] = str(e)
+            continue
+        report = build_report(name, dense, sparse, input_size, flops_only=True, ratio=ratio)
+        result["dense"]["gmacs"], result["versions"] = report["dense"]["gmacs"], report["versions"]
+        uncounted.update(report["uncounted_ops"])
+        row.update(
+            keep_ratios=[s["keep_ratio"] for s in report["stages"]],
+            gmacs=report["sparse"]["gmacs"],
+            flops_reduction=report["flops_reduction"],
+        )
+        if dataset is not None:
+            row["top1"] = evaluate_accuracy(sparse, dataset, **kwargs)
+            row["drop"] = result["dense"]["top1"] - row["top1"]
+    result["uncounted_ops"] = sorted(uncounted)
+    return choose(result, gates)
+
+
+def choose(result: dict[str, Any], gates: Gates) -> dict[str, Any]:
+    """Apply `gates` to a sweep's measured rows (in place): each row's ``failures``, the ``gates`` entry and
+    ``chosen``, the lowest-cost ratio passing every gate (None without gates, or when none passes).
+
+    Raises:
+        ConfigError: a speed gate; the accuracy gate on rows measured without top-1.
+    """
+    _no_speed_gate(gates)
+    result["gates"] = {"min_flops_reduction": gates.min_flops_reduction, "max_accuracy_drop": gates.max_accuracy_drop}
+    for row in result["rows"]:
+        if row["refused"] is not None:
+            continue
+        figures: dict[str, Any] = {"flops_reduction": row["flops_reduction"]}
+        if row["top1"] is not None:
+            dense = result["dense"]["top1"]
+            figures["accuracy"] = {"dense_top1": dense, "sparse_top1": row["top1"], "drop": row["drop"]}
+        row["failures"] = gate(figures, gates)
+    passing = [r for r in result["rows"] if r["refused"] is None and not r["failures"]]
+    result["chosen"] = min(passing, key=lambda r: r["gmacs"])["ratio"] if gates.any() and passing else None
+    return result
+
+
+def _no_speed_gate(gates: Gates) -> None:
+    if gates.needs_timing:
+        raise ConfigError(
+            "a sweep measures FLOPs and top-1, not speed: time the ratio it chooses with `tokenprune report MODEL "
+            "--ratio R --min-speedup S`."
+        )
+
+
+def check_sweep_ratios(ratios: Sequence[float]) -> list[float]:
+    """The ratios of a sweep, in increasing order, once each; at least one, each in (0, 1].
+
+    Raises:
+        ConfigError: none, or one outside (0, 1].
+    """
+    if not ratios or any(not 0 < r <= 1 for r in ratios):
+        raise ConfigError(f"--ratios {list(ratios)}: give base keep ratios in (0, 1], e.g. 0.5,0.6,0.7,0.8,0.9.")
+    return sorted(set(ratios))
+
+
+def sweep_failures(result: dict[str, Any]) -> list[str]:
+    """When gates were given and no ratio passed them all: one line per ratio saying why; else empty."""
+    if result["chosen"] is not None or all(v is None for v in result["gates"].values()):
+        return []
+    return [f"{r['ratio']:g}: {r['refused'] or '; '.join(r['failures'])}" for r in result["rows"]]
+
+
+def sweep_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the sweep's table (rich and Markdown alike)."""
+    header = ["rho", "keep ratios", "GFLOPs", "FLOPs reduction", "top-1 %", "drop (points)", "gates"]
+    gated = any(v is not None for v in result["gates"].values())
+    dense = result["dense"]
+    rows = [["dense", "-", _number(dense["gmacs"], ".3f"), "-", _number(dense["top1"], ".2f"), "-", "-"]]
+    for r in result["rows"]:
+        if r["refused"] is not None:
+            rows.append([f"{r['ratio']:g}", "refused: would cost at least the dense model", "", "", "", "", ""])
+            continue
+        verdict = "-" if not gated else "pass" if not r["failures"] else "fail"
+        if r["ratio"] == result["chosen"]:
+            verdict = "chosen"
+        rows.append(
+            [
+                f"{r['ratio']:g}",
+                "/".join(f"{k:.3g}" for k in r["keep_ratios"]),
+                _number(r["gmacs"], ".3f"),
+                f"{r['flops_reduction']:.1%}",
+                _number(r["top1"], ".2f"),
+                _number(r["drop"], ".2f"),
+                verdict,
+            ]
+        )
+    return header, rows
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def sweep_markdown(result: dict[str, Any]) -> str:
+    """The sweep as Markdown: the table, then what was evaluated and chosen."""
+    header, rows = sweep_rows(result)
+    lines = [
+        f"Keep-ratio sweep of `{result['model']}` (input {'x'.join(map(str, result['input_size']))}, "
+        f"{result['scorer']} scorer; no retraining at each ratio)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+    return "\n".join([*lines, "", *sweep_notes(result)]) + "\n"
+
+
+def sweep_notes(result: dict[str, Any]) -> list[str]:
+    """The sentences under the sweep's table."""
+    notes = []
+    if result["eval"]:
+        notes.append(f"Top-1 on {result['eval']['data']} ({result['eval']['images']} images).")
+    if result["saved_keep_ratios"] is not None:
+        saved = "/".join(f"{r:g}" for r in result["saved_keep_ratios"])
+        notes.append(
+            f"The model was saved keeping {saved}. A model fine-tuned at one ratio loses more at another than one "
+            "fine-tuned there, most when moved down (docs/results.md): fine-tune at the ratio chosen."
+        )
+    if result["chosen"] is not None:
+        notes.append(f"Lowest-cost ratio passing every gate: {result['chosen']:g}.")
+    if result["uncounted_ops"]:
+        notes.append(f"GFLOPs are lower bounds: uncounted ops {', '.join(result['uncounted_ops'])}.")
+    return notes
