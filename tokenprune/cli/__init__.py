@@ -90,8 +90,12 @@ def _build(name: str, o: SimpleNamespace):
 
 
 def _model_pair(
-    model: str, o: SimpleNamespace, dense_checkpoint: Path | None, keeps: tuple[str, ...], build_ratio=None
-):  # fmt: skip
+    model: str,
+    o: SimpleNamespace,
+    dense_checkpoint: Path | None,
+    keeps: tuple[str, ...],
+    build_ratio: float | None = None,
+):
     """(name, dense, sparse, path) of MODEL: a file or run loaded (path set), whose configuration the model options
     may not change but for the flags `keeps`; or a model name built and sparsified with them, at `build_ratio` when
     given (path None)."""
