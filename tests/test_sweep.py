@@ -122,7 +122,6 @@ def test_a_ratio_that_would_cost_more_is_a_refused_row(saved, tmp_path):
 @pytest.mark.parametrize(
     "args, words",
     [
-        (["--ratio", "0.5"], "drop --ratio"),
         (["--ratios", "0,0.5"], "in (0, 1]"),
         (["--ratios", "half"], "comma-separated numbers"),
         (["--max-accuracy-drop", "1"], "--eval-data"),
@@ -135,6 +134,7 @@ def test_bad_input_is_exit_2_with_the_reason(saved, args, words):
     assert result.exit_code == EXIT_ERROR and words in result.stderr, result.stderr
 
 
-def test_a_speed_gate_is_not_a_sweep_option(saved):
-    result = run("sweep", saved, "--min-speedup", "1.2")
+@pytest.mark.parametrize("option", ["--min-speedup", "--ratio", "--keep-ratios"])
+def test_timing_and_single_ratio_options_are_not_sweep_options(saved, option):
+    result = run("sweep", saved, option, "0.5")
     assert result.exit_code == 2 and "No such option" in result.stderr

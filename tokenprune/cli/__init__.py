@@ -18,6 +18,7 @@ from ._options import (
     MEASURE_OPTIONS,
     MODEL_ARGUMENT,
     MODEL_OPTIONS,
+    SWEEP_MODEL_OPTIONS,
     DenseCheckpoint,
     JsonOut,
     MarkdownOut,
@@ -121,7 +122,7 @@ def _model_pair(
             "sparse versions both take --checkpoint."
         )
     if build_ratio is not None:
-        o = SimpleNamespace(**{**vars(o), "ratio": build_ratio})
+        o = SimpleNamespace(**{**vars(o), "ratio": build_ratio, "keep_ratios": None})
     return (model, *_build(model, o), None)
 
 
@@ -288,7 +289,7 @@ def report(
 
 @app.command()
 @_handles_errors
-@with_options(MODEL_OPTIONS, EVAL_OPTIONS)
+@with_options(SWEEP_MODEL_OPTIONS, EVAL_OPTIONS)
 def sweep(
     model: Annotated[str, typer.Argument(help=MODEL_ARGUMENT)],
     ratios: Annotated[
@@ -303,8 +304,8 @@ def sweep(
     """Measure a sparse model at several keep ratios: GFLOPs and top-1 per ratio; choose the cheapest that passes.
 
     Each ratio is set on the same model, without retraining (tokenprune.set_keep_ratios), so a fine-tuned file or
-    run shows what its budget could be; a model name is sparsified once (with the model options but --ratio and
-    --keep-ratios, which --ratios replaces) and moved the same way. Top-1 with --eval-data, the dense model
+    run shows what its budget could be; a model name is sparsified once, with the model options, and moved the same
+    way. Top-1 with --eval-data, the dense model
     evaluated once on the same images. With --min-flops-reduction and/or --max-accuracy-drop, the lowest-cost ratio
     passing both is chosen (JSON "chosen"); none passing is exit 3. No timing: time the chosen ratio with
     `tokenprune report MODEL --ratio R`. A model fine-tuned at one ratio loses more at another than one fine-tuned
@@ -320,8 +321,6 @@ def sweep(
 
     rhos = check_sweep_ratios(parse_numbers(ratios, float, "--ratios") or [])
     gates = _gates(options)
-    if options.ratio is not None or options.keep_ratios is not None:
-        raise ConfigError("--ratios sets what the stages keep in a sweep; drop --ratio/--keep-ratios.")
     # reason: a model name is sparsified at the lowest ratio, the likeliest to cost less than the dense model (which
     # `sparsify` requires), then moved like a file
     name, dense, sparse, path = _model_pair(model, options, dense_checkpoint, keeps=(), build_ratio=min(rhos))

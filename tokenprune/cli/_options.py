@@ -137,6 +137,8 @@ MODEL_OPTIONS: dict[str, tuple[Any, Any]] = {
     "scorer": (Scorer, "predictor"),
     "decisions": (Decisions, "auto"),
 }
+# A sweep's model options: --ratios sets what the stages keep.
+SWEEP_MODEL_OPTIONS = {name: option for name, option in MODEL_OPTIONS.items() if name not in ("ratio", "keep_ratios")}
 # How the dense/sparse pair is timed.
 TIMING_OPTIONS: dict[str, tuple[Any, Any]] = {
     "batch_size": (BatchSize, 32),
@@ -188,7 +190,11 @@ def with_options(*groups: dict[str, tuple[Any, Any]]):
 
 def given(options: SimpleNamespace, group: dict[str, tuple[Any, Any]]) -> list[str]:
     """The command-line flags of `group` that were set to something other than their default."""
-    return [f"--{name.replace('_', '-')}" for name, (_, default) in group.items() if getattr(options, name) != default]
+    return [
+        f"--{name.replace('_', '-')}"
+        for name, (_, default) in group.items()
+        if getattr(options, name, default) != default  # a command may take only some of the group
+    ]
 
 
 # ---- parsing option values --------------------------------------------------------------------------------------
