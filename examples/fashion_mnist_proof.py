@@ -122,14 +122,19 @@ def _steps(path: Path) -> int | None:
     return finals[-1]["steps"] if finals else None
 
 
+def _recipe_and_data(args: argparse.Namespace):
+    """(recipe with the teacher's checkpoint, datasets, example input) for the evaluating stages."""
+    recipe = load_recipe(RECIPE, [*_common(args), f"model.checkpoint={Path(args.out) / 'teacher' / 'final.pt'}"])
+    return recipe, build_datasets(recipe.data, img_size=28, in_chans=1), torch.randn(1, 1, 28, 28)
+
+
 def _teacher_and_data(args: argparse.Namespace):
-    """(teacher, datasets, example input, the teacher's GMACs) for the evaluating stages."""
+    """(teacher, datasets, example input, the teacher's GMACs) for the report."""
     from tokenprune.measure import profile_flops
 
-    recipe = load_recipe(RECIPE, [*_common(args), f"model.checkpoint={Path(args.out) / 'teacher' / 'final.pt'}"])
+    recipe, data, example = _recipe_and_data(args)
     teacher = build_teacher(recipe).eval()
-    example = torch.randn(1, 1, 28, 28)
-    return teacher, build_datasets(recipe.data, img_size=28, in_chans=1), example, profile_flops(teacher, example).gmacs
+    return teacher, data, example, profile_flops(teacher, example).gmacs
 
 
 def report(args: argparse.Namespace) -> dict:
@@ -176,7 +181,7 @@ def report(args: argparse.Namespace) -> dict:
 
 def rekeep_stage(args: argparse.Namespace) -> dict:
     """Stage ``rekeep`` (proof_stages.rekeep) on the whole test set."""
-    _, data, example, _ = _teacher_and_data(args)
+    _, data, example = _recipe_and_data(args)
     return rekeep(Path(args.out), data.val, example, f"python examples/fashion_mnist_proof.py --out {args.out}")
 
 
