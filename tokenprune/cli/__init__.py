@@ -308,8 +308,8 @@ def sweep(
     way. Top-1 with --eval-data, the dense model
     evaluated once on the same images. With --min-flops-reduction and/or --max-accuracy-drop, the lowest-cost ratio
     passing both is chosen (JSON "chosen"); none passing is exit 3. No timing: time the chosen ratio with
-    `tokenprune report MODEL --ratio R`. A model fine-tuned at one ratio loses more at another than one fine-tuned
-    there, most when moved down: fine-tune again at the ratio chosen.
+    `tokenprune report MODEL --ratio R`. Each row is the model moved, not one fine-tuned at that ratio, which can be
+    better (docs/results.md): fine-tune again at the ratio chosen where it matters.
     Prints a table, writes --json/--markdown, then applies the gates.
     """
     from rich.console import Console

@@ -375,7 +375,7 @@ def check_sweep_ratios(ratios: Sequence[float]) -> list[float]:
 
 def sweep_failures(result: dict[str, Any]) -> list[str]:
     """When gates were given and no ratio passed them all: one line per ratio saying why; else empty."""
-    if result["chosen"] is not None or all(v is None for v in result["gates"].values()):
+    if result["chosen"] is not None or not _gated(result):
         return []
     return [f"{r['ratio']:g}: {r['refused'] or '; '.join(r['failures'])}" for r in result["rows"]]
 
@@ -383,7 +383,7 @@ def sweep_failures(result: dict[str, Any]) -> list[str]:
 def sweep_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the sweep's table (rich and Markdown alike)."""
     header = ["rho", "keep ratios", "GFLOPs", "FLOPs reduction", "top-1 %", "drop (points)", "gates"]
-    gated = any(v is not None for v in result["gates"].values())
+    gated = _gated(result)
     dense = result["dense"]
     rows = [["dense", "-", _number(dense["gmacs"], ".3f"), "-", _number(dense["top1"], ".2f"), "-", "-"]]
     for r in result["rows"]:
@@ -405,6 +405,10 @@ def sweep_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             ]
         )
     return header, rows
+
+
+def _gated(result: dict[str, Any]) -> bool:
+    return any(v is not None for v in result["gates"].values())
 
 
 def _number(value: float | None, spec: str) -> str:
@@ -433,8 +437,8 @@ def sweep_notes(result: dict[str, Any]) -> list[str]:
     if result["saved_keep_ratios"] is not None:
         saved = "/".join(f"{r:g}" for r in result["saved_keep_ratios"])
         notes.append(
-            f"The model was saved keeping {saved}. A model fine-tuned at one ratio loses more at another than one "
-            "fine-tuned there, most when moved down (docs/results.md): fine-tune at the ratio chosen."
+            f"The model was saved keeping {saved}. Each row is this model moved, not one fine-tuned at that ratio, "
+            "which can be better (docs/results.md): fine-tune again at the ratio chosen where it matters."
         )
     if result["chosen"] is not None:
         notes.append(f"Lowest-cost ratio passing every gate: {result['chosen']:g}.")
