@@ -339,7 +339,7 @@ def test_report_on_a_file_names_every_model_option_it_would_ignore(converted: Pa
     result = run("report", converted / "model.safetensors", *args)
     assert result.exit_code == EXIT_ERROR
     assert "--model-kwarg, --seed, --scorer apply to model names" in result.stderr  # --ratio applies (rekeep)
-    assert "only --ratio or --keep-ratios may change what its stages keep" in " ".join(result.stderr.split())
+    assert "only --ratio, --keep-ratios or --flops may change what its stages keep" in " ".join(result.stderr.split())
 
 
 def test_convert_and_report_take_the_same_model_and_measurement_options():

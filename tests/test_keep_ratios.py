@@ -7,6 +7,7 @@ and a refused change leaves the model as it was.
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -17,6 +18,8 @@ from typer.testing import CliRunner
 import tokenprune
 from tokenprune.cli import app
 from tokenprune.errors import ConfigError, UnsupportedModelError
+from tokenprune.measure.budget import floor_of, logits_of
+from tokenprune.measure.flops import profile_flops
 from tokenprune.nn.recorder import find_recorder
 
 # name -> (constructor, base keep ratio to move to): a token model with a class token, one without, a spatial model
@@ -95,6 +98,65 @@ def test_refused_ratios_leave_the_model_as_it_was():
     assert [s.keep_ratio for s in tokenprune.selectors(sparse)] == before
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_a_flops_budget_is_met_keeping_the_allocation(name):
+    """`flops=` moves the current keep ratios, all stages by one shift of their logits (a learned-looking allocation
+    here, which no schedule gives), until the calibrated estimate meets the budget; the model equals the one
+    `keep_ratios=` gives at the ratios it chose."""
+    build, _ = MODELS[name]
+    dense = build().eval()
+    sparse = tokenprune.sparsify(dense, 0.7)
+    compute = find_recorder(sparse).compute
+    floor = floor_of(compute.patches)
+    for start, budget in (([0.9, 0.6, 0.2], 0.55), ([0.6, 0.5, 0.45], 0.8)):
+        tokenprune.set_keep_ratios(sparse, start)
+        tokenprune.set_keep_ratios(sparse, flops=budget)
+        moved = tokenprune.config_of(sparse).keep_ratios
+        assert float(compute.ratio(torch.tensor(moved, dtype=torch.float64))) == pytest.approx(budget, abs=1e-6)
+        shifts = [a - b for a, b in zip(logits_of(moved, floor), logits_of(start, floor), strict=True)]
+        assert shifts == pytest.approx([shifts[0]] * len(shifts), abs=1e-6)  # one shift: the allocation is kept
+        assert all(b <= a for a, b in zip(moved, moved[1:]))
+        assert [s.keep_ratio for s in tokenprune.selectors(sparse)] == moved
+    x = torch.randn(2, 3, 96, 96) if name != "convnext_atto" else torch.randn(2, 3, 224, 224)
+    by_hand = tokenprune.set_keep_ratios(copy.deepcopy(sparse), moved)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse.eval()(x), by_hand.eval()(x), rtol=0, atol=0)
+
+
+def test_a_flops_budget_is_what_fvcore_counts_and_keeps_a_schedule_geometric():
+    """A rho^s model stays geometric at another base, but for the one-token floor m of the parameterisation; the
+    chain's multiply-adds as fvcore counts them meet the budget up to floor(rho * N)."""
+    x = torch.randn(1, 3, 224, 224)
+    sparse = tokenprune.sparsify(timm.create_model("deit_tiny_patch16_224").eval(), 0.7)
+    floor = floor_of(find_recorder(sparse).compute.patches)
+    for budget in (0.45, 0.6, 0.75):
+        tokenprune.set_keep_ratios(sparse, flops=budget)
+        moved = tokenprune.config_of(sparse).keep_ratios
+        assert moved == pytest.approx([moved[0] ** s for s in (1, 2, 3)], abs=floor)
+        sparse_count = profile_flops(sparse, x)
+        before = [sel.keep_ratio for sel in tokenprune.selectors(sparse)]
+        for sel in tokenprune.selectors(sparse):
+            sel.keep_ratio = 1.0
+        dense_blocks = sum(profile_flops(sparse, x).blocks.values())
+        for sel, r in zip(tokenprune.selectors(sparse), before, strict=True):
+            sel.keep_ratio = r
+        counted = (sum(sparse_count.blocks.values()) + sum(sparse_count.predictors.values())) / dense_blocks
+        assert budget - 0.03 < counted <= budget + 1e-9  # counts are rounded down to whole tokens
+
+
+def test_bad_flops_budgets_leave_the_model_as_it_was():
+    sparse = tokenprune.sparsify(timm.create_model("deit_tiny_patch16_224", img_size=96), 0.7)
+    before = tokenprune.config_of(sparse).keep_ratios
+    for bad in (1.0, 0.0, -0.5, float("nan"), "half"):
+        with pytest.raises(ConfigError, match="deit_tiny_patch16_224: flops="):
+            tokenprune.set_keep_ratios(sparse, flops=bad)
+    with pytest.raises(ConfigError, match=r"deit_tiny_patch16_224: flops=0.1 is out of reach .* \[0.30"):
+        tokenprune.set_keep_ratios(sparse, flops=0.1)  # below every stage at one token
+    with pytest.raises(ConfigError, match="one of them"):
+        tokenprune.set_keep_ratios(sparse, ratio=0.5, flops=0.5)
+    assert [s.keep_ratio for s in tokenprune.selectors(sparse)] == before
+
+
 def test_without_a_kept_cost_model_it_calibrates_one():
     """A model that holds no cost model (pickled by an older tokenprune) is measured at its configured size."""
     sparse = tokenprune.sparsify(timm.create_model("deit_tiny_patch16_224", img_size=96), 0.7)
@@ -143,10 +205,32 @@ def test_cli_report_of_a_file_at_other_keep_ratios(saved, tmp_path):
     assert runner.invoke(app, ["report", str(saved), "--flops-only", "--json", str(plain)]).exit_code == 0
     plain_report = json.loads(plain.read_text())
     assert plain_report["saved_keep_ratios"] is None
+    assert plain_report["ratio"] == pytest.approx(0.7) and report["ratio"] is None  # no rho gives 0.5/0.3/0.2
     assert report["flops_reduction"] > plain_report["flops_reduction"]
     for args, message in ((["--locations", "3,6"], "apply to model names"),
-                          (["--ratio", "0.5", "--keep-ratios", "0.5,0.3,0.2"], "not both"),
+                          (["--ratio", "0.5", "--keep-ratios", "0.5,0.3,0.2"], "give one of"),
                           (["--ratio", "1.0"], "would not save compute")):  # fmt: skip
+        result = runner.invoke(app, ["report", str(saved), "--flops-only", *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_cli_flops_moves_a_file_or_a_name_onto_the_budget(saved, tmp_path):
+    runner = CliRunner()
+    expected = tokenprune.config_of(tokenprune.set_keep_ratios(tokenprune.load(saved), flops=0.5)).keep_ratios
+    reports = []
+    for model in (str(saved), "deit_tiny_patch16_224"):  # the file was saved from this name at 96 px, rho = 0.7
+        out = tmp_path / "f.json"
+        size = ["--input-size", "96"] if model != str(saved) else []
+        result = runner.invoke(app, ["report", model, *size, "--flops", "0.5", "--flops-only", "--json", str(out)])
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads(out.read_text()))
+        assert [s["keep_ratio"] for s in reports[-1]["stages"]] == pytest.approx(expected, abs=1e-9)
+        assert reports[-1]["ratio"] is None and "keep " + "/".join(f"{r:.3g}" for r in expected) in result.output
+    assert reports[0]["saved_keep_ratios"] == pytest.approx([0.7, 0.49, 0.343])
+    assert reports[1]["saved_keep_ratios"] is None
+    for args, message in ((["--flops", "0.5", "--ratio", "0.5"], "give one of"),
+                          (["--flops", "1"], "out of range"),
+                          (["--flops", "0.1"], "out of reach")):  # fmt: skip
         result = runner.invoke(app, ["report", str(saved), "--flops-only", *args])
         assert result.exit_code == 2 and message in result.output, result.output
 

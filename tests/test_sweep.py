@@ -110,6 +110,36 @@ def test_the_cheapest_ratio_passing_every_gate_is_chosen(saved, tmp_path):
     assert len(lines) == 1 and "0.5: FLOPs reduction" in lines[0] and "0.7: FLOPs reduction" in lines[0]
 
 
+def test_a_budget_sweep_moves_the_saved_allocation_onto_each_budget(saved, tmp_path):
+    """--flops rows are `tokenprune report FILE --flops B` at each budget, from the keep ratios the file was saved
+    with (an allocation no rho gives, as learned keep ratios leave it), not from a schedule; the choice is a
+    budget."""
+    model = tokenprune.load(saved)
+    tokenprune.set_keep_ratios(model, [0.9, 0.6, 0.2])
+    learned = tokenprune.save(model, tmp_path / "learned.safetensors")
+    data = saved.parent / "data"
+    result, sweep = _sweep(tmp_path, learned, "--flops", "0.7,0.5,0.02", "--eval-data", data,
+                           "--min-flops-reduction", "0")  # fmt: skip
+    assert result.exit_code == 0, result.output + result.stderr
+    assert sweep["by"] == "flops" and sweep["saved_keep_ratios"] == pytest.approx([0.9, 0.6, 0.2])
+    unreachable, *rows = sweep["rows"]
+    assert unreachable["flops"] == 0.02 and "out of reach" in unreachable["refused"]
+    assert "| 0.02 | refused: out of the chain's reach |" in (tmp_path / "sweep.md").read_text()
+    for row in rows:
+        assert row["ratio"] is None
+        out = tmp_path / f"report{row['flops']}.json"
+        made = run("report", learned, "--flops", row["flops"], "--flops-only", "--eval-data", data, "--json", out)
+        assert made.exit_code == 0, made.stderr
+        report = json.loads(out.read_text())
+        # each row moved from the last one, the report's from the saved ratios: one shift either way
+        assert row["keep_ratios"] == pytest.approx([s["keep_ratio"] for s in report["stages"]], rel=1e-9)
+        assert row["gmacs"] == pytest.approx(report["sparse"]["gmacs"], rel=1e-9)
+        assert row["top1"] == report["accuracy"]["sparse_top1"]
+        expected = tokenprune.set_keep_ratios(tokenprune.load(learned), flops=row["flops"])
+        assert row["keep_ratios"] == pytest.approx(tokenprune.config_of(expected).keep_ratios, rel=1e-9)
+    assert sweep["chosen"] == 0.5 and "Lowest-cost budget passing every gate: 0.5" in result.output
+
+
 def test_a_ratio_that_would_cost_more_is_a_refused_row(saved, tmp_path):
     result, sweep = _sweep(tmp_path, saved, "--ratios", "0.7,1.0", "--min-flops-reduction", "0")
     assert result.exit_code == 0, result.stderr
@@ -124,6 +154,8 @@ def test_a_ratio_that_would_cost_more_is_a_refused_row(saved, tmp_path):
     [
         (["--ratios", "0,0.5"], "in (0, 1]"),
         (["--ratios", "half"], "comma-separated numbers"),
+        (["--flops", "0.5,1"], "in (0, 1)"),
+        (["--flops", "0.5", "--ratios", "0.5"], "not both"),
         (["--max-accuracy-drop", "1"], "--eval-data"),
         (["--locations", "1,2"], "apply to model names"),
         (["--eval-limit", "0"], "--eval-limit"),

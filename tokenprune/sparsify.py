@@ -23,6 +23,7 @@ from .fx.tracing import kept_training_flags, model_name, released_fx_wraps, trac
 from .inputs import example_input
 from .io.source import timm_feature_kwargs
 from .measure.backbone import image_batch_inputs
+from .measure.budget import at_budget
 from .measure.cost import ComputeModel, refuse_costlier
 from .models import copy_model
 from .nn.recorder import config_of, find_config, find_recorder, selectors
@@ -434,7 +435,11 @@ def plan(
 
 
 def set_keep_ratios(
-    model: nn.Module, keep_ratios: Sequence[float] | None = None, *, ratio: float | None = None
+    model: nn.Module,
+    keep_ratios: Sequence[float] | None = None,
+    *,
+    ratio: float | None = None,
+    flops: float | None = None,
 ) -> nn.Module:
     """Change how many tokens (or locations) each stage of a sparsified model keeps, in place; returns `model`.
 
@@ -450,22 +455,32 @@ def set_keep_ratios(
         keep_ratios: per-stage fractions of the initial patch tokens (spatial models: of all locations).
         ratio: base keep ratio rho instead, expanded with the model kind's default schedule (token models rho^s,
             spatial models rho, rho - 0.2, rho - 0.4).
+        flops: a compute budget instead, in (0, 1): the chain's multiply-adds (its blocks and the predictors) as a
+            fraction of the dense chain's, by the calibrated cost model, as `learned_ratios.target_flops` in a
+            recipe. The model's current keep ratios move, all stages together (one shift of their logits,
+            docs/design.md §1.1), until the estimate meets it: a learned allocation keeps its shape, a rho^s
+            schedule stays geometric but for the one-token floor. The patch embedding and head are outside the
+            chain, so the whole model's fraction is a little higher; floor(rho * N) rounds the counts down.
 
     Raises:
-        ConfigError: neither or both given, a bad value, or a model that is not sparsified.
+        ConfigError: not exactly one of the three given, a bad value, a budget out of the chain's reach, or a model
+            that is not sparsified.
         UnsupportedModelError: the chain would not be cheaper than the dense one at these ratios.
     """
     sels = selectors(model)
     config = find_config(model)
     if not sels or config is None:
         raise ConfigError(f"{type(model).__name__} is not a sparsified model; pass the result of tokenprune.sparsify.")
-    if (keep_ratios is None) == (ratio is None):
-        raise ConfigError("set_keep_ratios takes keep_ratios or ratio, one of them.")
+    if sum(value is not None for value in (keep_ratios, ratio, flops)) != 1:
+        raise ConfigError("set_keep_ratios takes keep_ratios, ratio or flops, one of them.")
     name = config.model_name or type(model).__name__
     if ratio is not None:
         ratio = check_ratio(ratio)
-    values = _check_keep_ratios(keep_ratios, ratio, len(sels), config.kind, name)
+    budget = None if flops is None else _check_budget(flops, name)
     compute = _cost_model(model, config)
+    if budget is not None:
+        keep_ratios = at_budget(compute, [sel.keep_ratio for sel in sels], budget, what=f"{name}: flops")
+    values = _check_keep_ratios(keep_ratios, ratio, len(sels), config.kind, name)
     refuse_costlier(compute, values, config.chain, name)
     if config.kind == "token":
         _warn_tiny_keep(compute.patches, values, name, stacklevel=3)
@@ -476,6 +491,20 @@ def set_keep_ratios(
     if ratio is not None:
         recorder.config.ratio = ratio
     return model
+
+
+def _check_budget(flops: float, name: str) -> float:
+    """`flops` as a float, or a `ConfigError` unless 0 < flops < 1 (a budget of 1 or more saves nothing)."""
+    try:
+        value = float(flops)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: flops={flops!r} is not a number; pass a fraction, e.g. 0.6.") from None
+    if math.isnan(value) or not 0.0 < value < 1.0:
+        raise ConfigError(
+            f"{name}: flops={flops!r} is out of range; the chain's compute budget is a fraction of the dense "
+            "chain's in (0, 1), e.g. 0.6."
+        )
+    return value
 
 
 def _cost_model(model: nn.Module, config: SparsifyConfig) -> ComputeModel:

@@ -81,13 +81,26 @@ def _build(name: str, o: SimpleNamespace):
     from ..inputs import parse_input_size
     from .pipeline import build
 
-    return build(
+    keep_ratios = parse_numbers(o.keep_ratios, float, "--keep-ratios")
+    _one_keep_option(o.ratio, keep_ratios, o.flops)
+    dense, sparse = build(
         name, ratio=o.ratio, locations=parse_numbers(o.locations, int, "--locations"),
-        keep_ratios=parse_numbers(o.keep_ratios, float, "--keep-ratios"), checkpoint=o.checkpoint,
+        keep_ratios=keep_ratios, checkpoint=o.checkpoint,
         pretrained=o.pretrained, input_size=parse_input_size(o.input_size),
         model_kwargs=parse_model_kwargs(o.model_kwarg), seed=o.seed, scorer=o.scorer, features_only=o.features_only,
         task_head=o.task_head, decisions=o.decisions,
     )  # fmt: skip
+    if o.flops is not None:
+        from ..sparsify import set_keep_ratios
+
+        set_keep_ratios(sparse, flops=o.flops)
+    return dense, sparse
+
+
+def _one_keep_option(ratio: float | None, keep_ratios: list[float] | None, flops: float | None) -> None:
+    """What the stages keep is said once: --ratio, --keep-ratios or --flops."""
+    if sum(value is not None for value in (ratio, keep_ratios, flops)) > 1:
+        raise ConfigError("give one of --ratio, --keep-ratios and --flops: each sets what the stages keep.")
 
 
 def _model_pair(
@@ -106,7 +119,8 @@ def _model_pair(
     if path.suffix in (".safetensors", ".pth", ".pt", ".bin") or path.exists():
         extra = [flag for flag in given(o, MODEL_OPTIONS) if flag not in keeps]
         if extra:
-            may = f" (only {' or '.join(keeps)} may change what its stages keep)" if keeps else ""
+            listed = f"{', '.join(keeps[:-1])} or {keeps[-1]}" if len(keeps) > 1 else "".join(keeps)
+            may = f" (only {listed} may change what its stages keep)" if keeps else ""
             raise ConfigError(
                 f"{', '.join(extra)} apply to model names; {path} keeps the configuration it was saved with{may}."
             )
@@ -122,27 +136,27 @@ def _model_pair(
             "sparse versions both take --checkpoint."
         )
     if build_ratio is not None:
-        o = SimpleNamespace(**{**vars(o), "ratio": build_ratio, "keep_ratios": None})
+        o = SimpleNamespace(**{**vars(o), "ratio": build_ratio, "keep_ratios": None, "flops": None})
     return (model, *_build(model, o), None)
 
 
 #: The model options a saved file or run still takes: what its stages keep (`tokenprune.set_keep_ratios`).
-_REKEEP = ("--ratio", "--keep-ratios")
+_REKEEP = ("--ratio", "--keep-ratios", "--flops")
 
 
 def _rekeep(sparse, o: SimpleNamespace, path: Path) -> list[float] | None:
-    """Apply --ratio/--keep-ratios to a loaded model; the keep ratios it was saved with when they changed it."""
+    """Apply --ratio/--keep-ratios/--flops to a loaded model; the keep ratios it was saved with when they changed
+    it."""
     from ..nn.recorder import config_of
     from ..sparsify import set_keep_ratios
 
     keep = parse_numbers(o.keep_ratios, float, "--keep-ratios")
-    if o.ratio is None and keep is None:
+    if o.ratio is None and keep is None and o.flops is None:
         return None
-    if o.ratio is not None and keep is not None:
-        raise ConfigError("give --ratio or --keep-ratios, not both.")
+    _one_keep_option(o.ratio, keep, o.flops)
     saved = list(config_of(sparse).keep_ratios)
     try:
-        set_keep_ratios(sparse, keep, ratio=o.ratio)
+        set_keep_ratios(sparse, keep, ratio=o.ratio, flops=o.flops)
     except TokenPruneError as e:
         raise type(e)(f"{path}: {e}") from None
     return saved
@@ -271,12 +285,12 @@ def report(
 ) -> None:
     """Compare a dense model with its sparse version: GFLOPs, throughput, latency, top-1.
 
-    MODEL is a name (sparsified on the fly with --ratio/--locations/--keep-ratios), a file written by convert or
+    MODEL is a name (sparsified on the fly with --ratio/--locations/--keep-ratios/--flops), a file written by convert or
     tokenprune.save, or the final.pt of a finetune run (a folder: its model.safetensors, else its final.pt); a file's
     dense model is its architecture with the file's backbone weights (fine-tuned ones, for a fine-tuned model), or
     with --dense-checkpoint's: to gate the accuracy drop against the model you started from, name its weights there.
-    A file's stages keep what they were saved with, or what --ratio/--keep-ratios say (no retraining:
-    tokenprune.set_keep_ratios).
+    A file's stages keep what they were saved with, or what --ratio/--keep-ratios/--flops say (no retraining:
+    tokenprune.set_keep_ratios; --flops moves the saved keep ratios, all stages together, onto the budget).
     GFLOPs are multiply-adds per image, per stage; throughput at --batch-size, latency at batch 1; top-1 with
     --eval-data.
     Prints a table, writes --json/--markdown, then applies the gates (exit 3 when one fails).
@@ -293,47 +307,63 @@ def report(
 def sweep(
     model: Annotated[str, typer.Argument(help=MODEL_ARGUMENT)],
     ratios: Annotated[
-        str, typer.Option(help="Comma-separated base keep ratios rho to measure, each in (0, 1].")
-    ] = "0.5,0.6,0.7,0.8,0.9",
+        str | None,
+        typer.Option(help="Comma-separated base keep ratios rho to measure, each in (0, 1] [default: 0.5,...,0.9]."),
+    ] = None,
+    flops: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated compute budgets instead, each in (0, 1): the chain's multiply-adds as a fraction of "
+            "the dense chain's; the model's keep ratios (a file's saved, learned ones) move all together onto each."
+        ),
+    ] = None,
     json_path: JsonOut = None,
     markdown_path: MarkdownOut = None,
     dense_checkpoint: DenseCheckpoint = None,
     *,
     options: SimpleNamespace,
 ) -> None:
-    """Measure a sparse model at several keep ratios: GFLOPs and top-1 per ratio; choose the cheapest that passes.
+    """Measure a sparse model at several keep ratios or budgets: GFLOPs and top-1 at each; choose the cheapest that
+    passes.
 
-    Each ratio is set on the same model, without retraining (tokenprune.set_keep_ratios), so a fine-tuned file or
+    Each point is set on the same model, without retraining (tokenprune.set_keep_ratios), so a fine-tuned file or
     run shows what its budget could be; a model name is sparsified once, with the model options, and moved the same
-    way. Top-1 with --eval-data, the dense model
-    evaluated once on the same images. With --min-flops-reduction and/or --max-accuracy-drop, the lowest-cost ratio
-    passing both is chosen (JSON "chosen"); none passing is exit 3. No timing: time the chosen ratio with
-    `tokenprune report MODEL --ratio R`. Each row is the model moved, not one fine-tuned at that ratio, which can be
-    better (docs/results.md): fine-tune again at the ratio chosen where it matters.
+    way. --ratios sets each stage by the default schedule of rho; --flops keeps the model's allocation across stages
+    (a learned one, for a run that learned its keep ratios) and moves it onto each budget. Top-1 with --eval-data,
+    the dense model evaluated once on the same images. With --min-flops-reduction and/or --max-accuracy-drop, the
+    lowest-cost point passing both is chosen (JSON "chosen"); none passing is exit 3. No timing: time the chosen
+    point with `tokenprune report MODEL --ratio R` (or --flops F). Each row is the model moved, not one fine-tuned
+    there, which can be better (docs/results.md): fine-tune again at the point chosen where it matters.
     Prints a table, writes --json/--markdown, then applies the gates.
     """
     from rich.console import Console
     from rich.table import Table
 
     from ..nn.recorder import config_of
-    from .pipeline import check_sweep_ratios, sweep_failures, sweep_markdown, sweep_notes, sweep_rows
+    from .pipeline import check_sweep_points, sweep_failures, sweep_markdown, sweep_notes, sweep_rows
     from .pipeline import sweep as run_sweep
 
-    rhos = check_sweep_ratios(parse_numbers(ratios, float, "--ratios") or [])
+    if ratios is not None and flops is not None:
+        raise ConfigError("give --ratios or --flops, not both: a sweep varies one of them.")
+    by = "flops" if flops is not None else "ratio"
+    text = flops if flops is not None else ratios or "0.5,0.6,0.7,0.8,0.9"
+    points = check_sweep_points(parse_numbers(text, float, "--flops" if flops else "--ratios") or [], by)
     gates = _gates(options)
     # reason: a model name is sparsified at the lowest ratio, the likeliest to cost less than the dense model (which
-    # `sparsify` requires), then moved like a file
-    name, dense, sparse, path = _model_pair(model, options, dense_checkpoint, keeps=(), build_ratio=min(rhos))
+    # `sparsify` requires), then moved like a file; for budgets at the default ratio, whose allocation they move
+    build_ratio = min(points) if by == "ratio" else 0.7
+    name, dense, sparse, path = _model_pair(model, options, dense_checkpoint, keeps=(), build_ratio=build_ratio)
     saved = None if path is None else list(config_of(sparse).keep_ratios)
     result = run_sweep(
-        name, dense, sparse, rhos, gates=gates, eval_data=options.eval_data, eval_limit=options.eval_limit,
+        name, dense, sparse, points, by=by, gates=gates, eval_data=options.eval_data, eval_limit=options.eval_limit,
         eval_batch_size=options.eval_batch_size, device=options.device, dense_weights=dense_checkpoint,
         saved_keep_ratios=saved,
     )  # fmt: skip
     _write(json_path, json.dumps(result, indent=2) + "\n")
     _write(markdown_path, sweep_markdown(result))
     header, rows = sweep_rows(result)
-    table = Table(*header, title=f"{name}: keep-ratio sweep (no retraining)")
+    title = "keep-ratio" if by == "ratio" else "compute-budget"
+    table = Table(*header, title=f"{name}: {title} sweep (no retraining)")
     for row in rows:
         table.add_row(*row)
     console = Console()
@@ -342,7 +372,7 @@ def sweep(
         console.print(note)
     failures = sweep_failures(result)
     if failures:
-        typer.echo(f"gate failed at every ratio: {' | '.join(failures)}", err=True)
+        typer.echo(f"gate failed at every {'ratio' if by == 'ratio' else 'budget'}: {' | '.join(failures)}", err=True)
         raise typer.Exit(EXIT_GATE)
 
 
@@ -383,14 +413,18 @@ def export(
     keep_ratios: Annotated[
         str | None, typer.Option(help="Export at these per-stage keep ratios, e.g. 0.6,0.36,0.216.")
     ] = None,
+    flops: Annotated[
+        float | None,
+        typer.Option(help="Export at this compute budget: the chain's multiply-adds, a fraction of the dense chain's."),
+    ] = None,
     json_path: JsonOut = None,
 ) -> None:
     """Export a saved sparse model (top-k + gather) to ONNX or torch.export, verified against PyTorch.
 
     The exported graph accepts any batch size (unless --static-batch) but only the image size the model was
     sparsified at: the keep counts k = floor(rho * tokens) and the positional embeddings are fixed at export.
-    --ratio/--keep-ratios export the model keeping other counts than it was saved with (no retraining: measure the
-    accuracy there with `tokenprune report FILE --ratio ...`).
+    --ratio/--keep-ratios/--flops export the model keeping other counts than it was saved with (no retraining:
+    measure the accuracy there with `tokenprune report FILE --ratio ...`).
     ONNX: input "images" [B, C, H, W] float32, output "logits" (or one per feature map); torch-export: a .pt2 for
     torch.export.load. A detector exports its sparsified backbone only, with --backbone.
     """
@@ -406,7 +440,7 @@ def export(
     if out is None:  # a backbone alone gets its own name, so that nobody takes it for the whole model
         out = path.with_suffix((".backbone" if backbone else "") + (".onnx" if format == "onnx" else ".pt2"))
     model = load_model(path)
-    _rekeep(model, SimpleNamespace(ratio=ratio, keep_ratios=keep_ratios), path)
+    _rekeep(model, SimpleNamespace(ratio=ratio, keep_ratios=keep_ratios, flops=flops), path)
     info = export_model(
         model, out, format=format, dynamic_batch=dynamic_batch, batch_size=batch_size, verify=verify, backbone=backbone
     )

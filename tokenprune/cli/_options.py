@@ -30,6 +30,13 @@ KeepRatios = Annotated[
     str | None,
     typer.Option(help="Comma-separated per-stage keep ratios, e.g. 0.7,0.49,0.343 (overrides --ratio's schedule)."),
 ]
+Flops = Annotated[
+    float | None,
+    typer.Option(
+        help="A compute budget instead of --ratio: the chain's multiply-adds as a fraction of the dense chain's, in "
+        "(0, 1); the keep ratios move, all stages together, until the cost model meets it (tokenprune.set_keep_ratios)."
+    ),
+]
 InputSize = Annotated[
     str | None,
     typer.Option(help="H, H,W or C,H,W; the model is built for it (timm img_size, in_chans; default: its own)."),
@@ -129,6 +136,7 @@ MODEL_OPTIONS: dict[str, tuple[Any, Any]] = {
     "ratio": (Ratio, None),
     "locations": (Locations, None),
     "keep_ratios": (KeepRatios, None),
+    "flops": (Flops, None),
     "input_size": (InputSize, None),
     "model_kwarg": (ModelKwargs, None),
     "features_only": (FeaturesOnly, False),
@@ -138,7 +146,9 @@ MODEL_OPTIONS: dict[str, tuple[Any, Any]] = {
     "decisions": (Decisions, "auto"),
 }
 # A sweep's model options: --ratios sets what the stages keep.
-SWEEP_MODEL_OPTIONS = {name: option for name, option in MODEL_OPTIONS.items() if name not in ("ratio", "keep_ratios")}
+SWEEP_MODEL_OPTIONS = {
+    name: option for name, option in MODEL_OPTIONS.items() if name not in ("ratio", "keep_ratios", "flops")
+}
 # How the dense/sparse pair is timed.
 TIMING_OPTIONS: dict[str, tuple[Any, Any]] = {
     "batch_size": (BatchSize, 32),

@@ -27,7 +27,7 @@ __all__ = [
     "markdown",
     "sweep",
     "choose",
-    "check_sweep_ratios",
+    "check_sweep_points",
     "sweep_failures",
     "sweep_markdown",
 ]
@@ -191,7 +191,7 @@ def measure(
     torch.set_num_threads(threads or previous)
     try:
         report = build_report(
-            name, dense, sparse, config.input_size, batch_size=batch_size, flops_only=flops_only, ratio=config.ratio,
+            name, dense, sparse, config.input_size, batch_size=batch_size, flops_only=flops_only,
             warmup=warmup, repeats=repeats, device=device,
         )  # fmt: skip
     finally:
@@ -240,8 +240,9 @@ def sweep(
     name: str,
     dense: nn.Module,
     sparse: nn.Module,
-    ratios: Sequence[float],
+    points: Sequence[float],
     *,
+    by: str = "ratio",
     gates: Gates | None = None,
     eval_data: str | None = None,
     eval_limit: int | None = None,
@@ -250,26 +251,33 @@ def sweep(
     dense_weights: str | os.PathLike[str] | None = None,
     saved_keep_ratios: list[float] | None = None,
 ) -> dict[str, Any]:
-    """`sparse` at each base keep ratio of `ratios`, without retraining (`tokenprune.set_keep_ratios`): GFLOPs per
-    image, top-1 with `eval_data` (the dense model evaluated once, on the same images), each ratio checked against
-    the FLOPs and accuracy gates; the lowest-cost ratio that passes them all is ``chosen``. `sparse` is left at the
-    last ratio measured. The result (``schema_version: 1``, ``kind: "sweep"``)::
+    """`sparse` at each of `points`, without retraining (`tokenprune.set_keep_ratios`): base keep ratios rho
+    (`by` "ratio") or compute budgets (`by` "flops": the chain's multiply-adds as a fraction of the dense chain's, the
+    model's keep ratios moved all together onto each). Per point GFLOPs per image, top-1 with `eval_data` (the dense
+    model evaluated once, on the same images), the FLOPs and accuracy gates; the lowest-cost point that passes them
+    all is ``chosen``. `sparse` is left at the last point measured. The result (``schema_version: 1``, ``kind:
+    "sweep"``)::
 
-        {"schema_version": 1, "kind": "sweep", "model": str, "input_size": [C, H, W], "scorer": str,
+        {"schema_version": 1, "kind": "sweep", "by": "ratio" | "flops", "model": str, "input_size": [C, H, W],
+         "scorer": str,
          "dense_weights": str | null,            # as in the report
          "saved_keep_ratios": [float] | null,    # what a file or run was saved with; null for a model name
          "dense": {"gmacs": float | null, "top1": float | null},
          "eval": {"data": str, "images": int} | null,
          "gates": {"min_flops_reduction": float | null, "max_accuracy_drop": float | null},
-         "rows": [{"ratio": float, "keep_ratios": [float] | null, "gmacs": float | null,
+         "rows": [{"ratio": float | null,        # the base keep ratio (by "ratio"); null by "flops"
+                   "flops": float | null,        # the chain's compute budget (by "flops"); null by "ratio"
+                   "keep_ratios": [float] | null, "gmacs": float | null,
                    "flops_reduction": float | null, "top1": float | null, "drop": float | null,
                    "failures": [str],            # one line per failed gate
-                   "refused": str | null}],      # why the ratio was refused (it would cost at least the dense)
-         "chosen": float | null,                 # null: no gate given, or no ratio passed them all
+                   "refused": str | null}],      # why the point was refused (it would cost at least the dense
+                                                 #   model; a budget out of the chain's reach)
+         "chosen": float | null,                 # the chosen row's "ratio" or "flops" (as `by`); null: no gate
+                                                 #   given, or no point passed them all
          "uncounted_ops": [str], "versions": {...}}
 
     Raises:
-        ConfigError: no ratio or one outside (0, 1]; a speed gate (a sweep does not time); the accuracy gate without
+        ConfigError: no point or one out of range; a speed gate (a sweep does not time); the accuracy gate without
             `eval_data`.
     """
     from ..errors import UnsupportedModelError
@@ -282,13 +290,14 @@ def sweep(
     _no_speed_gate(gates)
     if gates.needs_accuracy and eval_data is None:
         raise ConfigError("--max-accuracy-drop needs --eval-data (an ImageFolder root or 'fashion-mnist').")
-    ratios = check_sweep_ratios(ratios)
+    points = check_sweep_points(points, by)
     config = config_of(sparse)
     input_size = tuple(config.input_size)
     dataset, kwargs = None, {"batch_size": eval_batch_size, "limit": eval_limit, "device": device}
     result: dict[str, Any] = {
         "schema_version": 1,
         "kind": "sweep",
+        "by": by,
         "model": name,
         "input_size": list(input_size),
         "scorer": config.scorer,
@@ -308,16 +317,16 @@ def sweep(
         result["eval"] = {"data": str(eval_data), "images": images}
         result["dense"]["top1"] = evaluate_accuracy(dense, dataset, **kwargs)
     uncounted: set[str] = set()
-    for ratio in ratios:
-        row: dict[str, Any] = {"ratio": float(ratio), "keep_ratios": None, "gmacs": None, "flops_reduction": None}
-        row.update(top1=None, drop=None, failures=[], refused=None)
+    for point in points:
+        row: dict[str, Any] = {"ratio": None, "flops": None, by: float(point), "keep_ratios": None, "gmacs": None}
+        row.update(flops_reduction=None, top1=None, drop=None, failures=[], refused=None)
         result["rows"].append(row)
         try:
-            set_keep_ratios(sparse, ratio=ratio)
-        except UnsupportedModelError as e:
+            set_keep_ratios(sparse, **{by: point})
+        except (UnsupportedModelError, ConfigError) as e:  # costlier than dense; a budget out of reach
             row["refused"] = str(e)
             continue
-        report = build_report(name, dense, sparse, input_size, flops_only=True, ratio=ratio)
+        report = build_report(name, dense, sparse, input_size, flops_only=True, ratio=row["ratio"])
         result["dense"]["gmacs"], result["versions"] = report["dense"]["gmacs"], report["versions"]
         uncounted.update(report["uncounted_ops"])
         row.update(
@@ -350,7 +359,7 @@ def choose(result: dict[str, Any], gates: Gates) -> dict[str, Any]:
             figures["accuracy"] = {"dense_top1": dense, "sparse_top1": row["top1"], "drop": row["drop"]}
         row["failures"] = gate(figures, gates)
     passing = [r for r in result["rows"] if r["refused"] is None and not r["failures"]]
-    result["chosen"] = min(passing, key=lambda r: r["gmacs"])["ratio"] if gates.any() and passing else None
+    result["chosen"] = min(passing, key=lambda r: r["gmacs"])[result["by"]] if gates.any() and passing else None
     return result
 
 
@@ -362,40 +371,50 @@ def _no_speed_gate(gates: Gates) -> None:
         )
 
 
-def check_sweep_ratios(ratios: Sequence[float]) -> list[float]:
-    """The ratios of a sweep, in increasing order, once each; at least one, each in (0, 1].
+#: What a sweep may vary: the option naming its points, and the range each point must lie in.
+SWEEPS = {"ratio": ("--ratios", "base keep ratios in (0, 1], e.g. 0.5,0.6,0.7,0.8,0.9", lambda v: 0 < v <= 1),
+          "flops": ("--flops", "compute budgets in (0, 1), e.g. 0.4,0.5,0.6,0.7", lambda v: 0 < v < 1)}  # fmt: skip
+
+
+def check_sweep_points(points: Sequence[float], by: str = "ratio") -> list[float]:
+    """The points of a sweep (keep ratios, or budgets when `by` is "flops"), in increasing order, once each.
 
     Raises:
-        ConfigError: none, or one outside (0, 1].
+        ConfigError: none, or one out of range ((0, 1] for ratios, (0, 1) for budgets).
     """
-    if not ratios or any(not 0 < r <= 1 for r in ratios):
-        raise ConfigError(f"--ratios {list(ratios)}: give base keep ratios in (0, 1], e.g. 0.5,0.6,0.7,0.8,0.9.")
-    return sorted(set(ratios))
+    option, what, valid = SWEEPS[by]
+    if not points or not all(valid(p) for p in points):
+        raise ConfigError(f"{option} {list(points)}: give {what}.")
+    return sorted(set(points))
 
 
 def sweep_failures(result: dict[str, Any]) -> list[str]:
-    """When gates were given and no ratio passed them all: one line per ratio saying why; else empty."""
+    """When gates were given and no point passed them all: one line per point saying why; else empty."""
     if result["chosen"] is not None or not _gated(result):
         return []
-    return [f"{r['ratio']:g}: {r['refused'] or '; '.join(r['failures'])}" for r in result["rows"]]
+    return [f"{r[result['by']]:g}: {r['refused'] or '; '.join(r['failures'])}" for r in result["rows"]]
 
 
 def sweep_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the sweep's table (rich and Markdown alike)."""
-    header = ["rho", "keep ratios", "GFLOPs", "FLOPs reduction", "top-1 %", "drop (points)", "gates"]
+    by = result["by"]
+    first = "rho" if by == "ratio" else "budget"
+    header = [first, "keep ratios", "GFLOPs", "FLOPs reduction", "top-1 %", "drop (points)", "gates"]
     gated = _gated(result)
     dense = result["dense"]
     rows = [["dense", "-", _number(dense["gmacs"], ".3f"), "-", _number(dense["top1"], ".2f"), "-", "-"]]
     for r in result["rows"]:
         if r["refused"] is not None:
-            rows.append([f"{r['ratio']:g}", "refused: would cost at least the dense model", "", "", "", "", ""])
+            reach = "out of reach" in r["refused"]
+            why = "out of the chain's reach" if reach else "would cost at least the dense model"
+            rows.append([f"{r[by]:g}", f"refused: {why}", "", "", "", "", ""])
             continue
         verdict = "-" if not gated else "pass" if not r["failures"] else "fail"
-        if r["ratio"] == result["chosen"]:
+        if r[by] == result["chosen"]:
             verdict = "chosen"
         rows.append(
             [
-                f"{r['ratio']:g}",
+                f"{r[by]:g}",
                 "/".join(f"{k:.3g}" for k in r["keep_ratios"]),
                 _number(r["gmacs"], ".3f"),
                 f"{r['flops_reduction']:.1%}",
@@ -418,9 +437,10 @@ def _number(value: float | None, spec: str) -> str:
 def sweep_markdown(result: dict[str, Any]) -> str:
     """The sweep as Markdown: the table, then what was evaluated and chosen."""
     header, rows = sweep_rows(result)
+    kind = "Keep-ratio" if result["by"] == "ratio" else "Compute-budget"
     lines = [
-        f"Keep-ratio sweep of `{result['model']}` (input {'x'.join(map(str, result['input_size']))}, "
-        f"{result['scorer']} scorer; no retraining at each ratio)",
+        f"{kind} sweep of `{result['model']}` (input {'x'.join(map(str, result['input_size']))}, "
+        f"{result['scorer']} scorer; no retraining at each point)",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -437,11 +457,17 @@ def sweep_notes(result: dict[str, Any]) -> list[str]:
     if result["saved_keep_ratios"] is not None:
         saved = "/".join(f"{r:g}" for r in result["saved_keep_ratios"])
         notes.append(
-            f"The model was saved keeping {saved}. Each row is this model moved, not one fine-tuned at that ratio, "
+            f"The model was saved keeping {saved}. Each row is this model moved, not one fine-tuned there, "
             "which can be better (docs/results.md): fine-tune again at the ratio chosen where it matters."
         )
+    if result["by"] == "flops":
+        notes.append(
+            "Each budget is the chain's compute as a fraction of the dense chain's (the cost model); the keep ratios "
+            "the model had moved all together onto it."
+        )
     if result["chosen"] is not None:
-        notes.append(f"Lowest-cost ratio passing every gate: {result['chosen']:g}.")
+        what = "ratio" if result["by"] == "ratio" else "budget"
+        notes.append(f"Lowest-cost {what} passing every gate: {result['chosen']:g}.")
     if result["uncounted_ops"]:
         notes.append(f"GFLOPs are lower bounds: uncounted ops {', '.join(result['uncounted_ops'])}.")
     return notes

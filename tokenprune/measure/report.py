@@ -7,7 +7,9 @@ Report schema (``schema_version: 1``); every figure is per image, FLOPs are mult
       "schema_version": 1,
       "model": str,                      # model name as given
       "input_size": [C, H, W],
-      "ratio": float | null,             # base keep ratio rho (from the sparse model's config when not given)
+      "ratio": float | null,             # base keep ratio rho whose schedule the stages keep (when not given: the
+                                         #   config's, null when its stages keep other ratios: given per stage,
+                                         #   learned, or moved onto a --flops budget; "stages" says what they keep)
       "scorer": str | null,              # how stages rank tokens: "predictor" (learned) or "attention"
       "dense":  {"gmacs": float, "params_m": float, "throughput": float | null, "latency_ms": float | null},
       "sparse": {"gmacs": float, "params_m": float, "throughput": float | null, "latency_ms": float | null},
@@ -71,6 +73,7 @@ from rich.table import Table
 from torch import nn
 
 from .._version import __version__
+from ..config import default_keep_ratios
 from ..nn.scorer import SCORES_MODULE
 from ..outputs import output_names
 from .backbone import detector_workload, eval_forward, locate_backbone
@@ -195,7 +198,7 @@ def build_report(
         outputs = output_names(dense_model.eval()(x), model_name)
 
     if ratio is None and config is not None:
-        ratio = config.ratio
+        ratio = _schedule_base(config)
     selectors = _selectors(sparse_model)
     tokens = stage_tokens(sparse_model, x) if selectors else {}
     locations = list(getattr(config, "locations", []) or [])
@@ -284,6 +287,20 @@ def _detector(dense: nn.Module, sparse: nn.Module, x: torch.Tensor) -> dict[str,
     return entry
 
 
+def _schedule_base(config: Any) -> float | None:
+    """The config's base keep ratio when its stages keep that ratio's default schedule (§1.1), else None."""
+    keep = list(getattr(config, "keep_ratios", None) or [])
+    schedule = default_keep_ratios(config.ratio, len(keep), getattr(config, "kind", "token"))
+    return config.ratio if all(abs(a - b) < 1e-6 for a, b in zip(keep, schedule, strict=True)) else None
+
+
+def _title_keep(report: dict[str, Any]) -> str:
+    """ "rho=0.70", or the stages' own keep ratios when they follow no single rho's schedule."""
+    if report["ratio"] is not None or not report["stages"]:
+        return f"rho={_fmt(report['ratio'], '.2f')}"
+    return "keep " + "/".join(_fmt(s["keep_ratio"], ".3g") for s in report["stages"])
+
+
 def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
@@ -350,7 +367,7 @@ def _summary_line(report: dict[str, Any]) -> str:
 def render_table(report: dict[str, Any]) -> Table:
     """A rich table of a `build_report` result: totals, one row per stage, reduction and speed-up in the caption."""
     table = Table(
-        title=f"{report['model']} {tuple(report['input_size'])} rho={_fmt(report['ratio'], '.2f')}"
+        title=f"{report['model']} {tuple(report['input_size'])} {_title_keep(report)}"
         + (f", scorer {report['scorer']}" if report.get("scorer") else ""),
         caption=_summary_line(report) + "\nGFLOPs = multiply-adds (GMACs) per image (stage rows: the predictor); "
         f"images/s at batch {report['batch_size']}, latency at batch 1; {report['device']}, "
@@ -368,7 +385,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     v = report["versions"]
     lines = [
         f"**tokenprune report: `{report['model']}`** at {'x'.join(map(str, report['input_size']))}, "
-        f"rho = {_fmt(report['ratio'], '.2f')}" + (f", scorer {report['scorer']}" if report.get("scorer") else ""),
+        f"{_title_keep(report).replace('=', ' = ')}" + (f", scorer {report['scorer']}" if report.get("scorer") else ""),
         "",
         "| " + " | ".join(_HEADER) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(_HEADER) - 1)) + "|",
