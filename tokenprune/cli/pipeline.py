@@ -317,11 +317,14 @@ def sweep(
         result["eval"] = {"data": str(eval_data), "images": images}
         result["dense"]["top1"] = evaluate_accuracy(dense, dataset, **kwargs)
     uncounted: set[str] = set()
+    start = list(config.keep_ratios)  # each budget moves these, as `report --flops` moves them
     for point in points:
         row: dict[str, Any] = {"ratio": None, "flops": None, by: float(point), "keep_ratios": None, "gmacs": None}
         row.update(flops_reduction=None, top1=None, drop=None, failures=[], refused=None)
         result["rows"].append(row)
         try:
+            if by == "flops":
+                set_keep_ratios(sparse, start)
             set_keep_ratios(sparse, **{by: point})
         except (UnsupportedModelError, ConfigError) as e:  # costlier than dense; a budget out of reach
             row["refused"] = str(e)
@@ -458,7 +461,7 @@ def sweep_notes(result: dict[str, Any]) -> list[str]:
         saved = "/".join(f"{r:g}" for r in result["saved_keep_ratios"])
         notes.append(
             f"The model was saved keeping {saved}. Each row is this model moved, not one fine-tuned there, "
-            "which can be better (docs/results.md): fine-tune again at the ratio chosen where it matters."
+            "which can be better (docs/results.md): fine-tune again at the point chosen where it matters."
         )
     if result["by"] == "flops":
         notes.append(

@@ -295,7 +295,8 @@ def _schedule_base(config: Any) -> float | None:
 
 
 def _title_keep(report: dict[str, Any]) -> str:
-    """ "rho=0.70", or the stages' own keep ratios when they follow no single rho's schedule."""
+    """What the title says the stages keep: "rho=0.70", or their own keep ratios when they follow no rho's
+    schedule."""
     if report["ratio"] is not None or not report["stages"]:
         return f"rho={_fmt(report['ratio'], '.2f')}"
     return "keep " + "/".join(_fmt(s["keep_ratio"], ".3g") for s in report["stages"])
