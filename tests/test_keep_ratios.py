@@ -144,6 +144,30 @@ def test_a_flops_budget_is_what_fvcore_counts_and_keeps_a_schedule_geometric():
         assert budget - 0.03 < counted <= budget + 1e-9  # counts are rounded down to whole tokens
 
 
+@pytest.mark.parametrize("name", ["deit_tiny", "convnext_atto"])
+def test_the_report_names_a_ratio_only_when_the_stages_keep_its_schedule(name):
+    """The report's "ratio" is the rho whose default schedule (rho^s; rho - 0.2 s) the stages keep, however they
+    came to keep it, and null when they keep no rho's."""
+    from tokenprune.measure import build_report
+
+    build, _ = MODELS[name]
+    dense = build().eval()
+    sparse = tokenprune.sparsify(dense, 0.7)
+    size = tokenprune.config_of(sparse).input_size
+
+    def ratio() -> float | None:
+        return build_report(name, dense, sparse, size, flops_only=True)["ratio"]
+
+    assert ratio() == pytest.approx(0.7)
+    schedule = [0.6, 0.36, 0.216] if name == "deit_tiny" else [0.6, 0.4, 0.2]
+    tokenprune.set_keep_ratios(sparse, schedule)  # rho = 0.6's schedule, given per stage
+    assert ratio() == pytest.approx(0.6)
+    tokenprune.set_keep_ratios(sparse, [0.6, 0.35, 0.2] if name == "deit_tiny" else [0.6, 0.45, 0.2])
+    assert ratio() is None
+    tokenprune.set_keep_ratios(sparse, flops=0.6)
+    assert ratio() is None
+
+
 def test_bad_flops_budgets_leave_the_model_as_it_was():
     sparse = tokenprune.sparsify(timm.create_model("deit_tiny_patch16_224", img_size=96), 0.7)
     before = tokenprune.config_of(sparse).keep_ratios

@@ -7,9 +7,9 @@ Report schema (``schema_version: 1``); every figure is per image, FLOPs are mult
       "schema_version": 1,
       "model": str,                      # model name as given
       "input_size": [C, H, W],
-      "ratio": float | null,             # base keep ratio rho whose schedule the stages keep (when not given: the
-                                         #   config's, null when its stages keep other ratios: given per stage,
-                                         #   learned, or moved onto a --flops budget; "stages" says what they keep)
+      "ratio": float | null,             # base keep ratio rho whose default schedule the stages keep; null when
+                                         #   they keep no rho's (learned, per-stage, moved onto a --flops budget:
+                                         #   "stages" says what they keep)
       "scorer": str | null,              # how stages rank tokens: "predictor" (learned) or "attention"
       "dense":  {"gmacs": float, "params_m": float, "throughput": float | null, "latency_ms": float | null},
       "sparse": {"gmacs": float, "params_m": float, "throughput": float | null, "latency_ms": float | null},
@@ -176,7 +176,7 @@ def build_report(
         input_size: (C, H, W) of one image.
         batch_size: batch of the throughput measurement.
         flops_only: count FLOPs and parameters only; timing fields become null.
-        ratio: base keep ratio to report; defaults to the sparse model's configured ratio.
+        ratio: base keep ratio to report; by default the rho whose schedule the stages keep (None if none does).
         warmup: untimed passes per model before timing.
         repeats: timed passes per model (medians reported).
         device: where timings run; FLOPs are counted on CPU-independent shapes, on the models' current device.
@@ -288,10 +288,13 @@ def _detector(dense: nn.Module, sparse: nn.Module, x: torch.Tensor) -> dict[str,
 
 
 def _schedule_base(config: Any) -> float | None:
-    """The config's base keep ratio when its stages keep that ratio's default schedule (§1.1), else None."""
+    """The base keep ratio rho whose default schedule (§1.1) the stages keep, else None. Both schedules start at rho
+    (rho^s and rho - 0.2 s), so the first stage's ratio is the only candidate."""
     keep = list(getattr(config, "keep_ratios", None) or [])
-    schedule = default_keep_ratios(config.ratio, len(keep), getattr(config, "kind", "token"))
-    return config.ratio if all(abs(a - b) < 1e-6 for a, b in zip(keep, schedule, strict=True)) else None
+    if not keep:
+        return config.ratio
+    schedule = default_keep_ratios(keep[0], len(keep), getattr(config, "kind", "token"))
+    return keep[0] if all(abs(a - b) < 1e-6 for a, b in zip(keep, schedule, strict=True)) else None
 
 
 def _title_keep(report: dict[str, Any]) -> str:
