@@ -50,6 +50,21 @@ def _sweep(tmp_path: Path, model: object, *args: object) -> tuple[object, dict]:
     return result, json.loads(out.read_text()) if out.is_file() else {}
 
 
+def _row_is_the_report(tmp_path: Path, model: Path, row: dict, by: str, data: Path) -> dict:
+    """`tokenprune report MODEL --ratio R` (`--flops B` when `by` is "flops") at a sweep row's point: the row's
+    figures must be the report's. Returns the report."""
+    out = tmp_path / f"report-{by}{row[by]}.json"
+    made = run("report", model, f"--{by}", row[by], "--flops-only", "--eval-data", data, "--json", out)
+    assert made.exit_code == 0, made.stderr
+    report = json.loads(out.read_text())
+    assert row["keep_ratios"] == [s["keep_ratio"] for s in report["stages"]]
+    assert row["gmacs"] == pytest.approx(report["sparse"]["gmacs"], rel=1e-9)
+    assert row["flops_reduction"] == pytest.approx(report["flops_reduction"], rel=1e-9)
+    assert row["top1"] == report["accuracy"]["sparse_top1"]
+    assert row["drop"] == pytest.approx(report["accuracy"]["drop"])
+    return report
+
+
 @pytest.mark.slow
 def test_each_row_is_the_report_at_that_ratio(saved, tmp_path):
     data = saved.parent / "data"
@@ -60,15 +75,7 @@ def test_each_row_is_the_report_at_that_ratio(saved, tmp_path):
     assert sweep["saved_keep_ratios"] == pytest.approx([0.7, 0.49, 0.343])
     assert sweep["eval"] == {"data": str(data), "images": 32}
     for row in sweep["rows"]:
-        out = tmp_path / f"report{row['ratio']}.json"
-        made = run("report", saved, "--ratio", row["ratio"], "--flops-only", "--eval-data", data, "--json", out)
-        assert made.exit_code == 0, made.stderr
-        report = json.loads(out.read_text())
-        assert row["keep_ratios"] == [s["keep_ratio"] for s in report["stages"]]
-        assert row["gmacs"] == pytest.approx(report["sparse"]["gmacs"], rel=1e-9)
-        assert row["flops_reduction"] == pytest.approx(report["flops_reduction"], rel=1e-9)
-        assert row["top1"] == report["accuracy"]["sparse_top1"]
-        assert row["drop"] == pytest.approx(report["accuracy"]["drop"])
+        report = _row_is_the_report(tmp_path, saved, row, "ratio", data)
         assert sweep["dense"]["top1"] == report["accuracy"]["dense_top1"]
         assert sweep["dense"]["gmacs"] == pytest.approx(report["dense"]["gmacs"], rel=1e-9)
     gmacs = [r["gmacs"] for r in sweep["rows"]]
@@ -127,13 +134,7 @@ def test_a_budget_sweep_moves_the_saved_allocation_onto_each_budget(saved, tmp_p
     assert "| 0.02 | refused: out of the chain's reach |" in (tmp_path / "sweep.md").read_text()
     for row in rows:
         assert row["ratio"] is None
-        out = tmp_path / f"report{row['flops']}.json"
-        made = run("report", learned, "--flops", row["flops"], "--flops-only", "--eval-data", data, "--json", out)
-        assert made.exit_code == 0, made.stderr
-        report = json.loads(out.read_text())
-        assert row["keep_ratios"] == [s["keep_ratio"] for s in report["stages"]]
-        assert row["gmacs"] == pytest.approx(report["sparse"]["gmacs"], rel=1e-9)
-        assert row["top1"] == report["accuracy"]["sparse_top1"]
+        _row_is_the_report(tmp_path, learned, row, "flops", data)
         expected = tokenprune.set_keep_ratios(tokenprune.load(learned), flops=row["flops"])
         assert row["keep_ratios"] == tokenprune.config_of(expected).keep_ratios
     assert sweep["chosen"] == 0.5 and "Lowest-cost budget passing every gate: 0.5" in result.output
