@@ -459,8 +459,9 @@ def set_keep_ratios(
             fraction of the dense chain's, by the calibrated cost model, as `learned_ratios.target_flops` in a
             recipe. The model's current keep ratios move, all stages together (one shift of their logits,
             docs/design.md §1.1), until the estimate meets it: a learned allocation keeps its shape, a rho^s
-            schedule stays geometric but for the one-token floor. The patch embedding and head are outside the
-            chain, so the whole model's fraction is a little higher; floor(rho * N) rounds the counts down.
+            schedule stays geometric but for the one-token floor. The whole model's measured fraction differs: the
+            patch embedding and head, outside the chain, raise it by their share, and top-k's floor(rho * N) lowers
+            it a little (`tokenprune report` measures it).
 
     Raises:
         ConfigError: not exactly one of the three given, a bad value, a budget out of the chain's reach, or a model
