@@ -340,7 +340,7 @@ def sweep(
     from rich.table import Table
 
     from ..nn.recorder import config_of
-    from .pipeline import check_sweep_points, sweep_failures, sweep_markdown, sweep_notes, sweep_rows
+    from .pipeline import SWEEPS, check_sweep_points, sweep_failures, sweep_markdown, sweep_notes, sweep_rows
     from .pipeline import sweep as run_sweep
 
     if ratios is not None and flops is not None:
@@ -362,8 +362,7 @@ def sweep(
     _write(json_path, json.dumps(result, indent=2) + "\n")
     _write(markdown_path, sweep_markdown(result))
     header, rows = sweep_rows(result)
-    title = "keep-ratio" if by == "ratio" else "compute-budget"
-    table = Table(*header, title=f"{name}: {title} sweep (no retraining)")
+    table = Table(*header, title=f"{name}: {SWEEPS[by].title.lower()} sweep (no retraining)")
     for row in rows:
         table.add_row(*row)
     console = Console()
@@ -372,7 +371,7 @@ def sweep(
         console.print(note)
     failures = sweep_failures(result)
     if failures:
-        typer.echo(f"gate failed at every {'ratio' if by == 'ratio' else 'budget'}: {' | '.join(failures)}", err=True)
+        typer.echo(f"gate failed at every {SWEEPS[by].noun}: {' | '.join(failures)}", err=True)
         raise typer.Exit(EXIT_GATE)
 
 

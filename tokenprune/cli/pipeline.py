@@ -4,8 +4,8 @@ from a file), measure the pair, apply the gates; or measure the sparse model at 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -374,9 +374,24 @@ def _no_speed_gate(gates: Gates) -> None:
         )
 
 
-#: What a sweep may vary: the option naming its points, and the range each point must lie in.
-SWEEPS = {"ratio": ("--ratios", "base keep ratios in (0, 1], e.g. 0.5,0.6,0.7,0.8,0.9", lambda v: 0 < v <= 1),
-          "flops": ("--flops", "compute budgets in (0, 1), e.g. 0.4,0.5,0.6,0.7", lambda v: 0 < v < 1)}  # fmt: skip
+class SweepKind(NamedTuple):
+    """What a sweep varies, as its option, tables and messages name it."""
+
+    option: str  # the command-line option listing the points
+    column: str  # the table's first column
+    noun: str  # one point, in sentences ("Lowest-cost budget ...")
+    title: str  # the table's title ("Compute-budget sweep ...")
+    valid: Callable[[float], bool]  # the range each point must lie in
+    hint: str  # that range, for the error
+
+
+#: What a sweep may vary, by its result's "by".
+SWEEPS = {
+    "ratio": SweepKind("--ratios", "rho", "ratio", "Keep-ratio", lambda v: 0 < v <= 1,
+                       "base keep ratios in (0, 1], e.g. 0.5,0.6,0.7,0.8,0.9"),
+    "flops": SweepKind("--flops", "budget", "budget", "Compute-budget", lambda v: 0 < v < 1,
+                       "compute budgets in (0, 1), e.g. 0.4,0.5,0.6,0.7"),
+}  # fmt: skip
 
 
 def check_sweep_points(points: Sequence[float], by: str = "ratio") -> list[float]:
@@ -385,9 +400,9 @@ def check_sweep_points(points: Sequence[float], by: str = "ratio") -> list[float
     Raises:
         ConfigError: none, or one out of range ((0, 1] for ratios, (0, 1) for budgets).
     """
-    option, what, valid = SWEEPS[by]
-    if not points or not all(valid(p) for p in points):
-        raise ConfigError(f"{option} {list(points)}: give {what}.")
+    kind = SWEEPS[by]
+    if not points or not all(kind.valid(p) for p in points):
+        raise ConfigError(f"{kind.option} {list(points)}: give {kind.hint}.")
     return sorted(set(points))
 
 
@@ -401,8 +416,7 @@ def sweep_failures(result: dict[str, Any]) -> list[str]:
 def sweep_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the sweep's table (rich and Markdown alike)."""
     by = result["by"]
-    first = "rho" if by == "ratio" else "budget"
-    header = [first, "keep ratios", "GFLOPs", "FLOPs reduction", "top-1 %", "drop (points)", "gates"]
+    header = [SWEEPS[by].column, "keep ratios", "GFLOPs", "FLOPs reduction", "top-1 %", "drop (points)", "gates"]
     gated = _gated(result)
     dense = result["dense"]
     rows = [["dense", "-", _number(dense["gmacs"], ".3f"), "-", _number(dense["top1"], ".2f"), "-", "-"]]
@@ -440,9 +454,8 @@ def _number(value: float | None, spec: str) -> str:
 def sweep_markdown(result: dict[str, Any]) -> str:
     """The sweep as Markdown: the table, then what was evaluated and chosen."""
     header, rows = sweep_rows(result)
-    kind = "Keep-ratio" if result["by"] == "ratio" else "Compute-budget"
     lines = [
-        f"{kind} sweep of `{result['model']}` (input {'x'.join(map(str, result['input_size']))}, "
+        f"{SWEEPS[result['by']].title} sweep of `{result['model']}` (input {'x'.join(map(str, result['input_size']))}, "
         f"{result['scorer']} scorer; no retraining at each point)",
         "",
         "| " + " | ".join(header) + " |",
@@ -469,8 +482,7 @@ def sweep_notes(result: dict[str, Any]) -> list[str]:
             "the model had moved all together onto it."
         )
     if result["chosen"] is not None:
-        what = "ratio" if result["by"] == "ratio" else "budget"
-        notes.append(f"Lowest-cost {what} passing every gate: {result['chosen']:g}.")
+        notes.append(f"Lowest-cost {SWEEPS[result['by']].noun} passing every gate: {result['chosen']:g}.")
     if result["uncounted_ops"]:
         notes.append(f"GFLOPs are lower bounds: uncounted ops {', '.join(result['uncounted_ops'])}.")
     return notes
