@@ -12,7 +12,7 @@ from .errors import (
     UnsupportedModelError,
 )
 from .export import export
-from .io import load, load_original, load_weights, read_weights, save
+from .io import load, load_official, load_original, load_weights, read_weights, save
 from .measure import profile
 from .models import create_model
 from .nn.recorder import selectors
@@ -33,6 +33,7 @@ __all__ = [
     "save",
     "load",
     "load_original",
+    "load_official",
     "read_weights",
     "load_weights",
     "create_model",

@@ -1,8 +1,10 @@
-"""Models from any file tokenprune writes: a model file, a `convert` output folder, or a finetune run.
+"""Models from any file tokenprune writes or imports: a model file, a `convert` output folder, a finetune run, or
+an official DynamicViT checkpoint.
 
 `tokenprune.load` reads model files only (``.safetensors`` with tokenprune metadata); a run's ``final.pt`` is a
-torch checkpoint that `tokenprune.train.load_trained` rebuilds from its stored recipe. The command line and
-`visualize_files` take either, through the two functions here, so that a user never has to know which is which.
+torch checkpoint that `tokenprune.train.load_trained` rebuilds from its stored recipe; the authors' released
+checkpoints are imported by `tokenprune.io.official`. The command line and `visualize_files` take any of them,
+through the two functions here, so that a user never has to know which is which.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import CheckpointError
+from .io.official import is_official_file, load_official
 
 MODEL_FILE = "model.safetensors"  # what `tokenprune convert` writes in its output folder
 RUN_FILE = "final.pt"  # what a finished `tokenprune finetune` run writes in its output folder
@@ -43,12 +46,16 @@ def _is_run(path: Path) -> bool:
 
 
 def load_model(path: str | os.PathLike[str]) -> nn.Module:
-    """The sparsified model in a model file, a `convert` folder or a run (`tokenprune.load` / `load_trained`).
+    """The sparsified model in a model file, a `convert` folder, a run or an official DynamicViT checkpoint
+    (`tokenprune.load` / `load_trained` / `load_official`).
 
     Raises:
-        CheckpointError: as `tokenprune.load` or `tokenprune.train.load_trained`.
+        CheckpointError: as `tokenprune.load`, `tokenprune.train.load_trained` or `load_official`.
+        ConfigError: an official checkpoint that does not record its keep ratio.
     """
     path = model_file(path)
+    if is_official_file(path):
+        return load_official(path)[1]
     if _is_run(path):
         from .train.api import load_trained
 
@@ -72,7 +79,9 @@ def load_pair(
     from .nn.recorder import config_of, find_config
 
     path = model_file(path)
-    if _is_run(path):
+    if is_official_file(path):
+        dense, sparse = load_official(path)
+    elif _is_run(path):
         from .train.api import load_trained_pair
 
         dense, sparse = load_trained_pair(path)

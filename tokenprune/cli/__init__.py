@@ -97,6 +97,20 @@ def _build(name: str, o: SimpleNamespace):
     return dense, sparse
 
 
+def _import_official(path: Path, o: SimpleNamespace):
+    """(dense, sparse) of an official DynamicViT checkpoint, at --ratio when given (else the file's own)."""
+    from ..io.official import load_official
+
+    extra = [flag for flag in given(o, MODEL_OPTIONS) if flag != "--ratio"]
+    if extra:
+        raise ConfigError(
+            f"{', '.join(extra)} apply to model names; {path} is an official DynamicViT checkpoint, built as the "
+            "authors built it (only --ratio may set the keep ratio it is imported at). To move it afterwards: "
+            "`tokenprune report OUT --flops B` or --keep-ratios."
+        )
+    return load_official(path, ratio=o.ratio)
+
+
 def _one_keep_option(ratio: float | None, keep_ratios: list[float] | None, flops: float | None) -> None:
     """What the stages keep is said once: --ratio, --keep-ratios or --flops."""
     if sum(value is not None for value in (ratio, keep_ratios, flops)) > 1:
@@ -252,22 +266,28 @@ def _measure_and_gate(
 @with_options(MODEL_OPTIONS, MEASURE_OPTIONS)
 def convert(
     model: Annotated[
-        str, typer.Argument(help="timm or torchvision model name, e.g. deit_small_patch16_224, vit_b_16.")
+        str,
+        typer.Argument(
+            help="timm or torchvision model name, e.g. deit_small_patch16_224, vit_b_16; or an official DynamicViT "
+            "DeiT checkpoint (.pth), imported."
+        ),
     ],
     out: Annotated[Path, typer.Option(help="Output folder: model.safetensors, report.json, report.md.")],
     *,
     options: SimpleNamespace,
 ) -> None:
-    """Sparsify a timm/torchvision model; save it with its dense-vs-sparse report.
+    """Sparsify a timm/torchvision model, or import an official DynamicViT checkpoint; save it with its
+    dense-vs-sparse report.
 
     Writes OUT/model.safetensors (tokenprune.load, `tokenprune export`), OUT/report.json and OUT/report.md, prints
     the report table, then applies the gates (exit 3 when one fails; the files are written first).
     """
     from ..io import save
+    from ..io.official import is_official_file
     from .pipeline import MODEL_FILE
 
     gates = _gates(options)
-    dense, sparse = _build(model, options)
+    dense, sparse = _import_official(Path(model), options) if is_official_file(model) else _build(model, options)
     typer.echo(f"saved {save(sparse, out / MODEL_FILE)}")
     _measure_and_gate(model, dense, sparse, options, gates, out / "report.json", out / "report.md")
 

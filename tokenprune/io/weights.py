@@ -5,6 +5,7 @@ A tokenprune model file is a different thing: see `tokenprune.io.model_file`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from pathlib import Path
@@ -16,7 +17,17 @@ from torch import nn
 from ..errors import CheckpointError
 from .bounds import check_nesting, check_torch_zip
 
-__all__ = ["FORMAT", "read_metadata", "read_weights", "load_weights", "check_fit", "require_file", "SAVE_HINT"]
+__all__ = [
+    "FORMAT",
+    "read_metadata",
+    "read_weights",
+    "read_pickle",
+    "tensor_dict",
+    "load_weights",
+    "check_fit",
+    "require_file",
+    "SAVE_HINT",
+]
 
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "module")
 #: The `format` header value of a sparsified model file (`io/model_file.py`).
@@ -29,7 +40,7 @@ def require_file(path: Path) -> None:
         raise CheckpointError(f"{path} does not exist or is not a file; check the path.")
 
 
-def _tensor_dict(state: Any, path: Path) -> dict[str, torch.Tensor]:
+def tensor_dict(state: Any, path: Path) -> dict[str, torch.Tensor]:
     """Unwrap {"state_dict": ...}/{"model": ...} wrappers and DDP's "module." prefixes; check it holds tensors."""
     for _ in range(2):  # e.g. {"model": {"state_dict": ...}}
         if isinstance(state, dict):
@@ -85,14 +96,26 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
         read_metadata(path)  # a clear message for truncated and foreign files
         try:
-            return _tensor_dict(load_file(str(path)), path)
+            return tensor_dict(load_file(str(path)), path)
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{path} could not be read as safetensors ({type(e).__name__}: {e}).") from None
+    return tensor_dict(read_pickle(path), path)
+
+
+def read_pickle(path: Path, allowed: tuple[type, ...] = ()) -> Any:
+    """The object a torch pickle holds, read with ``weights_only=True`` (tensors and plain containers, and the
+    classes in `allowed`, which must be plain records that run nothing when rebuilt), bounded (`tokenprune.io.bounds`).
+
+    Raises:
+        CheckpointError: as `read_weights`.
+    """
     check_torch_zip(path)
+    safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with safe(list(allowed)) if safe is not None and allowed else contextlib.nullcontext():
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refused to load {path}: it contains pickled objects other than tensors and plain containers, which "
@@ -105,7 +128,7 @@ def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             "truncated or of another format."
         ) from None
     check_nesting(state, path)
-    return _tensor_dict(state, path)
+    return state
 
 
 def check_fit(expected: dict[str, Any], state: dict[str, Any], path: Path, what: str) -> None:

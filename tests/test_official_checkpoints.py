@@ -1,0 +1,239 @@
+"""Importing the authors' released DynamicViT checkpoints (`tokenprune.io.official`, docs/design.md §4.3).
+
+A file in the official layout is written from random weights (backbone under timm's DeiT names, predictors as
+``score_predictor.s.in_conv/out_conv``, wrapped as the official `save_model` wraps it, with the run's
+``argparse.Namespace``), imported, and compared with a reference of the official evaluation forward written here in
+plain PyTorch from that layout: per stage, the predictor's log-probabilities, the ``int(196 * rho^s)`` best patches by
+keep score (official order: by score), the class token kept, gathered; the blocks on what is left. The imported model
+must keep the same tokens and give the same logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import tokenprune
+from tokenprune.io.official import OFFICIAL_TOKEN_MODELS, is_official_file, load_official
+
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "num_classes": 5}
+
+
+def _official_state(backbone: torch.nn.Module, stages: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The backbone's tensors and `stages` random predictors under the official names. Linear weights at unit gain
+    (std 1/sqrt(fan-in)), so that keep scores spread over a few units, far apart against rounding, but not so far
+    that log-softmax saturates and ties many tokens at log-probability 0."""
+    g = torch.Generator().manual_seed(seed)
+    dim = backbone.embed_dim
+    state = dict(backbone.state_dict())
+    shapes = {
+        "in_conv.0": [dim],
+        "in_conv.1": [dim, dim],
+        "out_conv.0": [dim // 2, dim],
+        "out_conv.2": [dim // 4, dim // 2],
+        "out_conv.4": [2, dim // 4],
+    }
+    for s in range(stages):
+        for part, shape in shapes.items():
+            weight = torch.randn(shape, generator=g) * (0.2 if len(shape) == 1 else shape[-1] ** -0.5)
+            state[f"score_predictor.{s}.{part}.weight"] = weight + (1.0 if part == "in_conv.0" else 0.0)
+            state[f"score_predictor.{s}.{part}.bias"] = torch.randn(shape[0], generator=g) * 0.1
+    return state
+
+
+def _reference_logits(
+    backbone: torch.nn.Module, state: dict[str, torch.Tensor], locations: list[int], rho: float, images: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The official evaluation forward (VisionTransformerDiffPruning in eval mode), from the official layout: logits
+    and, per stage, the kept patch indices (into the original 0..N-1 patch positions, sorted)."""
+
+    def predictor(s: int, x: torch.Tensor) -> torch.Tensor:
+        p = f"score_predictor.{s}."
+        z = F.layer_norm(x, (x.shape[-1],), state[p + "in_conv.0.weight"], state[p + "in_conv.0.bias"])
+        z = F.gelu(F.linear(z, state[p + "in_conv.1.weight"], state[p + "in_conv.1.bias"]))
+        half = z.shape[-1] // 2
+        z = torch.cat([z[..., :half], z[..., half:].mean(dim=1, keepdim=True).expand_as(z[..., half:])], dim=-1)
+        for layer in ("out_conv.0", "out_conv.2"):
+            z = F.gelu(F.linear(z, state[p + layer + ".weight"], state[p + layer + ".bias"]))
+        z = F.linear(z, state[p + "out_conv.4.weight"], state[p + "out_conv.4.bias"])
+        return F.log_softmax(z, dim=-1)
+
+    b = images.shape[0]
+    x = backbone.patch_embed(images)
+    x = torch.cat([backbone.cls_token.expand(b, -1, -1), x], dim=1) + backbone.pos_embed
+    n = x.shape[1] - 1
+    where = torch.arange(n).expand(b, n)  # original position of each patch token still in x
+    kept = []
+    for i, block in enumerate(backbone.blocks):
+        if i in locations:
+            s = locations.index(i)
+            score = predictor(s, x[:, 1:])[..., 0]
+            order = torch.argsort(score, dim=1, descending=True)[:, : int(n * rho ** (s + 1))]
+            x = torch.cat([x[:, :1], torch.gather(x[:, 1:], 1, order[..., None].expand(-1, -1, x.shape[-1]))], 1)
+            where = torch.gather(where, 1, order)
+            kept.append(where.sort(dim=1).values)
+        x = block(x)
+    return backbone.head(backbone.norm(x)[:, 0]), kept
+
+
+def _save_official(path, state, **args) -> None:
+    """As the official `save_model` writes a checkpoint: the model's state dict among the run's other records."""
+    record = {"model": state, "epoch": 29, "best": 79.3}
+    if args:
+        record["args"] = argparse.Namespace(**args, lr=5e-4, drop_path=0.0, data_path="/data/imagenet")
+    torch.save(record, path)
+
+
+def _kept_patches(sparse: torch.nn.Module) -> list[torch.Tensor]:
+    """Per stage, the kept patch positions [B, k], ascending, from the stage's decisions over the initial patches."""
+    decisions = tokenprune.sparsity_state(sparse).decisions
+    return [torch.stack([row.nonzero().flatten() for row in d[..., 0]]) for d in decisions]
+
+
+@pytest.mark.parametrize("rho", [0.7, 0.5])
+def test_an_official_file_keeps_the_official_tokens_and_logits(tmp_path, rho):
+    """A run's checkpoint with its args (model and base_rate read from them), for a dense model given."""
+    torch.manual_seed(0)
+    backbone = timm.create_model("vit_tiny_patch16_224", **TINY).eval()
+    state = _official_state(backbone, stages=3)
+    path = tmp_path / "checkpoint-best.pth"
+    _save_official(path, state, model="deit-tiny-custom", base_rate=rho)
+    assert is_official_file(path)
+
+    dense, sparse = load_official(path, model=timm.create_model("vit_tiny_patch16_224", **TINY))
+    assert tokenprune.config_of(sparse).keep_ratios == pytest.approx([rho, rho**2, rho**3])
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, expected_kept = _reference_logits(backbone, state, [1, 2, 3], rho, images)
+        got = sparse(images)
+        torch.testing.assert_close(dense(images), backbone(images), rtol=0, atol=0)
+    for s, (mine, theirs) in enumerate(zip(_kept_patches(sparse), expected_kept, strict=True)):
+        assert torch.equal(mine, theirs), f"stage {s} keeps other tokens"
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_released_deit_s_file_without_args_builds_deit_s_at_the_official_stages(tmp_path):
+    """The released layout at full size: DeiT-S recognised by its width, blocks 3, 6, 9, 196 patches; the ratio,
+    which such a file does not record, is required."""
+    torch.manual_seed(0)
+    backbone = timm.create_model("deit_small_patch16_224").eval()
+    state = _official_state(backbone, stages=3, seed=2)
+    path = tmp_path / "deit_s_0.7.pth"
+    _save_official(path, state)
+    with pytest.raises(tokenprune.ConfigError, match="does not record the keep ratio"):
+        load_official(path)
+    dense, sparse = load_official(path, ratio=0.7)
+    config = tokenprune.config_of(sparse)
+    assert (config.source["name"], config.locations) == ("deit_small_patch16_224", [3, 6, 9])
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, expected_kept = _reference_logits(backbone, state, [3, 6, 9], 0.7, images)
+        got = sparse(images)
+    assert [k.shape[1] for k in expected_kept] == [137, 96, 67]  # the official int(196 * 0.7^s)
+    for mine, theirs in zip(_kept_patches(sparse), expected_kept, strict=True):
+        assert torch.equal(mine, theirs)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_official_names_are_the_architectures_the_authors_build():
+    """deit-256 is DeiT-S's depth and patch at width 256 with 4 heads (head dim 64, as DeiT-S and DeiT-B)."""
+    for name, arch in OFFICIAL_TOKEN_MODELS.items():
+        model = timm.create_model(arch.timm_name, **arch.kwargs, num_classes=0, pretrained=False)
+        width = {"deit-256": 256, "deit-s": 384, "deit-b": 768}[name]
+        assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (width, 12, width // 64)
+        assert model.blocks[0].attn.qkv.bias is not None and arch.locations == (3, 6, 9)
+
+
+def test_other_files_are_refused_naming_what_they_are(tmp_path):
+    torch.manual_seed(0)
+    backbone = timm.create_model("vit_tiny_patch16_224", **TINY)
+    state = _official_state(backbone, stages=3)
+
+    ada = {**state, "stages.0.0.fast_path.1.weight": torch.zeros(2, 2)}
+    _save_official(tmp_path / "ada.pth", ada, model="convnext-t", base_rate=0.7)
+    with pytest.raises(tokenprune.CheckpointError, match="AdaConvNeXt or AdaSwin"):
+        load_official(tmp_path / "ada.pth")
+
+    _save_official(tmp_path / "lv.pth", state, model="lvvit-s", base_rate=0.7)
+    with pytest.raises(tokenprune.CheckpointError, match="'lvvit-s' checkpoint.*model=") as info:
+        load_official(tmp_path / "lv.pth")
+    assert "lv.pth" in str(info.value)
+
+    torch.save(backbone.state_dict(), tmp_path / "dense.pth")
+    assert not is_official_file(tmp_path / "dense.pth")
+    with pytest.raises(tokenprune.CheckpointError, match="no official DynamicViT predictors"):
+        load_official(tmp_path / "dense.pth", ratio=0.7)
+
+    two = {k: v for k, v in state.items() if not k.startswith("score_predictor.2.")}
+    _save_official(tmp_path / "two.pth", two, base_rate=0.7)
+    with pytest.raises(tokenprune.CheckpointError, match="2 official predictors but .* 3 stages"):
+        load_official(tmp_path / "two.pth", model=timm.create_model("vit_tiny_patch16_224", **TINY))
+
+    wrong = dict(state)
+    wrong["score_predictor.1.out_conv.2.weight"] = torch.zeros(3, 3)
+    _save_official(tmp_path / "wrong.pth", wrong, base_rate=0.7)
+    with pytest.raises(tokenprune.CheckpointError, match="stage 1 predictor.*shape"):
+        load_official(tmp_path / "wrong.pth", model=timm.create_model("vit_tiny_patch16_224", **TINY))
+
+
+@pytest.mark.slow
+def test_the_commands_take_an_official_file(tmp_path):
+    """`convert` imports a released-layout DeiT-256 run checkpoint into a model file that loads back to the same
+    model; `report` reads the file directly; model options that would change the authors' architecture exit 2."""
+    from typer.testing import CliRunner
+
+    from tokenprune.cli import app
+
+    torch.manual_seed(0)
+    arch = OFFICIAL_TOKEN_MODELS["deit-256"]
+    backbone = timm.create_model(arch.timm_name, **arch.kwargs).eval()
+    path = tmp_path / "deit256.pth"
+    _save_official(path, _official_state(backbone, stages=3), model="deit-256", base_rate=0.7)
+    runner = CliRunner()
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["convert", str(path), "--out", str(out), "--flops-only"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [s["tokens"] for s in report["stages"]] == [138, 97, 68] and report["ratio"] == 0.7
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(tokenprune.load(out / "model.safetensors")(images), load_official(path)[1](images))
+    direct = tmp_path / "direct.json"
+    result = runner.invoke(app, ["report", str(path), "--flops-only", "--json", str(direct)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(direct.read_text())["sparse"] == report["sparse"]
+    result = runner.invoke(app, ["convert", str(path), "--out", str(out), "--locations", "1,2,3"])
+    assert result.exit_code == 2 and "official DynamicViT checkpoint" in result.output, result.output
+
+
+class _Payload:
+    """Rebuilding this object would call `_mark` (what a hostile pickle does with os.system)."""
+
+    def __reduce__(self):
+        return (_mark, ("ran",))
+
+
+_MARKS: list[str] = []
+
+
+def _mark(value: str) -> str:
+    _MARKS.append(value)
+    return value
+
+
+def test_only_the_runs_args_are_read_beyond_tensors_and_nothing_is_executed(tmp_path):
+    """The Namespace is the one class besides tensors and containers that the official reader rebuilds; any other
+    object in the file (here one whose unpickling would call a function) refuses the whole file, nothing run."""
+    torch.manual_seed(0)
+    state = _official_state(timm.create_model("vit_tiny_patch16_224", **TINY), stages=3)
+    path = tmp_path / "hostile.pth"
+    torch.save({"model": state, "args": argparse.Namespace(model="deit-s", base_rate=0.7), "x": _Payload()}, path)
+    assert is_official_file(path)
+    with pytest.raises(tokenprune.CheckpointError, match="refused to load .*hostile.pth.*Nothing from it was executed"):
+        load_official(path)
+    assert _MARKS == []
