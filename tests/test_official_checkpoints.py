@@ -1,4 +1,4 @@
-"""Importing the authors' released DynamicViT checkpoints (`tokenprune.io.official`, docs/design.md §4.3).
+"""Importing the authors' released DynamicViT checkpoints (`tokenprune.io.official`, docs/design.md §4.1).
 
 A file in the official layout is written from random weights (backbone under timm's DeiT names, predictors as
 ``score_predictor.s.in_conv/out_conv``, wrapped as the official `save_model` wraps it, with the run's
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import tokenprune
-from tokenprune.io.official import OFFICIAL_TOKEN_MODELS, is_official_file, load_official
+from tokenprune.io.official import OFFICIAL_MODELS, is_official_file, load_official
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads": 2, "num_classes": 5}
 
@@ -140,9 +140,11 @@ def test_a_released_deit_s_file_without_args_builds_deit_s_at_the_official_stage
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_the_official_names_are_the_architectures_the_authors_build():
+def test_the_official_deit_names_are_the_architectures_the_authors_build():
     """deit-256 is DeiT-S's depth and patch at width 256 with 4 heads (head dim 64, as DeiT-S and DeiT-B)."""
-    for name, arch in OFFICIAL_TOKEN_MODELS.items():
+    for name, arch in OFFICIAL_MODELS.items():
+        if arch.kind != "token":
+            continue
         model = timm.create_model(arch.timm_name, **arch.kwargs, num_classes=0, pretrained=False)
         width = {"deit-256": 256, "deit-s": 384, "deit-b": 768}[name]
         assert (model.embed_dim, len(model.blocks), model.blocks[0].attn.num_heads) == (width, 12, width // 64)
@@ -154,9 +156,9 @@ def test_other_files_are_refused_naming_what_they_are(tmp_path):
     backbone = timm.create_model("vit_tiny_patch16_224", **TINY)
     state = _official_state(backbone, stages=3)
 
-    ada = {**state, "stages.0.0.fast_path.1.weight": torch.zeros(2, 2)}
-    _save_official(tmp_path / "ada.pth", ada, model="convnext-t", base_rate=0.7)
-    with pytest.raises(tokenprune.CheckpointError, match="AdaConvNeXt or AdaSwin"):
+    ada = {**state, "layers.0.blocks.1.fastmlp.fc1.weight": torch.zeros(2, 2)}
+    _save_official(tmp_path / "ada.pth", ada, model="swin-t", base_rate=0.7)
+    with pytest.raises(tokenprune.CheckpointError, match="AdaSwin"):
         load_official(tmp_path / "ada.pth")
 
     _save_official(tmp_path / "lv.pth", state, model="lvvit-s", base_rate=0.7)
@@ -171,7 +173,7 @@ def test_other_files_are_refused_naming_what_they_are(tmp_path):
 
     two = {k: v for k, v in state.items() if not k.startswith("score_predictor.2.")}
     _save_official(tmp_path / "two.pth", two, base_rate=0.7)
-    with pytest.raises(tokenprune.CheckpointError, match="2 official predictors but .* 3 stages"):
+    with pytest.raises(tokenprune.ConfigError, match="two.pth .2 official predictors.*2 keep_ratios for 3 locations"):
         load_official(tmp_path / "two.pth", model=timm.create_model("vit_tiny_patch16_224", **TINY))
 
     wrong = dict(state)
@@ -190,7 +192,7 @@ def test_the_commands_take_an_official_file(tmp_path):
     from tokenprune.cli import app
 
     torch.manual_seed(0)
-    arch = OFFICIAL_TOKEN_MODELS["deit-256"]
+    arch = OFFICIAL_MODELS["deit-256"]
     backbone = timm.create_model(arch.timm_name, **arch.kwargs).eval()
     path = tmp_path / "deit256.pth"
     _save_official(path, _official_state(backbone, stages=3), model="deit-256", base_rate=0.7)
@@ -237,3 +239,162 @@ def test_only_the_runs_args_are_read_beyond_tensors_and_nothing_is_executed(tmp_
     with pytest.raises(tokenprune.CheckpointError, match="refused to load .*hostile.pth.*Nothing from it was executed"):
         load_official(path)
     assert _MARKS == []
+
+
+# ---- ConvNeXt (AdaConvNeXt, "DynamicCNN") ------------------------------------------------------------------------
+
+
+def _official_convnext_state(depths, dims, locations, classes: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random tensors in the official AdaConvNeXt layout (the ConvNeXt authors' names, fast paths in the third
+    stage from its first pruning location on, 1x1-conv predictors). Linear and conv weights at unit gain, layer
+    scales and fast-path scales near 1, so that no small scale hides a wrong name."""
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape):
+        fan_in = 1
+        for d in shape[1:]:
+            fan_in *= d
+        return torch.randn(*shape, generator=g) * fan_in**-0.5
+
+    def near_one(n):
+        return 1.0 + 0.2 * torch.randn(n, generator=g)
+
+    def small(n):
+        return 0.1 * torch.randn(n, generator=g)
+
+    s = {"downsample_layers.0.0.weight": w(dims[0], 3, 4, 4), "downsample_layers.0.0.bias": small(dims[0])}
+    s |= {"downsample_layers.0.1.weight": near_one(dims[0]), "downsample_layers.0.1.bias": small(dims[0])}
+    for i in range(1, 4):
+        s[f"downsample_layers.{i}.0.weight"], s[f"downsample_layers.{i}.0.bias"] = (
+            near_one(dims[i - 1]),
+            small(dims[i - 1]),
+        )
+        s[f"downsample_layers.{i}.1.weight"] = w(dims[i], dims[i - 1], 2, 2)
+        s[f"downsample_layers.{i}.1.bias"] = small(dims[i])
+    for i, (depth, d) in enumerate(zip(depths, dims, strict=True)):
+        for j in range(depth):
+            p = f"stages.{i}.{j}."
+            s |= {p + "dwconv.weight": w(d, 1, 7, 7), p + "dwconv.bias": small(d)}
+            s |= {p + "norm.weight": near_one(d), p + "norm.bias": small(d), p + "gamma": near_one(d)}
+            s |= {p + "pwconv1.weight": w(4 * d, d), p + "pwconv1.bias": small(4 * d)}
+            s |= {p + "pwconv2.weight": w(d, 4 * d), p + "pwconv2.bias": small(d)}
+            if i == 2 and j >= locations[0]:
+                s |= {p + "fast_path.0.weight": near_one(d), p + "fast_path.0.bias": small(d)}
+                s |= {p + "fast_path.1.weight": w(d, d), p + "fast_path.1.bias": small(d)}
+                s[p + "fast_path_gamma"] = near_one(d)
+    s |= {"norm.weight": near_one(dims[3]), "norm.bias": small(dims[3])}
+    s |= {"head.weight": w(classes, dims[3]), "head.bias": small(classes)}
+    d = dims[2]
+    for k in range(len(locations)):
+        p = f"score_predictor.{k}."
+        s |= {p + "in_conv.0.weight": near_one(d), p + "in_conv.0.bias": small(d)}
+        for part, (o, i) in {"in_conv.1": (d, d), "out_conv.0": (d // 2, d), "out_conv.2": (d // 4, d // 2),
+                             "out_conv.4": (2, d // 4)}.items():  # fmt: skip
+            s |= {p + part + ".weight": w(o, i, 1, 1), p + part + ".bias": small(o)}
+    return s
+
+
+def _reference_convnext(
+    state: dict[str, torch.Tensor], depths, locations, ratios, images: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The official AdaConvNeXt evaluation forward from the official layout, in plain PyTorch: logits and, per
+    stage, the locations (row-major, sorted) whose slow path runs."""
+
+    def ln_first(x, prefix):  # LayerNorm over the channels of [B, C, H, W], eps 1e-6
+        c = x.shape[1]
+        return F.layer_norm(x.permute(0, 2, 3, 1), (c,), state[prefix + ".weight"], state[prefix + ".bias"], 1e-6)
+
+    def predictor(k, x, ratio):
+        p = f"score_predictor.{k}."
+        z = ln_first(x, p + "in_conv.0").permute(0, 3, 1, 2)
+        z = F.gelu(F.conv2d(z, state[p + "in_conv.1.weight"], state[p + "in_conv.1.bias"]))
+        c = z.shape[1] // 2
+        z = torch.cat([z[:, :c], z[:, c:].mean(dim=(2, 3), keepdim=True).expand_as(z[:, c:])], dim=1)
+        for part in ("out_conv.0", "out_conv.2"):
+            z = F.gelu(F.conv2d(z, state[p + part + ".weight"], state[p + part + ".bias"]))
+        score = F.log_softmax(F.conv2d(z, state[p + "out_conv.4.weight"], state[p + "out_conv.4.bias"]), dim=1)
+        order = torch.argsort(score[:, 0].flatten(1), dim=1, descending=True)
+        k = int(order.shape[1] * ratio)
+        return order[:, :k], order[:, k:]
+
+    def block(x, p, idx):
+        b, c, h, w = x.shape
+        y = F.conv2d(x, state[p + "dwconv.weight"], state[p + "dwconv.bias"], padding=3, groups=c)
+        y = y.permute(0, 2, 3, 1).reshape(b, h * w, c)
+
+        def slow(t):
+            t = F.layer_norm(t, (c,), state[p + "norm.weight"], state[p + "norm.bias"], 1e-6)
+            t = F.linear(F.gelu(F.linear(t, state[p + "pwconv1.weight"], state[p + "pwconv1.bias"])),
+                         state[p + "pwconv2.weight"], state[p + "pwconv2.bias"])  # fmt: skip
+            return t * state[p + "gamma"]
+
+        def fast(t):
+            t = F.layer_norm(t, (c,), state[p + "fast_path.0.weight"], state[p + "fast_path.0.bias"], 1e-6)
+            return (
+                F.linear(t, state[p + "fast_path.1.weight"], state[p + "fast_path.1.bias"])
+                * state[p + "fast_path_gamma"]
+            )
+
+        if idx is None:
+            out = slow(y)
+        else:
+            out = torch.zeros_like(y)
+            for i1, i2, row_y, row_out in zip(*idx, y, out, strict=True):
+                row_out[i1], row_out[i2] = slow(row_y[i1]), fast(row_y[i2])
+        return x + out.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+    x = F.conv2d(images, state["downsample_layers.0.0.weight"], state["downsample_layers.0.0.bias"], stride=4)
+    x = ln_first(x, "downsample_layers.0.1").permute(0, 3, 1, 2)
+    kept, idx = [], None
+    for i, depth in enumerate(depths):
+        if i > 0:
+            x = ln_first(x, f"downsample_layers.{i}.0").permute(0, 3, 1, 2)
+            x = F.conv2d(x, state[f"downsample_layers.{i}.1.weight"], state[f"downsample_layers.{i}.1.bias"], stride=2)
+        for j in range(depth):
+            if i == 2 and j in locations:
+                k = locations.index(j)
+                idx = predictor(k, x, ratios[k])
+                kept.append(idx[0].sort(dim=1).values)
+            x = block(x, f"stages.{i}.{j}.", idx if i == 2 else None)
+    pooled = F.layer_norm(x.mean(dim=(2, 3)), (x.shape[1],), state["norm.weight"], state["norm.bias"], 1e-6)
+    return F.linear(pooled, state["head.weight"], state["head.bias"]), kept
+
+
+def test_an_official_convnext_file_keeps_the_official_locations_and_logits(tmp_path):
+    """A run's AdaConvNeXt checkpoint at rho = 0.7 (args.model convnext-t: blocks 1, 2, 3 of the third stage), on a
+    small ConvNeXt given as the dense model: the official floats keep int(36 * (0.7 - 0.2)) = 17 locations at the
+    second stage, one fewer than tokenprune's own schedule would."""
+    depths, dims = (1, 1, 4, 1), (16, 32, 64, 128)
+    state = _official_convnext_state(depths, dims, [1, 2, 3], classes=5)
+    path = tmp_path / "checkpoint-best.pth"
+    _save_official(path, state, model="convnext-t", base_rate=0.7)
+    dense_model = timm.create_model("convnext_tiny", depths=depths, dims=dims, num_classes=5)
+    dense, sparse = load_official(path, model=dense_model)
+    images = torch.randn(3, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, expected_kept = _reference_convnext(state, depths, [1, 2, 3], [0.7, 0.7 - 0.2, 0.7 - 0.4], images)
+        got = sparse(images)
+        dense_logits = dense(images)
+    assert [k.shape[1] for k in expected_kept] == [25, 17, 10]
+    for s, (mine, theirs) in enumerate(zip(_kept_patches(sparse), expected_kept, strict=True)):
+        assert torch.equal(mine, theirs), f"stage {s} keeps other locations"
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (got - dense_logits).abs().max() > 1e-2  # the fast paths changed something: the comparison has power
+
+
+def test_a_released_convnext_t_file_without_args_is_recognised_by_its_shape(tmp_path):
+    state = _official_convnext_state((3, 3, 9, 3), (96, 192, 384, 768), [1, 2, 3], classes=1000, seed=4)
+    path = tmp_path / "convnext_t_0.7.pth"
+    _save_official(path, state)
+    dense, sparse = load_official(path, ratio=0.7)
+    config = tokenprune.config_of(sparse)
+    assert (config.source["name"], config.locations, config.decisions) == ("convnext_tiny", [1, 2, 3], "independent")
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        official = [0.7, 0.7 - 0.2, 0.7 - 0.4]  # main.py's SPARSE_RATIO
+        expected, expected_kept = _reference_convnext(state, (3, 3, 9, 3), [1, 2, 3], official, images)
+        got = sparse(images)
+    assert [k.shape[1] for k in expected_kept] == [137, 97, 58]  # the official int(196 * (0.7 - 0.2 s))
+    for mine, theirs in zip(_kept_patches(sparse), expected_kept, strict=True):
+        assert torch.equal(mine, theirs)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -1,19 +1,22 @@
 """The authors' released DynamicViT checkpoints (github.com/raoyongming/DynamicViT, "Model Zoo"), read into
-tokenprune models.
+tokenprune models (docs/design.md §4.1).
 
-The official DeiT files (``deit-256``, ``deit-s``, ``deit-b``, trained at rho = 0.7, 76.53 / 79.32 / 81.43 % top-1 on
-ImageNet as the authors report) hold a `VisionTransformerDiffPruning` state dict under ``"model"``: the backbone under
-timm's DeiT names (``patch_embed.proj``, ``cls_token``, ``blocks.i.attn.qkv``, ``norm``, ``head``, ...) and one
-predictor per stage, ``score_predictor.s.in_conv.{0,1}`` (LayerNorm, Linear) and ``score_predictor.s.out_conv.{0,2,4}``
-(the three Linears), the architecture `tokenprune.nn.predictor.TokenPredictor` has under ``embed.{0,1}`` and
-``score.{0,2,4}``. Importing is therefore a renaming, no conversion: the timm DeiT is built, given the backbone, and
-sparsified at the official stages (blocks 3, 6, 9) and keep ratios (rho, rho^2, rho^3 of the 196 patches, floored);
-each stage's predictor then takes its weights. A training checkpoint also holds the run's ``args`` (an
-``argparse.Namespace``: its ``model`` names the architecture, its ``base_rate`` the ratio), read as a plain record;
-nothing in the file is executed.
+Two of the official model families are laid out as tokenprune lays them out, so importing them is a renaming:
 
-The official AdaConvNeXt and AdaSwin files (DynamicCNN, DynamicSwin) and LV-ViT are not imported: their fast paths
-and predictors are laid out otherwise, and LV-ViT is not a timm architecture. They are refused, naming which they are.
+- **DeiT** (``deit-256``, ``deit-s``, ``deit-b``; `VisionTransformerDiffPruning`): the backbone under timm's DeiT
+  names, one `PredictorLG` per stage (``score_predictor.s.in_conv.{0,1}``, ``out_conv.{0,2,4}``), whose layers are
+  `TokenPredictor`'s. Stages before blocks 3, 6, 9 keep rho, rho^2, rho^3 of the patches.
+- **ConvNeXt** (``convnext-t``, ``convnext-s``, ``convnext-b``, "DynamicCNN"; `AdaConvNeXt`): the backbone under the
+  ConvNeXt authors' names (``downsample_layers``, ``stages.i.j.dwconv``, ``pwconv1``, ...), renamed to timm's; each
+  block after the first stage has a fast path (``fast_path.{0,1}``, ``fast_path_gamma``: `FastPath`'s norm, proj and
+  gamma); the predictors are the same MLP written with 1x1 convolutions. Stages before blocks 1, 2, 3 (ConvNeXt-T)
+  or 3, 6, 9 (S, B) of the third stage keep rho, rho - 0.2, rho - 0.4 of all locations, each deciding
+  independently.
+
+The keep ratios are the official code's floats (``0.7 - 0.2`` is 0.49999999999999994, so it keeps 97 of 196
+locations where tokenprune's own schedule, 0.5, keeps 98). A training checkpoint also holds the run's ``args`` (an
+``argparse.Namespace``: ``model`` names the architecture, ``base_rate`` the ratio), read as a plain record; nothing
+in the file is executed. AdaSwin ("DynamicSwin") and LV-ViT files are refused, naming which they are.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,29 +36,48 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from .weights import check_fit, read_pickle, read_weights, require_file, tensor_dict
 
-__all__ = ["OfficialArch", "OFFICIAL_TOKEN_MODELS", "is_official_file", "load_official"]
+__all__ = ["OfficialArch", "OFFICIAL_MODELS", "is_official_file", "load_official"]
 
 
 @dataclass(frozen=True)
 class OfficialArch:
-    """How tokenprune builds one of the official DeiT architectures: a timm name with constructor keywords, and the
-    blocks the official code prunes before."""
+    """How tokenprune builds one official architecture: a timm name with constructor keywords, the chain blocks the
+    official code places its stages before (None: tokenprune's default), and its keep-ratio schedule."""
 
-    timm_name: str
+    kind: str  # "token" (DeiT) or "spatial" (ConvNeXt)
+    timm_name: str | None = None
+    locations: tuple[int, ...] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
-    locations: tuple[int, ...] = (3, 6, 9)
+
+    def keep_ratios(self, rho: float, stages: int) -> list[float]:
+        """The official per-stage keep ratios, as the official `main.py`/`infer.py` compute them (same floats)."""
+        if self.kind == "token":
+            return [rho ** (s + 1) for s in range(stages)]  # [rho, rho ** 2, rho ** 3]
+        return [rho - 0.2 * s for s in range(stages)]  # [rho, rho - 0.2, rho - 0.4]
 
 
-#: The official ``--model`` names of the token models, as the authors' `main.py`/`infer.py` build them (12 blocks,
-#: patch 16, qkv bias, head dim 64; ``deit-256`` is DeiT-S at width 256 with 4 heads).
-OFFICIAL_TOKEN_MODELS = {
-    "deit-256": OfficialArch("deit_small_patch16_224", {"embed_dim": 256, "num_heads": 4}),
-    "deit-s": OfficialArch("deit_small_patch16_224"),
-    "deit-b": OfficialArch("deit_base_patch16_224"),
+#: The official ``--model`` names the authors' `main.py`/`infer.py` build: DeiT with 12 blocks, patch 16, qkv bias,
+#: head dim 64 (``deit-256``: DeiT-S at width 256, 4 heads); ConvNeXt as facebookresearch/ConvNeXt.
+OFFICIAL_MODELS = {
+    "deit-256": OfficialArch("token", "deit_small_patch16_224", (3, 6, 9), {"embed_dim": 256, "num_heads": 4}),
+    "deit-s": OfficialArch("token", "deit_small_patch16_224", (3, 6, 9)),
+    "deit-b": OfficialArch("token", "deit_base_patch16_224", (3, 6, 9)),
+    "convnext-t": OfficialArch("spatial", "convnext_tiny", (1, 2, 3)),
+    "convnext-s": OfficialArch("spatial", "convnext_small", (3, 6, 9)),
+    "convnext-b": OfficialArch("spatial", "convnext_base", (3, 6, 9)),
 }
-_BY_WIDTH = {256: "deit-256", 384: "deit-s", 768: "deit-b"}
-_PREFIX = "score_predictor."
-#: Official predictor submodules -> `TokenPredictor`'s.
+#: The released models by shape, for files without ``args``: DeiT by width; ConvNeXt by stem width and the number
+#: of blocks in its third stage.
+_BY_SHAPE = {
+    ("token", 256): "deit-256",
+    ("token", 384): "deit-s",
+    ("token", 768): "deit-b",
+    ("spatial", 96, 9): "convnext-t",
+    ("spatial", 96, 27): "convnext-s",
+    ("spatial", 128, 27): "convnext-b",
+}
+_PREDICTOR = "score_predictor."
+#: Official predictor submodules -> `TokenPredictor`'s (the spatial one's 1x1 convolutions are its Linears).
 _PREDICTOR_PARTS = {
     "in_conv.0": "embed.0",
     "in_conv.1": "embed.1",
@@ -62,10 +85,23 @@ _PREDICTOR_PARTS = {
     "out_conv.2": "score.2",
     "out_conv.4": "score.4",
 }
+#: The ConvNeXt authors' names -> timm's, first match wins.
+_CONVNEXT_NAMES = (
+    (r"downsample_layers\.0\.", "stem."),
+    (r"downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
+    (r"stages\.(\d+)\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
+    (r"stages\.(\d+)\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
+    (r"stages\.(\d+)\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
+    (r"stages\.(\d+)\.(\d+)\.(norm\.|gamma$)", r"stages.\1.blocks.\2.\3"),
+    (r"norm\.", "head.norm."),
+    (r"head\.", "head.fc."),
+)
+#: An official fast path's tensors -> `FastPath`'s.
+_FAST_PATH = re.compile(r"stages\.(\d+)\.(\d+)\.(fast_path\.0\.|fast_path\.1\.|fast_path_gamma$)(.*)")
+_FAST_PATH_PARTS = {"fast_path.0.": "norm.", "fast_path.1.": "proj.", "fast_path_gamma": "gamma"}
 #: Keys only the models tokenprune does not import have, and what those models are.
 _NOT_IMPORTED = {
-    "fast_path": "an AdaConvNeXt or AdaSwin (DynamicCNN / DynamicSwin) checkpoint",
-    "patch_embed.conv": "an LV-ViT checkpoint (not a timm architecture)",
+    "fastmlp": "an AdaSwin (DynamicSwin) checkpoint",
     "aux_head": "an LV-ViT checkpoint (not a timm architecture)",
 }
 #: The most of a pickle's index (`data.pkl`: keys and structure, not tensor data) read to recognise an official file.
@@ -83,7 +119,7 @@ def is_official_file(path: str | os.PathLike[str]) -> bool:
             index = next((i for i in z.infolist() if i.filename.endswith("/data.pkl")), None)
             if index is None or index.file_size > _SNIFF_BYTES:
                 return False
-            return _PREFIX.encode() in z.read(index)
+            return _PREDICTOR.encode() in z.read(index)
     except (zipfile.BadZipFile, OSError, ValueError):
         return False
 
@@ -91,46 +127,45 @@ def is_official_file(path: str | os.PathLike[str]) -> bool:
 def load_official(
     path: str | os.PathLike[str], *, ratio: float | None = None, model: nn.Module | None = None
 ) -> tuple[nn.Module, nn.Module]:
-    """(dense, sparse) from an official DynamicViT DeiT checkpoint: the timm DeiT with the file's backbone, and it
-    sparsified as the official code prunes it with the file's predictors.
+    """(dense, sparse) from an official DynamicViT DeiT or ConvNeXt checkpoint: the timm model with the file's
+    backbone, and it sparsified as the official code prunes it, with the file's predictors (and fast paths).
 
     Args:
         path: the checkpoint (``.pth`` as released, or its tensors re-saved as ``.safetensors``).
         ratio: base keep ratio rho; by default the file's own (``args.base_rate``). A file that does not record it
-            needs it given (the released DeiT files are 0.7).
-        model: the dense architecture, for a file of another width or depth than the three released (built with
-            the official defaults otherwise); not changed.
+            needs it given (the released DeiT files are 0.7; the ConvNeXt ones 0.7 or 0.9).
+        model: the dense architecture, for a file of another shape than the released ones (built as the official
+            code builds them otherwise); not changed. It must use timm's names (ConvNeXt files are renamed to them).
+
+    Returns:
+        (dense, sparse), both in eval mode.
 
     Raises:
-        CheckpointError: an unreadable file, one that is not an official DeiT checkpoint (naming what it is where
-            known), or weights that do not fit the architecture.
-        ConfigError: no ratio given or recorded, or one `sparsify` refuses.
+        CheckpointError: an unreadable file, one that is not an official DeiT or ConvNeXt checkpoint (naming what
+            it is where known), or weights that do not fit the architecture.
+        ConfigError: no ratio given or recorded, or keep ratios `sparsify` refuses.
     """
     from .. import sparsify
     from ..fx.tracing import model_name
-    from ..nn.recorder import selectors
 
     path = Path(path)
     tensors, args = _read(path)
-    backbone = {k: v for k, v in tensors.items() if not k.startswith(_PREFIX)}
     predictors = _predictor_states(tensors, path)
-    arch = _arch(args, backbone, path) if model is None else None
+    spatial = any(_FAST_PATH.fullmatch(k) for k in tensors)
+    backbone, fast_paths = _backbone_states(tensors, spatial)
+    arch = _arch(args, backbone, spatial, path, known_model=model is not None)
     dense = _build(arch, backbone) if model is None else copy.deepcopy(model)
     what = model_name(dense)
     check_fit(dense.state_dict(), backbone, path, f"{what} (the official checkpoint's backbone)")
     dense.load_state_dict(backbone, strict=True)
-    ratio = _ratio(ratio, args, path)
-    locations = list(arch.locations) if arch is not None else None
-    sparse = sparsify(dense, ratio=ratio, locations=locations)
-    stages = selectors(sparse)
-    if len(stages) != len(predictors):
-        raise CheckpointError(
-            f"{path} has {len(predictors)} official predictors but {what} sparsifies into {len(stages)} stages; "
-            "pass the dense model the file was trained on (model=)."
-        )
-    for stage, state in zip(stages, predictors, strict=True):
-        check_fit(stage.predictor.state_dict(), state, path, f"{what}'s stage {stage.stage} predictor")
-        stage.predictor.load_state_dict(state, strict=True)
+    rho = _ratio(ratio, args, path)
+    locations = list(arch.locations) if arch.locations is not None else None
+    try:
+        sparse = sparsify(dense, locations=locations, keep_ratios=arch.keep_ratios(rho, len(predictors)))
+    except ConfigError as e:
+        raise ConfigError(f"{path} ({len(predictors)} official predictors, rho = {rho}): {e}") from None
+    _load_stages(sparse, predictors, fast_paths, path, what)
+    _keep_official_counts(sparse)
     return dense.eval(), sparse.eval()
 
 
@@ -147,25 +182,26 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 def _predictor_states(tensors: dict[str, torch.Tensor], path: Path) -> list[dict[str, torch.Tensor]]:
-    """Per stage, the official predictor's tensors under `TokenPredictor`'s names."""
+    """Per stage, the official predictor's tensors under `TokenPredictor`'s names (1x1 conv weights as Linear's)."""
     for marker, what in _NOT_IMPORTED.items():
-        if any(marker in k.split(".") or k.startswith(marker + ".") for k in tensors):
+        if any(marker in k.split(".") for k in tensors):
             raise CheckpointError(
-                f"{path} looks like {what}; tokenprune imports the official DeiT checkpoints (deit-256, deit-s, "
-                "deit-b) only. Fine-tune a tokenprune model from the dense weights instead."
+                f"{path} looks like {what}; tokenprune imports the official DeiT and ConvNeXt checkpoints "
+                f"({', '.join(OFFICIAL_MODELS)}) only. Fine-tune a tokenprune model from the dense weights instead."
             )
     stages: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        if not key.startswith(_PREFIX):
+        if not key.startswith(_PREDICTOR):
             continue
-        index, _, rest = key.removeprefix(_PREFIX).partition(".")
+        index, _, rest = key.removeprefix(_PREDICTOR).partition(".")
         part, _, leaf = rest.rpartition(".")
         if not index.isdigit() or part not in _PREDICTOR_PARTS:
             raise CheckpointError(f"{path}: {key} is not a key of the official predictor (PredictorLG).")
-        stages.setdefault(int(index), {})[f"{_PREDICTOR_PARTS[part]}.{leaf}"] = value
+        weight = value.flatten(1) if value.dim() == 4 and value.shape[2:] == (1, 1) else value
+        stages.setdefault(int(index), {})[f"{_PREDICTOR_PARTS[part]}.{leaf}"] = weight
     if not stages:
         raise CheckpointError(
-            f"{path} holds no official DynamicViT predictors ({_PREFIX}*); for plain dense weights use "
+            f"{path} holds no official DynamicViT predictors ({_PREDICTOR}*); for plain dense weights use "
             "tokenprune.create_model(name, checkpoint=path), for tokenprune's own files tokenprune.load."
         )
     if sorted(stages) != list(range(len(stages))):
@@ -173,28 +209,94 @@ def _predictor_states(tensors: dict[str, torch.Tensor], path: Path) -> list[dict
     return [stages[i] for i in range(len(stages))]
 
 
-def _arch(args: dict[str, Any], backbone: dict[str, torch.Tensor], path: Path) -> OfficialArch:
-    """The architecture the run's ``args.model`` names, else the released one of the file's width."""
-    name = args.get("model")
-    if name is None:
+def _backbone_states(
+    tensors: dict[str, torch.Tensor], spatial: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """The backbone's tensors under timm's names, and (ConvNeXt) each block's fast path under `FastPath`'s, by the
+    block's timm name."""
+    backbone: dict[str, torch.Tensor] = {}
+    fast_paths: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(_PREDICTOR):
+            continue
+        fast = _FAST_PATH.fullmatch(key) if spatial else None
+        if fast:
+            stage, block, part, leaf = fast.groups()
+            fast_paths.setdefault(f"stages.{stage}.blocks.{block}", {})[_FAST_PATH_PARTS[part] + leaf] = value
+        else:
+            backbone[_convnext_name(key) if spatial else key] = value
+    return backbone, fast_paths
+
+
+def _convnext_name(key: str) -> str:
+    for pattern, replacement in _CONVNEXT_NAMES:
+        renamed, count = re.subn("^" + pattern, replacement, key, count=1)
+        if count:
+            return renamed
+    return key
+
+
+def _arch(
+    args: dict[str, Any], backbone: dict[str, torch.Tensor], spatial: bool, path: Path, known_model: bool
+) -> OfficialArch:
+    """The architecture the run's ``args.model`` names, else the released one of the file's shape; for a dense
+    model given, the official placement and schedule of the file's kind when its name is not one of them."""
+    kind = "spatial" if spatial else "token"
+    name = args.get("model") or _BY_SHAPE.get(_shape(backbone, kind))
+    arch = OFFICIAL_MODELS.get(name) if isinstance(name, str) else None
+    if arch is not None and arch.kind == kind:
+        return arch
+    if known_model:
+        return OfficialArch(kind)
+    said = f"is a {name!r} checkpoint" if name else "does not say which architecture it is (no args.model)"
+    raise CheckpointError(
+        f"{path} {said} and is not one of the official models tokenprune builds ({', '.join(OFFICIAL_MODELS)}); "
+        "build the dense model it was trained on with timm's names and pass it (load_official(path, model=...))."
+    )
+
+
+def _shape(backbone: dict[str, torch.Tensor], kind: str) -> tuple[Any, ...]:
+    if kind == "token":
         cls = backbone.get("cls_token")
-        name = _BY_WIDTH.get(int(cls.shape[-1])) if isinstance(cls, torch.Tensor) and cls.dim() == 3 else None
-    if name not in OFFICIAL_TOKEN_MODELS:
-        known = ", ".join(OFFICIAL_TOKEN_MODELS)
-        said = f"is a {name!r} checkpoint" if name else "does not say which architecture it is (no args.model)"
-        raise CheckpointError(
-            f"{path} {said} and is not one of the official DeiT models tokenprune builds ({known}); build the "
-            "dense model it was trained on and pass it (load_official(path, model=...))."
-        )
-    return OFFICIAL_TOKEN_MODELS[name]
+        return (kind, int(cls.shape[-1]) if isinstance(cls, torch.Tensor) and cls.dim() == 3 else None)
+    stem = backbone.get("stem.0.weight")
+    blocks = {k.split(".")[3] for k in backbone if k.startswith("stages.2.blocks.")}
+    return (kind, int(stem.shape[0]) if isinstance(stem, torch.Tensor) else None, len(blocks))
 
 
 def _build(arch: OfficialArch, backbone: dict[str, torch.Tensor]) -> nn.Module:
     from ..models import create_model
 
-    head = backbone.get("head.weight")
+    head = backbone.get("head.weight", backbone.get("head.fc.weight"))
     classes = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.dim() == 2 else 1000
-    return create_model(arch.timm_name, library="timm", num_classes=classes, **arch.kwargs)
+    return create_model(str(arch.timm_name), library="timm", num_classes=classes, **arch.kwargs)
+
+
+def _load_stages(
+    sparse: nn.Module,
+    predictors: list[dict[str, torch.Tensor]],
+    fast_paths: dict[str, dict[str, torch.Tensor]],
+    path: Path,
+    what: str,
+) -> None:
+    """Give each stage's predictor and each rewritten block's fast path the file's weights, strictly."""
+    from ..nn.asymmetric import FastPath
+    from ..nn.recorder import selectors
+
+    for stage, state in zip(selectors(sparse), predictors, strict=True):  # sparsify made one stage per predictor
+        check_fit(stage.predictor.state_dict(), state, path, f"{what}'s stage {stage.stage} predictor")
+        stage.predictor.load_state_dict(state, strict=True)
+    mine = {name: m for name, m in sparse.named_modules() if isinstance(m, FastPath)}
+    owner = {name: next((b for b in fast_paths if name.startswith(b + ".")), None) for name in mine}
+    unmatched = sorted(set(fast_paths) - set(owner.values())) + sorted(n for n, b in owner.items() if b is None)
+    if unmatched:
+        raise CheckpointError(
+            f"{path}: the fast paths of the file and of {what} sparsified at the official stages are in different "
+            f"blocks ({', '.join(unmatched[:3])}); pass the dense model the file was trained on (model=)."
+        )
+    for name, module in mine.items():
+        check_fit(module.state_dict(), fast_paths[owner[name]], path, f"{what}'s fast path {name}")
+        module.load_state_dict(fast_paths[owner[name]], strict=True)
 
 
 def _ratio(ratio: float | None, args: dict[str, Any], path: Path) -> float:
@@ -206,5 +308,31 @@ def _ratio(ratio: float | None, args: dict[str, Any], path: Path) -> float:
     raise ConfigError(
         f"{path} does not record the keep ratio it was trained at (no args.base_rate); give it: "
         f"`tokenprune convert {path} --ratio 0.7 --out DIR` writes a model file that records it (use DIR "
-        "afterwards), load_official(path, ratio=0.7) in Python. The released DeiT checkpoints are all rho = 0.7."
+        "afterwards), load_official(path, ratio=0.7) in Python. The released files were trained at 0.7 (DeiT, "
+        "ConvNeXt) or 0.9 (ConvNeXt); their names say which."
     )
+
+
+@torch.no_grad()
+def _keep_official_counts(sparse: nn.Module) -> None:
+    """Keep the official counts at the model's input size.
+
+    The official code keeps ``int(N * rho_s)`` of N; tokenprune ``floor(rho_s N + 1e-6)`` (a ratio written as a
+    fraction should not lose a token to rounding). The two differ where the official float is a hair below an
+    integer multiple: ``0.7 - 0.2`` is 0.49999999999999994, so the official ConvNeXt keeps 97 of 196 locations there,
+    not 98. Such a stage keeps ``int(N * rho_s) / N`` instead: the official count at this size (other sizes keep that
+    fraction, within a token of the official count).
+    """
+    from ..nn.recorder import config_of, selectors
+    from ..sparsify import set_keep_ratios
+
+    stages = selectors(sparse)
+    sparse.eval()(torch.zeros(1, *config_of(sparse).input_size))
+    ratios = [sel.keep_ratio for sel in stages]
+    official = [
+        r if sel.keep_count(sel.last_initial_patches) == int(sel.last_initial_patches * r)
+        else int(sel.last_initial_patches * r) / sel.last_initial_patches
+        for sel, r in zip(stages, ratios, strict=True)
+    ]  # fmt: skip
+    if official != ratios:
+        set_keep_ratios(sparse, official)
