@@ -8,7 +8,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["SparsifyConfig", "check_ratio", "default_locations", "default_keep_ratios"]
+__all__ = ["SparsifyConfig", "DEFAULT_RATIO", "check_ratio", "default_locations", "default_keep_ratios"]
 
 
 def check_ratio(ratio: float, what: str = "ratio") -> float:
@@ -21,6 +21,10 @@ def check_ratio(ratio: float, what: str = "ratio") -> float:
         raise ConfigError(f"{what}={ratio!r} is out of range; a keep ratio must lie in (0, 1], e.g. 0.7.")
     return value
 
+
+#: The base keep ratio rho when none is given: the paper's main setting (DynamicViT, Rao et al. 2021), whose
+#: published DeiT and ConvNeXt figures tokenprune checks against (docs/design.md §7).
+DEFAULT_RATIO = 0.7
 
 #: How stages of a chain relate (`sparsify(..., decisions=)`): "auto" is "nested" for tokens, "independent" for maps.
 DECISIONS = ("auto", "nested", "independent")

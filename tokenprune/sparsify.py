@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import SparsifyConfig, check_fast_path, check_ratio, default_keep_ratios, default_locations
+from .config import (
+    DEFAULT_RATIO,
+    SparsifyConfig,
+    check_fast_path,
+    check_ratio,
+    default_keep_ratios,
+    default_locations,
+)
 from .errors import ConfigError, TokenPruneError, UnsupportedModelError
 from .fx._graph import set_submodule
 from .fx.analysis import build_plan
@@ -72,7 +79,7 @@ def _warn_tiny_keep(patches: int, keep_ratios: list[float], name: str, stackleve
 
 def sparsify(
     model: nn.Module,
-    ratio: float = 0.7,
+    ratio: float = DEFAULT_RATIO,
     *,
     locations: Sequence[int] | None = None,
     keep_ratios: Sequence[float] | None = None,
@@ -414,7 +421,7 @@ def _nest(model: nn.Module, path: str, sparse: nn.Module) -> nn.Module:
 
 def plan(
     model: nn.Module,
-    ratio: float = 0.7,
+    ratio: float = DEFAULT_RATIO,
     *,
     locations: Sequence[int] | None = None,
     keep_ratios: Sequence[float] | None = None,

@@ -181,6 +181,7 @@ def _read_image(path: Path, channels: int, size: tuple[int, int]) -> torch.Tenso
 
 
 def _load_model(model: str, ratio: float | None, pretrained: bool) -> nn.Module:
+    from .config import DEFAULT_RATIO
     from .loaders import load_model
     from .models import create_model
     from .sparsify import set_keep_ratios, sparsify
@@ -189,7 +190,7 @@ def _load_model(model: str, ratio: float | None, pretrained: bool) -> nn.Module:
     if path.suffix in (".safetensors", ".pt") or path.exists():
         loaded = load_model(path)
         return loaded if ratio is None else set_keep_ratios(loaded, ratio=ratio)
-    return sparsify(create_model(model, pretrained=pretrained).eval(), 0.7 if ratio is None else ratio).eval()
+    return sparsify(create_model(model, pretrained=pretrained).eval(), DEFAULT_RATIO if ratio is None else ratio).eval()
 
 
 def visualize_files(

@@ -359,6 +359,7 @@ def sweep(
     from rich.console import Console
     from rich.table import Table
 
+    from ..config import DEFAULT_RATIO
     from ..nn.recorder import config_of
     from .pipeline import SWEEPS, check_sweep_points, sweep_failures, sweep_markdown, sweep_notes, sweep_rows
     from .pipeline import sweep as run_sweep
@@ -371,7 +372,7 @@ def sweep(
     gates = _gates(options)
     # reason: a model name is sparsified at the lowest ratio, the likeliest to cost less than the dense model (which
     # `sparsify` requires), then moved like a file; for budgets at the default ratio, whose allocation they move
-    build_ratio = min(points) if by == "ratio" else 0.7
+    build_ratio = min(points) if by == "ratio" else DEFAULT_RATIO
     name, dense, sparse, path = _model_pair(model, options, dense_checkpoint, keeps=(), build_ratio=build_ratio)
     saved = None if path is None else list(config_of(sparse).keep_ratios)
     result = run_sweep(

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from ..config import DEFAULT_RATIO
 from ..errors import ConfigError
 from ..inputs import geometry_kwargs
 from ..loaders import MODEL_FILE, load_model, load_pair, model_file  # the file side of the pipeline
@@ -122,7 +123,7 @@ def build(
     example = torch.randn(1, *input_size) if input_size else None
     sparse = sparsify(
         dense,
-        0.7 if ratio is None else ratio,
+        DEFAULT_RATIO if ratio is None else ratio,
         locations=locations,
         keep_ratios=keep_ratios,
         example_inputs=example,

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from ..config import DECISIONS, FAST_PATHS
+from ..config import DECISIONS, DEFAULT_RATIO, FAST_PATHS
 from ..errors import ConfigError
 from .schema import MAX_RECIPE_BYTES, check_value, describe, key, rule_of, safe_yaml
 
@@ -78,7 +78,7 @@ class SparsifySection:
     """Arguments of `tokenprune.sparsify` (docs/design.md §1.1: rho = 0.7 before blocks 3, 6, 9)."""
 
     enabled: bool = key(True, "Sparsify; false trains the model itself, densely and without a teacher.")
-    ratio: float = key(0.7, "The base keep ratio rho.", gt=0, le=1)
+    ratio: float = key(DEFAULT_RATIO, "The base keep ratio rho.", gt=0, le=1)
     locations: list[int] | None = key(
         None, "Chain indices of the blocks a predictor precedes (null: the default).", ge=0
     )
