@@ -398,3 +398,24 @@ def test_a_released_convnext_t_file_without_args_is_recognised_by_its_shape(tmp_
     for mine, theirs in zip(_kept_patches(sparse), expected_kept, strict=True):
         assert torch.equal(mine, theirs)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_official_tensors_resaved_as_safetensors_import_alike(tmp_path):
+    """A file of the official tensors re-saved as safetensors (no args: the ratio given) is recognised from its header
+    and imports to the same model; a tokenprune model file, which also holds predictors, is not taken for one."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    state = _official_state(timm.create_model("vit_tiny_patch16_224", **TINY), stages=3)
+    _save_official(tmp_path / "run.pth", state, base_rate=0.7)
+    save_file(state, tmp_path / "official.safetensors")
+    assert is_official_file(tmp_path / "official.safetensors")
+    images = torch.randn(2, 3, 32, 32)
+    models = [
+        load_official(tmp_path / name, ratio=0.7, model=tokenprune.create_model("vit_tiny_patch16_224", **TINY))[1]
+        for name in ("run.pth", "official.safetensors")
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(models[0](images), models[1](images), rtol=0, atol=0)
+    tokenprune.save(models[1], tmp_path / "mine.safetensors")
+    assert not is_official_file(tmp_path / "mine.safetensors")

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from .weights import check_fit, read_pickle, read_weights, require_file, tensor_dict
+from .weights import FORMAT, check_fit, read_pickle, read_weights, require_file, tensor_dict
 
 __all__ = ["OfficialArch", "OFFICIAL_MODELS", "is_official_file", "load_official"]
 
@@ -109,10 +109,14 @@ _SNIFF_BYTES = 32 << 20
 
 
 def is_official_file(path: str | os.PathLike[str]) -> bool:
-    """Whether `path` is a torch zip checkpoint whose keys include the official predictors (``score_predictor.``),
-    decided from the pickle's index without unpickling it."""
+    """Whether `path` holds the official predictors (``score_predictor.``): a torch zip checkpoint, decided from the
+    pickle's index without unpickling it, or a safetensors file of the official tensors, from its header."""
     path = Path(path)
-    if not (path.is_file() and zipfile.is_zipfile(path)):
+    if not path.is_file():
+        return False
+    if path.suffix == ".safetensors":
+        return _safetensors_is_official(path)
+    if not zipfile.is_zipfile(path):
         return False
     try:
         with zipfile.ZipFile(path) as z:
@@ -121,6 +125,18 @@ def is_official_file(path: str | os.PathLike[str]) -> bool:
                 return False
             return _PREDICTOR.encode() in z.read(index)
     except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
+def _safetensors_is_official(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("format") == FORMAT:
+                return False  # a tokenprune model file
+            return any(key.startswith(_PREDICTOR) for key in f.keys())  # noqa: SIM118 - safe_open is no dict
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: the loaders say so
         return False
 
 
