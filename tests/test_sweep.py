@@ -131,6 +131,7 @@ def test_a_budget_sweep_moves_the_saved_allocation_onto_each_budget(saved, tmp_p
     assert sweep["by"] == "flops" and sweep["saved_keep_ratios"] == pytest.approx([0.9, 0.6, 0.2])
     unreachable, *rows = sweep["rows"]
     assert unreachable["flops"] == 0.02 and "out of reach" in unreachable["refused"]
+    assert unreachable["refused_as"] == "out of reach"
     assert "| 0.02 | refused: out of the chain's reach |" in (tmp_path / "sweep.md").read_text()
     for row in rows:
         assert row["ratio"] is None
@@ -145,8 +146,10 @@ def test_a_ratio_that_would_cost_more_is_a_refused_row(saved, tmp_path):
     assert result.exit_code == 0, result.stderr
     refused = sweep["rows"][1]
     assert refused["ratio"] == 1.0 and "would not save compute" in refused["refused"] and refused["gmacs"] is None
+    assert refused["refused_as"] == "costlier" and sweep["rows"][0]["refused_as"] is None
     assert sweep["chosen"] == 0.7
     assert "refused" in result.output
+    assert "| 1 | refused: would cost at least the dense model |" in (tmp_path / "sweep.md").read_text()
 
 
 @pytest.mark.parametrize(

@@ -271,8 +271,9 @@ def sweep(
                    "keep_ratios": [float] | null, "gmacs": float | null,
                    "flops_reduction": float | null, "top1": float | null, "drop": float | null,
                    "failures": [str],            # one line per failed gate
-                   "refused": str | null}],      # why the point was refused (it would cost at least the dense
-                                                 #   model; a budget out of the chain's reach)
+                   "refused": str | null,        # why the point was refused (the full message), and as a word:
+                   "refused_as": "costlier" | "out of reach" | null}],  # it would cost at least the dense
+                                                 #   model; a budget out of the chain's reach
          "chosen": float | null,                 # the chosen row's "ratio" or "flops" (as `by`); null: no gate
                                                  #   given, or no point passed them all
          "uncounted_ops": [str], "versions": {...}}
@@ -321,14 +322,17 @@ def sweep(
     start = list(config.keep_ratios)  # each budget moves these, as `report --flops` moves them
     for point in points:
         row: dict[str, Any] = {"ratio": None, "flops": None, by: float(point), "keep_ratios": None, "gmacs": None}
-        row.update(flops_reduction=None, top1=None, drop=None, failures=[], refused=None)
+        row.update(flops_reduction=None, top1=None, drop=None, failures=[], refused=None, refused_as=None)
         result["rows"].append(row)
         try:
             if by == "flops":
                 set_keep_ratios(sparse, start)
             set_keep_ratios(sparse, **{by: point})
-        except (UnsupportedModelError, ConfigError) as e:  # costlier than dense; a budget out of reach
-            row["refused"] = str(e)
+        except UnsupportedModelError as e:  # `refuse_costlier`
+            row.update(refused=str(e), refused_as="costlier")
+            continue
+        except ConfigError as e:  # `budget_shift` (the points were checked before)
+            row.update(refused=str(e), refused_as="out of reach")
             continue
         report = build_report(name, dense, sparse, input_size, flops_only=True, ratio=row["ratio"])
         result["dense"]["gmacs"], result["versions"] = report["dense"]["gmacs"], report["versions"]
@@ -414,6 +418,10 @@ def sweep_failures(result: dict[str, Any]) -> list[str]:
     return [f"{r[result['by']]:g}: {r['refused'] or '; '.join(r['failures'])}" for r in result["rows"]]
 
 
+#: The table's words for a refused row's `refused_as`.
+_REFUSED_AS = {"costlier": "would cost at least the dense model", "out of reach": "out of the chain's reach"}
+
+
 def sweep_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the sweep's table (rich and Markdown alike)."""
     by = result["by"]
@@ -423,8 +431,7 @@ def sweep_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     rows = [["dense", "-", _number(dense["gmacs"], ".3f"), "-", _number(dense["top1"], ".2f"), "-", "-"]]
     for r in result["rows"]:
         if r["refused"] is not None:
-            reach = "out of reach" in r["refused"]
-            why = "out of the chain's reach" if reach else "would cost at least the dense model"
+            why = _REFUSED_AS[r["refused_as"]]
             rows.append([f"{r[by]:g}", f"refused: {why}", "", "", "", "", ""])
             continue
         verdict = "-" if not gated else "pass" if not r["failures"] else "fail"
