@@ -25,12 +25,15 @@ TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 4, "num_heads
 
 
 def _official_state(backbone: torch.nn.Module, stages: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The backbone's tensors and `stages` random predictors under the official names. Linear weights at unit gain
+    """The backbone's tensors and `stages` random predictors under the official names."""
+    return {**backbone.state_dict(), **_predictors(backbone.embed_dim, stages, "score_predictor.", seed)}
+
+
+def _predictors(dim: int, stages: int, prefix: str, seed: int) -> dict[str, torch.Tensor]:
+    """`stages` random official predictors (`PredictorLG`, Linear layout) under `prefix`. Linear weights at unit gain
     (std 1/sqrt(fan-in)), so that keep scores spread over a few units, far apart against rounding, but not so far
     that log-softmax saturates and ties many tokens at log-probability 0."""
     g = torch.Generator().manual_seed(seed)
-    dim = backbone.embed_dim
-    state = dict(backbone.state_dict())
     shapes = {
         "in_conv.0": [dim],
         "in_conv.1": [dim, dim],
@@ -38,11 +41,12 @@ def _official_state(backbone: torch.nn.Module, stages: int, seed: int = 0) -> di
         "out_conv.2": [dim // 4, dim // 2],
         "out_conv.4": [2, dim // 4],
     }
+    state = {}
     for s in range(stages):
         for part, shape in shapes.items():
             weight = torch.randn(shape, generator=g) * (0.2 if len(shape) == 1 else shape[-1] ** -0.5)
-            state[f"score_predictor.{s}.{part}.weight"] = weight + (1.0 if part == "in_conv.0" else 0.0)
-            state[f"score_predictor.{s}.{part}.bias"] = torch.randn(shape[0], generator=g) * 0.1
+            state[f"{prefix}{s}.{part}.weight"] = weight + (1.0 if part == "in_conv.0" else 0.0)
+            state[f"{prefix}{s}.{part}.bias"] = torch.randn(shape[0], generator=g) * 0.1
     return state
 
 
@@ -156,10 +160,10 @@ def test_other_files_are_refused_naming_what_they_are(tmp_path):
     backbone = timm.create_model("vit_tiny_patch16_224", **TINY)
     state = _official_state(backbone, stages=3)
 
-    ada = {**state, "layers.0.blocks.1.fastmlp.fc1.weight": torch.zeros(2, 2)}
-    _save_official(tmp_path / "ada.pth", ada, model="swin-t", base_rate=0.7)
-    with pytest.raises(tokenprune.CheckpointError, match="AdaSwin"):
-        load_official(tmp_path / "ada.pth")
+    lvvit = {**state, "aux_head.weight": torch.zeros(2, 2)}
+    _save_official(tmp_path / "aux.pth", lvvit, base_rate=0.7)
+    with pytest.raises(tokenprune.CheckpointError, match="LV-ViT"):
+        load_official(tmp_path / "aux.pth")
 
     _save_official(tmp_path / "lv.pth", state, model="lvvit-s", base_rate=0.7)
     with pytest.raises(tokenprune.CheckpointError, match="'lvvit-s' checkpoint.*model=") as info:
@@ -419,3 +423,126 @@ def test_the_official_tensors_resaved_as_safetensors_import_alike(tmp_path):
         torch.testing.assert_close(models[0](images), models[1](images), rtol=0, atol=0)
     tokenprune.save(models[1], tmp_path / "mine.safetensors")
     assert not is_official_file(tmp_path / "mine.safetensors")
+
+
+# ---- Swin (AdaSwin, "DynamicSwin") -------------------------------------------------------------------------------
+
+
+def _randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Every weight at a scale that shows a misplaced tensor: matrices at unit gain, norm weights near 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _official_swin_state(model: torch.nn.Module, locations, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A timm Swin's tensors written back under the Swin authors' names (each layer's downsample at its end, `head`,
+    the relative-position index and shift-mask buffers they persist), plus AdaSwin's fast paths (`fastmlp.fc1`:
+    LayerNorm, Linear) in the third layer from its first pruning location on and its predictors there."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, value in model.state_dict().items():
+        layer = key.split(".")[1] if key.startswith("layers.") else None
+        if layer is not None and ".downsample." in key:
+            key = key.replace(f"layers.{layer}.downsample.", f"layers.{int(layer) - 1}.downsample.", 1)
+        state[key.replace("head.fc.", "head.", 1)] = value
+    blocks = model.layers[2].blocks
+    dim = blocks[0].norm1.normalized_shape[0]
+    for j in range(len(blocks)):
+        state[f"layers.2.blocks.{j}.attn.relative_position_index"] = torch.zeros(49, 49, dtype=torch.long)
+        if j >= locations[0]:
+            p = f"layers.2.blocks.{j}.fastmlp.fc1."
+            state |= {p + "0.weight": 1.0 + 0.2 * torch.randn(dim, generator=g), p + "0.bias": torch.zeros(dim)}
+            state |= {p + "1.weight": torch.randn(dim, dim, generator=g) * dim**-0.5, p + "1.bias": torch.zeros(dim)}
+    state["layers.2.blocks.1.attn_mask"] = torch.zeros(4, 49, 49)
+    return state | _predictors(dim, len(locations), "layers.2.score_predictor.", seed)
+
+
+def _reference_swin(model, state, locations, ratios, images):
+    """The official AdaSwin evaluation forward, with the original timm model's own layers for what AdaSwin leaves
+    dense: in the third layer from the first pruning location on, attention on every location, then the MLP at the
+    locations the latest stage kept and the file's `fastmlp` at the others."""
+    b = images.shape[0]
+    x = model.patch_embed(images)
+    kept, idx = [], None
+    for i, layer in enumerate(model.layers):
+        x = layer.downsample(x)
+        for j, block in enumerate(layer.blocks):
+            if i != 2 or j < locations[0]:
+                x = block(x)
+                continue
+            _, h, w, c = x.shape
+            if j in locations:
+                s = locations.index(j)
+                p = f"layers.2.score_predictor.{s}."
+                z = F.gelu(F.linear(F.layer_norm(x.reshape(b, h * w, c), (c,), state[p + "in_conv.0.weight"],
+                                                 state[p + "in_conv.0.bias"]),
+                                    state[p + "in_conv.1.weight"], state[p + "in_conv.1.bias"]))  # fmt: skip
+                z = torch.cat(
+                    [z[..., : c // 2], z[..., c // 2 :].mean(1, keepdim=True).expand_as(z[..., c // 2 :])], -1
+                )
+                for part in ("out_conv.0", "out_conv.2"):
+                    z = F.gelu(F.linear(z, state[p + part + ".weight"], state[p + part + ".bias"]))
+                score = F.log_softmax(F.linear(z, state[p + "out_conv.4.weight"], state[p + "out_conv.4.bias"]), -1)
+                order = torch.argsort(score[..., 0], dim=1, descending=True)
+                k = int(h * w * ratios[s])
+                idx = (order[:, :k], order[:, k:])
+                kept.append(idx[0].sort(dim=1).values)
+            x = x + block._attn(block.norm1(x))
+            t = x.reshape(b, h * w, c)
+            out = torch.zeros_like(t)
+            f = f"layers.2.blocks.{j}.fastmlp.fc1."
+            for i1, i2, row, row_out in zip(*idx, t, out, strict=True):
+                row_out[i1] = block.mlp(block.norm2(row[i1]))
+                fast = F.layer_norm(row[i2], (c,), state[f + "0.weight"], state[f + "0.bias"], 1e-5)
+                row_out[i2] = F.linear(fast, state[f + "1.weight"], state[f + "1.bias"])
+            x = x + out.reshape(b, h, w, c)
+    return model.forward_head(model.norm(x)), kept
+
+
+def test_an_official_swin_file_keeps_the_official_locations_and_logits(tmp_path):
+    """A released-layout Swin-T file (no args, recognised by its shape; rho given): renamed back to timm's names it
+    is the model it was written from; sparsified before blocks 1, 2, 3 of the third layer it keeps the official
+    locations (137, 97, 58 of 196) and gives the official logits, though its predictors normalise with epsilon 1e-6
+    where AdaSwin's use 1e-5 (docs/design.md §4.1)."""
+    torch.manual_seed(0)
+    original = _randomized(timm.create_model("swin_tiny_patch4_window7_224"), seed=6).eval()
+    state = _official_swin_state(original, [1, 2, 3])
+    path = tmp_path / "swin_t_0.7.pth"
+    _save_official(path, state)
+    dense, sparse = load_official(path, ratio=0.7)
+    for key, value in original.state_dict().items():
+        assert torch.equal(dense.state_dict()[key], value), key
+    config = tokenprune.config_of(sparse)
+    assert (config.source["name"], config.locations) == ("swin_tiny_patch4_window7_224", [1, 2, 3])
+    images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected, expected_kept = _reference_swin(original, state, [1, 2, 3], [0.7, 0.7 - 0.2, 0.7 - 0.4], images)
+        got = sparse(images)
+        assert (got - original(images)).abs().max() > 1e-2  # the fast paths changed something
+    assert [k.shape[1] for k in expected_kept] == [137, 97, 58]
+    for mine, theirs in zip(_kept_patches(sparse), expected_kept, strict=True):
+        assert torch.equal(mine, theirs)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_official_spatial_names_are_the_architectures_the_authors_build():
+    """ConvNeXt-T/S/B and Swin-T/S/B as the authors' `main.py` builds them: third-stage depths 9, 27, 27 and 6, 18,
+    18, widths 96, 96, 128; every official location inside the third stage."""
+    expected = {"convnext-t": (96, 9), "convnext-s": (96, 27), "convnext-b": (128, 27),
+                "swin-t": (96, 6), "swin-s": (96, 18), "swin-b": (128, 18)}  # fmt: skip
+    for name, (width, depth) in expected.items():
+        arch = OFFICIAL_MODELS[name]
+        with torch.device("meta"):
+            model = timm.create_model(arch.timm_name, **arch.kwargs)
+        stage = model.stages[2] if name.startswith("convnext") else model.layers[2]
+        first = model.stem[0] if name.startswith("convnext") else model.patch_embed.proj
+        assert (first.out_channels, len(stage.blocks)) == (width, depth), name
+        assert arch.kind == "spatial" and max(arch.locations) < depth

@@ -269,7 +269,7 @@ def convert(
         str,
         typer.Argument(
             help="timm or torchvision model name, e.g. deit_small_patch16_224, vit_b_16; or an official DynamicViT "
-            "DeiT or ConvNeXt checkpoint (.pth, or its tensors as .safetensors), imported."
+            "DeiT, ConvNeXt or Swin checkpoint (.pth, or its tensors as .safetensors), imported."
         ),
     ],
     out: Annotated[Path, typer.Option(help="Output folder: model.safetensors, report.json, report.md.")],

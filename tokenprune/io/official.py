@@ -1,7 +1,7 @@
 """The authors' released DynamicViT checkpoints (github.com/raoyongming/DynamicViT, "Model Zoo"), read into
 tokenprune models (docs/design.md §4.1).
 
-Two of the official model families are laid out as tokenprune lays them out, so importing them is a renaming:
+Three of the official model families are laid out as tokenprune lays them out, so importing them is a renaming:
 
 - **DeiT** (``deit-256``, ``deit-s``, ``deit-b``; `VisionTransformerDiffPruning`): the backbone under timm's DeiT
   names, one `PredictorLG` per stage (``score_predictor.s.in_conv.{0,1}``, ``out_conv.{0,2,4}``), whose layers are
@@ -12,11 +12,17 @@ Two of the official model families are laid out as tokenprune lays them out, so 
   gamma); the predictors are the same MLP written with 1x1 convolutions. Stages before blocks 1, 2, 3 (ConvNeXt-T)
   or 3, 6, 9 (S, B) of the third stage keep rho, rho - 0.2, rho - 0.4 of all locations, each deciding
   independently.
+- **Swin** (``swin-t``, ``swin-s``, ``swin-b``, "DynamicSwin"; `AdaSwinTransformer`): the backbone under the Swin
+  authors' names, renamed to timm's (a layer's downsampling at the start of the next, ``head.fc``; the relative
+  position index and shift masks they persist are recomputed by timm); each block after the first stage has a
+  fast path (``fastmlp.fc1.{0,1}``: `FastPath`'s norm and proj, no scale); the predictors sit in the third layer.
+  Stages before its blocks 1, 2, 3 (Swin-T) or 2, 4, 6 (S, B), as ConvNeXt's. Its predictors' LayerNorm has
+  epsilon 1e-5 there and 1e-6 here, every tokenprune spatial predictor's (docs/design.md §4.1).
 
 The keep ratios are the official code's floats (``0.7 - 0.2`` is 0.49999999999999994, so it keeps 97 of 196
 locations where tokenprune's own schedule, 0.5, keeps 98). A training checkpoint also holds the run's ``args`` (an
 ``argparse.Namespace``: ``model`` names the architecture, ``base_rate`` the ratio), read as a plain record; nothing
-in the file is executed. AdaSwin ("DynamicSwin") and LV-ViT files are refused, naming which they are.
+in the file is executed. LV-ViT files are refused, naming what they are.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ class OfficialArch:
     """How tokenprune builds one official architecture: a timm name with constructor keywords, the chain blocks the
     official code places its stages before (None: tokenprune's default), and its keep-ratio schedule."""
 
-    kind: str  # "token" (DeiT) or "spatial" (ConvNeXt)
+    kind: str  # "token" (DeiT) or "spatial" (ConvNeXt, Swin)
     timm_name: str | None = None
     locations: tuple[int, ...] | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -57,7 +63,8 @@ class OfficialArch:
 
 
 #: The official ``--model`` names the authors' `main.py`/`infer.py` build: DeiT with 12 blocks, patch 16, qkv bias,
-#: head dim 64 (``deit-256``: DeiT-S at width 256, 4 heads); ConvNeXt as facebookresearch/ConvNeXt.
+#: head dim 64 (``deit-256``: DeiT-S at width 256, 4 heads); ConvNeXt as facebookresearch/ConvNeXt; Swin as
+#: microsoft/Swin-Transformer (window 7), its stages in the third layer.
 OFFICIAL_MODELS = {
     "deit-256": OfficialArch("token", "deit_small_patch16_224", (3, 6, 9), {"embed_dim": 256, "num_heads": 4}),
     "deit-s": OfficialArch("token", "deit_small_patch16_224", (3, 6, 9)),
@@ -65,19 +72,87 @@ OFFICIAL_MODELS = {
     "convnext-t": OfficialArch("spatial", "convnext_tiny", (1, 2, 3)),
     "convnext-s": OfficialArch("spatial", "convnext_small", (3, 6, 9)),
     "convnext-b": OfficialArch("spatial", "convnext_base", (3, 6, 9)),
+    "swin-t": OfficialArch("spatial", "swin_tiny_patch4_window7_224", (1, 2, 3)),
+    "swin-s": OfficialArch("spatial", "swin_small_patch4_window7_224", (2, 4, 6)),
+    "swin-b": OfficialArch("spatial", "swin_base_patch4_window7_224", (2, 4, 6)),
 }
-#: The released models by shape, for files without ``args``: DeiT by width; ConvNeXt by stem width and the number
-#: of blocks in its third stage.
-_BY_SHAPE = {
-    ("token", 256): "deit-256",
-    ("token", 384): "deit-s",
-    ("token", 768): "deit-b",
-    ("spatial", 96, 9): "convnext-t",
-    ("spatial", 96, 27): "convnext-s",
-    ("spatial", 128, 27): "convnext-b",
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How one official family names its tensors, as rules onto timm's names and tokenprune's modules."""
+
+    kind: str
+    #: official backbone names -> timm's: (pattern at the key's start, replacement), first match wins
+    renames: tuple[tuple[str, Any], ...] = ()
+    #: an official fast path's tensors: groups s (stage), b (block), part, leaf; and the timm block they belong to
+    fast_path: str | None = None
+    fast_block: str = ""
+    fast_parts: dict[str, str] = field(default_factory=dict)
+    #: the predictors: groups (stage index, rest of the key)
+    predictor: str = r"score_predictor\.(\d+)\.(.+)"
+    #: buffers the official file holds and timm recomputes
+    dropped: str | None = None
+    #: the released model of a backbone (timm names): (width tensor, its dim, blocks of the third stage's prefix)
+    shape: tuple[str, int, str | None] = ("cls_token", -1, None)
+
+    def released(self, backbone: dict[str, torch.Tensor]) -> str | None:
+        key, dim, blocks = self.shape
+        width = backbone.get(key)
+        if not isinstance(width, torch.Tensor) or width.dim() == 0:
+            return None
+        depth = len({k[len(blocks) :].split(".")[0] for k in backbone if k.startswith(blocks)}) if blocks else None
+        return _RELEASED.get((self.kind, blocks, int(width.shape[dim]), depth))
+
+
+_LAYOUTS = {
+    "deit": _Layout("token"),
+    "convnext": _Layout(
+        "spatial",
+        renames=(
+            (r"downsample_layers\.0\.", "stem."),
+            (r"downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
+            (r"stages\.(\d+)\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
+            (r"stages\.(\d+)\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
+            (r"stages\.(\d+)\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
+            (r"stages\.(\d+)\.(\d+)\.(norm\.|gamma$)", r"stages.\1.blocks.\2.\3"),
+            (r"norm\.", "head.norm."),
+            (r"head\.", "head.fc."),
+        ),
+        fast_path=r"stages\.(?P<s>\d+)\.(?P<b>\d+)\.(?P<part>fast_path\.[01]\.|fast_path_gamma)(?P<leaf>.*)",
+        fast_block=r"stages.\g<s>.blocks.\g<b>",
+        fast_parts={"fast_path.0.": "norm.", "fast_path.1.": "proj.", "fast_path_gamma": "gamma"},
+        shape=("stem.0.weight", 0, "stages.2.blocks."),
+    ),
+    "swin": _Layout(
+        "spatial",
+        renames=(  # the Swin authors downsample at the end of a layer, timm at the start of the next
+            (r"layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m[1]) + 1}.downsample."),
+            (r"head\.", "head.fc."),
+        ),
+        fast_path=r"layers\.(?P<s>\d+)\.blocks\.(?P<b>\d+)\.fastmlp\.fc1\.(?P<part>[01]\.)(?P<leaf>.+)",
+        fast_block=r"layers.\g<s>.blocks.\g<b>",
+        fast_parts={"0.": "norm.", "1.": "proj."},
+        predictor=r"layers\.\d+\.score_predictor\.(\d+)\.(.+)",
+        dropped=r".*\.(relative_position_index|attn_mask)",
+        shape=("patch_embed.proj.weight", 0, "layers.2.blocks."),
+    ),
+}
+#: The released models by shape, for files without ``args``: DeiT by width; ConvNeXt and Swin by stem width and the
+#: number of blocks in their third stage.
+_RELEASED = {
+    ("token", None, 256, None): "deit-256",
+    ("token", None, 384, None): "deit-s",
+    ("token", None, 768, None): "deit-b",
+    ("spatial", "stages.2.blocks.", 96, 9): "convnext-t",
+    ("spatial", "stages.2.blocks.", 96, 27): "convnext-s",
+    ("spatial", "stages.2.blocks.", 128, 27): "convnext-b",
+    ("spatial", "layers.2.blocks.", 96, 6): "swin-t",
+    ("spatial", "layers.2.blocks.", 96, 18): "swin-s",
+    ("spatial", "layers.2.blocks.", 128, 18): "swin-b",
 }
 _PREDICTOR = "score_predictor."
-#: Official predictor submodules -> `TokenPredictor`'s (the spatial one's 1x1 convolutions are its Linears).
+#: Official predictor submodules -> `TokenPredictor`'s (the ConvNeXt one's 1x1 convolutions are its Linears).
 _PREDICTOR_PARTS = {
     "in_conv.0": "embed.0",
     "in_conv.1": "embed.1",
@@ -85,25 +160,8 @@ _PREDICTOR_PARTS = {
     "out_conv.2": "score.2",
     "out_conv.4": "score.4",
 }
-#: The ConvNeXt authors' names -> timm's, first match wins.
-_CONVNEXT_NAMES = (
-    (r"downsample_layers\.0\.", "stem."),
-    (r"downsample_layers\.(\d+)\.", r"stages.\1.downsample."),
-    (r"stages\.(\d+)\.(\d+)\.dwconv\.", r"stages.\1.blocks.\2.conv_dw."),
-    (r"stages\.(\d+)\.(\d+)\.pwconv1\.", r"stages.\1.blocks.\2.mlp.fc1."),
-    (r"stages\.(\d+)\.(\d+)\.pwconv2\.", r"stages.\1.blocks.\2.mlp.fc2."),
-    (r"stages\.(\d+)\.(\d+)\.(norm\.|gamma$)", r"stages.\1.blocks.\2.\3"),
-    (r"norm\.", "head.norm."),
-    (r"head\.", "head.fc."),
-)
-#: An official fast path's tensors -> `FastPath`'s.
-_FAST_PATH = re.compile(r"stages\.(\d+)\.(\d+)\.(fast_path\.0\.|fast_path\.1\.|fast_path_gamma$)(.*)")
-_FAST_PATH_PARTS = {"fast_path.0.": "norm.", "fast_path.1.": "proj.", "fast_path_gamma": "gamma"}
 #: Keys only the models tokenprune does not import have, and what those models are.
-_NOT_IMPORTED = {
-    "fastmlp": "an AdaSwin (DynamicSwin) checkpoint",
-    "aux_head": "an LV-ViT checkpoint (not a timm architecture)",
-}
+_NOT_IMPORTED = {"aux_head": "an LV-ViT checkpoint (not a timm architecture)"}
 #: The most of a pickle's index (`data.pkl`: keys and structure, not tensor data) read to recognise an official file.
 _SNIFF_BYTES = 32 << 20
 
@@ -135,7 +193,7 @@ def _safetensors_is_official(path: Path) -> bool:
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("format") == FORMAT:
                 return False  # a tokenprune model file
-            return any(key.startswith(_PREDICTOR) for key in f.keys())  # noqa: SIM118 - safe_open is no dict
+            return any(_PREDICTOR in key for key in f.keys())  # noqa: SIM118 - safe_open is no dict
     except Exception:  # noqa: BLE001 - not a readable safetensors file: the loaders say so
         return False
 
@@ -143,21 +201,22 @@ def _safetensors_is_official(path: Path) -> bool:
 def load_official(
     path: str | os.PathLike[str], *, ratio: float | None = None, model: nn.Module | None = None
 ) -> tuple[nn.Module, nn.Module]:
-    """(dense, sparse) from an official DynamicViT DeiT or ConvNeXt checkpoint: the timm model with the file's
+    """(dense, sparse) from an official DynamicViT DeiT, ConvNeXt or Swin checkpoint: the timm model with the file's
     backbone, and it sparsified as the official code prunes it, with the file's predictors (and fast paths).
 
     Args:
         path: the checkpoint (``.pth`` as released, or its tensors re-saved as ``.safetensors``).
         ratio: base keep ratio rho; by default the file's own (``args.base_rate``). A file that does not record it
-            needs it given (the released DeiT files are 0.7; the ConvNeXt ones 0.7 or 0.9).
+            needs it given (the released DeiT and Swin files are 0.7; the ConvNeXt ones 0.7 or 0.9).
         model: the dense architecture, for a file of another shape than the released ones (built as the official
-            code builds them otherwise); not changed. It must use timm's names (ConvNeXt files are renamed to them).
+            code builds them otherwise); not changed. It must use timm's names (ConvNeXt and Swin files are renamed
+            to them).
 
     Returns:
         (dense, sparse), both in eval mode.
 
     Raises:
-        CheckpointError: an unreadable file, one that is not an official DeiT or ConvNeXt checkpoint (naming what
+        CheckpointError: an unreadable file, one that is not an official DeiT, ConvNeXt or Swin checkpoint (naming what
             it is where known), or weights that do not fit the architecture.
         ConfigError: no ratio given or recorded, or keep ratios `sparsify` refuses.
     """
@@ -166,10 +225,11 @@ def load_official(
 
     path = Path(path)
     tensors, args = _read(path)
-    predictors = _predictor_states(tensors, path)
-    spatial = any(_FAST_PATH.fullmatch(k) for k in tensors)
-    backbone, fast_paths = _backbone_states(tensors, spatial)
-    arch = _arch(args, backbone, spatial, path, known_model=model is not None)
+    layout = _layout_of(tensors, path)
+    tensors = {k: v for k, v in tensors.items() if not (layout.dropped and re.fullmatch(layout.dropped, k))}
+    predictors = _predictor_states(tensors, layout, path)
+    backbone, fast_paths = _backbone_states(tensors, layout)
+    arch = _arch(args, layout, backbone, path, known_model=model is not None)
     dense = _build(arch, backbone) if model is None else copy.deepcopy(model)
     what = model_name(dense)
     check_fit(dense.state_dict(), backbone, path, f"{what} (the official checkpoint's backbone)")
@@ -197,21 +257,33 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensor_dict(state, path), (vars(args) if isinstance(args, argparse.Namespace) else {})
 
 
-def _predictor_states(tensors: dict[str, torch.Tensor], path: Path) -> list[dict[str, torch.Tensor]]:
-    """Per stage, the official predictor's tensors under `TokenPredictor`'s names (1x1 conv weights as Linear's)."""
+def _layout_of(tensors: dict[str, torch.Tensor], path: Path) -> _Layout:
+    """The official family whose names the file uses (refusing the ones not imported)."""
     for marker, what in _NOT_IMPORTED.items():
         if any(marker in k.split(".") for k in tensors):
             raise CheckpointError(
-                f"{path} looks like {what}; tokenprune imports the official DeiT and ConvNeXt checkpoints "
+                f"{path} looks like {what}; tokenprune imports the official DeiT, ConvNeXt and Swin checkpoints "
                 f"({', '.join(OFFICIAL_MODELS)}) only. Fine-tune a tokenprune model from the dense weights instead."
             )
+    if any(k.startswith("downsample_layers.") for k in tensors):
+        return _LAYOUTS["convnext"]
+    if any(".fastmlp." in k for k in tensors):
+        return _LAYOUTS["swin"]
+    return _LAYOUTS["deit"]
+
+
+def _predictor_states(tensors: dict[str, torch.Tensor], layout: _Layout, path: Path) -> list[dict[str, torch.Tensor]]:
+    """Per stage, the official predictor's tensors under `TokenPredictor`'s names (1x1 conv weights as Linear's)."""
     stages: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        if not key.startswith(_PREDICTOR):
+        match = re.fullmatch(layout.predictor, key)
+        if match is None:
+            if _PREDICTOR in key:
+                raise CheckpointError(f"{path}: {key} is not where the official {layout.kind} models keep predictors.")
             continue
-        index, _, rest = key.removeprefix(_PREDICTOR).partition(".")
+        index, rest = match.groups()
         part, _, leaf = rest.rpartition(".")
-        if not index.isdigit() or part not in _PREDICTOR_PARTS:
+        if part not in _PREDICTOR_PARTS:
             raise CheckpointError(f"{path}: {key} is not a key of the official predictor (PredictorLG).")
         weight = value.flatten(1) if value.dim() == 4 and value.shape[2:] == (1, 1) else value
         stages.setdefault(int(index), {})[f"{_PREDICTOR_PARTS[part]}.{leaf}"] = weight
@@ -226,26 +298,26 @@ def _predictor_states(tensors: dict[str, torch.Tensor], path: Path) -> list[dict
 
 
 def _backbone_states(
-    tensors: dict[str, torch.Tensor], spatial: bool
+    tensors: dict[str, torch.Tensor], layout: _Layout
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-    """The backbone's tensors under timm's names, and (ConvNeXt) each block's fast path under `FastPath`'s, by the
-    block's timm name."""
+    """The backbone's tensors under timm's names, and each block's fast path under `FastPath`'s, by the block's
+    timm name."""
     backbone: dict[str, torch.Tensor] = {}
     fast_paths: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        if key.startswith(_PREDICTOR):
+        if re.fullmatch(layout.predictor, key):
             continue
-        fast = _FAST_PATH.fullmatch(key) if spatial else None
+        fast = re.fullmatch(layout.fast_path, key) if layout.fast_path else None
         if fast:
-            stage, block, part, leaf = fast.groups()
-            fast_paths.setdefault(f"stages.{stage}.blocks.{block}", {})[_FAST_PATH_PARTS[part] + leaf] = value
+            block = fast.expand(layout.fast_block)
+            fast_paths.setdefault(block, {})[layout.fast_parts[fast["part"]] + fast["leaf"]] = value
         else:
-            backbone[_convnext_name(key) if spatial else key] = value
+            backbone[_renamed(key, layout)] = value
     return backbone, fast_paths
 
 
-def _convnext_name(key: str) -> str:
-    for pattern, replacement in _CONVNEXT_NAMES:
+def _renamed(key: str, layout: _Layout) -> str:
+    for pattern, replacement in layout.renames:
         renamed, count = re.subn("^" + pattern, replacement, key, count=1)
         if count:
             return renamed
@@ -253,31 +325,21 @@ def _convnext_name(key: str) -> str:
 
 
 def _arch(
-    args: dict[str, Any], backbone: dict[str, torch.Tensor], spatial: bool, path: Path, known_model: bool
+    args: dict[str, Any], layout: _Layout, backbone: dict[str, torch.Tensor], path: Path, known_model: bool
 ) -> OfficialArch:
     """The architecture the run's ``args.model`` names, else the released one of the file's shape; for a dense
     model given, the official placement and schedule of the file's kind when its name is not one of them."""
-    kind = "spatial" if spatial else "token"
-    name = args.get("model") or _BY_SHAPE.get(_shape(backbone, kind))
+    name = args.get("model") or layout.released(backbone)
     arch = OFFICIAL_MODELS.get(name) if isinstance(name, str) else None
-    if arch is not None and arch.kind == kind:
+    if arch is not None and arch.kind == layout.kind:
         return arch
     if known_model:
-        return OfficialArch(kind)
+        return OfficialArch(layout.kind)
     said = f"is a {name!r} checkpoint" if name else "does not say which architecture it is (no args.model)"
     raise CheckpointError(
         f"{path} {said} and is not one of the official models tokenprune builds ({', '.join(OFFICIAL_MODELS)}); "
         "build the dense model it was trained on with timm's names and pass it (load_official(path, model=...))."
     )
-
-
-def _shape(backbone: dict[str, torch.Tensor], kind: str) -> tuple[Any, ...]:
-    if kind == "token":
-        cls = backbone.get("cls_token")
-        return (kind, int(cls.shape[-1]) if isinstance(cls, torch.Tensor) and cls.dim() == 3 else None)
-    stem = backbone.get("stem.0.weight")
-    blocks = {k.split(".")[3] for k in backbone if k.startswith("stages.2.blocks.")}
-    return (kind, int(stem.shape[0]) if isinstance(stem, torch.Tensor) else None, len(blocks))
 
 
 def _build(arch: OfficialArch, backbone: dict[str, torch.Tensor]) -> nn.Module:
@@ -324,8 +386,8 @@ def _ratio(ratio: float | None, args: dict[str, Any], path: Path) -> float:
     raise ConfigError(
         f"{path} does not record the keep ratio it was trained at (no args.base_rate); give it: "
         f"`tokenprune convert {path} --ratio 0.7 --out DIR` writes a model file that records it (use DIR "
-        "afterwards), load_official(path, ratio=0.7) in Python. The released files were trained at 0.7 (DeiT, "
-        "ConvNeXt) or 0.9 (ConvNeXt); their names say which."
+        "afterwards), load_official(path, ratio=0.7) in Python. The released files were trained at 0.7, some "
+        "ConvNeXt ones at 0.9; their names say which."
     )
 
 
