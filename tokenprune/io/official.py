@@ -93,7 +93,8 @@ class _Layout:
     predictor: str = r"score_predictor\.(\d+)\.(.+)"
     #: buffers the official file holds and timm recomputes
     dropped: str | None = None
-    #: the released model of a backbone (timm names): (width tensor, its dim, blocks of the third stage's prefix)
+    #: what tells the released models apart (timm names): the tensor whose size along a dim is the width, that dim,
+    #: and the name prefix of the third stage's blocks, whose count is its depth (None: width alone)
     shape: tuple[str, int, str | None] = ("cls_token", -1, None)
 
     def released(self, backbone: dict[str, torch.Tensor]) -> str | None:
@@ -102,7 +103,7 @@ class _Layout:
         if not isinstance(width, torch.Tensor) or width.dim() == 0:
             return None
         depth = len({k[len(blocks) :].split(".")[0] for k in backbone if k.startswith(blocks)}) if blocks else None
-        return _RELEASED.get((self.kind, blocks, int(width.shape[dim]), depth))
+        return _RELEASED.get((blocks, int(width.shape[dim]), depth))
 
 
 _LAYOUTS = {
@@ -141,15 +142,15 @@ _LAYOUTS = {
 #: The released models by shape, for files without ``args``: DeiT by width; ConvNeXt and Swin by stem width and the
 #: number of blocks in their third stage.
 _RELEASED = {
-    ("token", None, 256, None): "deit-256",
-    ("token", None, 384, None): "deit-s",
-    ("token", None, 768, None): "deit-b",
-    ("spatial", "stages.2.blocks.", 96, 9): "convnext-t",
-    ("spatial", "stages.2.blocks.", 96, 27): "convnext-s",
-    ("spatial", "stages.2.blocks.", 128, 27): "convnext-b",
-    ("spatial", "layers.2.blocks.", 96, 6): "swin-t",
-    ("spatial", "layers.2.blocks.", 96, 18): "swin-s",
-    ("spatial", "layers.2.blocks.", 128, 18): "swin-b",
+    (None, 256, None): "deit-256",
+    (None, 384, None): "deit-s",
+    (None, 768, None): "deit-b",
+    ("stages.2.blocks.", 96, 9): "convnext-t",
+    ("stages.2.blocks.", 96, 27): "convnext-s",
+    ("stages.2.blocks.", 128, 27): "convnext-b",
+    ("layers.2.blocks.", 96, 6): "swin-t",
+    ("layers.2.blocks.", 96, 18): "swin-s",
+    ("layers.2.blocks.", 128, 18): "swin-b",
 }
 _PREDICTOR = "score_predictor."
 #: Official predictor submodules -> `TokenPredictor`'s (the ConvNeXt one's 1x1 convolutions are its Linears).
