@@ -546,3 +546,14 @@ def test_the_official_spatial_names_are_the_architectures_the_authors_build():
         first = model.stem[0] if name.startswith("convnext") else model.patch_embed.proj
         assert (first.out_channels, len(stage.blocks)) == (width, depth), name
         assert arch.kind == "spatial" and max(arch.locations) < depth
+
+
+def test_a_bad_ratio_given_or_recorded_is_a_config_error(tmp_path):
+    torch.manual_seed(0)
+    state = _official_state(timm.create_model("vit_tiny_patch16_224", **TINY), stages=3)
+    _save_official(tmp_path / "bad.pth", state, base_rate="0.7x")
+    model = timm.create_model("vit_tiny_patch16_224", **TINY)
+    with pytest.raises(tokenprune.ConfigError, match=r"bad.pth: args.base_rate='0.7x' is not a number"):
+        load_official(tmp_path / "bad.pth", model=model)
+    with pytest.raises(tokenprune.ConfigError, match="ratio=1.5 is out of range"):
+        load_official(tmp_path / "bad.pth", ratio=1.5, model=model)

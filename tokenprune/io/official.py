@@ -379,11 +379,14 @@ def _load_stages(
 
 
 def _ratio(ratio: float | None, args: dict[str, Any], path: Path) -> float:
+    """The base keep ratio: the one given, else the run's ``args.base_rate``."""
+    from ..config import check_ratio
+
     if ratio is not None:
-        return ratio
+        return check_ratio(ratio)
     recorded = args.get("base_rate")
-    if isinstance(recorded, (int, float)) and not isinstance(recorded, bool):
-        return float(recorded)
+    if recorded is not None:
+        return check_ratio(recorded, f"{path}: args.base_rate")
     raise ConfigError(
         f"{path} does not record the keep ratio it was trained at (no args.base_rate); give it: "
         f"`tokenprune convert {path} --ratio 0.7 --out DIR` writes a model file that records it (use DIR "
