@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -557,3 +558,25 @@ def test_a_bad_ratio_given_or_recorded_is_a_config_error(tmp_path):
         load_official(tmp_path / "bad.pth", model=model)
     with pytest.raises(tokenprune.ConfigError, match="ratio=1.5 is out of range"):
         load_official(tmp_path / "bad.pth", ratio=1.5, model=model)
+
+
+def test_an_imported_model_fine_tunes_further(tmp_path):
+    """The harness takes an imported model as any sparsified model: here moved to rho 0.5 and trained one step,
+    starting from the file's predictors (README, "The authors' checkpoints")."""
+    from tokenprune.train import finetune
+
+    torch.manual_seed(0)
+    backbone = tokenprune.create_model("vit_tiny_patch16_224", **{**TINY, "num_classes": 4})
+    state = _official_state(backbone, stages=3)
+    _save_official(tmp_path / "run.pth", state, base_rate=0.7)
+    dense, sparse = load_official(tmp_path / "run.pth", model=backbone)
+    tokenprune.set_keep_ratios(sparse, ratio=0.5)
+    recipe = ["data.source=synthetic", "data.num_classes=4", "data.synthetic_size=8", "data.workers=0",
+              "optim.batch_size=8", "optim.epochs=1", "optim.warmup_epochs=0", "run.threads=1",
+              f"run.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    result = finetune(recipes / "fashion_mnist_cpu.yaml", model=sparse, teacher=dense, overrides=recipe)
+    assert tokenprune.config_of(result.model).keep_ratios == [0.5, 0.25, 0.125]
+    trained = tokenprune.selectors(result.model)[0].predictor.embed[1].weight
+    assert not torch.equal(trained, state["score_predictor.0.in_conv.1.weight"])
+    assert (tmp_path / "run" / "final.pt").is_file()
