@@ -81,19 +81,17 @@ def official_model(repo: Path, name: str, rho: float) -> torch.nn.Module:
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Matrices and kernels at unit gain, norm weights and layer scales near 1, biases and embeddings small."""
     g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.dim() == 3:  # class token, position embedding
-            p.copy_(0.02 * torch.randn(p.shape, generator=g))
-        elif p.dim() >= 2:
-            p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
-        elif (
-            name.endswith("gamma")
-            or ("norm" in name or "in_conv.0" in name or "fast_path.0" in name)
-            and (name.endswith("weight"))
-        ):
-            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-        else:
-            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    for module in model.modules():
+        norm = "Norm" in type(module).__name__  # torch's LayerNorm and the authors' own channels-first one
+        for name, p in module.named_parameters(recurse=False):
+            if p.dim() == 3:  # class token, position embedding
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            elif p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * p[0].numel() ** -0.5)
+            elif (norm and name == "weight") or name.endswith("gamma"):  # norm weights, (fast-path) layer scales
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return model
 
 
@@ -114,6 +112,7 @@ def check(repo: Path, name: str, rho: float, images: torch.Tensor, folder: Path,
         "scale": scale,
         "top1_agree": float((expected.argmax(-1) == got.argmax(-1)).float().mean()),
         "import_s": seconds,
+        "gmacs": tokenprune.profile(mine).gmacs,
     }
 
 
@@ -137,7 +136,7 @@ def main() -> int:
     torch.manual_seed(args.seed)
     images = torch.randn(args.images, 3, 224, 224)
     header = f"{'model':<11} {'keep ratios':<16} {'max |diff|':>10} {'max |logit|':>11} {'top-1 agree':>11}"
-    print(f"{header} {'import s':>8}")
+    print(f"{header} {'import s':>8} {'GMACs':>6}")
     worst = 0.0
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
@@ -145,7 +144,7 @@ def main() -> int:
             worst = max(worst, row["max_diff"] / row["scale"])
             print(
                 f"{row['model']:<11} {row['keep']:<16} {row['max_diff']:>10.2e} {row['scale']:>11.2f} "
-                f"{row['top1_agree']:>11.2f} {row['import_s']:>8.1f}",
+                f"{row['top1_agree']:>11.2f} {row['import_s']:>8.1f} {row['gmacs']:>6.3f}",
                 flush=True,
             )
     ok = worst <= args.tolerance
